@@ -1,0 +1,44 @@
+# bonefrac: `make run` runs the whole pipeline on the embedded phantom dataset,
+# `make test` runs the tests. Both install what they need first (idempotent).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# Analytics off for every tool, and tool state kept inside the project.
+include env.mk
+export
+
+.PHONY: install run test test-all lint bench clean-run serve
+
+$(STAMP): requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements.lock
+	$(BIN)/pip check
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+test: install
+	bash scripts/test_setup.sh
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: install
+	bash scripts/test_setup.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests flows benchmarks
+
+bench: install
+	$(BIN)/python -m benchmarks.run_all
+
+serve: install
+	$(BIN)/bentoml serve bonefrac.serving.service:FractureService --port 3000

@@ -1,0 +1,12 @@
+# Environment shared by make, .ci/run and docs. Analytics/telemetry off for every tool.
+DO_NOT_TRACK := 1
+DVC_NO_ANALYTICS := 1
+BENTOML_DO_NOT_TRACK := true
+GX_ANALYTICS_ENABLED := false
+PREFECT_SERVER_ANALYTICS_ENABLED := false
+PREFECT_HOME := $(CURDIR)/.prefect
+PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 120
+PREFECT_LOGGING_LEVEL := WARNING
+BENTOML_HOME := $(CURDIR)/.bentoml
+HF_HUB_OFFLINE := 1
+TORCH_HOME := $(CURDIR)/.torch

@@ -1,0 +1,1 @@
+"""Thin Prefect flows over bonefrac library functions, one per pipeline stage."""

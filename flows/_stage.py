@@ -1,0 +1,36 @@
+"""How every stage script starts: params checked first, user errors shown without traceback."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from prefect.states import Failed, State
+
+from bonefrac.config import ConfigError, load_params
+from bonefrac.errors import user_error_types
+
+
+def guarded(fn: Callable[[], str]) -> str | State:
+    """Run a flow body; a user-facing error becomes a Failed state carrying its message."""
+    try:
+        summary = fn()
+    except user_error_types() as err:
+        return Failed(message=f"{type(err).__name__}: {err}")
+    print(summary)
+    return summary
+
+
+def run_stage(flow_fn: Any, argv: list[str]) -> None:
+    """``python -m flows.<stage> [params.yaml]``: exit 2 on bad params, 1 on a failed stage."""
+    params_path = argv[1] if len(argv) > 1 else "params.yaml"
+    try:
+        load_params(params_path)  # fail fast, before Prefect starts, naming the bad key
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    state = flow_fn(params_path, return_state=True)
+    if state.is_failed():
+        print(f"error: stage {flow_fn.name!r} failed: {state.message}", file=sys.stderr)
+        raise SystemExit(1)

@@ -1,0 +1,43 @@
+"""Stage `train`: fine-tune the network named in params on the cached tensors."""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+from prefect import flow
+from prefect.states import State
+
+from bonefrac.config import load_params, resolve
+from bonefrac.training.loop import train_model
+from flows._stage import guarded, run_stage
+
+
+def _train(params_path: str) -> str:
+    p = load_params(params_path)
+    cache_dir = resolve(p.paths.processed)
+    index = pd.read_csv(cache_dir / "index.csv", keep_default_na=False)
+    type_names: list[str] = []
+    if p.model.multitask and p.data.use_fracture_types:
+        type_names = sorted(set(index.loc[index["label"] == 1, "fracture_type"]) - {""})
+    result = train_model(
+        cache_dir,
+        resolve(p.paths.models) / "train",
+        model_params=p.model,
+        train_params=p.train,
+        spatial_dims=p.spatial_dims,
+        type_names=type_names,
+        seed=p.seed,
+        dvclive_dir=resolve("dvclive"),
+        resume=False,
+    )
+    return f"train: {p.model.arch} -> {result}"
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params_path: str = "params.yaml") -> str | State:
+    return guarded(lambda: _train(params_path))
+
+
+if __name__ == "__main__":
+    run_stage(train_flow, sys.argv)

@@ -1,0 +1,36 @@
+"""Stage `validate`: Great Expectations checks on the metadata table; quarantine or stop."""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+from prefect import flow
+from prefect.states import State
+
+from bonefrac.config import load_params, resolve
+from bonefrac.validation.run import validate_manifest
+from flows._stage import guarded, run_stage
+
+
+def _validate(params_path: str) -> str:
+    p = load_params(params_path)
+    manifest = pd.read_csv(resolve(p.paths.interim) / "ingest" / "manifest.csv", keep_default_na=False)
+    out_dir = resolve(p.paths.interim) / "validated"
+    result = validate_manifest(
+        manifest,
+        p.validation,
+        out_dir=out_dir,
+        data_docs_dir=resolve(p.paths.reports) / "validation",
+        summary_json=resolve(p.paths.metrics) / "validation.json",
+    )
+    return f"validate: {len(manifest)} rows, {len(result.clean)} clean, {len(result.quarantine)} quarantined -> {out_dir}"
+
+
+@flow(name="validate", log_prints=True)
+def validate_flow(params_path: str = "params.yaml") -> str | State:
+    return guarded(lambda: _validate(params_path))
+
+
+if __name__ == "__main__":
+    run_stage(validate_flow, sys.argv)

@@ -1,0 +1,300 @@
+"""The one typed configuration object, built from ``params.yaml``.
+
+Every stage reads ``params.yaml`` through :func:`load_params`, so a typo or an
+out-of-range value stops the run at start with the key's dotted name and what
+is allowed, instead of failing an hour into training. Library functions never
+read this object globally: flows pass the relevant sections explicitly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Severity = Literal["critical", "quarantine", "warn", "off"]
+
+
+class Strict(BaseModel):
+    """Base: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------- paths
+class Paths(Strict):
+    """Where each stage writes; relative paths are resolved against the project root."""
+
+    raw: str = "data/raw"
+    interim: str = "data/interim"
+    processed: str = "data/processed"
+    models: str = "models"
+    reports: str = "reports"
+    metrics: str = "metrics"
+    predictions_log: str = "data/predictions"
+
+
+# ---------------------------------------------------------------------- data
+class PhantomParams(Strict):
+    """The embedded default dataset (``bonefrac.data.phantom``)."""
+
+    n_patients: int = Field(60, ge=2)
+    studies_per_patient: int = Field(1, ge=1)
+    views_per_study: int = Field(2, ge=1)
+    fracture_fraction: float = Field(0.5, gt=0.0, lt=1.0)
+    size: int = Field(256, ge=64, le=2048)
+    bit_depths: list[Literal[8, 16]] = [8, 16]
+    spatial_dims: Literal[2, 3] = 2
+    volume_shape: tuple[int, int, int] = (48, 96, 96)
+    seed: int = 7
+
+
+class DataParams(Strict):
+    """Which source to ingest and where it lives."""
+
+    source: Literal["phantom", "imagefolder", "csv", "fracatlas", "dicom", "volume"] = "phantom"
+    root: str = "data/raw/phantom"
+    manifest_csv: str | None = None
+    phantom: PhantomParams = PhantomParams()
+    # Fracture-type labels are used when the source has them (phantom, CSV).
+    use_fracture_types: bool = True
+    # Optional filters, e.g. train on hands only and validate externally on legs.
+    include_body_parts: list[str] | None = None
+    exclude_body_parts: list[str] | None = None
+
+
+# ---------------------------------------------------------------- validation
+class ValidationSeverities(Strict):
+    """Severity of each check: critical stops the run, quarantine moves the images aside."""
+
+    required_columns: Severity = "critical"
+    unreadable: Severity = "quarantine"
+    exact_duplicates: Severity = "quarantine"
+    near_duplicate_label_conflict: Severity = "quarantine"
+    label_values: Severity = "critical"
+    fracture_type_values: Severity = "quarantine"
+    body_part_values: Severity = "quarantine"
+    size_range: Severity = "quarantine"
+    bit_depth: Severity = "quarantine"
+    intensity_range: Severity = "quarantine"
+    class_balance: Severity = "critical"
+
+
+class ValidationParams(Strict):
+    severities: ValidationSeverities = ValidationSeverities()
+    min_side: int = Field(64, ge=1)
+    max_side: int = Field(8192, ge=1)
+    allowed_bit_depths: list[int] = [8, 12, 16]
+    min_intensity_std: float = Field(0.01, ge=0.0, description="on [0,1]-scaled intensities; below is blank")
+    min_positive_fraction: float = Field(0.02, ge=0.0, le=1.0)
+    max_positive_fraction: float = Field(0.98, ge=0.0, le=1.0)
+    near_duplicate_max_distance: int = Field(4, ge=0, le=64)
+    allowed_body_parts: list[str] = ["hand", "leg", "hip", "shoulder", "mixed", "forearm", "femur", "tibia", "unknown"]
+
+
+# ------------------------------------------------------------------ splits
+class SplitParams(Strict):
+    val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
+    seed: int = 42
+
+
+# --------------------------------------------------------------- preprocess
+class PreprocessParams(Strict):
+    """The deterministic, cacheable part of preprocessing (shared with inference)."""
+
+    image_size: int = Field(128, ge=32, le=1024)
+    volume_size: tuple[int, int, int] = (32, 64, 64)
+    lower_percentile: float = Field(0.5, ge=0.0, lt=50.0)
+    upper_percentile: float = Field(99.5, gt=50.0, le=100.0)
+
+
+# -------------------------------------------------------------------- model
+class ModelParams(Strict):
+    arch: Literal[
+        "custom_cnn", "vgg16", "resnet18", "resnet50", "densenet121", "efficientnet_lite0",
+        "monai_densenet3d", "monai_resnet3d",
+    ] = "efficientnet_lite0"
+    # none | imagenet (torchvision's mechanism) | efficientnet_lite_offline | path to a checkpoint
+    pretrained: str = "efficientnet_lite_offline"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    multitask: bool = True
+
+
+class AugmentParams(Strict):
+    """The random part of preprocessing (MONAI transforms), applied on training only."""
+
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    rotate_range_deg: float = Field(15.0, ge=0.0, le=180.0)
+    zoom_range: tuple[float, float] = (0.9, 1.1)
+    affine_prob: float = Field(0.5, ge=0.0, le=1.0)
+    contrast_gamma: tuple[float, float] = (0.8, 1.25)
+    contrast_prob: float = Field(0.3, ge=0.0, le=1.0)
+    noise_std: float = Field(0.02, ge=0.0)
+    noise_prob: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class FinetuneParams(Strict):
+    strategy: Literal["full", "frozen", "discriminative", "gradual"] = "discriminative"
+    backbone_lr_mult: float = Field(0.1, gt=0.0, le=1.0)
+    unfreeze_every: int = Field(1, ge=1, description="gradual: epochs between unfreezing blocks")
+
+
+class ImbalanceParams(Strict):
+    sampler: Literal["none", "weighted"] = "none"
+    loss: Literal["bce", "weighted_bce", "focal"] = "weighted_bce"
+    focal_gamma: float = Field(2.0, ge=0.0)
+
+
+class TrainParams(Strict):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    warmup_epochs: float = Field(1.0, ge=0.0)
+    grad_clip: float = Field(1.0, ge=0.0)
+    early_stopping_patience: int = Field(4, ge=1)
+    type_loss_weight: float = Field(0.5, ge=0.0)
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
+    channels_last: bool | Literal["auto"] = "auto"
+    num_workers: int = Field(0, ge=0)
+    deterministic: bool = True
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
+    finetune: FinetuneParams = FinetuneParams()
+    imbalance: ImbalanceParams = ImbalanceParams()
+    augment: AugmentParams = AugmentParams()
+
+
+# ---------------------------------------------------------------- evaluate
+class OperatingPointParams(Strict):
+    high_sensitivity_target: float = Field(0.95, gt=0.0, le=1.0)
+    high_specificity_target: float = Field(0.95, gt=0.0, le=1.0)
+
+
+class EvaluateParams(Strict):
+    bootstrap_samples: int = Field(1000, ge=10)
+    ci_level: float = Field(0.95, gt=0.5, lt=1.0)
+    ece_bins: int = Field(10, ge=2)
+    operating_points: OperatingPointParams = OperatingPointParams()
+    gradcam_gallery: int = Field(6, ge=0, description="images per gallery row (TP, FP, FN)")
+    gradcam_layer: str | None = None
+
+
+# --------------------------------------------------------------- operations
+class PromotionParams(Strict):
+    auroc_margin: float = Field(0.02, ge=0.0, le=0.5, description="non-inferiority margin")
+    min_sensitivity: float = Field(0.90, ge=0.0, le=1.0)
+    bootstrap_samples: int = Field(1000, ge=10)
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)
+
+
+class DriftParams(Strict):
+    stattest_threshold: float = Field(0.05, gt=0.0, lt=1.0)
+    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="share of drifted features for a dataset verdict")
+    embedding_dims: int = Field(4, ge=1, le=32)
+    trigger_retrain: bool = False
+
+
+class ServingParams(Strict):
+    model_name: str = "bonefrac"
+    max_batch_size: int = Field(16, ge=1)
+    max_latency_ms: int = Field(200, ge=1)
+    max_upload_mb: float = Field(32.0, gt=0.0)
+    max_pixels: int = Field(60_000_000, ge=1)
+    backend: Literal["auto", "torch", "onnx"] = "auto"
+
+
+# -------------------------------------------------------------------- root
+class Params(Strict):
+    """The whole of ``params.yaml``."""
+
+    seed: int = 42
+    paths: Paths = Paths()
+    data: DataParams = DataParams()
+    validation: ValidationParams = ValidationParams()
+    split: SplitParams = SplitParams()
+    preprocess: PreprocessParams = PreprocessParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    promotion: PromotionParams = PromotionParams()
+    drift: DriftParams = DriftParams()
+    serving: ServingParams = ServingParams()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Params:
+        if self.split.val_fraction + self.split.test_fraction >= 0.9:
+            raise ValueError("split.val_fraction + split.test_fraction must leave data to train on (< 0.9)")
+        if self.validation.min_positive_fraction > self.validation.max_positive_fraction:
+            raise ValueError("validation.min_positive_fraction must be <= validation.max_positive_fraction")
+        return self
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 for radiographs, 3 for CT/MRI volumes; follows the data source."""
+        if self.data.source == "volume" or (self.data.source == "phantom" and self.data.phantom.spatial_dims == 3):
+            return 3
+        return 2
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message names the key and what is allowed."""
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: {err.error_count()} invalid setting(s)"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see params.yaml for the allowed keys)"
+        got = e.get("input")
+        shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  - {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
+    """Validate a mapping; raise :class:`ConfigError` naming every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load ``params.yaml`` (plus optional nested overrides) into :class:`Params`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return params_from_dict(_deep_merge(raw, overrides or {}), str(path))
+
+
+def project_root() -> Path:
+    """The folder holding ``params.yaml`` (walks up from the working directory)."""
+    here = Path.cwd().resolve()
+    for p in (here, *here.parents):
+        if (p / "params.yaml").exists():
+            return p
+    return here
+
+
+def resolve(path: str | Path, root: Path | None = None) -> Path:
+    """Resolve a params path against the project root (absolute paths pass through)."""
+    p = Path(path)
+    return p if p.is_absolute() else (root or project_root()) / p

@@ -1,0 +1,49 @@
+"""Column names of the tables that flow between stages.
+
+One place defines them so ingest, validation, preprocessing, evaluation and
+monitoring agree on what a row holds. Ids are pseudonyms: original DICOM
+identifiers never reach these tables.
+"""
+
+from __future__ import annotations
+
+# Written by the data source adapters (what each image *is*).
+RECORD_COLUMNS: list[str] = [
+    "image_id",       # unique, stable id (pseudonymised for DICOM)
+    "path",           # absolute path of the file (or of the series folder for DICOM series)
+    "label",          # 1 = fracture, 0 = no fracture
+    "fracture_type",  # "" when none / unknown
+    "body_part",      # "unknown" when not known
+    "view",           # frontal | lateral | oblique | "" when not known
+    "patient_id",     # pseudonymised
+    "study_id",       # pseudonymised
+    "boxes",          # JSON list of [x, y, w, h] in pixels of the stored image; "[]" when none
+    "hardware",       # 1 if orthopaedic hardware visible, 0 if not, -1 unknown
+]
+
+# Added at ingest by reading every image (what each image *contains*).
+METADATA_COLUMNS: list[str] = [
+    "sha256",
+    "phash",          # 64-bit perceptual hash, hex ("" when undecodable)
+    "width",
+    "height",
+    "depth",          # slices for volumes, 1 for 2D
+    "spatial_dims",   # 2 or 3
+    "channels",       # of the stored file (1 gray, 3 RGB, 4 CMYK/RGBA)
+    "bit_depth",      # stored bits per sample (8, 12, 16)
+    "format",         # png | jpeg | dicom | nifti | dicom_series | unknown
+    "modality",       # DX | CR | CT | MR | XR (non-DICOM radiograph)
+    "file_size",
+    "intensity_mean",  # statistics on [0,1]-scaled intensities
+    "intensity_std",
+    "intensity_p01",
+    "intensity_p99",
+    "decodes_ok",     # bool: the whole image decodes
+    "decode_error",   # why not ("" when ok)
+]
+
+MANIFEST_COLUMNS: list[str] = RECORD_COLUMNS + METADATA_COLUMNS
+
+SPLIT_COLUMN = "split"  # train | val | test, added by preprocess
+SPLITS = ("train", "val", "test")
+FRACTURE_TYPES_PHANTOM = ["transverse", "oblique", "spiral", "comminuted", "greenstick", "segmental"]

@@ -1,0 +1,1 @@
+"""bonefrac.training."""

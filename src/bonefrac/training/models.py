@@ -1,0 +1,278 @@
+"""The model registry: one name (``model.arch``) → one :class:`FractureNet`.
+
+Every network has the same contract, whatever its backbone: input ``(N, 1, ...)``
+grayscale on [0, 1]; output ``(N, 1 + num_types)`` logits, column 0 the fracture
+logit, columns 1.. the fracture-type logits (multi-task head). Backbones built
+for 3-channel ImageNet input get the channel repeat and ImageNet normalisation
+*inside* the model, so pipeline, CLI and service feed the same 1-channel tensor.
+
+Each FractureNet also knows its ``gradcam_layer`` (module name for Grad-CAM)
+and its ``block_groups`` (backbone blocks from input to output), which the
+fine-tuning strategies use for discriminative learning rates and gradual unfreezing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bonefrac.training.custom_cnn import CustomCNN
+from bonefrac.training.pretrained import (
+    PretrainedWeightsError,
+    efficientnet_lite0_state_dict,
+    load_matching,
+    read_checkpoint_state_dict,
+    torchvision_imagenet_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_KEYWORDS = ("none", "imagenet", "efficientnet_lite_offline")
+
+
+class ModelError(ValueError):
+    """An unknown architecture or an impossible combination (e.g. a 2D net on volumes)."""
+
+
+class GrayToImageNet(nn.Module):
+    """(N, 1, H, W) on [0, 1] → (N, 3, H, W) ImageNet-normalised: what pretrained RGB backbones expect."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Not persistent: constants, not weights; bundles stay small and portable.
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 1:
+            raise ValueError(f"expected 1-channel grayscale input (N, 1, H, W), got {tuple(x.shape)}")
+        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+
+class FractureNet(nn.Module):
+    """``input_adapter`` → ``backbone`` (pooled features) → ``head`` (dropout + linear)."""
+
+    def __init__(
+        self,
+        arch: str,
+        backbone: nn.Module,
+        num_features: int,
+        num_types: int,
+        dropout: float,
+        spatial_dims: int,
+        gradcam_layer: str,
+        block_groups: list[list[str]],
+        input_adapter: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.spatial_dims = spatial_dims
+        self.num_types = num_types
+        self.input_adapter = input_adapter or nn.Identity()
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(num_features, 1 + num_types))
+        self.gradcam_layer = gradcam_layer
+        # Module names (relative to this FractureNet) of the backbone's blocks, input → output.
+        self.block_groups = block_groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(self.input_adapter(x)))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features (N, F): for embeddings / drift monitoring."""
+        return self.backbone(self.input_adapter(x))
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return list(self.backbone.parameters())
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def blocks(self) -> list[list[nn.Module]]:
+        """The backbone's blocks from input to output (each a list of modules)."""
+        mods = dict(self.named_modules())
+        return [[mods[n] for n in group] for group in self.block_groups]
+
+
+@dataclass(frozen=True)
+class _Built:
+    backbone: nn.Module
+    num_features: int
+    gradcam_layer: str
+    block_groups: list[list[str]]
+    rgb: bool  # needs GrayToImageNet
+
+
+def _prefixed(names: list[list[str]]) -> list[list[str]]:
+    return [[f"backbone.{n}" for n in g] for g in names]
+
+
+def _need_2d(arch: str, spatial_dims: int) -> None:
+    if spatial_dims != 2:
+        raise ModelError(f"{arch} is a 2D network; for volumes (spatial_dims=3) use monai_densenet3d, "
+                         "monai_resnet3d or custom_cnn")
+
+
+def _custom_cnn(spatial_dims: int) -> _Built:
+    net = CustomCNN(spatial_dims=spatial_dims)
+    groups = [["stem"]] + [[f"stages.{i}"] for i in range(len(net.stages))]
+    return _Built(net, net.num_features, f"backbone.stages.{len(net.stages) - 1}", _prefixed(groups), rgb=False)
+
+
+def _vgg16(spatial_dims: int) -> _Built:
+    from torchvision.models import vgg16
+
+    _need_2d("vgg16", spatial_dims)
+    net = vgg16(weights=None)
+    # Keep the 13 conv layers (what transfers); replace the 120 M-parameter 4096-wide FC
+    # classifier by global average pooling: the head sees 512 features.
+    net.avgpool = nn.AdaptiveAvgPool2d(1)
+    net.classifier = nn.Identity()
+    # Blocks end at each max-pool: features[0:5], [5:10], [10:17], [17:24], [24:31].
+    bounds = [0, 5, 10, 17, 24, 31]
+    groups = [[f"features.{i}" for i in range(a, b)] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return _Built(net, 512, "backbone.features.29", _prefixed(groups), rgb=True)
+
+
+def _resnet(name: str, spatial_dims: int) -> _Built:
+    from torchvision import models as tvm
+
+    _need_2d(name, spatial_dims)
+    net = getattr(tvm, name)(weights=None)
+    nfeat = net.fc.in_features
+    net.fc = nn.Identity()
+    groups = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    return _Built(net, nfeat, "backbone.layer4", _prefixed(groups), rgb=True)
+
+
+def _densenet121(spatial_dims: int) -> _Built:
+    from torchvision.models import densenet121
+
+    _need_2d("densenet121", spatial_dims)
+    net = densenet121(weights=None)
+    nfeat = net.classifier.in_features
+    net.classifier = nn.Identity()
+    groups = [
+        ["features.conv0", "features.norm0"],
+        ["features.denseblock1", "features.transition1"],
+        ["features.denseblock2", "features.transition2"],
+        ["features.denseblock3", "features.transition3"],
+        ["features.denseblock4", "features.norm5"],
+    ]
+    return _Built(net, nfeat, "backbone.features.denseblock4", _prefixed(groups), rgb=True)
+
+
+def _efficientnet_lite0(spatial_dims: int) -> _Built:
+    import timm
+
+    _need_2d("efficientnet_lite0", spatial_dims)
+    # num_classes=0: timm returns the pooled 1280 features.
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    groups = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(len(net.blocks))] + [["conv_head", "bn2"]]
+    return _Built(net, net.num_features, "backbone.conv_head", _prefixed(groups), rgb=True)
+
+
+def _monai_densenet3d(spatial_dims: int) -> _Built:
+    from monai.networks.nets import DenseNet
+
+    if spatial_dims != 3:
+        raise ModelError("monai_densenet3d is a 3D network (spatial_dims=3); for radiographs use a 2D arch")
+    # A compact DenseNet (3 dense blocks, growth 16): total stride 16, so 32×64×64 volumes
+    # end at 2×4×4 and the net stays CPU-trainable; DenseNet-121's 4 blocks need ≥ 64³ input.
+    net = DenseNet(spatial_dims=3, in_channels=1, out_channels=1, init_features=32, growth_rate=16,
+                   block_config=(6, 12, 8))
+    nfeat = net.class_layers.out.in_features
+    net.class_layers.out = nn.Identity()
+    groups = [["features.conv0", "features.norm0"], ["features.denseblock1", "features.transition1"],
+              ["features.denseblock2", "features.transition2"], ["features.denseblock3", "features.norm5"]]
+    return _Built(net, nfeat, "backbone.features.denseblock3", _prefixed(groups), rgb=False)
+
+
+def _monai_resnet3d(spatial_dims: int) -> _Built:
+    from monai.networks.nets import resnet18
+
+    if spatial_dims != 3:
+        raise ModelError("monai_resnet3d is a 3D network (spatial_dims=3); for radiographs use a 2D arch")
+    net = resnet18(spatial_dims=3, n_input_channels=1, conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
+    groups = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
+    return _Built(net, 512, "backbone.layer4", _prefixed(groups), rgb=False)
+
+
+ARCHS: dict[str, Callable[[int], _Built]] = {
+    "custom_cnn": _custom_cnn,
+    "vgg16": _vgg16,
+    "resnet18": lambda d: _resnet("resnet18", d),
+    "resnet50": lambda d: _resnet("resnet50", d),
+    "densenet121": _densenet121,
+    "efficientnet_lite0": _efficientnet_lite0,
+    "monai_densenet3d": _monai_densenet3d,
+    "monai_resnet3d": _monai_resnet3d,
+}
+
+
+def _load_pretrained(model: FractureNet, arch: str, pretrained: str) -> None:
+    if pretrained == "none":
+        return
+    if pretrained == "imagenet" and arch != "efficientnet_lite0":
+        state = torchvision_imagenet_state_dict(arch)
+        # Strict on the backbone: the classifier keys are dropped, everything else must fit.
+        own = model.backbone.state_dict()
+        state = {k: v for k, v in state.items() if k in own}
+        missing = [k for k in own if k not in state]
+        bad = [k for k in state if state[k].shape != own[k].shape]
+        if missing or bad:
+            raise PretrainedWeightsError(f"ImageNet weights for {arch} do not fit: missing {missing[:5]}, "
+                                         f"shape mismatch {bad[:5]}")
+        model.backbone.load_state_dict(state, strict=True)
+        log.info("loaded torchvision ImageNet weights for %s", arch)
+        return
+    if pretrained in ("imagenet", "efficientnet_lite_offline"):
+        if arch != "efficientnet_lite0":
+            raise PretrainedWeightsError(f"pretrained='efficientnet_lite_offline' is for efficientnet_lite0, "
+                                         f"not {arch!r}")
+        state = efficientnet_lite0_state_dict(model.backbone.state_dict())
+        result = model.backbone.load_state_dict(state, strict=True)
+        assert not result.missing_keys and not result.unexpected_keys
+        log.info("loaded offline ImageNet EfficientNet-Lite0 weights (%d tensors)", len(state))
+        return
+    n = load_matching(model, read_checkpoint_state_dict(pretrained), pretrained)
+    log.info("initialised %s from %s (%d tensors)", arch, pretrained, n)
+
+
+def build_model(
+    arch: str,
+    num_types: int,
+    pretrained: str = "none",
+    dropout: float = 0.0,
+    spatial_dims: int = 2,
+) -> FractureNet:
+    """Build ``arch`` with a 1 + ``num_types`` logit head; load ``pretrained`` weights.
+
+    ``pretrained``: ``none``; ``imagenet`` (torchvision's weights mechanism; for
+    efficientnet_lite0 the offline package weights); ``efficientnet_lite_offline``;
+    or a path to a bundle / checkpoint / state_dict.
+    """
+    if arch not in ARCHS:
+        raise ModelError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
+    if num_types < 0:
+        raise ModelError(f"num_types must be >= 0, got {num_types}")
+    built = ARCHS[arch](spatial_dims)
+    model = FractureNet(
+        arch=arch,
+        backbone=built.backbone,
+        num_features=built.num_features,
+        num_types=num_types,
+        dropout=dropout,
+        spatial_dims=spatial_dims,
+        gradcam_layer=built.gradcam_layer,
+        block_groups=built.block_groups,
+        input_adapter=GrayToImageNet() if built.rgb else None,
+    )
+    _load_pretrained(model, arch, pretrained)
+    return model
