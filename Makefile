@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 # Analytics off for every tool, and tool state kept inside the project.
 include env.mk
 export
+# DVC stages run `python -m flows.<stage>`: make that the project's Python.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run test test-all lint bench clean-run serve
+.PHONY: install run run-fracatlas test test-all lint bench serve
 
 $(STAMP): requirements.lock pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -24,6 +26,10 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+run-fracatlas: install
+	$(BIN)/bonefrac exp-run params/fracatlas.yaml
 	$(BIN)/dvc metrics show
 
 test: install

@@ -24,7 +24,9 @@ def _ingest(params_path: str) -> str:
         deid_dir=out_dir / "deid",
         include_body_parts=p.data.include_body_parts,
         exclude_body_parts=p.data.exclude_body_parts,
-        workers=2,
+        workers=p.data.ingest_workers,
+        max_pixels=p.serving.max_pixels,
+        expected_dims=p.spatial_dims,
     )
     bad = int((~table["decodes_ok"].astype(bool)).sum())
     return f"ingest: {len(table)} images from {p.data.source} ({bad} undecodable) -> {out_dir / 'manifest.csv'}"

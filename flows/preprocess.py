@@ -5,19 +5,19 @@ from __future__ import annotations
 import json
 import sys
 
-import pandas as pd
 from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
 from bonefrac.data.splits import assign_splits, split_report
 from bonefrac.preprocess.cache import build_cache
+from bonefrac.validation.run import read_manifest
 from flows._stage import guarded, run_stage
 
 
 def _preprocess(params_path: str) -> str:
     p = load_params(params_path)
-    clean = pd.read_csv(resolve(p.paths.interim) / "validated" / "clean.csv", keep_default_na=False)
+    clean = read_manifest(resolve(p.paths.interim) / "validated" / "clean.csv")
     split = assign_splits(
         clean,
         val_fraction=p.split.val_fraction,

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import sys
 
-import pandas as pd
 from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
-from bonefrac.validation.run import validate_manifest
+from bonefrac.validation.run import read_manifest, validate_manifest
 from flows._stage import guarded, run_stage
 
 
 def _validate(params_path: str) -> str:
     p = load_params(params_path)
-    manifest = pd.read_csv(resolve(p.paths.interim) / "ingest" / "manifest.csv", keep_default_na=False)
+    manifest = read_manifest(resolve(p.paths.interim) / "ingest" / "manifest.csv")
     out_dir = resolve(p.paths.interim) / "validated"
     result = validate_manifest(
         manifest,

@@ -127,7 +127,9 @@ def make_cmyk_jpeg(path: str | Path, size: tuple[int, int] = (64, 64)) -> Path:
     return make_jpeg(path, size, mode="CMYK")
 
 
-def make_truncated_jpeg(path: str | Path, size: tuple[int, int] = (64, 64), keep_fraction: float = 0.6) -> Path:
+def make_truncated_jpeg(
+    path: str | Path, size: tuple[int, int] = (64, 64), keep_fraction: float = 0.6
+) -> Path:
     """A JPEG cut after ``keep_fraction`` of its bytes (no end-of-image marker)."""
     path = Path(path)
     buf = io.BytesIO()
@@ -159,7 +161,9 @@ def make_decompression_bomb_png(path: str | Path, side: int = 20000) -> Path:
     path = Path(path)
 
     def chunk(tag: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        return (
+            struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body) & 0xFFFFFFFF)
+        )
 
     ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit grayscale
     comp = zlib.compressobj(9)
@@ -305,7 +309,9 @@ def make_dicom_series(
     return folder
 
 
-def make_nifti(path: str | Path, volume: np.ndarray | None = None, spacing: tuple[float, float, float] = (1, 1, 2)) -> Path:
+def make_nifti(
+    path: str | Path, volume: np.ndarray | None = None, spacing: tuple[float, float, float] = (1, 1, 2)
+) -> Path:
     """Write a NIfTI-1 volume; ``volume`` is (D, H, W) as the pipeline uses it (stored as x, y, z).
 
     A ``.nii.gz`` name writes a gzip-compressed file.

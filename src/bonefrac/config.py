@@ -63,6 +63,7 @@ class DataParams(Strict):
     # Optional filters, e.g. train on hands only and validate externally on legs.
     include_body_parts: list[str] | None = None
     exclude_body_parts: list[str] | None = None
+    ingest_workers: int = Field(2, ge=1, description="processes that decode images at ingest")
 
 
 # ---------------------------------------------------------------- validation
@@ -91,6 +92,10 @@ class ValidationParams(Strict):
     min_positive_fraction: float = Field(0.02, ge=0.0, le=1.0)
     max_positive_fraction: float = Field(0.98, ge=0.0, le=1.0)
     near_duplicate_max_distance: int = Field(4, ge=0, le=64)
+    near_duplicate_max_intensity_diff: float = Field(
+        0.005, ge=0.0, le=1.0,
+        description="same picture: |Δmean| and |Δstd| of [0,1] intensities at most this, besides the phash distance",
+    )
     allowed_body_parts: list[str] = ["hand", "leg", "hip", "shoulder", "mixed", "forearm", "femur", "tibia", "unknown"]
 
 

@@ -19,7 +19,9 @@ from bonefrac.evaluation.metrics import (
 )
 
 
-def _scores(n: int, seed: int = 0, prevalence: float = 0.3, sep: float = 1.5) -> tuple[np.ndarray, np.ndarray]:
+def _scores(
+    n: int, seed: int = 0, prevalence: float = 0.3, sep: float = 1.5
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     y = (rng.random(n) < prevalence).astype(int)
     y[:2] = [0, 1]
@@ -106,12 +108,14 @@ def test_grouped_metrics_skips_single_class_groups_and_unknowns() -> None:
 
 
 def test_study_level_aggregates_views() -> None:
-    df = pd.DataFrame({
-        "study_id": ["s1", "s1", "s2", "s2", "", "s3"],
-        "label": [0, 1, 0, 0, 1, 1],
-        "prob": [0.2, 0.6, 0.1, 0.3, 0.9, 0.8],
-        "body_part": ["hand", "hand", "leg", "leg", "hip", "hip"],
-    })
+    df = pd.DataFrame(
+        {
+            "study_id": ["s1", "s1", "s2", "s2", "", "s3"],
+            "label": [0, 1, 0, 0, 1, 1],
+            "prob": [0.2, 0.6, 0.1, 0.3, 0.9, 0.8],
+            "body_part": ["hand", "hand", "leg", "leg", "hip", "hip"],
+        }
+    )
     s = study_level(df, agg="max").set_index("study_id")
     assert list(s.index) == ["s1", "s2", "s3"]
     assert s.loc["s1", "label"] == 1 and s.loc["s1", "prob"] == pytest.approx(0.6)
@@ -137,3 +141,15 @@ def test_flat_summary_is_numbers_only() -> None:
     flat = flat_summary(binary_metrics(y, p, {"high_sensitivity": 0.2}, n_bootstrap=20), prefix="test")
     assert "test.auroc.value" in flat and "test.operating_points.high_sensitivity.sensitivity.ci_low" in flat
     assert all(isinstance(v, int | float) for v in flat.values())
+
+
+def test_vectorised_ranking_replicates_match_sklearn() -> None:
+    from bonefrac.evaluation.bootstrap import auroc_replicates, average_precision_replicates
+
+    y, p = _scores(90, seed=11)
+    p = np.round(p, 1)  # many ties: both metrics must treat a tie run as one threshold
+    idx = stratified_indices(y, 8, seed=3)
+    au, ap = auroc_replicates(y, p, idx), average_precision_replicates(y, p, idx)
+    for r, i in enumerate(idx):
+        assert au[r] == pytest.approx(skm.roc_auc_score(y[i], p[i]))
+        assert ap[r] == pytest.approx(skm.average_precision_score(y[i], p[i]))

@@ -62,9 +62,9 @@ class DicomError(ValueError):
 class DicomPixels:
     """Pixels of one DICOM object after the display pipeline, plus the facts needed to scale them."""
 
-    array: np.ndarray          # float32, (H, W) or (frames, H, W)
-    bit_depth: int             # BitsStored
-    channels: int              # SamplesPerPixel of the stored object
+    array: np.ndarray  # float32, (H, W) or (frames, H, W)
+    bit_depth: int  # BitsStored
+    channels: int  # SamplesPerPixel of the stored object
     value_range: tuple[float, float]  # nominal [min, max] of `array` (not data min/max)
     meta: dict[str, Any]
 
@@ -98,7 +98,11 @@ def read_dataset(source: str | Path | bytes, stop_before_pixels: bool = False) -
     except Exception as err:  # pydicom raises many types for damaged files
         raise DicomError(f"unreadable DICOM: {type(err).__name__}: {err}") from None
     # No preamble: accept only when the content sniffs as DICOM, so random bytes are refused.
-    head = source[:132] if isinstance(source, bytes | bytearray) else Path(source).open("rb").read(132)
+    if isinstance(source, bytes | bytearray):
+        head = bytes(source[:132])
+    else:
+        with Path(source).open("rb") as fh:
+            head = fh.read(132)
     if not looks_like_dicom(head):
         raise DicomError("not a DICOM file (no 'DICM' marker and no DICOM header)")
     try:
@@ -169,7 +173,9 @@ def to_display_array(ds: Dataset, apply_voi: bool = True) -> DicomPixels:
     by percentiles anyway. Colour objects (RGB/YBR) are converted to luminance.
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise DicomError("DICOM has no pixel data (no PixelData element: a report, SR or presentation state?)")
+        raise DicomError(
+            "DICOM has no pixel data (no PixelData element: a report, SR or presentation state?)"
+        )
     try:
         raw = ds.pixel_array
     except Exception as err:  # missing codec, wrong length, truncated fragments

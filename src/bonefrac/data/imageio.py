@@ -168,7 +168,9 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int | None) -> DecodedImag
         limit = f" (max_pixels={max_pixels})" if max_pixels is not None else ""
         raise ImageDecodeError(f"decompression bomb guard: {err}{limit}") from None
     except Exception as err:
-        raise ImageDecodeError(f"corrupt {name}: cannot read the header ({type(err).__name__}: {err})") from None
+        raise ImageDecodeError(
+            f"corrupt {name}: cannot read the header ({type(err).__name__}: {err})"
+        ) from None
     width, height = im.size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageDecodeError(_bomb_message(width * height, max_pixels))
@@ -291,7 +293,7 @@ def _decode_dicom(data: bytes, max_pixels: int | None) -> DecodedImage:
 
 def _decode_series(folder: Path, max_pixels: int | None) -> DecodedImage:
     try:
-        px, n = _dicom.read_series(folder, max_pixels=max_pixels)
+        px, _n_slices = _dicom.read_series(folder, max_pixels=max_pixels)
     except _dicom.DicomError as err:
         raise ImageDecodeError(str(err)) from None
     meta = dict(px.meta)
@@ -392,7 +394,9 @@ def _decode_bytes(data: bytes, max_pixels: int | None) -> DecodedImage:
         raise ImageDecodeError("empty file (0 bytes)")
     if fmt == "text":
         # The content is not echoed: it could be anything, including identifiers.
-        raise ImageDecodeError("not an image: the content is text (e.g. an error page saved with an image name)")
+        raise ImageDecodeError(
+            "not an image: the content is text (e.g. an error page saved with an image name)"
+        )
     if fmt == "unknown":
         raise ImageDecodeError("unrecognised content: not PNG, JPEG, TIFF, BMP, DICOM or NIfTI")
     if fmt == "dicom":

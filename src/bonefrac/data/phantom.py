@@ -51,11 +51,11 @@ REGIONS: tuple[str, ...] = ("forearm", "tibia", "femur", "hand")
 
 # Linear attenuation coefficients (1/mm) at a typical ~60 kVp effective energy;
 # only their ratios matter for the look, their size sets the contrast.
-MU_SOFT = 0.020
+MU_SOFT = 0.014
 MU_FAT_LAYER = 0.004  # extra attenuation of muscle over subcutaneous fat
-MU_CORTEX = 0.060
-MU_MARROW = 0.018
-MU_TRABECULAR = 0.034
+MU_CORTEX = 0.085
+MU_MARROW = 0.016
+MU_TRABECULAR = 0.030
 
 
 class PhantomError(ValueError):
@@ -166,7 +166,7 @@ _REGION_TEMPLATES: dict[str, dict[str, object]] = {
               "bones": [(6, -6, 13.0, 11.0, 0, 370), (-24, 6, 5.0, 5.0, 2, 360)]},
     "femur": {"limb": (75, 72), "fov": (230, 320), "length": 440,
               "bones": [(0, 0, 14.0, 14.0, 0, 440)]},
-    "hand": {"limb": (46, 15), "fov": (110, 160), "length": 65,
+    "hand": {"limb": (46, 15), "fov": (100, 140), "length": 65,
              "bones": [(-24, 0, 4.6, 4.0, -9, 62), (-8, 1, 5.0, 4.3, -3, 68),
                        (8, 1, 4.8, 4.1, 3, 64), (23, 0, 4.3, 3.8, 8, 56)]},
 }
@@ -212,8 +212,9 @@ def sample_anatomy(rng: np.random.Generator, region: str) -> Anatomy:
             cx=cx * scale + rng.normal(0, 1.0), cy=cy * scale + rng.normal(0, 1.0),
             rx=rx * s, ry=ry * s, psi=math.radians(psi_deg + rng.normal(0, 1.0)), u0=float(u0),
             t_lo=float(t_lo), t_hi=float(t_hi), cap_lo=bool(cap_lo), cap_hi=bool(cap_hi),
-            cortex=rng.uniform(0.25, 0.4), flare=rng.uniform(0.35, 0.7),
-            trabecular=rng.uniform(0.7, 1.3),
+            cortex=rng.uniform(0.22, 0.36),
+            flare=rng.uniform(0.15, 0.35) if region == "hand" else rng.uniform(0.3, 0.6),
+            trabecular=rng.uniform(0.7, 1.1),
         ))
     # Joint partners: the bone across each visible joint (phalanx, carpal row, condyles).
     partners: list[BoneSpec] = []
@@ -222,14 +223,17 @@ def sample_anatomy(rng: np.random.Generator, region: str) -> Anatomy:
             if not (b.cap_lo if lo_end else b.cap_hi):
                 continue
             gap = rng.uniform(0.35, 0.6) * b.rx
-            plen = (rng.uniform(0.55, 0.75) if region == "hand" else rng.uniform(0.25, 0.5)) * (b.t_hi - b.t_lo)
+            plen = rng.uniform(0.55, 0.75) if region == "hand" else rng.uniform(0.25, 0.5)
+            plen *= b.t_hi - b.t_lo
             k = rng.uniform(0.75, 0.95) if region == "hand" else rng.uniform(1.0, 1.3)
             if lo_end:
                 p_lo, p_hi, c_lo, c_hi = b.t_lo - gap - plen, b.t_lo - gap, region == "hand", True
             else:
                 p_lo, p_hi, c_lo, c_hi = b.t_hi + gap, b.t_hi + gap + plen, True, region == "hand"
-            partners.append(replace(b, rx=b.rx * k, ry=b.ry * k, t_lo=p_lo, t_hi=p_hi, cap_lo=c_lo, cap_hi=c_hi,
-                                    flare=rng.uniform(0.4, 0.8), cortex=rng.uniform(0.2, 0.3)))
+            pflare = rng.uniform(0.15, 0.35) if region == "hand" else rng.uniform(0.35, 0.7)
+            partners.append(replace(b, rx=b.rx * k, ry=b.ry * k, t_lo=p_lo, t_hi=p_hi,
+                                    cap_lo=c_lo, cap_hi=c_hi, flare=pflare,
+                                    cortex=rng.uniform(0.2, 0.3)))
     return Anatomy(region=region, limb_rx=float(limb_rx), limb_ry=float(limb_ry),
                    taper=float(rng.uniform(-0.12, 0.12)), bones=tuple(bones + partners),
                    fracture_bone=frac_bone, fov_mm=float(fov))
@@ -248,20 +252,20 @@ def sample_fracture(rng: np.random.Generator, kind: str) -> FractureSpec:
     obl = {"transverse": rng.uniform(0, 12), "oblique": rng.uniform(30, 55), "spiral": rng.uniform(0, 10),
            "comminuted": rng.uniform(0, 35), "greenstick": rng.uniform(0, 10),
            "segmental": rng.uniform(0, 25)}[kind]
-    disp = rng.uniform(0.35, 1.0)
+    disp = rng.uniform(0.5, 1.1)
     disp_dir = rng.uniform(0, 2 * math.pi)
-    ang = math.radians(rng.uniform(3, 14))
+    ang = math.radians(rng.uniform(4, 15))
     ang_dir = rng.uniform(0, 2 * math.pi)
     return FractureSpec(
         kind=kind,
-        gap=rng.uniform(0.3, 0.55) if kind != "greenstick" else rng.uniform(0.4, 0.7),
+        gap=rng.uniform(0.45, 0.8) if kind != "greenstick" else rng.uniform(0.6, 0.9),
         obliquity=math.radians(obl) * sign(), azimuth=rng.uniform(-0.6, 0.6),
         disp_ml=disp * math.cos(disp_dir), disp_ap=disp * math.sin(disp_dir),
         ang_ml=ang * math.cos(ang_dir), ang_ap=ang * math.sin(ang_dir),
         spiral_len=rng.uniform(2.2, 3.6) * sign(),
         wedge_apex=rng.uniform(-0.35, 0.1), wedge_len=rng.uniform(1.0, 1.8), wedge_side=sign(),
         wedge_shift=rng.uniform(0.3, 0.7), wedge_rot=math.radians(rng.uniform(-20, 20)),
-        crack_stop=rng.uniform(-0.5, 0.0), segment_len=rng.uniform(3.0, 6.0),
+        crack_stop=rng.uniform(-0.6, -0.2), segment_len=rng.uniform(3.0, 6.0),
         tilt2=math.radians(rng.uniform(-25, 25)),
         jag_amp=rng.uniform(0.05, 0.12), jag_phase=tuple(float(x) for x in rng.uniform(0, 2 * math.pi, 3)),
     )
@@ -272,19 +276,19 @@ def sample_acquisition(rng: np.random.Generator, size: int, anatomy: Anatomy, bi
     if bit_depth not in (8, 16):
         raise PhantomError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     height = size
-    width = size if rng.random() < 0.75 else int(round(size * 0.8))
+    width = size if rng.random() < 0.75 else round(size * 0.8)
     rot = rng.uniform(-0.45, 0.45) + (math.pi / 2 if rng.random() < 0.15 else 0.0)
-    collim = tuple(float(rng.uniform(0.02, 0.12)) if rng.random() < 0.3 else 0.0 for _ in range(4))
+    collim = tuple(float(rng.uniform(0.02, 0.09)) if rng.random() < 0.15 else 0.0 for _ in range(4))
     return Acquisition(
         px_per_mm=size / anatomy.fov_mm,
         rotation=float(rot), flip=bool(rng.random() < 0.5),
         site_x=float(rng.uniform(0.35, 0.65) * width), site_y=float(rng.uniform(0.35, 0.65) * height),
         height=height, width=width,
-        counts=float(math.exp(rng.uniform(math.log(1500), math.log(15000)))),
+        counts=float(math.exp(rng.uniform(math.log(5000), math.log(40000)))),
         heel=(float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15))),
         blur=float(rng.uniform(0.4, 1.1) * size / 256),
-        window_hi=float(rng.uniform(0.95, 1.25)), window_lo=float(rng.uniform(-0.08, 0.12)),
-        gamma=float(rng.uniform(0.75, 1.35)),
+        window_hi=float(rng.uniform(0.9, 1.12)), window_lo=float(rng.uniform(-0.15, 0.0)),
+        gamma=float(rng.uniform(1.15, 1.8)),
         unsharp_amount=float(rng.uniform(0.0, 0.8)), unsharp_sigma=float(rng.uniform(1.5, 3.0) * size / 256),
         collimation=collim,  # type: ignore[arg-type]
         marker=str(rng.choice(["", "L", "R"])), marker_corner=int(rng.integers(0, 4)),
@@ -331,19 +335,23 @@ class _Fragment:
         return (c * x - s * y + self.pivot[0] + self.shift[0], s * x + c * y + self.pivot[1] + self.shift[1])
 
 
+_Outline = tuple[np.ndarray, list[int]]
+
+
 def _jag(fr: FractureSpec, s: np.ndarray, w: float) -> np.ndarray:
     p = fr.jag_phase
-    return fr.jag_amp * w * (np.sin(5.1 * s + p[0]) + 0.6 * np.sin(11.3 * s + p[1]) + 0.35 * np.sin(23.7 * s + p[2]))
+    wave = np.sin(5.1 * s + p[0]) + 0.6 * np.sin(11.3 * s + p[1]) + 0.35 * np.sin(23.7 * s + p[2])
+    return fr.jag_amp * w * wave
 
 
 def _fragments(
     fr: FractureSpec, w: float, beta: float, gap_mm: float, displace: bool,
-) -> tuple[list[_Fragment], list[np.ndarray]]:
-    """Fragments of the fractured bone in one view, and the fracture outline points (t, d) per site.
+) -> tuple[list[_Fragment], list[_Outline]]:
+    """Fragments of the fractured bone in one view, and the fracture outline of each site.
 
-    ``w`` is the visible half-width (mm). Each returned outline is an (N, 2)
-    array in intact coordinates plus the indices of the fragments that touch it,
-    so the box follows the pieces after they move.
+    ``w`` is the visible half-width (mm). Each outline is an (N, 2) array of
+    (t, d) points in intact coordinates plus the indices of the fragments that
+    touch it, so the box follows the pieces after they move.
     """
     cb = math.cos(beta - fr.azimuth)
     tilt = math.tan(fr.obliquity) * cb
@@ -351,15 +359,14 @@ def _fragments(
     ang = (fr.ang_ml * math.cos(beta) + fr.ang_ap * math.sin(beta)) if displace else 0.0
     half = gap_mm / 2
     s_line = np.linspace(-1.0, 1.0, 25)
-    outlines: list[np.ndarray] = []
+    outlines: list[_Outline] = []
 
     def line(tilt_: float, offset: float = 0.0) -> Callable[[np.ndarray], np.ndarray]:
         return lambda s: offset + tilt_ * w * s + _jag(fr, s, w)
 
-    def pts(g: Callable[[np.ndarray], np.ndarray], s: np.ndarray, frags: Sequence[int]) -> np.ndarray:
+    def pts(g: Callable[[np.ndarray], np.ndarray], s: np.ndarray, frags: Sequence[int]) -> _Outline:
         t = g(s)
-        arr = np.concatenate([np.stack([t - half, s * w], 1), np.stack([t + half, s * w], 1)])
-        return np.concatenate([arr, np.full((len(arr), 1), -1.0)], 1), list(frags)  # type: ignore[return-value]
+        return np.concatenate([np.stack([t - half, s * w], 1), np.stack([t + half, s * w], 1)]), list(frags)
 
     kind = fr.kind
     if kind in ("transverse", "oblique", "spiral"):
@@ -384,7 +391,7 @@ def _fragments(
 
         # The distal part bends about the intact cortex, opening the crack on the other side.
         hinge = (0.0, -side * w)
-        bend = -side * abs(ang) * 0.8
+        bend = -side * max(abs(ang), math.radians(5.0)) if displace else 0.0
         frags = [
             _Fragment(lambda t, s: (t <= g(s)) & ~crack(t, s)),
             _Fragment(lambda t, s: (t > g(s)) & ~crack(t, s), angle=bend, pivot=hinge),
@@ -412,8 +419,7 @@ def _fragments(
                       shift=(0.15 * hl if displace else 0.0, out_shift * 0.8)),
         ]
         outlines.append(pts(g, s_line, [0, 1, 2, 3]))
-        wt = np.array([[ta, apex * side * w], [ta - hl, side * w], [ta + hl, side * w]])
-        outlines.append((np.concatenate([wt, np.full((3, 1), -1.0)], 1), [2, 3]))  # type: ignore[arg-type]
+        outlines.append((np.array([[ta, apex * side * w], [ta - hl, side * w], [ta + hl, side * w]]), [2, 3]))
     elif kind == "segmental":
         seg = fr.segment_len * w
         g1 = line(tilt, -seg / 2)
@@ -428,12 +434,16 @@ def _fragments(
         outlines.append(pts(g2, s_line, [1, 2]))
     else:  # pragma: no cover - guarded by sample_fracture
         raise PhantomError(f"unknown fracture type {kind!r}")
-    return frags, outlines  # type: ignore[return-value]
+    return frags, outlines
 
 
 # ---------------------------------------------------------------- rendering
 def _bone_line_integral(
-    b: BoneSpec, beta: float, t: np.ndarray, d: np.ndarray, texture: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    b: BoneSpec,
+    beta: float,
+    t: np.ndarray,
+    d: np.ndarray,
+    texture: Callable[[np.ndarray, np.ndarray], np.ndarray],
 ) -> np.ndarray:
     """Attenuation line integral of one intact bone at bone-local coords (t along, d across, mm)."""
     _, w0, h0 = _proj(b.rx, b.ry, 0.0, 0.0, beta)
@@ -454,22 +464,26 @@ def _bone_line_integral(
     inner = _chord(hi, wi, d)
     trab = np.clip(0.15 + 0.85 * end_w, 0.0, 1.0) * b.trabecular
     mu_in = MU_MARROW + (MU_TRABECULAR - MU_MARROW) * trab * texture(t, d / w0)
-    return MU_CORTEX * (outer - inner) + mu_in * inner
+    # Bone displaces soft tissue, so it adds only its excess attenuation over it.
+    return (MU_CORTEX - MU_SOFT) * (outer - inner) + (mu_in - MU_SOFT) * inner
 
 
-def _make_texture(rng: np.random.Generator, t_range: float, res: float) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+def _make_texture(
+    rng: np.random.Generator, t_range: float, res: float,
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     """Trabecular texture in (t mm, s normalised) coordinates: struts along the bone axis."""
     nt = int(2 * t_range / res) + 8
     ns = 48
     noise = rng.standard_normal((nt, ns)).astype(np.float32)
     tex = ndimage.gaussian_filter(noise, (2.2, 1.0), mode="wrap")
     tex = tex / (tex.std() + 1e-6)
-    tex = 1.0 + 0.75 * np.tanh(1.5 * tex)
+    tex = 1.0 + 0.55 * np.tanh(1.5 * tex)
 
     def sample(t: np.ndarray, s: np.ndarray) -> np.ndarray:
         it = (t + t_range) / res + 4
         js = (np.clip(s, -1.2, 1.2) + 1.2) / 2.4 * (ns - 1)
-        return ndimage.map_coordinates(tex, [it.ravel(), js.ravel()], order=1, mode="nearest").reshape(t.shape)
+        out = ndimage.map_coordinates(tex, [it.ravel(), js.ravel()], order=1, mode="nearest")
+        return out.reshape(t.shape)
 
     return sample
 
@@ -535,12 +549,13 @@ def render_view(
         t = du * cp + dv * sp
         d = -du * sp + dv * cp
         reach = 2.2 * w0 * (1.0 + b.flare)
-        bone_peak = max(bone_peak, MU_CORTEX * 2 * h0 * 0.75 + MU_TRABECULAR * 2 * h0 * 0.25)
-        is_fx = fracture is not None and i == anatomy.fracture_bone
-        if is_fx:
-            gap_mm = max(fracture.gap * w0, 2.2 / k * (H / 256))  # type: ignore[union-attr]
-            frags, outlines = _fragments(fracture, w0, beta, gap_mm, displace)  # type: ignore[arg-type]
-            reach += abs(fracture.disp_ml) * w0 + abs(fracture.disp_ap) * w0 + fracture.wedge_shift * w0  # type: ignore[union-attr]
+        bone_peak = max(bone_peak, (MU_CORTEX - MU_SOFT) * 2 * h0 * 0.72)
+        fx = fracture if i == anatomy.fracture_bone else None
+        if fx is not None:
+            # The gap scales with the bone; its floor (in pixels) survives the pipeline's 2x downsampling.
+            gap_mm = max(fx.gap * w0, 3.5 / k * (H / 256))
+            frags, outlines = _fragments(fx, w0, beta, gap_mm, displace)
+            reach += (abs(fx.disp_ml) + abs(fx.disp_ap) + fx.wedge_shift) * w0
         else:
             frags, outlines = [_Fragment(lambda t, s: np.ones(t.shape, bool))], []
         sel = np.abs(d) < reach
@@ -555,19 +570,20 @@ def render_view(
             if m.any():
                 acc[m] += _bone_line_integral(b, beta, ti[m], di[m], texture)
         P[sel] += acc
-        if is_fx:
+        if fx is not None:
             def to_img(tt: np.ndarray, dd: np.ndarray, cp: float = cp, sp: float = sp, vc: float = vc,
                        u0: float = b.u0) -> np.ndarray:
                 uu = tt * cp - dd * sp + u0
                 vv = (tt * sp + dd * cp + vc) * fl
-                return np.stack([(-uu * sr + vv * cr) * k + acq.site_x, (uu * cr + vv * sr) * k + acq.site_y], 1)
+                x = (-uu * sr + vv * cr) * k + acq.site_x
+                return np.stack([x, (uu * cr + vv * sr) * k + acq.site_y], 1)
 
             groups: list[np.ndarray] = []
             for arr, idx in outlines:
                 moved = [to_img(*frags[j].forward(arr[:, 0], arr[:, 1])) for j in idx]
                 groups.append(np.concatenate(moved))
                 sites.append(tuple(float(v) for v in moved[0].mean(0)))  # type: ignore[arg-type]
-            if fracture.kind == "comminuted":  # type: ignore[union-attr]
+            if fx.kind == "comminuted":
                 groups = [np.concatenate(groups)]
                 sites = sites[:1]
             margin = 0.3 * w0 * k + 2.0 + 2.5 * acq.blur
@@ -578,11 +594,10 @@ def render_view(
     cl, cr_, ct, cb_ = acq.collimation
     coll = np.zeros((H, W), bool)
     coll[:, : int(cl * W)] = True
-    coll[:, W - int(cr_ * W):] = True if cr_ > 0 else coll[:, W - int(cr_ * W):]
+    coll[:, W - int(cr_ * W):] = True
     coll[: int(ct * H), :] = True
-    if cb_ > 0:
-        coll[H - int(cb_ * H):, :] = True
-    P = np.where(coll, P + 1.4 * p_max, P)
+    coll[H - int(cb_ * H):, :] = True
+    P = np.where(coll, P + 0.75 * p_max, P)
     if acq.marker:
         P += _marker_mask(acq.marker, acq.marker_corner, H, W) * (0.9 * p_max)
 
@@ -596,7 +611,7 @@ def render_view(
     # noise field the intact twin of a fractured image differs only near the fracture.
     noisy = np.maximum(counts + np.sqrt(counts + 4.0) * z, 0.5)
     D = -np.log(noisy / flat)
-    lo, hi = acq.window_lo, acq.window_hi * p_max
+    lo, hi = acq.window_lo * p_max, acq.window_hi * p_max
     img = np.clip((D - lo) / (hi - lo), 0.0, 1.0) ** acq.gamma
     if acq.unsharp_amount > 0:
         img = img + acq.unsharp_amount * (img - ndimage.gaussian_filter(img, acq.unsharp_sigma))
@@ -611,8 +626,8 @@ def _box_from_points(pts: np.ndarray, margin: float, W: int, H: int) -> Box | No
     y1 = min(float(H), float(pts[:, 1].max()) + margin)
     if x1 - x0 < 1 or y1 - y0 < 1:
         return None
-    xi, yi = int(math.floor(x0)), int(math.floor(y0))
-    return [xi, yi, int(math.ceil(x1)) - xi, int(math.ceil(y1)) - yi]
+    xi, yi = math.floor(x0), math.floor(y0)
+    return [xi, yi, math.ceil(x1) - xi, math.ceil(y1) - yi]
 
 
 def _marker_mask(letter: str, corner: int, H: int, W: int) -> np.ndarray:
@@ -676,7 +691,8 @@ def render_phantom_detail(
 ) -> tuple[np.ndarray, PhantomRender]:
     """Like :func:`render_phantom` but also returns the float image and fracture sites."""
     if fracture_type is not None and fracture_type not in FRACTURE_TYPES_PHANTOM:
-        raise PhantomError(f"unknown fracture type {fracture_type!r}; allowed: {', '.join(FRACTURE_TYPES_PHANTOM)}")
+        allowed = ", ".join(FRACTURE_TYPES_PHANTOM)
+        raise PhantomError(f"unknown fracture type {fracture_type!r}; allowed: {allowed}")
     st = _streams(rng)
     reg = region if region is not None else REGIONS[int(st.anatomy.integers(0, len(REGIONS)))]
     anatomy = sample_anatomy(st.anatomy, reg)
@@ -720,7 +736,7 @@ def study_plan(params: PhantomParams) -> list[dict[str, object]]:
     """
     rng = np.random.default_rng([params.seed, 1])
     n_studies = params.n_patients * params.studies_per_patient
-    n_fx = int(round(params.fracture_fraction * n_studies))
+    n_fx = round(params.fracture_fraction * n_studies)
     n_fx = min(max(n_fx, 1), n_studies - 1)
     types = list(FRACTURE_TYPES_PHANTOM)
     rng.shuffle(types)
@@ -770,7 +786,8 @@ def generate_phantom_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFra
         anatomy = sample_anatomy(s_anat, str(st["region"]))
         kind = st["fracture_type"]
         fracture = sample_fracture(s_frac, str(kind)) if kind else None
-        for view, vrng in zip(_views(params.views_per_study), s_views.spawn(params.views_per_study), strict=True):
+        views = _views(params.views_per_study)
+        for view, vrng in zip(views, s_views.spawn(len(views)), strict=True):
             a_rng, n_rng = vrng.spawn(2)
             acq = sample_acquisition(a_rng, params.size, anatomy, int(st["bit_depth"]))
             rend = render_view(anatomy, fracture, acq, view, n_rng)

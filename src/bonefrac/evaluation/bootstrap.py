@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from bonefrac.errors import BonefracError
 
-class BootstrapError(ValueError):
+
+class BootstrapError(BonefracError, ValueError):
     """A bootstrap that cannot be run on these inputs."""
 
 
@@ -60,3 +62,54 @@ def bootstrap_ci(
     idx = stratified_indices(y, n_bootstrap, seed) if indices is None else indices
     reps = np.array([statistic(y[i], s[i]) for i in idx], dtype=np.float64)
     return percentile_interval(reps, ci_level)
+
+
+# The two ranking metrics below are scikit-learn's ``roc_auc_score`` and
+# ``average_precision_score`` (ties handled the same way), written for a whole
+# matrix of replicates at once: calling scikit-learn per replicate costs ~5 ms,
+# i.e. minutes for 1000 replicates over a dozen subgroups on a busy CPU. Tests
+# check them against scikit-learn replicate by replicate.
+_CHUNK = 256
+
+
+def auroc_replicates(labels: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """AUROC of each resample (Mann-Whitney U with mid-ranks for ties)."""
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels).reshape(-1).astype(bool)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    out = []
+    for start in range(0, indices.shape[0], _CHUNK):
+        idx = indices[start : start + _CHUNK]
+        yb, sb = y[idx], s[idx]
+        ranks = rankdata(sb, axis=1)
+        n1 = yb.sum(1).astype(float)
+        n0 = yb.shape[1] - n1
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append(((ranks * yb).sum(1) - n1 * (n1 + 1) / 2) / (n1 * n0))
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def average_precision_replicates(labels: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Average precision of each resample: sum over positives of the precision at their score."""
+    y = np.asarray(labels).reshape(-1).astype(float)
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    out = []
+    for start in range(0, indices.shape[0], _CHUNK):
+        idx = indices[start : start + _CHUNK]
+        sb = s[idx]
+        order = np.argsort(-sb, axis=1, kind="stable")
+        ss = np.take_along_axis(sb, order, axis=1)
+        ys = y[np.take_along_axis(idx, order, axis=1)]
+        tp = np.cumsum(ys, axis=1)
+        n = ss.shape[1]
+        precision = tp / np.arange(1, n + 1)
+        # A run of tied scores is one threshold: every member gets the precision at the run's end.
+        run_end = np.ones_like(ss, dtype=bool)
+        run_end[:, :-1] = ss[:, :-1] != ss[:, 1:]
+        end_idx = np.where(run_end, np.arange(n), n)
+        end_idx = np.minimum.accumulate(end_idx[:, ::-1], axis=1)[:, ::-1]
+        prec_at = np.take_along_axis(precision, end_idx, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out.append((ys * prec_at).sum(1) / ys.sum(1))
+    return np.concatenate(out) if out else np.zeros(0)

@@ -15,13 +15,15 @@ import pandas as pd
 import torch
 from monai.metrics.calibration import calibration_binning
 
+from bonefrac.errors import BonefracError
+
 # Temperatures outside this range mean the validation set is degenerate (for
 # example perfectly separated), not that the model needs such a correction.
 MIN_TEMPERATURE = 0.05
 MAX_TEMPERATURE = 20.0
 
 
-class CalibrationError(ValueError):
+class CalibrationError(BonefracError, ValueError):
     """Inputs that cannot be used to fit or measure calibration."""
 
 
@@ -122,11 +124,13 @@ def reliability_curve(probs: np.ndarray, labels: np.ndarray, n_bins: int = 10) -
     """
     mean_p, mean_y, counts = _binning(probs, labels, n_bins)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    df = pd.DataFrame({
-        "bin_lower": edges[:-1],
-        "bin_upper": edges[1:],
-        "mean_predicted": mean_p,
-        "fraction_positive": mean_y,
-        "count": counts.astype(int),
-    })
+    df = pd.DataFrame(
+        {
+            "bin_lower": edges[:-1],
+            "bin_upper": edges[1:],
+            "mean_predicted": mean_p,
+            "fraction_positive": mean_y,
+            "count": counts.astype(int),
+        }
+    )
     return df[df["count"] > 0].reset_index(drop=True)

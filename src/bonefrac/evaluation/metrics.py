@@ -25,7 +25,13 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from bonefrac.evaluation.bootstrap import percentile_interval, stratified_indices
+from bonefrac.errors import BonefracError
+from bonefrac.evaluation.bootstrap import (
+    auroc_replicates,
+    average_precision_replicates,
+    percentile_interval,
+    stratified_indices,
+)
 from bonefrac.evaluation.calibration import expected_calibration_error
 from bonefrac.evaluation.operating_points import apply_threshold
 
@@ -33,7 +39,7 @@ OP_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "kappa", "balanc
 UNKNOWN_GROUPS = {"", "unknown", "nan", "none"}
 
 
-class MetricsError(ValueError):
+class MetricsError(BonefracError, ValueError):
     """Labels or scores on which a metric is undefined (e.g. a single class)."""
 
 
@@ -113,8 +119,8 @@ def binary_metrics(
     """
     y, p = _check(labels, probs)
     idx = stratified_indices(y, n_bootstrap, seed)
-    auroc_reps = np.array([roc_auc_score(y[i], p[i]) for i in idx])
-    auprc_reps = np.array([average_precision_score(y[i], p[i]) for i in idx])
+    auroc_reps = auroc_replicates(y, p, idx)
+    auprc_reps = average_precision_replicates(y, p, idx)
     out: dict[str, Any] = {
         "n": int(y.size),
         "n_positive": int(y.sum()),
@@ -133,7 +139,13 @@ def binary_metrics(
         tn, fp, fn, tp = confusion_matrix(y, d, labels=[0, 1]).ravel()
         point = _op_point_estimates(y, d)
         reps = _op_bootstrap(y, d, idx)
-        op: dict[str, Any] = {"threshold": float(thr), "tp": int(tp), "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+        op: dict[str, Any] = {
+            "threshold": float(thr),
+            "tp": int(tp),
+            "fp": int(fp),
+            "tn": int(tn),
+            "fn": int(fn),
+        }
         for m in OP_METRICS:
             op[m] = _estimate(point[m], percentile_interval(reps[m], ci_level))
         out["operating_points"][name] = op
@@ -204,7 +216,9 @@ def study_level(
     return out.reset_index()
 
 
-def type_metrics(true_types: Sequence[str], pred_types: Sequence[str], names: Sequence[str]) -> dict[str, Any]:
+def type_metrics(
+    true_types: Sequence[str], pred_types: Sequence[str], names: Sequence[str]
+) -> dict[str, Any]:
     """Fracture-type confusion matrix (rows actual, columns predicted) and macro-F1 over ``names``."""
     t = [str(x) for x in true_types]
     pr = [str(x) for x in pred_types]
@@ -212,8 +226,13 @@ def type_metrics(true_types: Sequence[str], pred_types: Sequence[str], names: Se
         raise MetricsError(f"true and predicted types differ in length ({len(t)} vs {len(pr)})")
     names = list(names)
     if not t:
-        return {"names": names, "confusion": [[0] * len(names) for _ in names], "macro_f1": float("nan"), "n": 0,
-                "per_class_f1": {}}
+        return {
+            "names": names,
+            "confusion": [[0] * len(names) for _ in names],
+            "macro_f1": float("nan"),
+            "n": 0,
+            "per_class_f1": {},
+        }
     cm = confusion_matrix(t, pr, labels=names)
     present = sorted(set(t) & set(names), key=names.index)
     per_class = f1_score(t, pr, labels=names, average=None, zero_division=0.0)
@@ -230,7 +249,7 @@ def type_metrics(true_types: Sequence[str], pred_types: Sequence[str], names: Se
 def flat_summary(results: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, float]:
     """Flatten nested metrics to ``{"auroc.value": 0.91, ...}`` (numbers only) for ``dvc metrics``.
 
-    NaN becomes ``None``-free: such keys are dropped, since JSON has no NaN.
+    Non-finite values are dropped (JSON has no NaN) and so are strings and lists.
     """
     flat: dict[str, float] = {}
     for k, v in results.items():

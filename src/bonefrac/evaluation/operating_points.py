@@ -13,11 +13,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from bonefrac.errors import BonefracError
+
 HIGH_SENSITIVITY = "high_sensitivity"
 HIGH_SPECIFICITY = "high_specificity"
 
 
-class OperatingPointError(ValueError):
+class OperatingPointError(BonefracError, ValueError):
     """Scores or labels from which no threshold can be chosen."""
 
 
@@ -50,13 +52,17 @@ def choose_thresholds(
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
     y = np.asarray(labels).reshape(-1)
     if p.shape != y.shape or p.size == 0:
-        raise OperatingPointError(f"need equal-length, non-empty probs and labels (got {p.size} and {y.size})")
+        raise OperatingPointError(
+            f"need equal-length, non-empty probs and labels (got {p.size} and {y.size})"
+        )
     if not np.all(np.isfinite(p)):
         raise OperatingPointError("probabilities contain NaN or infinite values")
     if set(np.unique(y).tolist()) != {0, 1}:
         raise OperatingPointError("choosing thresholds needs both classes (labels 0 and 1)")
-    for name, t in (("high_sensitivity_target", high_sensitivity_target),
-                    ("high_specificity_target", high_specificity_target)):
+    for name, t in (
+        ("high_sensitivity_target", high_sensitivity_target),
+        ("high_specificity_target", high_specificity_target),
+    ):
         if not 0.0 < t <= 1.0:
             raise OperatingPointError(f"{name} must be in (0, 1], got {t}")
 

@@ -42,7 +42,9 @@ def input_shape(bundle: ModelBundle, batch: int = 1) -> tuple[int, ...]:
     return (batch, 1, size, size)
 
 
-def export_onnx(model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET) -> Path:
+def export_onnx(
+    model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET
+) -> Path:
     """Export ``model`` (eval mode, CPU) with a dynamic batch axis; written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -176,7 +176,8 @@ def load_cache(out_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
     if CACHE_ROW not in index.columns:
         raise CacheError(f"{idx} has no '{CACHE_ROW}' column; not a bonefrac cache")
     if len(index) and int(index[CACHE_ROW].max()) >= len(images):
-        raise CacheError(f"{idx} refers to row {int(index[CACHE_ROW].max())} but {img} has {len(images)} rows")
+        top = int(index[CACHE_ROW].max())
+        raise CacheError(f"{idx} refers to row {top} but {img} has {len(images)} rows")
     return images, index
 
 

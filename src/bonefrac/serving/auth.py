@@ -41,22 +41,33 @@ def key_is_valid(sent: str | None, expected: str) -> bool:
     return sent is not None and hmac.compare_digest(sent.encode(), expected.encode())
 
 
-async def send_json_error(send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+async def send_json_error(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     body = json.dumps({"error": message}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    *(headers or [])],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
 class APIKeyMiddleware:
     """Reject requests to protected paths that lack the configured key (401)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None = None,
-                 protected_prefixes: tuple[str, ...] = PROTECTED_PREFIXES) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None = None,
+        protected_prefixes: tuple[str, ...] = PROTECTED_PREFIXES,
+    ) -> None:
         self.app = app
         self.api_key = api_key or None
         self.protected_prefixes = protected_prefixes
@@ -70,7 +81,8 @@ class APIKeyMiddleware:
             and not key_is_valid(extract_key(scope.get("headers", [])), self.api_key)
         ):
             await send_json_error(
-                send, 401,
+                send,
+                401,
                 "missing or invalid API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                 [(b"www-authenticate", b'Bearer realm="bonefrac"')],
             )

@@ -50,7 +50,9 @@ class SafetyLimits:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
     @classmethod
-    def from_env(cls, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pixels: int = DEFAULT_MAX_PIXELS) -> SafetyLimits:
+    def from_env(
+        cls, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pixels: int = DEFAULT_MAX_PIXELS
+    ) -> SafetyLimits:
         """Limits from ``BONEFRAC_MAX_UPLOAD_MB`` / ``BONEFRAC_MAX_PIXELS`` with the given defaults."""
         mb = float(os.environ.get("BONEFRAC_MAX_UPLOAD_MB", max_upload_mb))
         px = int(float(os.environ.get("BONEFRAC_MAX_PIXELS", max_pixels)))
@@ -98,7 +100,8 @@ def decode_upload(data: bytes, spatial_dims: int, limits: SafetyLimits) -> Decod
             )
         raise InputRejected(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-            f"unsupported format {fmt.upper()}: this model accepts {', '.join(sorted(f.upper() for f in accepted))}",
+            f"unsupported format {fmt.upper()}: this model accepts "
+            f"{', '.join(sorted(f.upper() for f in accepted))}",
         )
     try:
         img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims)
@@ -107,7 +110,9 @@ def decode_upload(data: bytes, spatial_dims: int, limits: SafetyLimits) -> Decod
     except MemoryError:
         raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to decode") from None
     if img.array.size == 0 or min(img.array.shape) < 2:
-        raise InputRejected(HTTPStatus.UNPROCESSABLE_ENTITY, f"image too small: shape {tuple(img.array.shape)}")
+        raise InputRejected(
+            HTTPStatus.UNPROCESSABLE_ENTITY, f"image too small: shape {tuple(img.array.shape)}"
+        )
     return img
 
 
@@ -119,7 +124,9 @@ class UploadLimitMiddleware:
     the app's multipart parser has started, an error can only become a 500.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...] = ("/predict", "/explain")) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, paths: tuple[str, ...] = ("/predict", "/explain")
+    ) -> None:
         self.app = app
         self.max_bytes = int(max_bytes)
         self.paths = paths

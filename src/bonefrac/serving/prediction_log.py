@@ -46,27 +46,39 @@ LOG_COLUMNS: list[str] = [
 _lock = threading.Lock()
 
 
-def image_statistics(array: np.ndarray, bit_depth: int) -> dict[str, float]:
-    """Intensity statistics on [0, 1], scaled by the stored bit depth.
+def image_statistics(img: Any) -> dict[str, float]:
+    """Intensity statistics of a :class:`~bonefrac.data.imageio.DecodedImage` on [0, 1].
 
-    Scaling by the nominal range (not min–max) keeps a change of exposure visible
-    to drift detection, which is exactly what min–max scaling would hide.
+    They must be computed exactly as ingest computes the training table's, or the
+    drift flow would see drift that is only a difference in formulas: so the scaling
+    is ingest's own (nominal value range, e.g. 0..65535 for 16 bits, not min–max,
+    so a change of exposure stays visible), and the percentiles are p1/p99.
     """
-    arr = np.asarray(array, dtype=np.float32)
-    lo = float(min(0.0, float(arr.min()) if arr.size else 0.0))
-    top = float(2 ** int(bit_depth) - 1) if bit_depth and bit_depth > 0 else float(arr.max() or 1.0)
-    scaled = np.clip((arr - lo) / max(top - lo, 1e-6), 0.0, 1.0)
-    # A subsample keeps the cost flat for large images; 1M pixels give stable percentiles.
-    flat = scaled.ravel()
-    if flat.size > 1_000_000:
-        flat = flat[:: flat.size // 1_000_000 + 1]
-    p01, p99 = np.percentile(flat, [1.0, 99.0]) if flat.size else (0.0, 0.0)
+    try:
+        from bonefrac.data.metadata import _scaled as scaled_fn  # ingest's scaling (see report: make public)
+    except ImportError:  # pragma: no cover - metadata module always ships with bonefrac
+        scaled_fn = _scaled_fallback
+    scaled = np.asarray(scaled_fn(img), dtype=np.float32)
+    if scaled.size == 0:
+        return {"intensity_mean": 0.0, "intensity_std": 0.0, "intensity_p01": 0.0, "intensity_p99": 0.0}
+    p01, p99 = np.percentile(scaled, [1, 99])
     return {
-        "intensity_mean": float(flat.mean()) if flat.size else 0.0,
-        "intensity_std": float(flat.std()) if flat.size else 0.0,
+        "intensity_mean": float(scaled.mean()),
+        "intensity_std": float(scaled.std()),
         "intensity_p01": float(p01),
         "intensity_p99": float(p99),
     }
+
+
+def _scaled_fallback(img: Any) -> np.ndarray:
+    arr = np.asarray(img.array, dtype=np.float32).ravel()
+    vr = (img.meta or {}).get("value_range")
+    lo, hi = (
+        (float(vr[0]), float(vr[1]))
+        if vr
+        else (float(np.percentile(arr, 0.5)), float(np.percentile(arr, 99.5)))
+    )
+    return np.clip((arr - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
 
 
 def log_path_for(log_dir: str | Path, when: datetime | None = None) -> Path:

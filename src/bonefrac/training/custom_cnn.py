@@ -2,7 +2,7 @@
 
 In short: a 1-channel input (no fake RGB), a gentle stem (3×3, stride 2) so
 thin fracture lines survive the first downsampling, four residual stages
-(32→64→128→256 channels, ~1.2 M parameters: trainable from scratch on a few
+(32→64→128→256 channels, ~2.8 M parameters: trainable from scratch on a few
 thousand images on a CPU), GroupNorm (its statistics do not depend on the batch,
 so batches of 8–32 on a CPU, 2-volume batches in 3D and DDP shards all behave
 alike and train == eval), and average + max global pooling (a fracture is a

@@ -13,6 +13,7 @@ fine-tuning strategies use for discriminative learning rates and gradual unfreez
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -115,28 +116,45 @@ def _prefixed(names: list[list[str]]) -> list[list[str]]:
 
 def _need_2d(arch: str, spatial_dims: int) -> None:
     if spatial_dims != 2:
-        raise ModelError(f"{arch} is a 2D network; for volumes (spatial_dims=3) use monai_densenet3d, "
-                         "monai_resnet3d or custom_cnn")
+        raise ModelError(
+            f"{arch} is a 2D network; for volumes (spatial_dims=3) use monai_densenet3d, "
+            "monai_resnet3d or custom_cnn"
+        )
 
 
 def _custom_cnn(spatial_dims: int) -> _Built:
     net = CustomCNN(spatial_dims=spatial_dims)
     groups = [["stem"]] + [[f"stages.{i}"] for i in range(len(net.stages))]
-    return _Built(net, net.num_features, f"backbone.stages.{len(net.stages) - 1}", _prefixed(groups), rgb=False)
+    last = f"backbone.stages.{len(net.stages) - 1}"
+    return _Built(net, net.num_features, last, _prefixed(groups), rgb=False)
+
+
+class _VGGFeatures(nn.Module):
+    def __init__(self, features: nn.Sequential) -> None:
+        super().__init__()
+        self.features = features
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        for m in self.modules():  # torchvision VGG's own initialisation of the conv layers
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
 
 
 def _vgg16(spatial_dims: int) -> _Built:
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
     _need_2d("vgg16", spatial_dims)
-    net = vgg16(weights=None)
-    # Keep the 13 conv layers (what transfers); replace the 120 M-parameter 4096-wide FC
-    # classifier by global average pooling: the head sees 512 features.
-    net.avgpool = nn.AdaptiveAvgPool2d(1)
-    net.classifier = nn.Identity()
+    # Keep VGG-16's 13 conv layers (what transfers; named ``features.N`` as in torchvision, so
+    # its ImageNet weights load) and replace the 120 M-parameter 4096-wide FC classifier by global
+    # average pooling: the head sees 512 features. Building torchvision's whole VGG would spend
+    # ~10 s initialising the classifier only to throw it away.
+    net = _VGGFeatures(make_layers(cfgs["D"], batch_norm=False))
     # Blocks end at each max-pool: features[0:5], [5:10], [10:17], [17:24], [24:31].
     bounds = [0, 5, 10, 17, 24, 31]
-    groups = [[f"features.{i}" for i in range(a, b)] for a, b in zip(bounds, bounds[1:], strict=False)]
+    groups = [[f"features.{i}" for i in range(a, b)] for a, b in itertools.pairwise(bounds)]
     return _Built(net, 512, "backbone.features.29", _prefixed(groups), rgb=True)
 
 
@@ -174,7 +192,7 @@ def _efficientnet_lite0(spatial_dims: int) -> _Built:
     _need_2d("efficientnet_lite0", spatial_dims)
     # num_classes=0: timm returns the pooled 1280 features.
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
-    groups = [["conv_stem", "bn1"]] + [[f"blocks.{i}"] for i in range(len(net.blocks))] + [["conv_head", "bn2"]]
+    groups = [["conv_stem", "bn1"], *([f"blocks.{i}"] for i in range(len(net.blocks))), ["conv_head", "bn2"]]
     return _Built(net, net.num_features, "backbone.conv_head", _prefixed(groups), rgb=True)
 
 
@@ -185,12 +203,22 @@ def _monai_densenet3d(spatial_dims: int) -> _Built:
         raise ModelError("monai_densenet3d is a 3D network (spatial_dims=3); for radiographs use a 2D arch")
     # A compact DenseNet (3 dense blocks, growth 16): total stride 16, so 32×64×64 volumes
     # end at 2×4×4 and the net stays CPU-trainable; DenseNet-121's 4 blocks need ≥ 64³ input.
-    net = DenseNet(spatial_dims=3, in_channels=1, out_channels=1, init_features=32, growth_rate=16,
-                   block_config=(6, 12, 8))
+    net = DenseNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=1,
+        init_features=32,
+        growth_rate=16,
+        block_config=(6, 12, 8),
+    )
     nfeat = net.class_layers.out.in_features
     net.class_layers.out = nn.Identity()
-    groups = [["features.conv0", "features.norm0"], ["features.denseblock1", "features.transition1"],
-              ["features.denseblock2", "features.transition2"], ["features.denseblock3", "features.norm5"]]
+    groups = [
+        ["features.conv0", "features.norm0"],
+        ["features.denseblock1", "features.transition1"],
+        ["features.denseblock2", "features.transition2"],
+        ["features.denseblock3", "features.norm5"],
+    ]
     return _Built(net, nfeat, "backbone.features.denseblock3", _prefixed(groups), rgb=False)
 
 
@@ -199,9 +227,19 @@ def _monai_resnet3d(spatial_dims: int) -> _Built:
 
     if spatial_dims != 3:
         raise ModelError("monai_resnet3d is a 3D network (spatial_dims=3); for radiographs use a 2D arch")
-    net = resnet18(spatial_dims=3, n_input_channels=1, conv1_t_size=7, conv1_t_stride=2, feed_forward=False)
+    # ResNet-18 layout at half width (widen_factor=0.5): full width is 33 M parameters in 3D,
+    # too many for a few hundred volumes and a CPU; half width is ~8 M.
+    net = resnet18(
+        spatial_dims=3,
+        n_input_channels=1,
+        conv1_t_size=7,
+        conv1_t_stride=2,
+        feed_forward=False,
+        widen_factor=0.5,
+    )
     groups = [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]]
-    return _Built(net, 512, "backbone.layer4", _prefixed(groups), rgb=False)
+    nfeat = int(net.layer4[-1].conv2.out_channels)
+    return _Built(net, nfeat, "backbone.layer4", _prefixed(groups), rgb=False)
 
 
 ARCHS: dict[str, Callable[[int], _Built]] = {
@@ -227,15 +265,17 @@ def _load_pretrained(model: FractureNet, arch: str, pretrained: str) -> None:
         missing = [k for k in own if k not in state]
         bad = [k for k in state if state[k].shape != own[k].shape]
         if missing or bad:
-            raise PretrainedWeightsError(f"ImageNet weights for {arch} do not fit: missing {missing[:5]}, "
-                                         f"shape mismatch {bad[:5]}")
+            raise PretrainedWeightsError(
+                f"ImageNet weights for {arch} do not fit: missing {missing[:5]}, shape mismatch {bad[:5]}"
+            )
         model.backbone.load_state_dict(state, strict=True)
         log.info("loaded torchvision ImageNet weights for %s", arch)
         return
     if pretrained in ("imagenet", "efficientnet_lite_offline"):
         if arch != "efficientnet_lite0":
-            raise PretrainedWeightsError(f"pretrained='efficientnet_lite_offline' is for efficientnet_lite0, "
-                                         f"not {arch!r}")
+            raise PretrainedWeightsError(
+                f"pretrained='efficientnet_lite_offline' is for efficientnet_lite0, not {arch!r}"
+            )
         state = efficientnet_lite0_state_dict(model.backbone.state_dict())
         result = model.backbone.load_state_dict(state, strict=True)
         assert not result.missing_keys and not result.unexpected_keys

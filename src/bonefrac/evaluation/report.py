@@ -1,0 +1,250 @@
+"""One self-contained HTML evaluation report per run, and its Prefect artifacts.
+
+Self-contained means the file can be mailed or archived and still opens
+offline years later: CSS inline, every figure a base64 data URI, no script
+and no link to anything outside the file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from bonefrac.evaluation.plots import op_label
+from bonefrac.explain.gallery import CATEGORIES, GalleryItem
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LIMITATIONS = (
+    "These results are internal: the test images come from the same source as the training images, so "
+    "performance at another hospital, on other devices or in another population is unknown until measured "
+    "there (use external validation). Subgroups with few images have wide intervals. The model reads one "
+    "image at a time, without clinical history or prior studies. Grad-CAM heatmaps are coarse indications of "
+    "what raised the score, not fracture segmentations. Research software: not a medical device."
+)
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    """0.951 → '95.1%' ('–' when undefined)."""
+    if x is None or not isinstance(x, int | float) or not math.isfinite(x):
+        return "–"
+    return f"{100 * x:.{digits}f}%"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    if x is None or not isinstance(x, int | float) or not math.isfinite(x):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def summary_text(report: Mapping[str, Any]) -> str:
+    """A two-sentence plain-language summary of the headline numbers."""
+    t = report["test"]
+    level = round(100 * report.get("ci_level", 0.95))
+    kind = "external" if report.get("external") else "held-out test"
+    parts = [
+        f"On {t['n']} {kind} images ({t['n_positive']} fractured, {pct(t['prevalence'])}), the model "
+        f"separates fractured from normal images with an AUROC of {num(t['auroc']['value'])} "
+        f"({level}% CI {num(t['auroc']['ci_low'])}–{num(t['auroc']['ci_high'])})."
+    ]
+    ops = t.get("operating_points", {})
+    phrases = []
+    for name, op in ops.items():
+        sens, spec = pct(op["sensitivity"]["value"]), pct(op["specificity"]["value"])
+        phrases.append(
+            f"at the {op_label(name).lower()} operating point it finds {sens} of fractures "
+            f"and clears {spec} of normal images"
+        )
+    if phrases:
+        text = "; ".join(phrases)
+        parts.append(text[0].upper() + text[1:] + ".")
+    return " ".join(parts)
+
+
+def _validation_rows(summary: Mapping[str, Any] | None, limit: int = 60) -> list[tuple[str, str]]:
+    """Flatten whatever the validate stage wrote into (check, result) rows."""
+    if not summary:
+        return []
+    rows: list[tuple[str, str]] = []
+
+    def walk(prefix: str, v: Any) -> None:
+        if len(rows) >= limit:
+            return
+        if isinstance(v, Mapping):
+            for k, sub in v.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), sub)
+        else:
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+            rows.append((prefix, text if len(text) <= 160 else text[:157] + "…"))
+
+    walk("", summary)
+    return rows
+
+
+def _env() -> jinja2.Environment:
+    loader = jinja2.FunctionLoader(
+        lambda name: resources.files("bonefrac.evaluation").joinpath("templates", name).read_text("utf-8")
+    )
+    return jinja2.Environment(
+        loader=loader,
+        autoescape=jinja2.select_autoescape(default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render_report_html(
+    report: Mapping[str, Any],
+    figures: Mapping[str, bytes],
+    gallery: Sequence[GalleryItem] = (),
+) -> str:
+    """Render ``templates/report.html.j2`` with every figure embedded as a data URI."""
+
+    def img(name: str) -> str:
+        if name not in figures:
+            return ""
+        return data_uri(figures[name])
+
+    tpl = _env().get_template("report.html.j2")
+    return tpl.render(
+        r=report,
+        gallery=list(gallery),
+        categories=CATEGORIES,
+        validation_rows=_validation_rows(report.get("validation_summary")),
+        params_text=yaml.safe_dump(report.get("params") or {}, sort_keys=False) or "(none given)",
+        img=img,
+        has_img=lambda name: name in figures,
+        b64=data_uri,
+        pct=pct,
+        num=num,
+        op_label=op_label,
+    )
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# ------------------------------------------------------------------ Prefect
+def headline_markdown(report: Mapping[str, Any]) -> str:
+    """The headline numbers as markdown (Prefect artifact, model card)."""
+    t = report["test"]
+    level = round(100 * report.get("ci_level", 0.95))
+    lines = [
+        f"## {report.get('title', 'Evaluation')}",
+        "",
+        summary_text(report),
+        "",
+        f"| Metric (test, n={t['n']}) | Value | {level}% CI |",
+        "|---|---|---|",
+        f"| AUROC | {num(t['auroc']['value'])} | {num(t['auroc']['ci_low'])}–{num(t['auroc']['ci_high'])} |",
+        f"| AUPRC | {num(t['auprc']['value'])} | {num(t['auprc']['ci_low'])}–{num(t['auprc']['ci_high'])} |",
+    ]
+    for name, op in t["operating_points"].items():
+        for key in ("sensitivity", "specificity", "ppv", "npv"):
+            e = op[key]
+            lines.append(
+                f"| {op_label(name)} (t={op['threshold']:.3f}): {key.upper() if len(key) == 3 else key} "
+                f"| {pct(e['value'])} | {pct(e['ci_low'])}–{pct(e['ci_high'])} |"
+            )
+    cal = report.get("calibration", {})
+    if cal:
+        lines.append(
+            f"| ECE (after / before temperature {cal['temperature']:.3f}) | {num(t['ece'])} "
+            f"| before: {num(cal['test']['ece_before'])} |"
+        )
+    lines.append(f"| Brier score | {num(t['brier'], 4)} | |")
+    return "\n".join(lines) + "\n"
+
+
+def subgroup_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows for a Prefect table artifact: one per body part / view."""
+    rows = []
+    for key, label in (("by_body_part", "body_part"), ("by_view", "view")):
+        for g, m in (report.get(key) or {}).items():
+            row: dict[str, Any] = {"group": f"{label}={g}", "n": m["n"], "fractured": m["n_positive"]}
+            if "auroc" in m:
+                row["auroc"] = round(m["auroc"]["value"], 4)
+                for name, op in m["operating_points"].items():
+                    row[f"sens_{name}"] = round(op["sensitivity"]["value"], 4)
+                    row[f"spec_{name}"] = round(op["specificity"]["value"], 4)
+            rows.append(row)
+    return rows
+
+
+def publish_prefect_artifacts(
+    report: Mapping[str, Any], key_prefix: str = "bonefrac-evaluation"
+) -> list[str]:
+    """Publish the headline (markdown) and subgroup results (table) as Prefect artifacts.
+
+    Only does something inside a Prefect flow or task run (returns ``[]``
+    otherwise), so library callers and tests can call it unconditionally.
+    Returns the artifact ids.
+    """
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    if FlowRunContext.get() is None and TaskRunContext.get() is None:
+        log.info("not inside a Prefect run: evaluation artifacts not published")
+        return []
+    ids = [
+        str(
+            create_markdown_artifact(
+                markdown=headline_markdown(report),
+                key=key_prefix,
+                description="Fracture detection: test-split headline metrics",
+            )
+        )
+    ]
+    ops = [
+        {
+            "operating_point": name,
+            **{k: (round(v["value"], 4) if isinstance(v, Mapping) else v) for k, v in op.items()},
+        }
+        for name, op in report["test"]["operating_points"].items()
+    ]
+    ids.append(
+        str(
+            create_table_artifact(
+                table=ops,
+                key=f"{key_prefix}-operating-points",
+                description="Operating points (thresholds chosen on validation)",
+            )
+        )
+    )
+    rows = subgroup_table(report)
+    if rows:
+        ids.append(
+            str(
+                create_table_artifact(
+                    table=rows, key=f"{key_prefix}-subgroups", description="Per body part / view"
+                )
+            )
+        )
+    return ids

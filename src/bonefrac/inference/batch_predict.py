@@ -1,0 +1,345 @@
+"""``bonefrac predict``: run a model over files, folders, CSV manifests or DICOM folders.
+
+Images are streamed: paths are discovered lazily, decoded and preprocessed one
+batch at a time, and each batch's rows are written before the next is read, so
+memory stays flat on a folder of 100,000 images. A file that cannot be read gets
+an ``error`` in its row and the run goes on; the caller turns "some failed" into
+exit code 2.
+
+Preprocessing, calibration and decisions are the pipeline's own
+(:func:`bonefrac.preprocess.transforms.preprocess_array`, the bundle's stored
+temperature and thresholds via :func:`bonefrac.inference.backends.calibrate_logits`),
+the same code the service runs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
+from bonefrac.preprocess.transforms import preprocess_array
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
+VOLUME_SUFFIXES = {".nii", ".gz", ".dcm", ".dicom"}
+SKIP_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".xml", ".html", ".py", ".zip"}
+PATH_COLUMNS = ("path", "image_path", "file", "filename")
+EXIT_SOME_FAILED = 2
+
+
+class PredictInputError(ValueError):
+    """The INPUT of ``bonefrac predict`` cannot be used (missing, empty, bad manifest)."""
+
+
+def model_input(array: np.ndarray, spatial_dims: int, preprocess: dict[str, Any]) -> torch.Tensor:
+    """Decoded array → ``(1, ...)`` tensor with the bundle's stored preprocessing settings."""
+    keys = ("image_size", "volume_size", "lower_percentile", "upper_percentile")
+    kwargs = {k: preprocess[k] for k in keys if k in preprocess}
+    if "volume_size" in kwargs:
+        kwargs["volume_size"] = tuple(int(v) for v in kwargs["volume_size"])
+    return preprocess_array(array, spatial_dims=spatial_dims, **kwargs)
+
+
+# ------------------------------------------------------------------ input discovery
+def _is_extensionless_dicom(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            return sniff_format(fh.read(1024)) == "dicom"
+    except OSError:
+        return False
+
+
+def _wanted_file(path: Path, spatial_dims: int) -> bool:
+    name = path.name.lower()
+    if name.startswith("."):
+        return False
+    suffix = path.suffix.lower()
+    if spatial_dims == 3:
+        return name.endswith((".nii", ".nii.gz"))
+    if suffix in IMAGE_SUFFIXES:
+        return True
+    if suffix in SKIP_SUFFIXES:
+        return False
+    return suffix == "" and _is_extensionless_dicom(path)
+
+
+def _walk_sorted(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """os.walk in a stable order (sorted), yielding (dir, sorted file names) lazily."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        yield Path(dirpath), sorted(filenames)
+
+
+def _dicom_series_dirs(root: Path) -> Iterator[Path]:
+    for d, files in _walk_sorted(root):
+        if any(_is_dicom_file(d / f) for f in files[:5]):
+            yield d
+
+
+def _is_dicom_file(p: Path) -> bool:
+    return p.suffix.lower() in (".dcm", ".dicom") or (p.suffix == "" and _is_extensionless_dicom(p))
+
+
+def _manifest_paths(csv_path: Path, chunksize: int = 10_000) -> Iterator[str]:
+    import pandas as pd
+
+    try:
+        reader = pd.read_csv(csv_path, chunksize=chunksize, dtype=str, keep_default_na=False)
+        for chunk in reader:
+            col = next((c for c in PATH_COLUMNS if c in chunk.columns), None)
+            if col is None:
+                raise PredictInputError(
+                    f"{csv_path}: the manifest needs a column named one of {', '.join(PATH_COLUMNS)}; "
+                    f"it has {', '.join(map(str, chunk.columns))}"
+                )
+            for value in chunk[col]:
+                p = Path(value)
+                yield str(p if p.is_absolute() else csv_path.parent / p)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise PredictInputError(f"{csv_path}: not a readable CSV manifest ({err})") from None
+
+
+def iter_inputs(source: str | Path, spatial_dims: int = 2) -> Iterator[str]:
+    """Every image (or volume) named by ``source``, lazily, in a stable order.
+
+    ``source``: an image file, a CSV manifest (column ``path``; relative paths are
+    relative to the CSV), or a folder searched recursively (images; for a 3D model,
+    NIfTI files and DICOM series folders).
+    """
+    src = Path(source)
+    if not src.exists():
+        raise PredictInputError(f"input not found: {src}")
+    if src.is_file():
+        if src.suffix.lower() == ".csv":
+            yield from _manifest_paths(src)
+        else:
+            yield str(src)
+        return
+    if spatial_dims == 3:
+        for d, files in _walk_sorted(src):
+            for f in files:
+                if _wanted_file(d / f, 3):
+                    yield str(d / f)
+        yield from (str(d) for d in _dicom_series_dirs(src))
+        return
+    for d, files in _walk_sorted(src):
+        for f in files:
+            if _wanted_file(d / f, 2):
+                yield str(d / f)
+
+
+def batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) >= n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ------------------------------------------------------------------ writing
+class RowWriter:
+    """Streams rows to CSV or JSON lines in a temp file; ``commit`` renames it into place."""
+
+    def __init__(self, out: Path, fmt: Literal["csv", "jsonl"], columns: list[str]) -> None:
+        self.out, self.fmt, self.columns = out, fmt, columns
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+        self.fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        self.csv = (
+            csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
+        )
+        if self.csv:
+            self.csv.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.csv:
+            self.csv.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in self.columns})
+        else:
+            self.fh.write(json.dumps({k: row.get(k) for k in self.columns}) + "\n")
+
+    def commit(self) -> Path:
+        self.fh.close()
+        os.replace(self.tmp, self.out)
+        return self.out
+
+    def abort(self) -> None:
+        self.fh.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+
+
+def output_columns(type_names: list[str], operating_points: Iterable[str]) -> list[str]:
+    return [
+        "path",
+        "probability",
+        "logit",
+        *[f"decision_{op}" for op in operating_points],
+        *[f"type_prob_{t}" for t in type_names],
+        "model_name",
+        "model_version",
+        "error",
+    ]
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class PredictSummary:
+    out: Path
+    n_total: int = 0
+    n_ok: int = 0
+    n_failed: int = 0
+    backend: str = ""
+    failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, error)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.n_failed == 0 else EXIT_SOME_FAILED
+
+
+def _load(
+    path: str, spatial_dims: int, preprocess: dict[str, Any], max_pixels: int | None
+) -> tuple[DecodedImage | None, torch.Tensor | None, str]:
+    try:
+        img = read_image(path, max_pixels=max_pixels, expected_dims=spatial_dims)
+        return img, model_input(img.array, spatial_dims, preprocess), ""
+    except ImageDecodeError as err:
+        return None, None, str(err)
+    except ValueError as err:  # preprocessing refused the array (e.g. a degenerate shape)
+        return None, None, f"cannot preprocess: {err}"
+    except MemoryError:
+        return None, None, "image too large to decode in memory"
+
+
+def gradcam_name(path: str, root: Path | None) -> str:
+    """Overlay file name that keeps sub-folders apart (``a/b.png`` → ``a__b.png``)."""
+    p = Path(path)
+    try:
+        rel = p.resolve().relative_to(root.resolve()) if root else Path(p.name)
+    except ValueError:
+        rel = Path(p.name)
+    stem = "__".join(rel.parts)
+    for suf in (".nii.gz", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".tif", ".tiff", ".bmp"):
+        if stem.lower().endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    return f"{stem}.png"
+
+
+def predict_to_file(
+    source: str | Path,
+    loaded: Any,
+    out: str | Path,
+    batch_size: int = 16,
+    gradcam_dir: str | Path | None = None,
+    backend: str = "auto",
+    device: str | None = None,
+    max_pixels: int | None = 60_000_000,
+    progress: bool = True,
+    workers: int = 2,
+) -> PredictSummary:
+    """Predict every image named by ``source`` with ``loaded`` (a :class:`LoadedModel`); write ``out``.
+
+    ``out`` ending in ``.jsonl`` writes JSON lines, anything else CSV. Returns counts;
+    ``summary.exit_code`` is 0 when every image was read, 2 when some were not.
+    """
+    from tqdm import tqdm
+
+    from bonefrac.inference.backends import calibrate_for_bundle, default_device, select_backend
+    from bonefrac.serving import visual
+
+    bundle = loaded.bundle
+    out = Path(out)
+    fmt: Literal["csv", "jsonl"] = "jsonl" if out.suffix.lower() in (".jsonl", ".ndjson") else "csv"
+    device = device or default_device()
+    model = bundle.build_model()
+    choice = select_backend(
+        bundle,
+        preference=backend,
+        device=device,
+        model=model,  # type: ignore[arg-type]
+        batch_size=min(batch_size, 8),
+    )
+    cam_model = model.to(device).eval() if gradcam_dir else None
+    gdir = Path(gradcam_dir) if gradcam_dir else None
+    if gdir:
+        gdir.mkdir(parents=True, exist_ok=True)
+    root = Path(source) if Path(source).is_dir() else None
+    image_size = int(bundle.preprocess.get("image_size", 128))
+
+    ops = list(bundle.operating_points)
+    writer = RowWriter(out, fmt, output_columns(bundle.type_names, ops))
+    summary = PredictSummary(out=out, backend=choice.name)
+    bar = tqdm(desc="predict", unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for batch in batched(iter_inputs(source, bundle.spatial_dims), batch_size):
+                loaded_items = list(
+                    pool.map(lambda p: _load(p, bundle.spatial_dims, bundle.preprocess, max_pixels), batch)
+                )
+                ok = [i for i, (_, x, _) in enumerate(loaded_items) if x is not None]
+                rows: dict[int, dict[str, Any]] = {}
+                if ok:
+                    x = torch.stack([loaded_items[i][1] for i in ok])  # type: ignore[misc]
+                    cal = calibrate_for_bundle(choice.runner(x.numpy()), bundle)
+                    cams = visual.compute_cam(cam_model, x.to(device)) if cam_model is not None else None
+                    for j, i in enumerate(ok):
+                        r = cal.row(j, bundle.type_names)
+                        row: dict[str, Any] = {"probability": r["probability"], "logit": r["logit"]}
+                        row.update({f"decision_{k}": v for k, v in r["decisions"].items()})
+                        row.update(
+                            {f"type_prob_{k}": v for k, v in r.get("fracture_type_probabilities", {}).items()}
+                        )
+                        rows[i] = row
+                        if cams is not None and gdir is not None:
+                            img = loaded_items[i][0]
+                            pics = visual.explain_pictures(img.array, x[j, 0].numpy(), cams[j], image_size)  # type: ignore[union-attr]
+                            (gdir / gradcam_name(batch[i], root)).write_bytes(
+                                visual.png_bytes(pics["overlay"])
+                            )
+                for i, path in enumerate(batch):
+                    err = loaded_items[i][2]
+                    row = rows.get(i, {})
+                    row.update(
+                        {
+                            "path": path,
+                            "model_name": loaded.name,
+                            "model_version": loaded.version,
+                            "error": err,
+                        }
+                    )
+                    writer.write(row)
+                    summary.n_total += 1
+                    if err:
+                        summary.n_failed += 1
+                        if len(summary.failures) < 20:
+                            summary.failures.append((path, err))
+                    else:
+                        summary.n_ok += 1
+                bar.update(len(batch))
+                bar.set_postfix(failed=summary.n_failed)
+        if summary.n_total == 0:
+            raise PredictInputError(f"no images found in {source}")
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return summary

@@ -1,0 +1,209 @@
+"""Per-image drift features: a small table that describes what the model is being shown.
+
+Evidently compares tables, so each image becomes one row of a few columns:
+
+- image statistics: intensity mean, std, p01, p50, p99 on [0, 1]-scaled
+  intensities (scaled by the decoder's nominal range, as the prediction
+  log does, so a change of exposure stays visible), width, height, aspect, bit depth;
+- a low-dimensional embedding: PCA (fitted on the reference) of the model's
+  penultimate-layer features, ``drift.embedding_dims`` components — one column
+  per raw feature (hundreds) would be slow and noisy;
+- the model's calibrated score.
+
+The prediction log has no embedding and no p50; drift checks on the log use
+the columns both tables share (see :func:`bonefrac.monitoring.drift.shared_feature_columns`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonefrac.errors import BonefracError
+
+INTENSITY_COLUMNS = ["intensity_mean", "intensity_std", "intensity_p01", "intensity_p50", "intensity_p99"]
+GEOMETRY_COLUMNS = ["width", "height", "aspect"]
+CATEGORICAL_COLUMNS = ["bit_depth"]
+SCORE_COLUMN = "score"
+EMBEDDING_PREFIX = "emb_"
+IMAGE_COLUMNS = INTENSITY_COLUMNS + GEOMETRY_COLUMNS + CATEGORICAL_COLUMNS
+
+
+class FeatureError(BonefracError):
+    """Features cannot be computed (empty image, wrong shape, PCA not fitted...)."""
+
+
+def embedding_columns(dims: int) -> list[str]:
+    return [f"{EMBEDDING_PREFIX}{i}" for i in range(dims)]
+
+
+def nominal_range(bit_depth: int) -> tuple[float, float] | None:
+    """``(0, 2**bits - 1)`` for integer images; ``None`` (data range) for float images."""
+    return (0.0, float(2 ** int(bit_depth) - 1)) if bit_depth and 0 < int(bit_depth) <= 16 else None
+
+
+def image_features(
+    array: np.ndarray, bit_depth: int, value_range: Sequence[float] | None = None
+) -> dict[str, float]:
+    """Statistics of one decoded image (H, W) or volume (D, H, W) in stored units.
+
+    Intensities are scaled by the decoder's *nominal* value range (the
+    ``value_range`` in ``DecodedImage.meta``; by default the range of the stored
+    bit depth), exactly as :func:`bonefrac.serving.prediction_log.image_statistics`
+    does, so rows from the service's log and rows computed here are comparable;
+    p50 is added here.
+    """
+    arr = np.asarray(array, dtype=np.float32)
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise FeatureError(f"expected a non-empty 2D image or 3D volume, got shape {arr.shape}")
+    flat = arr.ravel()
+    if flat.size > 1_000_000:  # same strided subsample as the prediction log
+        flat = flat[:: flat.size // 1_000_000 + 1]
+    rng = value_range if value_range is not None else nominal_range(bit_depth)
+    lo, hi = (float(rng[0]), float(rng[1])) if rng else (float(flat.min()), float(flat.max()))
+    scaled = np.clip((flat - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    p01, p50, p99 = np.percentile(scaled, [1.0, 50.0, 99.0])
+    h, w = arr.shape[-2], arr.shape[-1]
+    return {
+        "intensity_mean": float(scaled.mean()),
+        "intensity_std": float(scaled.std()),
+        "intensity_p01": float(p01),
+        "intensity_p50": float(p50),
+        "intensity_p99": float(p99),
+        "width": float(w),
+        "height": float(h),
+        "aspect": float(w) / float(h),
+        "bit_depth": int(bit_depth),
+    }
+
+
+def features_from_prediction_log(log: pd.DataFrame) -> pd.DataFrame:
+    """Rows of the service's prediction log as drift features (``probability`` → ``score``)."""
+    if log.empty:
+        raise FeatureError("the prediction log is empty: nothing to compare")
+    out = pd.DataFrame(index=log.index)
+    for col in ("intensity_mean", "intensity_std", "intensity_p01", "intensity_p99", "width", "height"):
+        out[col] = pd.to_numeric(log[col], errors="coerce") if col in log.columns else np.nan
+    out["aspect"] = out["width"] / out["height"].replace(0, np.nan)
+    out["bit_depth"] = pd.to_numeric(log.get("bit_depth"), errors="coerce").astype("Int64")
+    if "probability" in log.columns:
+        out[SCORE_COLUMN] = pd.to_numeric(log["probability"], errors="coerce")
+    elif SCORE_COLUMN in log.columns:
+        out[SCORE_COLUMN] = pd.to_numeric(log[SCORE_COLUMN], errors="coerce")
+    return out.reset_index(drop=True)
+
+
+# ------------------------------------------------------------------ model
+def _last_linear(model: Any) -> Any:
+    from torch import nn
+
+    last = None
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            last = mod
+    if last is None:
+        raise FeatureError("the model has no linear layer; cannot read penultimate features")
+    return last
+
+
+def model_outputs(
+    model: Any, temperature: float, images: np.ndarray, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated scores ``(N,)`` and penultimate features ``(N, F)`` from one forward pass.
+
+    The penultimate features are the input of the last linear layer (the
+    classification head), captured by a forward pre-hook: one pass yields both
+    the score and the embedding, for any architecture ``build_model`` makes.
+    """
+    import torch
+
+    captured: list[torch.Tensor] = []
+    handle = _last_linear(model).register_forward_pre_hook(
+        lambda _m, inputs: captured.append(inputs[0].detach().flatten(1).float().cpu())
+    )
+    model.eval()
+    scores: list[np.ndarray] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
+                logits = model(x)
+                logit = logits[:, 0] if logits.ndim == 2 else logits.reshape(-1)
+                scores.append(torch.sigmoid(logit.float() / float(temperature)).cpu().numpy())
+    finally:
+        handle.remove()
+    if not scores:
+        return np.zeros(0, dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(scores), torch.cat(captured).numpy()
+
+
+# ------------------------------------------------------------------ PCA
+@dataclass
+class EmbeddingReducer:
+    """PCA fitted on the reference embeddings; stored as plain arrays (JSON), never pickled."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (k, F)
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, dims: int, seed: int = 0) -> EmbeddingReducer:
+        from sklearn.decomposition import PCA
+
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or len(x) < 2:
+            raise FeatureError(f"need at least 2 embeddings of shape (N, F) to fit PCA, got {x.shape}")
+        k = min(dims, x.shape[0], x.shape[1])
+        pca = PCA(n_components=k, random_state=seed).fit(x)
+        return cls(mean=pca.mean_.astype(np.float64), components=pca.components_.astype(np.float64))
+
+    @property
+    def dims(self) -> int:
+        return int(self.components.shape[0])
+
+    def transform(self, embeddings: np.ndarray) -> np.ndarray:
+        x = np.asarray(embeddings, dtype=np.float64)
+        if x.ndim != 2 or x.shape[1] != self.components.shape[1]:
+            raise FeatureError(
+                f"embeddings have {x.shape[-1]} features but the PCA was fitted on {self.components.shape[1]}"
+            )
+        return (x - self.mean) @ self.components.T
+
+    def to_frame(self, embeddings: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame(self.transform(embeddings), columns=embedding_columns(self.dims))
+
+    def save(self, path: str | Path) -> Path:
+        from bonefrac.monitoring.io import atomic_write_text
+
+        data = {"mean": self.mean.tolist(), "components": self.components.tolist()}
+        return atomic_write_text(Path(path), json.dumps(data))
+
+    @classmethod
+    def load(cls, path: str | Path) -> EmbeddingReducer:
+        path = Path(path)
+        if not path.exists():
+            raise FeatureError(f"embedding PCA not found: {path} (build the drift reference first)")
+        d = json.loads(path.read_text())
+        return cls(mean=np.asarray(d["mean"]), components=np.asarray(d["components"]))
+
+
+def model_feature_frame(
+    model: Any, temperature: float, images: np.ndarray, reducer: EmbeddingReducer | None
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """``score`` (+ ``emb_*`` with a reducer) for preprocessed ``images``; also the raw embeddings."""
+    scores, emb = model_outputs(model, temperature, images)
+    frame = pd.DataFrame({SCORE_COLUMN: scores.astype(np.float64)})
+    if reducer is not None and len(emb):
+        frame = pd.concat([frame, reducer.to_frame(emb)], axis=1)
+    return frame, emb
+
+
+def image_feature_frame(arrays: Sequence[np.ndarray], bit_depths: Sequence[int]) -> pd.DataFrame:
+    """One row of :func:`image_features` per array."""
+    rows = [image_features(a, b) for a, b in zip(arrays, bit_depths, strict=True)]
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)

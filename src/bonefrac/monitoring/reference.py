@@ -1,0 +1,203 @@
+"""The drift reference: what the champion was trained on, as a feature table.
+
+Built from the training split of the preprocessed cache: image statistics are
+read from the original files (the cache holds windowed tensors, in which
+exposure no longer shows), the score and the embedding from the model run on
+the cached tensors (exactly what it saw in training). The PCA of the embedding
+is fitted here and stored next to the table, so current batches are projected
+onto the same axes.
+
+Layout of ``out_dir``: ``reference.csv`` (one row per image), ``pca.json``,
+``reference.json`` (provenance: model, data, row count).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from bonefrac.errors import BonefracError
+from bonefrac.monitoring.features import (
+    IMAGE_COLUMNS,
+    EmbeddingReducer,
+    image_features,
+    model_feature_frame,
+)
+from bonefrac.monitoring.io import atomic_write_text, read_table, write_table
+
+REFERENCE_CSV = "reference.csv"
+PCA_JSON = "pca.json"
+META_JSON = "reference.json"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".nii", ".gz"}
+
+ReadFn = Callable[[str], Any]
+
+
+class ReferenceError(BonefracError):
+    """The reference cannot be built or read."""
+
+
+@dataclass
+class Reference:
+    table: pd.DataFrame
+    reducer: EmbeddingReducer | None
+    meta: dict[str, Any]
+
+
+def _read(path: str) -> Any:
+    from bonefrac.data.imageio import read_image
+
+    return read_image(path)
+
+
+def decode_all(paths: Sequence[str], read_fn: ReadFn | None = None) -> tuple[list[Any], list[str]]:
+    """``(array, bit_depth, value_range)`` per file (``None`` where it does not decode) and why not.
+
+    Undecodable files are skipped, not fatal: a drift check must not stop on one bad file.
+    """
+    reader = read_fn or _read
+    decoded: list[Any] = []
+    skipped: list[str] = []
+    for p in paths:
+        try:
+            img = reader(str(p))
+            arr = np.asarray(getattr(img, "array", img), dtype=np.float32)
+            bit_depth = int(getattr(img, "bit_depth", 8 if arr.max() <= 255 else 16))
+            value_range = (getattr(img, "meta", None) or {}).get("value_range")
+            decoded.append((arr, bit_depth, value_range))
+        except Exception as err:  # decoder errors are varied; the message names the file
+            skipped.append(f"{p}: {type(err).__name__}: {err}")
+            decoded.append(None)
+    return decoded, skipped
+
+
+def image_feature_rows(
+    paths: Sequence[str], read_fn: ReadFn | None = None
+) -> tuple[pd.DataFrame, list[str]]:
+    """Image statistics for each file (a row of NaN where it does not decode) and the skipped files."""
+    decoded, skipped = decode_all(paths, read_fn)
+    return _image_frame(decoded), skipped
+
+
+def _image_frame(decoded: list[Any]) -> pd.DataFrame:
+    rows = [image_features(*d) if d is not None else {c: np.nan for c in IMAGE_COLUMNS} for d in decoded]
+    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def preprocess_for_model(
+    arrays: Sequence[np.ndarray], preprocess: dict[str, Any], spatial_dims: int
+) -> np.ndarray:
+    """The one preprocessing path (``preprocess_array``) with the bundle's settings, stacked."""
+    from bonefrac.preprocess.transforms import preprocess_array
+
+    out = [
+        preprocess_array(
+            a,
+            spatial_dims,
+            int(preprocess.get("image_size", 128)),
+            tuple(preprocess.get("volume_size", (32, 64, 64))),
+            float(preprocess.get("lower_percentile", 0.5)),
+            float(preprocess.get("upper_percentile", 99.5)),
+        ).numpy()
+        for a in arrays
+    ]
+    return np.stack(out) if out else np.zeros((0,), dtype=np.float32)
+
+
+def build_reference(
+    cache_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    model: Any,
+    temperature: float,
+    embedding_dims: int,
+    split: str = "train",
+    max_rows: int = 1000,
+    seed: int = 0,
+    read_fn: ReadFn | None = None,
+    provenance: dict[str, Any] | None = None,
+) -> Reference:
+    """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache; written to ``out_dir``.
+
+    ``model`` is the champion's network (``bundle.build_model()``) and
+    ``temperature`` its calibration, so reference scores are the probabilities
+    the service logs.
+    """
+    from bonefrac.preprocess.cache import load_cache
+
+    images, index = load_cache(Path(cache_dir))
+    rows = index[index["split"] == split] if "split" in index.columns else index
+    if rows.empty:
+        raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
+    if len(rows) > max_rows:
+        rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
+    img_frame, skipped = image_feature_rows([str(p) for p in rows["path"]], read_fn)
+    tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+    _, emb = model_feature_frame(model, temperature, tensors, None)
+    reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
+    model_frame, _ = model_feature_frame(model, temperature, tensors, reducer)
+    table = pd.concat([img_frame.reset_index(drop=True), model_frame.reset_index(drop=True)], axis=1)
+    meta = {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "cache_dir": str(cache_dir),
+        "split": split,
+        "n_rows": len(table),
+        "skipped": skipped[:20],
+        "n_skipped": len(skipped),
+        "embedding_dims": reducer.dims if reducer else 0,
+        **(provenance or {}),
+    }
+    out = Path(out_dir)
+    write_table(table, out / REFERENCE_CSV)
+    if reducer is not None:
+        reducer.save(out / PCA_JSON)
+    atomic_write_text(out / META_JSON, json.dumps(meta, indent=2, default=str))
+    return Reference(table=table, reducer=reducer, meta=meta)
+
+
+def load_reference(ref_dir: str | Path) -> Reference:
+    """Read a reference written by :func:`build_reference` (or a bare ``reference.csv``)."""
+    ref_dir = Path(ref_dir)
+    table_path = ref_dir if ref_dir.suffix == ".csv" else ref_dir / REFERENCE_CSV
+    folder = table_path.parent
+    if not table_path.exists():
+        raise ReferenceError(f"no drift reference at {table_path}: build it first (the retrain flow does)")
+    reducer = EmbeddingReducer.load(folder / PCA_JSON) if (folder / PCA_JSON).exists() else None
+    meta = json.loads((folder / META_JSON).read_text()) if (folder / META_JSON).exists() else {}
+    return Reference(table=read_table(table_path), reducer=reducer, meta=meta)
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Image files under ``folder`` (recursive, sorted)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ReferenceError(f"not a folder of images: {folder}")
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def current_from_images(
+    paths: Sequence[str],
+    *,
+    bundle: Any | None = None,
+    reducer: EmbeddingReducer | None = None,
+    read_fn: ReadFn | None = None,
+) -> tuple[pd.DataFrame, list[str]]:
+    """Features of a batch of new images: image statistics, plus score/embedding when a bundle is given."""
+    decoded, skipped = decode_all(paths, read_fn)
+    img_frame = _image_frame(decoded)
+    if bundle is None:
+        return img_frame, skipped
+    ok = [i for i, d in enumerate(decoded) if d is not None]
+    tensors = preprocess_for_model(
+        [decoded[i][0] for i in ok], bundle.preprocess or {}, bundle.spatial_dims
+    )
+    model_frame, _ = model_feature_frame(bundle.build_model(), bundle.temperature, tensors, reducer)
+    model_frame.index = ok
+    return pd.concat([img_frame, model_frame.reindex(range(len(img_frame)))], axis=1), skipped

@@ -1,0 +1,313 @@
+"""The BentoML service: real-time fracture predictions, Grad-CAM, metadata and the viewer.
+
+Two BentoML services, the canonical way to get adaptive batching behind
+per-request work (decoding, preprocessing, safety checks):
+
+* :class:`FractureModel` holds the network. Its ``infer`` API is batchable: BentoML
+  groups concurrent requests' preprocessed tensors into one forward pass
+  (``max_batch_size`` / ``max_latency_ms`` from ``params.yaml`` ``serving``, or
+  ``BONEFRAC_MAX_BATCH_SIZE`` / ``BONEFRAC_MAX_LATENCY_MS``). It runs eager PyTorch on
+  the GPU when there is one, else the faster of PyTorch and ONNX Runtime as
+  measured at start-up (``BONEFRAC_BACKEND``=auto|torch|onnx).
+* :class:`FractureService` is the public face: ``POST /predict``, ``POST /explain``,
+  ``GET /metadata``, the viewer at ``/``, BentoML's ``/livez`` and ``/readyz``. It
+  decodes and checks uploads (:mod:`bonefrac.serving.input_safety`), preprocesses
+  with the pipeline's one path, calibrates with the bundle's stored temperature and
+  thresholds, and logs PHI-free prediction records for drift monitoring.
+
+Run: ``bentoml serve bonefrac.serving.service:FractureService`` (see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import os
+import threading
+import time
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import torch
+from fastapi import FastAPI
+from starlette.responses import JSONResponse
+from starlette.staticfiles import StaticFiles
+
+from bonefrac.inference.backends import calibrate_logits, default_device, select_backend
+from bonefrac.inference.batch_predict import model_input
+from bonefrac.serving import visual
+from bonefrac.serving.auth import APIKeyMiddleware
+from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
+from bonefrac.serving.model_loading import resolve_model
+from bonefrac.serving.prediction_log import append_prediction, image_statistics
+from bonefrac.serving.settings import ServingSettings
+
+logger = logging.getLogger("bonefrac.serving")
+
+SETTINGS = ServingSettings.load()
+STATIC_DIR = Path(__file__).parent / "static"
+_HAS_GPU = torch.cuda.is_available()
+
+
+# --------------------------------------------------------------------------- model
+@bentoml.service(
+    name="bonefrac_model",
+    workers=1,
+    resources={"gpu": 1} if _HAS_GPU else {"cpu": "1"},
+    traffic={"timeout": 120},
+)
+class FractureModel:
+    """The network behind a batchable API; not exposed on the public port."""
+
+    def __init__(self) -> None:
+        self.loaded = resolve_model(model_name=SETTINGS.model_name)
+        bundle = self.loaded.bundle
+        self.device = default_device()
+        model = bundle.build_model()
+        self.choice = select_backend(
+            bundle,
+            preference=SETTINGS.backend,
+            device=self.device,
+            model=model,  # type: ignore[arg-type]
+            cache_dir=SETTINGS.onnx_cache_dir,
+        )
+        # Grad-CAM puts hooks on a module: give it its own copy so it never races the batch path.
+        self.cam_model = copy.deepcopy(model).to(self.device).eval()
+        self.cam_lock = threading.Lock()
+        logger.info(
+            "model %s:%s ready on %s (%s)",
+            self.loaded.name,
+            self.loaded.version,
+            self.device,
+            self.choice.reason,
+        )
+
+    @bentoml.api(
+        batchable=True,
+        batch_dim=0,
+        max_batch_size=SETTINGS.max_batch_size,
+        max_latency_ms=SETTINGS.max_latency_ms,
+    )
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Preprocessed batch ``(N, 1, ...)`` on [0, 1] → logits ``(N, 1 + T)``."""
+        return self.choice.runner(np.asarray(x, dtype=np.float32))
+
+    @bentoml.api
+    def cam(self, x: np.ndarray) -> np.ndarray:
+        """Grad-CAM of the fracture logit for one preprocessed image ``(1, 1, ...)`` → ``(...)``."""
+        t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
+        with self.cam_lock:
+            return visual.compute_cam(self.cam_model, t)[0]
+
+    @bentoml.api
+    def info(self) -> dict[str, Any]:
+        """Model facts (no paths or identifiers) and the backend choice."""
+        return {**self.loaded.describe(), "runtime": {**self.choice.describe(), "device": self.device}}
+
+
+# --------------------------------------------------------------------------- public service
+web = FastAPI(title="bonefrac", docs_url=None, redoc_url=None, openapi_url=None)
+web.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+
+
+class ViewerAtRootMiddleware:
+    """Serve the viewer at ``/``: BentoML's own index route would otherwise win over mounts."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (
+            scope.get("type") == "http"
+            and scope.get("path") in ("/", "/index.html")
+            and scope.get("method") in ("GET", "HEAD")
+        ):
+            scope = {**scope, "path": "/ui/", "raw_path": b"/ui/"}
+        await self.app(scope, receive, send)
+
+
+def _error(exc: InputRejected) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.status)
+
+
+@bentoml.asgi_app(web, path="/")
+@bentoml.service(name="bonefrac", traffic={"timeout": 120})
+class FractureService:
+    """Public API and viewer; the network runs in :class:`FractureModel`."""
+
+    model = bentoml.depends(FractureModel)
+
+    def __init__(self) -> None:
+        self.settings = SETTINGS
+        self.limits = SafetyLimits(
+            max_upload_bytes=int(SETTINGS.max_upload_mb * 1024 * 1024), max_pixels=SETTINGS.max_pixels
+        )
+        self._info: dict[str, Any] | None = None
+        self._info_lock = asyncio.Lock()
+
+    async def _model_info(self) -> dict[str, Any]:
+        if self._info is None:
+            async with self._info_lock:
+                if self._info is None:
+                    self._info = await self.model.to_async.info()
+        return self._info
+
+    # ------------------------------------------------------------------ helpers
+    async def _prepare(self, file: Path, info: dict[str, Any]) -> tuple[Any, np.ndarray, dict[str, float]]:
+        """Upload → (decoded image, model input batch (1, 1, ...), timings)."""
+        t0 = time.perf_counter()
+        data = await asyncio.to_thread(file.read_bytes)
+        img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits)
+        t1 = time.perf_counter()
+        x = await asyncio.to_thread(model_input, img.array, int(info["spatial_dims"]), info["preprocess"])
+        t2 = time.perf_counter()
+        return img, x.numpy()[None], {"decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
+
+    async def _predict_one(self, file: Path) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
+        t_start = time.perf_counter()
+        info = await self._model_info()
+        img, x, timings = await self._prepare(file, info)
+        t0 = time.perf_counter()
+        try:
+            logits = await self.model.to_async.infer(x)
+        except Exception as err:  # the batch queue sheds load with 503 when over its latency budget
+            raise InputRejected(
+                HTTPStatus.SERVICE_UNAVAILABLE, f"model busy, retry shortly ({type(err).__name__})"
+            ) from err
+        timings["inference"] = (time.perf_counter() - t0) * 1000
+        cal = calibrate_logits(
+            np.asarray(logits), info["temperature"], info["operating_points"], len(info["type_names"])
+        )
+        row = cal.row(0, info["type_names"])
+        timings["total"] = (time.perf_counter() - t_start) * 1000
+        result: dict[str, Any] = {
+            "probability": row["probability"],
+            "decisions": row["decisions"],
+            "thresholds": info["operating_points"],
+            "model": {"name": info["name"], "version": info["version"], "arch": info["arch"]},
+            "image": {
+                "width": int(img.array.shape[-1]),
+                "height": int(img.array.shape[-2]),
+                "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
+                "format": img.format,
+                "bit_depth": int(img.bit_depth),
+            },
+            "timing_ms": {k: round(v, 2) for k, v in timings.items()},
+        }
+        if "fracture_type_probabilities" in row:
+            result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
+        self._log(result, img, row)
+        return result, img, x, info
+
+    def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
+        try:
+            stats = image_statistics(img)
+            decisions = row["decisions"]
+            append_prediction(
+                self.settings.prediction_log_dir,
+                {
+                    "model_name": result["model"]["name"],
+                    "model_version": result["model"]["version"],
+                    "probability": row["probability"],
+                    "logit": row["logit"],
+                    "decision_high_sensitivity": decisions.get("high_sensitivity"),
+                    "decision_high_specificity": decisions.get("high_specificity"),
+                    "width": result["image"]["width"],
+                    "height": result["image"]["height"],
+                    "depth": result["image"]["depth"],
+                    "bit_depth": img.bit_depth,
+                    "channels": img.channels,
+                    "format": img.format,
+                    "modality": img.modality,
+                    "latency_ms": result["timing_ms"]["total"],
+                    **stats,
+                },
+            )
+        except OSError as err:  # logging must never fail a clinical answer
+            logger.warning("prediction log not written: %s", err)
+
+    # ------------------------------------------------------------------ endpoints
+    @bentoml.api
+    async def predict(self, file: Path) -> dict[str, Any]:
+        """Upload an image (PNG, JPEG, DICOM; a volume if the model is 3D) → calibrated prediction."""
+        try:
+            result, *_ = await self._predict_one(file)
+        except InputRejected as exc:
+            return _error(exc)  # type: ignore[return-value]
+        return result
+
+    @bentoml.api
+    async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
+        """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px CAM."""
+        try:
+            result, img, x, info = await self._predict_one(file)
+        except InputRejected as exc:
+            return _error(exc)  # type: ignore[return-value]
+        t0 = time.perf_counter()
+        cam = np.asarray(await self.model.to_async.cam(x))
+        size = int(info["preprocess"].get("image_size", x.shape[-1]))
+        pics = await asyncio.to_thread(
+            visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
+        )
+        result["explanation"] = {
+            "method": "gradcam",
+            "overlay_png": await asyncio.to_thread(visual.b64_png, pics["overlay"]),
+            "heatmap_png": await asyncio.to_thread(visual.b64_png, pics["heatmap"]),
+            "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),
+            "heatmap": visual.small_heatmap(pics["cam"]),
+        }
+        result["timing_ms"]["explain"] = round((time.perf_counter() - t0) * 1000, 2)
+        return result
+
+    @web.get("/metadata")
+    async def metadata(self) -> dict[str, Any]:
+        """Model name/version/arch/metrics, operating points and the input the service accepts."""
+        info = await self._model_info()
+        sd = int(info["spatial_dims"])
+        return {
+            "model": {
+                k: info[k]
+                for k in (
+                    "name",
+                    "version",
+                    "arch",
+                    "spatial_dims",
+                    "trained_at",
+                    "data_version",
+                    "git_commit",
+                )
+                if k in info
+            },
+            "metrics": info.get("metrics", {}),
+            "operating_points": info["operating_points"],
+            "calibration": {"method": "temperature", "temperature": info["temperature"]},
+            "fracture_types": info["type_names"],
+            "input": {
+                "formats": ["png", "jpeg", "dicom"] if sd == 2 else ["dicom", "nifti"],
+                "spatial_dims": sd,
+                "max_upload_mb": self.settings.max_upload_mb,
+                "max_pixels": self.settings.max_pixels,
+                "preprocess": info["preprocess"],
+            },
+            "runtime": {
+                **info.get("runtime", {}),
+                "max_batch_size": self.settings.max_batch_size,
+                "max_latency_ms": self.settings.max_latency_ms,
+            },
+            "auth_required": bool(self.settings.api_key),
+        }
+
+
+# Outermost first: API key (401 before anything is read), then the size limit (413), then the viewer route.
+FractureService.add_asgi_middleware(APIKeyMiddleware, api_key=SETTINGS.api_key)
+FractureService.add_asgi_middleware(
+    UploadLimitMiddleware, max_bytes=int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
+)
+FractureService.add_asgi_middleware(ViewerAtRootMiddleware)
+
+if os.environ.get("BONEFRAC_SERVICE_DEBUG"):
+    logger.setLevel(logging.DEBUG)

@@ -1,0 +1,109 @@
+"""Distributed (DDP) training entry point for ``torchrun``.
+
+    python -m torch.distributed.run --nproc_per_node=2 -m bonefrac.training.distributed \\
+        --params params.yaml --cache-dir data/processed --out-dir models/train --dvclive-dir dvclive
+
+Each process joins the process group (NCCL on GPUs, gloo on CPU) and calls the
+very same :func:`bonefrac.training.loop.train_model`, which notices the group:
+the sampler shards one global order over the ranks, ``train.batch_size`` stays
+the *global* batch (each rank takes ``batch_size / world_size``), gradients are
+averaged by DDP, validation predictions are gathered, and rank 0 alone writes
+checkpoints, DVCLive metrics and the bundle. The result therefore matches
+single-process training on the same data, up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from bonefrac.config import load_params
+from bonefrac.preprocess.cache import cache_settings, load_cache
+from bonefrac.training.data import type_names_from_index
+from bonefrac.training.loop import TrainResult, train_model
+
+log = logging.getLogger("bonefrac.training.distributed")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="bonefrac.training.distributed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--params", default="params.yaml", help="params file (model, train and seed sections are used)"
+    )
+    p.add_argument(
+        "--cache-dir", required=True, type=Path, help="preprocessed cache (images.npy + index.csv)"
+    )
+    p.add_argument(
+        "--out-dir", required=True, type=Path, help="checkpoints, best_model.pt, train_summary.json"
+    )
+    p.add_argument("--dvclive-dir", type=Path, default=None)
+    p.add_argument(
+        "--type-names",
+        default=None,
+        help="comma-separated fracture types (default: those in the cache when data.use_fracture_types)",
+    )
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing last.ckpt")
+    p.add_argument("--max-epochs-this-run", type=int, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    args = _parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available()
+    if world > 1 and not dist.is_initialized():
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo", timeout=datetime.timedelta(minutes=30)
+        )
+    if params.train.threads == 0 and not use_cuda:
+        # Ranks share the CPU: without this each would start one thread per core and thrash.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, world)))
+    try:
+        _, index = load_cache(args.cache_dir)
+        if args.type_names is not None:
+            type_names = [t for t in args.type_names.split(",") if t]
+        else:
+            type_names = type_names_from_index(index) if params.data.use_fracture_types else []
+        spatial_dims = int(cache_settings(args.cache_dir).get("spatial_dims", params.spatial_dims))
+        result = train_model(
+            cache_dir=args.cache_dir,
+            out_dir=args.out_dir,
+            model_params=params.model,
+            train_params=params.train,
+            spatial_dims=spatial_dims,
+            type_names=type_names,
+            seed=params.seed,
+            dvclive_dir=args.dvclive_dir,
+            resume=not args.no_resume,
+            max_epochs_this_run=args.max_epochs_this_run,
+        )
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info(
+                "done: best val AUROC %.4f at epoch %d (%d epochs, world size %d)",
+                result.best_val_auroc,
+                result.best_epoch,
+                result.epochs_completed,
+                world,
+            )
+        return result
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""The training loop: cache → trained network → ``best_model.pt`` bundle.
+
+One function, :func:`train_model`, used alike by the DVC ``train`` stage, by
+tests and (under ``torchrun``) by :mod:`bonefrac.training.distributed`:
+
+- AdamW with per-block param groups (fine-tuning strategy), linear warm-up then
+  cosine decay stepped per optimiser step, gradient clipping;
+- AMP (fp16 + GradScaler on CUDA; off on CPU unless ``amp: bf16``) and
+  channels_last where they help (``auto`` = on CUDA for 2D nets);
+- early stopping on validation AUROC (scikit-learn), DVCLive metrics per epoch;
+- a checkpoint every epoch (``last.ckpt``) from which ``resume=True`` continues
+  *exactly*: the batches, augmentations and dropout masks of epoch k depend only
+  on (seed, k) and the RNG states saved at the end of epoch k − 1, so a run killed
+  with SIGKILL and resumed ends with the same weights as one never interrupted;
+- DDP when a process group is initialised (rank 0 writes every output).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.utils import set_determinism
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Subset
+from tqdm.auto import tqdm
+
+from bonefrac.config import ModelParams, TrainParams
+from bonefrac.inference.bundle import ModelBundle
+from bonefrac.preprocess.augment import random_transform
+from bonefrac.preprocess.cache import cache_settings, load_cache
+from bonefrac.training.checkpoint import (
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from bonefrac.training.data import CachedDataset, DataError, EpochTaggedSampler, make_loader, split_rows
+from bonefrac.training.finetune import apply_freezing, freeze_norm_stats, param_groups
+from bonefrac.training.losses import FractureLoss, build_loss
+from bonefrac.training.models import FractureNet, build_model
+from bonefrac.training.sampling import EpochSampler, class_balanced_weights
+from bonefrac.training.schedule import warmup_cosine
+
+log = logging.getLogger(__name__)
+
+LAST_CKPT = "last.ckpt"
+BEST_MODEL = "best_model.pt"
+SUMMARY = "train_summary.json"
+MIN_DELTA = 1e-4  # an AUROC gain smaller than this is noise, not improvement
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train_model` achieved (the same on every DDP rank)."""
+
+    out_dir: Path
+    best_model_path: Path | None  # None until training has finished
+    best_epoch: int
+    best_val_auroc: float
+    monitor: str
+    epochs_completed: int
+    finished: bool
+    stopped_early: bool
+    train_seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def detect(cls) -> _Dist:
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+        return cls()
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+# ------------------------------------------------------------------ settings
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy, torch (MONAI's ``set_determinism``); optionally deterministic kernels."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    set_determinism(seed=seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32. ``auto``: fp16 on CUDA (tensor cores); off on CPU,
+    where bf16 autocast only pays on CPUs with AMX/AVX512-BF16 (ask for it with ``bf16``)."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.amp: fp16 needs a CUDA device; on CPU use bf16 or off")
+        return torch.float16
+    raise ValueError(f"train.amp must be auto | off | bf16 | fp16, got {amp!r}")
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """channels_last pays off with cuDNN (tensor cores); on CPU it is left off by ``auto``."""
+    return device.type == "cuda" if setting == "auto" else bool(setting)
+
+
+def _memory_format(spatial_dims: int) -> torch.memory_format:
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def _fingerprint(
+    model_params: ModelParams,
+    train_params: TrainParams,
+    seed: int,
+    spatial_dims: int,
+    type_names: list[str],
+    n_train: int,
+    n_val: int,
+) -> str:
+    """What a checkpoint must share with this call to be resumed (workers/threads do not matter)."""
+    tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads"})
+    return json.dumps(
+        {
+            "model": model_params.model_dump(mode="json"),
+            "train": tp,
+            "seed": seed,
+            "dims": spatial_dims,
+            "types": type_names,
+            "n": [n_train, n_val],
+        },
+        sort_keys=True,
+    )
+
+
+def _atomic_json(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, default=str)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ------------------------------------------------------------------ evaluation
+def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
+    if len(np.unique(labels)) < 2:
+        return float("nan")
+    return float(roc_auc_score(labels, probs))
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: FractureLoss,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    ctx: _Dist,
+) -> dict[str, float]:
+    """Loss, AUROC and accuracy on a (sharded) split, gathered over ranks."""
+    model.eval()
+    chunks: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    for x, y, t, i in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=_memory_format(x.ndim - 2))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        chunks.append((logits.float().cpu().numpy(), y.numpy(), t.numpy(), i.numpy()))
+    gathered = [c for part in ctx.gather(chunks) for c in part]
+    if not gathered:
+        raise DataError("the validation split is empty")
+    logits = np.concatenate([c[0] for c in gathered])
+    labels = np.concatenate([c[1] for c in gathered])
+    types = np.concatenate([c[2] for c in gathered])
+    order = np.argsort(np.concatenate([c[3] for c in gathered]), kind="stable")
+    logits, labels, types = logits[order], labels[order], types[order]
+    lt = torch.from_numpy(logits)
+    parts = loss_fn.cpu()(lt, torch.from_numpy(labels), torch.from_numpy(types))
+    loss_fn.to(device)
+    probs = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+    out = {
+        "loss": float(parts.total),
+        "fracture_loss": float(parts.fracture),
+        "auroc": _auroc(labels, probs),
+        "accuracy": float(((probs >= 0.5) == (labels >= 0.5)).mean()),
+    }
+    mask = (labels > 0.5) & (types >= 0)
+    if logits.shape[1] > 1 and mask.any():
+        out["type_accuracy"] = float((logits[mask, 1:].argmax(1) == types[mask]).mean())
+    return out
+
+
+# ------------------------------------------------------------------ one epoch
+def _train_epoch(
+    model: nn.Module,
+    loader: torch.utils.data.DataLoader,
+    loss_fn: FractureLoss,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+    grad_clip: float,
+    ctx: _Dist,
+    desc: str,
+) -> dict[str, float]:
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    wait = compute = 0.0
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(
+        loader,
+        desc=desc,
+        disable=not ctx.is_main,
+        leave=False,
+        dynamic_ncols=True,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    t0 = time.perf_counter()
+    for x, y, t, _ in bar:
+        t1 = time.perf_counter()
+        wait += t1 - t0
+        x = x.to(device, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        t = t.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=_memory_format(x.ndim - 2))
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(x)
+        parts = loss_fn(logits, y, t)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(parts.total).backward()
+        if grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += torch.tensor([float(parts.total.detach()) * len(y), len(y)], dtype=torch.float64)
+        bar.set_postfix(loss=f"{float(parts.total.detach()):.4f}", refresh=False)
+        t0 = time.perf_counter()
+        compute += t0 - t1
+    if ctx.active:  # NCCL reduces device tensors only
+        buf = loss_sum.to(device)
+        dist.all_reduce(buf)
+        loss_sum = buf.cpu()
+    return {"loss": float(loss_sum[0] / max(loss_sum[1], 1.0)), "data_wait_s": wait, "compute_s": compute}
+
+
+# ------------------------------------------------------------------ DVCLive
+class _Curves:
+    """DVCLive writer that can replay the history, so the curves are whole after a resume."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.live = None
+        if directory is not None:
+            from dvclive import Live
+
+            # resume=False clears the folder: the history from the checkpoint is replayed instead,
+            # so an epoch logged just before a SIGKILL never appears twice.
+            self.live = Live(dir=str(directory), save_dvc_exp=False, dvcyaml=None, resume=False)
+
+    def log(self, row: dict[str, float]) -> None:
+        if self.live is None:
+            return
+        for name in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"):
+            v = row.get(name)
+            if v is not None and math.isfinite(v):
+                self.live.log_metric(name, v)
+        self.live.next_step()
+
+    def end(self) -> None:
+        if self.live is not None:
+            self.live.end()
+
+
+# ------------------------------------------------------------------ main entry
+def train_model(
+    cache_dir: Path,
+    out_dir: Path,
+    model_params: ModelParams,
+    train_params: TrainParams,
+    spatial_dims: int,
+    type_names: list[str],
+    seed: int,
+    dvclive_dir: Path | None = None,
+    resume: bool = True,
+    max_epochs_this_run: int | None = None,
+    on_epoch_end: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Train on the ``train`` split of the cache, early-stop on ``val`` AUROC, write the best bundle.
+
+    ``resume=True`` continues from ``out_dir/last.ckpt`` when it was written with
+    the same settings (otherwise a fresh run starts, with a warning).
+    ``max_epochs_this_run`` stops this call after that many epochs (the run stays
+    resumable; ``best_model.pt`` is written only when training has finished).
+    ``on_epoch_end(epoch)`` is called after each epoch's checkpoint is on disk.
+    """
+    tp, mp = train_params, model_params
+    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    ctx = _Dist.detect()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        device = torch.device("cuda", ctx.local_rank)
+    else:
+        device = torch.device("cpu")
+    if tp.threads > 0:
+        torch.set_num_threads(tp.threads)
+    seed_everything(seed, tp.deterministic)
+
+    _, index = load_cache(cache_dir)
+    settings = cache_settings(cache_dir)
+    if settings.get("spatial_dims", spatial_dims) != spatial_dims:
+        raise DataError(f"the cache holds {settings['spatial_dims']}D data but spatial_dims={spatial_dims}")
+    train_rows, val_rows = split_rows(index, "train"), split_rows(index, "val")
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise DataError(
+            f"need train and val rows; the cache has {len(train_rows)} train, {len(val_rows)} val"
+        )
+    tnames = list(type_names) if mp.multitask else []
+    train_labels = train_rows["label"].astype(int).tolist()
+
+    model: FractureNet = build_model(mp.arch, len(tnames), mp.pretrained, mp.dropout, spatial_dims)
+    amp_dtype = resolve_amp(tp.amp, device)
+    channels_last = resolve_channels_last(tp.channels_last, device)
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=_memory_format(spatial_dims))
+
+    augment = random_transform(tp.augment, spatial_dims)
+    train_ds = CachedDataset.from_index(cache_dir, train_rows, tnames, augment, seed)
+    val_ds = CachedDataset.from_index(cache_dir, val_rows, tnames, None, seed)
+    weights = class_balanced_weights(train_labels) if tp.imbalance.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_ds), seed, weights, ctx.rank, ctx.world)
+    if tp.batch_size % ctx.world:
+        log.warning(
+            "batch_size %d is not divisible by %d ranks; per-rank batch %d",
+            tp.batch_size,
+            ctx.world,
+            tp.batch_size // ctx.world,
+        )
+    per_rank = max(1, tp.batch_size // ctx.world)
+    pin = device.type == "cuda"
+    train_loader = make_loader(train_ds, per_rank, EpochTaggedSampler(sampler), tp.num_workers, pin)
+    val_shard = Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world)))
+    val_loader = make_loader(val_shard, per_rank * 2, None, tp.num_workers, pin)
+
+    loss_fn = build_loss(tp.imbalance, train_labels, tp.type_loss_weight).to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tp.finetune, tp.lr, tp.weight_decay), lr=tp.lr, weight_decay=tp.weight_decay
+    )
+    steps = len(train_loader)
+    scheduler = warmup_cosine(optimizer, round(tp.warmup_epochs * steps), tp.epochs * steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    monitor = "val/auroc" if len(set(val_rows["label"].astype(int))) == 2 else "val/neg_loss"
+    if monitor != "val/auroc":
+        log.warning("the val split has one class only: early stopping on validation loss instead of AUROC")
+
+    fp = _fingerprint(mp, tp, seed, spatial_dims, tnames, len(train_rows), len(val_rows))
+    ckpt_path = out_dir / LAST_CKPT
+    start_epoch, best, best_epoch, bad_epochs, spent = 0, -math.inf, -1, 0, 0.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = []
+    stopped_early = False
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.barrier()
+    if resume and ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path)
+        if ck.get("fingerprint") != fp:
+            log.warning("%s was written with other settings or data: starting a fresh run", ckpt_path)
+        else:
+            model.load_state_dict(ck["model"])
+            optimizer.load_state_dict(ck["optimizer"])
+            scheduler.load_state_dict(ck["scheduler"])
+            scaler.load_state_dict(ck["scaler"])
+            sampler.load_state_dict(ck["sampler"])
+            rng = ck["rng"]
+            restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+            start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best_metric"], ck["best_epoch"]
+            bad_epochs, history, spent = ck["bad_epochs"], list(ck["history"]), ck["train_seconds"]
+            best_state, stopped_early = ck["best_state"], ck["stopped_early"]
+            log.info(
+                "resuming %s from epoch %d (best %s %.4f at epoch %d)",
+                out_dir,
+                start_epoch,
+                monitor,
+                best,
+                best_epoch,
+            )
+
+    curves = _Curves(dvclive_dir) if ctx.is_main else _Curves(None)
+    for row in history:
+        curves.log(row)
+
+    raw_model = model
+    ddp_model: nn.Module = model
+    wrapped_for = -1
+    ran = 0
+    last_done = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, tp.epochs):
+            if stopped_early or (max_epochs_this_run is not None and ran >= max_epochs_this_run):
+                break
+            t_epoch = time.perf_counter()
+            k = apply_freezing(raw_model, tp.finetune.strategy, epoch, tp.finetune.unfreeze_every)
+            if ctx.active and k != wrapped_for:
+                # DDP registers the parameters that require grad when it is built: rebuild it
+                # whenever gradual unfreezing changes that set.
+                ddp_model = DistributedDataParallel(
+                    raw_model, device_ids=[device.index] if device.type == "cuda" else None
+                )
+                wrapped_for = k
+            sampler.set_epoch(epoch)
+            ddp_model.train()
+            freeze_norm_stats(raw_model)
+            tr = _train_epoch(
+                ddp_model,
+                train_loader,
+                loss_fn,
+                optimizer,
+                scheduler,
+                scaler,
+                device,
+                amp_dtype,
+                channels_last,
+                tp.grad_clip,
+                ctx,
+                f"epoch {epoch + 1}/{tp.epochs}",
+            )
+            va = evaluate_split(raw_model, val_loader, loss_fn, device, amp_dtype, channels_last, ctx)
+            metric = va["auroc"] if monitor == "val/auroc" else -va["loss"]
+            spent += time.perf_counter() - t_epoch
+            row = {
+                "epoch": epoch,
+                "train/loss": tr["loss"],
+                "val/loss": va["loss"],
+                "val/auroc": va["auroc"],
+                "val/accuracy": va["accuracy"],
+                "lr": optimizer.param_groups[-1]["lr"],
+                "trainable_blocks": k,
+                "data_wait_s": tr["data_wait_s"],
+                "compute_s": tr["compute_s"],
+                "seconds": spent,
+            }
+            if "type_accuracy" in va:
+                row["val/type_accuracy"] = va["type_accuracy"]
+            history.append(row)
+            if math.isfinite(metric) and metric > best + MIN_DELTA:
+                best, best_epoch, bad_epochs = metric, epoch, 0
+                best_state = {n: v.detach().cpu().clone() for n, v in raw_model.state_dict().items()}
+            else:
+                bad_epochs += 1
+            stopped_early = bad_epochs >= tp.early_stopping_patience
+            rng_all = ctx.gather(capture_rng_state())
+            if ctx.is_main:
+                save_checkpoint(
+                    ckpt_path,
+                    {
+                        "fingerprint": fp,
+                        "epoch": epoch,
+                        "model": raw_model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "sampler": sampler.state_dict(),
+                        "rng": rng_all,
+                        "best_metric": best,
+                        "best_epoch": best_epoch,
+                        "bad_epochs": bad_epochs,
+                        "best_state": best_state,
+                        "history": history,
+                        "train_seconds": spent,
+                        "stopped_early": stopped_early,
+                    },
+                )
+                curves.log(row)
+                log.info(
+                    "epoch %d/%d: train loss %.4f, val loss %.4f, val AUROC %.4f, lr %.2e, %.1fs "
+                    "(data wait %.1fs)",
+                    epoch + 1,
+                    tp.epochs,
+                    tr["loss"],
+                    va["loss"],
+                    va["auroc"],
+                    row["lr"],
+                    time.perf_counter() - t_epoch,
+                    tr["data_wait_s"],
+                )
+            ctx.barrier()
+            ran += 1
+            last_done = epoch
+            if on_epoch_end is not None:
+                on_epoch_end(epoch)
+    finally:
+        curves.end()
+
+    finished = stopped_early or last_done + 1 >= tp.epochs
+    best_path = None
+    best_auroc = float("nan")
+    if best_epoch >= 0:
+        best_auroc = float(history[best_epoch]["val/auroc"]) if best_epoch < len(history) else float("nan")
+    if finished and ctx.is_main:
+        if best_state is None:  # no epoch improved on -inf (e.g. NaN metrics): keep the last weights
+            best_state = {n: v.detach().cpu().clone() for n, v in raw_model.state_dict().items()}
+            best_epoch = len(history) - 1
+        pre = {k: v for k, v in settings.items() if k not in ("format", "n", "shape")}
+        bundle = ModelBundle(
+            arch=mp.arch,
+            spatial_dims=spatial_dims,
+            state_dict=best_state,
+            type_names=tnames,
+            preprocess=pre,
+            dropout=mp.dropout,
+            temperature=1.0,
+            operating_points={},
+            metadata={
+                "best_epoch": best_epoch,
+                "val_auroc": best_auroc,
+                "monitor": monitor,
+                "seed": seed,
+                "arch": mp.arch,
+                "epochs_completed": len(history),
+                "stopped_early": stopped_early,
+                "train_seconds": spent,
+                "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},
+            },
+        )
+        best_path = bundle.save(out_dir / BEST_MODEL)
+    result = TrainResult(
+        out_dir=out_dir,
+        best_model_path=best_path if finished else None,
+        best_epoch=best_epoch,
+        best_val_auroc=best_auroc,
+        monitor=monitor,
+        epochs_completed=len(history),
+        finished=finished,
+        stopped_early=stopped_early,
+        train_seconds=spent,
+        history=history,
+    )
+    if ctx.is_main:
+        wait = sum(r["data_wait_s"] for r in history)
+        busy = wait + sum(r["compute_s"] for r in history)
+        summary = {
+            **asdict(result),
+            "out_dir": str(out_dir),
+            "best_model_path": str(best_path or ""),
+            "device": str(device),
+            "world_size": ctx.world,
+            "amp": str(amp_dtype),
+            "channels_last": channels_last,
+            "data_wait_share": wait / busy if busy else 0.0,
+            "arch": mp.arch,
+            "pretrained": mp.pretrained,
+            "strategy": tp.finetune.strategy,
+        }
+        _atomic_json(out_dir / SUMMARY, summary)
+    ctx.barrier()
+    if finished and not ctx.is_main:
+        result.best_model_path = out_dir / BEST_MODEL
+    return result

@@ -1,0 +1,252 @@
+"""Every source type on files the test makes; DICOM PHI never reaches table, copies or logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+from tests._factories import (
+    make_array,
+    make_dicom,
+    make_dicom_series,
+    make_jpeg,
+    make_nifti,
+    make_png,
+    phi_strings,
+)
+
+from bonefrac.data.deid import pseudonymise
+from bonefrac.data.ingest import ingest
+from bonefrac.data.schema import MANIFEST_COLUMNS, RECORD_COLUMNS
+from bonefrac.data.sources import SourceError, load_records, parse_label
+
+
+def _by_name(df: pd.DataFrame) -> dict[str, pd.Series]:
+    return {Path(p).name: r for p, (_, r) in zip(df["path"], df.iterrows(), strict=True)}
+
+
+# ------------------------------------------------------------------ phantom
+def test_phantom_manifest_paths_resolved_against_manifest(tmp_path):
+    root = tmp_path / "phantom"
+    (root / "img").mkdir(parents=True)
+    make_png(root / "img" / "a.png", bit_depth=16)
+    make_png(root / "img" / "b.png")
+    rows = [
+        dict(
+            image_id="a",
+            path="img/a.png",
+            label=1,
+            fracture_type="spiral",
+            body_part="forearm",
+            view="frontal",
+            patient_id="ph-p1",
+            study_id="ph-s1",
+            boxes="[[1, 2, 3, 4]]",
+            hardware=0,
+        ),
+        dict(
+            image_id="b",
+            path="img/b.png",
+            label=0,
+            fracture_type="",
+            body_part="forearm",
+            view="lateral",
+            patient_id="ph-p1",
+            study_id="ph-s1",
+            boxes="[]",
+            hardware=0,
+        ),
+    ]
+    pd.DataFrame(rows, columns=RECORD_COLUMNS).to_csv(root / "manifest.csv", index=False)
+    df = load_records("phantom", root)
+    assert list(df.columns) == RECORD_COLUMNS
+    assert df["path"].tolist() == [str((root / "img" / n).resolve()) for n in ("a.png", "b.png")]
+    assert df["patient_id"].tolist() == ["ph-p1", "ph-p1"]  # synthetic ids kept
+    assert df["fracture_type"].tolist() == ["spiral", ""]
+    assert json.loads(df["boxes"][0]) == [[1, 2, 3, 4]]
+    assert load_records("phantom", root, use_fracture_types=False)["fracture_type"].tolist() == ["", ""]
+
+
+# ------------------------------------------------------------------ imagefolder
+@pytest.mark.parametrize("pos, neg", [("Fractured", "Non_fractured"), ("fracture", "normal"), ("1", "0")])
+def test_imagefolder_class_names(tmp_path, pos, neg):
+    make_png((tmp_path / pos).mkdir() or tmp_path / pos / "p1.png")
+    make_jpeg(tmp_path / pos / "p2.jpg")
+    make_png((tmp_path / neg).mkdir() or tmp_path / neg / "n1.png")
+    (tmp_path / neg / "README.txt").write_text("not an image of the set")
+    df = load_records("imagefolder", tmp_path)
+    labels = {Path(p).name: lab for p, lab in zip(df["path"], df["label"], strict=True)}
+    assert labels == {"p1.png": 1, "p2.jpg": 1, "n1.png": 0}
+    assert df["image_id"].is_unique
+
+
+def test_imagefolder_fracture_type_subfolders(tmp_path):
+    for t in ("spiral", "Transverse"):
+        (tmp_path / "fractured" / t).mkdir(parents=True)
+        make_png(tmp_path / "fractured" / t / f"{t}.png")
+    (tmp_path / "fractured" / "loose.png").write_bytes(make_png(tmp_path / "x.png").read_bytes())
+    (tmp_path / "x.png").unlink()
+    (tmp_path / "normal").mkdir()
+    make_png(tmp_path / "normal" / "n.png")
+    rows = _by_name(load_records("imagefolder", tmp_path))
+    assert rows["spiral.png"]["fracture_type"] == "spiral"
+    assert rows["Transverse.png"]["fracture_type"] == "transverse"
+    assert rows["loose.png"]["fracture_type"] == ""
+    assert rows["n.png"]["fracture_type"] == ""
+    off = _by_name(load_records("imagefolder", tmp_path, use_fracture_types=False))
+    assert off["spiral.png"]["fracture_type"] == ""
+
+
+def test_imagefolder_without_class_folders_is_a_clear_error(tmp_path):
+    (tmp_path / "cats").mkdir()
+    with pytest.raises(SourceError, match="no class folders"):
+        load_records("imagefolder", tmp_path)
+    with pytest.raises(SourceError, match="unknown data source"):
+        load_records("s3", tmp_path)
+
+
+# ------------------------------------------------------------------ csv
+def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
+    d = tmp_path / "site"
+    (d / "imgs").mkdir(parents=True)
+    make_png(d / "imgs" / "a.png")
+    pd.DataFrame(
+        {
+            "path": ["imgs/a.png", "imgs/missing.png", str(d / "imgs" / "a.png")],
+            "label": ["fracture", "0", "maybe"],
+            "fracture_type": ["Oblique", "", ""],
+            "body_part": ["Hand", "", "leg"],
+            "patient_id": ["MRN-1", "MRN-1", "MRN-2"],
+            "study_id": ["ACC-1", "ACC-2", ""],
+        }
+    ).to_csv(d / "labels.csv", index=False)
+    df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv")
+    assert len(df) == 3  # the missing file is kept, not dropped
+    assert df["path"][0] == str((d / "imgs" / "a.png").resolve())
+    assert df["path"][1] == str((d / "imgs" / "missing.png").resolve())
+    assert df["label"].tolist() == [1, 0, -1]  # unreadable label kept as -1 for validation to stop on
+    assert df["fracture_type"][0] == "oblique" and df["body_part"].tolist() == ["hand", "unknown", "leg"]
+    assert df["patient_id"][0] == df["patient_id"][1] == pseudonymise("MRN-1", "patient")
+    assert "MRN" not in "".join(df["patient_id"]) + "".join(df["study_id"])
+    assert df["study_id"][2] == ""
+    with pytest.raises(SourceError, match="lacks required column"):
+        pd.DataFrame({"file": ["a.png"]}).to_csv(d / "bad.csv", index=False)
+        load_records("csv", d / "bad.csv")
+
+
+@pytest.mark.parametrize(
+    "value, label", [(1, 1), ("0", 0), ("1.0", 1), ("True", 1), ("Non_fractured", 0), ("x", -1)]
+)
+def test_parse_label(value, label):
+    assert parse_label(value) == label
+
+
+# ------------------------------------------------------------------ DICOM (PHI)
+def _dicom_tree(root: Path) -> None:
+    (root / "Fractured").mkdir(parents=True)
+    (root / "Normal").mkdir(parents=True)
+    # file names carry identifiers too, as hospital exports often do
+    make_dicom(root / "Fractured" / "DOE^JANE_1.dcm", BodyPartExamined="HAND", ViewPosition="PA")
+    make_dicom(root / "Fractured" / "IM0002", photometric="MONOCHROME1", ViewPosition="LAT")
+    make_dicom(
+        root / "Normal" / "PHI-123456.dcm",
+        BodyPartExamined="KNEE",
+        rescale=(1.0, 0.0),
+        window=(2000.0, 3000.0),
+    )
+
+
+def test_dicom_source_deidentified_everywhere(tmp_path, caplog, capsys):
+    root, out = tmp_path / "raw", tmp_path / "interim"
+    _dicom_tree(root)
+    with caplog.at_level(logging.DEBUG):
+        table = ingest("dicom", root, out / "manifest.csv", deid_dir=out / "deid")
+    captured = capsys.readouterr()
+    csv_text = (out / "manifest.csv").read_text()
+    assert len(table) == 3 and table["decodes_ok"].all()
+    assert sorted(table["label"]) == [0, 1, 1]
+    deid_files = sorted((out / "deid").rglob("*.dcm"))
+    assert len(deid_files) == 3
+    for s in [*phi_strings(), "DOE", "123456"]:
+        assert s not in csv_text, f"{s!r} in manifest"
+        assert s not in caplog.text and s not in captured.out and s not in captured.err, f"{s!r} in logs"
+        for f in deid_files:
+            assert s not in str(f)
+            assert s.encode() not in f.read_bytes(), f"{s!r} in {f.name}"
+    for f in deid_files:
+        ds = pydicom.dcmread(f)
+        assert ds.PatientIdentityRemoved == "YES"
+        assert not [e for e in ds if e.tag.is_private]
+    # table points at the copies, ids are the pseudonyms, header facts filled
+    assert all(Path(p).is_relative_to((out / "deid").resolve()) for p in table["path"])
+    assert set(table["patient_id"]) == {pseudonymise("PHI-123456", "patient")}
+    assert set(table["body_part"]) == {"hand", "leg"}  # KNEE mapped to the project vocabulary
+    assert set(table["view"]) == {"frontal", "lateral"}
+    assert table["image_id"].str.startswith("I-").all()
+    assert set(table["format"]) == {"dicom"} and set(table["bit_depth"]) == {12}
+
+
+def test_dicom_source_needs_deid_dir(tmp_path):
+    _dicom_tree(tmp_path / "raw")
+    with pytest.raises(SourceError, match="deid_dir"):
+        load_records("dicom", tmp_path / "raw")
+    with pytest.raises(SourceError, match="deid_dir"):  # DICOM inside another source too
+        load_records("imagefolder", tmp_path / "raw")
+
+
+# ------------------------------------------------------------------ volumes
+def test_volume_source_series_and_nifti(tmp_path, caplog):
+    root, deid = tmp_path / "raw", tmp_path / "deid"
+    make_dicom_series(root / "fractured" / "comminuted" / "case1")
+    make_dicom_series(root / "normal" / "case2", phi=True)
+    make_nifti(root / "normal" / "case3.nii.gz")
+    make_nifti(root / "fractured" / "case4.nii")
+    with caplog.at_level(logging.DEBUG):
+        df = load_records("volume", root, deid_dir=deid)
+        table = ingest("volume", root, tmp_path / "m.csv", deid_dir=deid)
+    assert len(df) == 4 and table["decodes_ok"].all()
+    assert set(table["spatial_dims"]) == {3} and set(table["depth"]) == {6}
+    assert sorted(table["format"]) == ["dicom_series", "dicom_series", "nifti", "nifti"]
+    series = table[table["format"] == "dicom_series"]
+    assert sorted(series["fracture_type"]) == ["", "comminuted"]
+    for p in series["path"]:  # each series copy holds one consistently remapped series
+        dss = [pydicom.dcmread(f) for f in Path(p).glob("*.dcm")]
+        assert len(dss) == 6
+        assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({d.StudyInstanceUID for d in dss}) == 1
+    text = (tmp_path / "m.csv").read_text() + caplog.text
+    for s in phi_strings():
+        assert s not in text
+
+
+# ------------------------------------------------------------------ ingest
+def test_ingest_writes_table_atomically_and_logs_one_summary(tmp_path, caplog):
+    for part, name in (("fractured", "a"), ("normal", "b"), ("normal", "c")):
+        (tmp_path / "raw" / part).mkdir(parents=True, exist_ok=True)
+        make_png(tmp_path / "raw" / part / f"{name}.png", array=make_array((64, 64), 8, seed=ord(name)))
+    pd.DataFrame(
+        {
+            "path": ["raw/fractured/a.png", "raw/normal/b.png", "raw/normal/c.png"],
+            "label": [1, 0, 0],
+            "body_part": ["hand", "leg", "hand"],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "interim" / "manifest.csv"
+    with caplog.at_level(logging.INFO, logger="bonefrac.data.ingest"):
+        table = ingest("csv", tmp_path, out, manifest_csv=tmp_path / "m.csv", exclude_body_parts=["leg"])
+    summary = [r for r in caplog.records if r.name == "bonefrac.data.ingest"]
+    assert (
+        len(summary) == 1
+        and "2 images" in summary[0].getMessage()
+        and "undecodable" in summary[0].getMessage()
+    )
+    assert list(pd.read_csv(out).columns) == MANIFEST_COLUMNS
+    assert sorted(table["body_part"]) == ["hand", "hand"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+    only_leg = ingest("csv", tmp_path, out, manifest_csv=tmp_path / "m.csv", include_body_parts=["LEG"])
+    assert only_leg["body_part"].tolist() == ["leg"]
+    assert np.isfinite(only_leg["intensity_mean"]).all()

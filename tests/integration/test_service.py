@@ -1,0 +1,202 @@
+"""A real ``bentoml serve`` on 127.0.0.1: parity with the offline model, bad inputs, PHI, auth, logging, load.
+
+One server for the module (start-up costs tens of seconds here) with an API key set,
+so authentication is tested "on"; ``test_viewer.py`` runs one without a key ("off").
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+
+import httpx
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from benchmarks.service_load import run_load
+from bonefrac.data.imageio import read_image
+from bonefrac.inference.batch_predict import predict_to_file
+from bonefrac.inference.predictor import Predictor
+from bonefrac.serving.model_loading import load_file
+from bonefrac.serving.prediction_log import read_prediction_log
+from tests._factories import (
+    make_cmyk_jpeg,
+    make_decompression_bomb_png,
+    make_dicom,
+    make_jpeg,
+    make_nifti,
+    make_png,
+    make_text_file,
+    make_truncated_jpeg,
+    phi_strings,
+)
+from tests.integration._server import make_tiny_bundle, running_server
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "test-key-8c1f"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    work = tmp_path_factory.mktemp("svc")
+    model = make_tiny_bundle(work / "model.pt")
+    with running_server(
+        model, work,
+        BONEFRAC_API_KEY=API_KEY,
+        BONEFRAC_MAX_UPLOAD_MB="1",
+        BONEFRAC_MAX_BATCH_SIZE="8",
+        BONEFRAC_MAX_LATENCY_MS="20000",
+    ) as srv:
+        yield srv, model, work
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    srv, *_ = served
+    with httpx.Client(base_url=srv.url, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+def _post(client: httpx.Client, path: os.PathLike | str, endpoint: str = "/predict", **kw) -> httpx.Response:
+    with open(path, "rb") as fh:
+        return client.post(endpoint, files={"file": (os.path.basename(path), fh.read())}, **kw)
+
+
+def test_probes_open_and_api_key_enforced(served, tmp_path):
+    srv, *_ = served
+    img = make_png(tmp_path / "a.png")
+    with httpx.Client(base_url=srv.url, timeout=60) as anon:
+        assert anon.get("/livez").status_code == 200
+        assert anon.get("/readyz").status_code == 200
+        assert anon.get("/metadata").status_code == 401
+        r = _post(anon, img)
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        assert _post(anon, img, "/explain").status_code == 401
+        assert _post(anon, img, headers={"Authorization": "Bearer nope"}).status_code == 401
+        assert _post(anon, img, headers={"X-API-Key": API_KEY}).status_code == 200
+
+
+def test_metadata(client, served):
+    _, model_path, _ = served
+    m = client.get("/metadata").json()
+    bundle = load_file(model_path).bundle
+    assert m["model"]["name"] == "bonefrac-test" and m["model"]["version"] == "t0"
+    assert m["operating_points"] == bundle.operating_points
+    assert m["calibration"]["temperature"] == pytest.approx(bundle.temperature)
+    assert m["fracture_types"] == bundle.type_names
+    assert m["input"]["formats"] == ["png", "jpeg", "dicom"] and m["input"]["max_upload_mb"] == 1
+    assert m["runtime"]["backend"] in ("torch", "onnx") and m["auth_required"] is True
+    assert "/" not in str(m["model"])  # no file paths leak
+
+
+def test_same_probabilities_as_predictor_and_cli(client, served, tmp_path):
+    """Issue 9 point 3: pipeline Predictor, ``bonefrac predict`` and the service agree."""
+    _, model_path, _ = served
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    files = [
+        make_png(folder / "a.png", size=(80, 60), seed=1),
+        make_png(folder / "b16.png", bit_depth=16, seed=2),
+        make_jpeg(folder / "c.jpg", seed=3),
+        make_dicom(folder / "d.dcm"),
+        make_png(folder / "e_rgb.png", mode="RGB", seed=4),
+    ]
+    service = {}
+    for f in files:
+        r = _post(client, f)
+        assert r.status_code == 200, r.text
+        service[str(f)] = r.json()
+    loaded = load_file(model_path)
+    ref = Predictor(loaded.bundle).predict_arrays([read_image(f).array for f in files])
+    predict_to_file(folder, loaded, tmp_path / "p.csv", backend="torch", progress=False)
+    cli = pd.read_csv(tmp_path / "p.csv").set_index("path")["probability"]
+    for i, f in enumerate(files):
+        body = service[str(f)]
+        assert body["probability"] == pytest.approx(ref.prob[i], abs=1e-4)
+        assert cli[str(f)] == pytest.approx(ref.prob[i], abs=1e-6)
+        for op, decided in ref.decisions.items():
+            if abs(ref.prob[i] - loaded.bundle.operating_points[op]) > 1e-3:
+                assert body["decisions"][op] == bool(decided[i])
+        assert set(body["fracture_type_probabilities"]) == set(loaded.bundle.type_names)
+        assert body["model"] == {"name": "bonefrac-test", "version": "t0", "arch": "custom_cnn"}
+        assert body["thresholds"] == loaded.bundle.operating_points
+        assert body["timing_ms"]["total"] > 0
+    assert np.std(ref.prob) > 1e-3  # the images really differ for this model
+
+
+def test_bad_input_corpus_gets_4xx_and_service_stays_healthy(client, served, tmp_path):
+    srv, *_ = served
+    corpus = {
+        "text.jpg": (make_text_file(tmp_path / "text.jpg").read_bytes(), 415),
+        "garbage.png": (bytes(range(256)) * 16, 415),
+        "empty.png": (b"", 400),
+        "truncated.jpg": (make_truncated_jpeg(tmp_path / "t.jpg").read_bytes(), 422),
+        "bomb.png": (make_decompression_bomb_png(tmp_path / "bomb.png").read_bytes(), 413),
+        "nopixels.dcm": (make_dicom(tmp_path / "n.dcm", with_pixels=False).read_bytes(), 422),
+        "volume.nii.gz": (make_nifti(tmp_path / "v.nii.gz").read_bytes(), 422),
+        "huge.png": (os.urandom(1_400_000), 413),  # over BONEFRAC_MAX_UPLOAD_MB=1
+    }
+    for name, (data, status) in corpus.items():
+        for endpoint in ("/predict", "/explain"):
+            r = client.post(endpoint, files={"file": (name, data)})
+            assert r.status_code == status, (name, endpoint, r.status_code, r.text)
+            body = r.json()
+            assert isinstance(body, dict) and len(body["error"]) > 10, (name, body)
+    assert client.post("/predict", files={"other": ("x.png", b"abc")}).status_code == 400  # no "file" field
+    # Valid but unusual inputs are accepted.
+    for f in (make_png(tmp_path / "p16.png", bit_depth=16), make_png(tmp_path / "rgb.png", mode="RGB"),
+              make_cmyk_jpeg(tmp_path / "cmyk.jpg")):
+        assert _post(client, f).status_code == 200
+    assert client.get("/readyz").status_code == 200
+    assert _post(client, make_png(tmp_path / "ok.png")).status_code == 200
+    assert "Traceback" not in srv.log_text()
+
+
+def test_dicom_identifiers_never_returned_or_logged(client, served, tmp_path):
+    srv, _, work = served
+    dcm = make_dicom(tmp_path / "DOE_JANE.dcm", phi=True)
+    nopix = make_dicom(tmp_path / "p2.dcm", phi=True, with_pixels=False)
+    texts = [_post(client, dcm).text, _post(client, dcm, "/explain").text, _post(client, nopix).text]
+    logs = srv.log_text() + "".join(p.read_text() for p in (work / "predictions").glob("*.jsonl"))
+    for s in phi_strings():
+        assert all(s not in t for t in texts), s
+        assert s not in logs, s
+    assert "DOE_JANE" not in logs
+
+
+def test_explain_returns_overlay_and_heatmap(client, tmp_path):
+    r = _post(client, make_png(tmp_path / "x.png", size=(96, 64)), "/explain")
+    assert r.status_code == 200, r.text
+    ex = r.json()["explanation"]
+    overlay = Image.open(io.BytesIO(base64.b64decode(ex["overlay_png"])))
+    heat = Image.open(io.BytesIO(base64.b64decode(ex["heatmap_png"])))
+    assert overlay.mode == "RGB" and overlay.size == (64, 96)  # original aspect (W, H)
+    assert heat.mode == "RGBA" and heat.size == overlay.size
+    small = np.asarray(ex["heatmap"])
+    assert small.ndim == 2 and 0 <= small.min() and small.max() <= 1 and small.max() > 0
+
+
+def test_prediction_log_is_written_without_phi(client, served, tmp_path):
+    _, _, work = served
+    before = len(read_prediction_log(work / "predictions"))
+    assert _post(client, make_png(tmp_path / "y.png", bit_depth=16)).status_code == 200
+    df = read_prediction_log(work / "predictions")
+    assert len(df) == before + 1
+    last = df.iloc[-1]
+    assert last["model_version"] == "t0" and last["bit_depth"] == 16 and last["format"] == "png"
+    assert 0 <= last["intensity_p01"] <= last["intensity_mean"] <= last["intensity_p99"] <= 1
+    assert (last["width"], last["height"]) == (64, 64)
+
+
+def test_bounded_load_has_zero_errors(served, tmp_path):
+    srv, *_ = served
+    images = [(f"{i}.png", make_png(tmp_path / f"{i}.png", seed=i).read_bytes()) for i in range(4)]
+    res = run_load(srv.url, images, concurrency=8, duration_s=10, headers=AUTH)
+    assert res["errors"] == 0, res
+    assert res["ok"] >= 8, res
+    print("load 8 clients / 10 s:", res)

@@ -1,0 +1,85 @@
+"""A run killed with SIGKILL after an epoch's checkpoint and resumed ends with the same weights
+as a run never interrupted (augmentation, dropout and a weighted sampler all in play)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import torch
+from _training_helpers import TYPES, make_tiny_cache, tiny_params
+
+from bonefrac.config import ImbalanceParams
+from bonefrac.training.checkpoint import load_checkpoint
+from bonefrac.training.loop import train_model
+
+EPOCHS, KILL_AFTER = 3, 0  # killed right after epoch 0's checkpoint, i.e. during epoch 1
+
+
+def _params():
+    return tiny_params(
+        epochs=EPOCHS, dropout=0.3, imbalance=ImbalanceParams(sampler="weighted", loss="focal")
+    )
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path, n_train=16, n_val=8, size=32)
+    killed = tmp_path / "killed"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        from pathlib import Path
+        from test_resume import _params
+        from bonefrac.training.loop import train_model
+
+        def die(epoch):
+            if epoch == {KILL_AFTER}:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        mp, tp = _params()
+        train_model(Path({str(cache)!r}), Path({str(killed)!r}), mp, tp, 2, {TYPES!r}, seed=5,
+                    on_epoch_end=die)
+    """)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path.cwd() / "src"), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    ck = load_checkpoint(killed / "last.ckpt")
+    assert ck["epoch"] == KILL_AFTER
+    assert not (killed / "best_model.pt").exists()  # unfinished runs have no bundle yet
+
+    mp, tp = _params()
+    resumed = train_model(cache, killed, mp, tp, 2, TYPES, seed=5, resume=True)
+    reference = train_model(cache, tmp_path / "ref", mp, tp, 2, TYPES, seed=5, resume=True)
+    assert resumed.finished and resumed.epochs_completed == EPOCHS
+
+    w_resumed = load_checkpoint(killed / "last.ckpt")["model"]
+    w_reference = load_checkpoint(tmp_path / "ref" / "last.ckpt")["model"]
+    assert w_resumed.keys() == w_reference.keys()
+    for k in w_reference:
+        assert torch.equal(w_resumed[k], w_reference[k]), k
+    keys = ("train/loss", "val/loss", "val/auroc")
+    assert [[r[k] for k in keys] for r in resumed.history] == [
+        [r[k] for k in keys] for r in reference.history
+    ]
+
+
+def test_max_epochs_this_run_then_resume_and_fresh_start(tmp_path: Path) -> None:
+    cache = make_tiny_cache(tmp_path, n_train=8, n_val=4, size=32)
+    mp, tp = tiny_params(epochs=2)
+    part = train_model(cache, tmp_path / "o", mp, tp, 2, TYPES, seed=1, max_epochs_this_run=1)
+    assert not part.finished and part.best_model_path is None and part.epochs_completed == 1
+    done = train_model(cache, tmp_path / "o", mp, tp, 2, TYPES, seed=1)
+    assert done.finished and done.epochs_completed == 2 and done.history[0] == part.history[0]
+    # other settings: the old checkpoint is not resumed
+    mp2, tp2 = tiny_params(epochs=1, lr=1e-3)
+    fresh = train_model(cache, tmp_path / "o", mp2, tp2, 2, TYPES, seed=1)
+    assert fresh.epochs_completed == 1 and fresh.finished

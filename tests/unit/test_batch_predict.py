@@ -1,0 +1,124 @@
+"""``bonefrac predict`` logic: discovery, streaming, broken files, outputs, Grad-CAM, same numbers as the Predictor."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bonefrac.data.imageio import read_image
+from bonefrac.inference.batch_predict import (
+    EXIT_SOME_FAILED,
+    PredictInputError,
+    gradcam_name,
+    iter_inputs,
+    predict_to_file,
+)
+from bonefrac.inference.predictor import Predictor
+from bonefrac.serving.model_loading import load_file
+from tests._factories import make_dicom, make_jpeg, make_png, make_text_file, make_truncated_jpeg
+from tests.integration._server import make_tiny_bundle
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    torch.set_num_threads(1)
+    return load_file(make_tiny_bundle(tmp_path_factory.mktemp("m") / "model.pt", image_size=48))
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "studies"
+    (root / "a" / "deep").mkdir(parents=True)
+    (root / "b").mkdir()
+    make_png(root / "a" / "one.png", size=(60, 40), seed=1)
+    make_png(root / "a" / "deep" / "two16.png", bit_depth=16, seed=2)
+    make_jpeg(root / "b" / "three.jpg", seed=3)
+    make_dicom(root / "b" / "four.dcm")
+    make_dicom(root / "b" / "FIVE_NOEXT")  # DICOM without extension: found by sniffing
+    make_truncated_jpeg(root / "b" / "broken.jpg")
+    make_text_file(root / "a" / "html_error.png")
+    (root / "notes.txt").write_text("not an image")
+    (root / ".hidden.png").write_bytes(b"")
+    return root
+
+
+def test_discovery_is_lazy_and_recursive(folder):
+    it = iter_inputs(folder)
+    assert isinstance(it, types.GeneratorType)
+    names = sorted(p.rsplit("/", 1)[-1] for p in it)
+    assert names == ["FIVE_NOEXT", "broken.jpg", "four.dcm", "html_error.png", "one.png", "three.jpg", "two16.png"]
+
+
+def test_folder_with_broken_files(folder, model, tmp_path):
+    out = tmp_path / "preds.csv"
+    s = predict_to_file(folder, model, out, batch_size=3, backend="torch", progress=False)
+    assert (s.n_total, s.n_ok, s.n_failed, s.exit_code) == (7, 5, 2, EXIT_SOME_FAILED)
+    df = pd.read_csv(out, keep_default_na=False)
+    assert len(df) == 7
+    bad = df[df["error"] != ""]
+    assert sorted(bad["path"].str.rsplit("/", n=1).str[-1]) == ["broken.jpg", "html_error.png"]
+    assert bad["probability"].eq("").all()
+    good = df[df["error"] == ""]
+    assert good["probability"].astype(float).between(0, 1).all()
+    assert set(good["model_version"].astype(str)) == {model.version}
+    assert {"decision_high_sensitivity", "decision_high_specificity", "type_prob_transverse"} <= set(df.columns)
+    # Decisions follow the stored thresholds exactly.
+    thr = model.bundle.operating_points["high_sensitivity"]
+    assert (good["decision_high_sensitivity"].map({"True": True, "False": False})
+            == (good["probability"].astype(float) >= thr)).all()
+    # Same numbers as the pipeline's Predictor on the same files (one preprocessing path).
+    paths = good["path"].tolist()
+    ref = Predictor(model.bundle).predict_arrays([read_image(p).array for p in paths])
+    np.testing.assert_allclose(good["probability"].astype(float), ref.prob, atol=1e-6)
+    # Rows of a folder are not all the same number: the test model distinguishes images.
+    assert good["probability"].astype(float).std() > 1e-3
+
+
+def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
+    img = make_png(tmp_path / "x.png", size=(64, 48))
+    out = tmp_path / "p.jsonl"
+    s = predict_to_file(img, model, out, gradcam_dir=tmp_path / "cams", backend="torch", progress=False)
+    assert s.exit_code == 0 and s.n_ok == 1
+    row = json.loads(out.read_text().splitlines()[0])
+    assert row["error"] == "" and 0 <= row["probability"] <= 1
+    assert abs(sum(row[f"type_prob_{t}"] for t in model.bundle.type_names) - 1) < 1e-6
+    cams = list((tmp_path / "cams").glob("*.png"))
+    assert [c.name for c in cams] == ["x.png"]
+    from PIL import Image
+
+    with Image.open(cams[0]) as im:
+        assert im.size == (48, 64) and im.mode == "RGB"  # original aspect, colour overlay
+
+
+def test_csv_manifest_with_relative_paths(tmp_path, model):
+    (tmp_path / "imgs").mkdir()
+    make_png(tmp_path / "imgs" / "a.png")
+    make_png(tmp_path / "imgs" / "b.png", seed=5)
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png", "imgs/missing.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    out = tmp_path / "o.csv"
+    s = predict_to_file(tmp_path / "m.csv", model, out, backend="torch", progress=False)
+    assert (s.n_ok, s.n_failed) == (2, 1)
+    df = pd.read_csv(out, keep_default_na=False)
+    assert "not found" in df.loc[2, "error"]
+
+
+def test_bad_inputs(tmp_path, model):
+    with pytest.raises(PredictInputError, match="not found"):
+        list(iter_inputs(tmp_path / "nope"))
+    pd.DataFrame({"file_name": ["a.png"]}).to_csv(tmp_path / "bad.csv", index=False)
+    with pytest.raises(PredictInputError, match="column"):
+        list(iter_inputs(tmp_path / "bad.csv"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictInputError, match="no images"):
+        predict_to_file(tmp_path / "empty", model, tmp_path / "o.csv", backend="torch", progress=False)
+    assert not (tmp_path / "o.csv").exists()  # nothing half-written
+
+
+def test_gradcam_name_keeps_subfolders_apart(tmp_path):
+    assert gradcam_name(str(tmp_path / "a" / "x.dcm"), tmp_path) == "a__x.png"
+    assert gradcam_name(str(tmp_path / "b" / "x.dcm"), tmp_path) == "b__x.png"

@@ -1,0 +1,199 @@
+"""The benchmarks' shared helpers: statistics, timing, FLOP counting, results and BENCHMARKS.md sections."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import benchmarks._common as bench_common
+import numpy as np
+import pytest
+import torch
+from benchmarks._common import (
+    count_flops,
+    goal,
+    load_result,
+    ratio,
+    summarize,
+    time_interleaved,
+    time_repeats,
+    write_result,
+)
+from benchmarks.run_all import replace_section
+from torch import nn
+
+
+# ----------------------------------------------------------------- statistics
+def test_summarize_median_and_iqr_of_odd_sample() -> None:
+    s = summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert s.median == 3.0
+    # numpy's linear interpolation: q1 at position 1 (=2), q3 at position 3 (=4)
+    assert (s.q1, s.q3, s.iqr) == (2.0, 4.0, 2.0)
+    assert (s.min, s.max, s.n) == (1.0, 5.0, 5)
+
+
+def test_summarize_even_sample_interpolates() -> None:
+    s = summarize([1.0, 2.0, 3.0, 10.0])
+    assert s.median == 2.5
+    assert s.q1 == pytest.approx(1.75)  # position 0.75 between 1 and 2
+    assert s.q3 == pytest.approx(4.75)  # position 2.25 between 3 and 10
+    assert s.iqr == pytest.approx(3.0)
+
+
+def test_summarize_median_ignores_one_outlier() -> None:
+    assert summarize([10.0, 10.5, 9.5, 1000.0, 10.0]).median == 10.0
+
+
+def test_summarize_single_value() -> None:
+    s = summarize([7.0])
+    assert (s.median, s.iqr, s.n) == (7.0, 0.0, 1)
+
+
+@pytest.mark.parametrize("bad", [[], [1.0, float("nan")], [float("inf")]])
+def test_summarize_rejects_empty_and_non_finite(bad: list[float]) -> None:
+    with pytest.raises(ValueError):
+        summarize(bad)
+
+
+def test_ratio() -> None:
+    assert ratio(6.0, 3.0) == 2.0
+    assert ratio(None, 3.0) is None
+    assert ratio(1.0, 0.0) is None
+
+
+def test_goal_verdicts() -> None:
+    assert goal("t", 4.0, 5.0, "<=")["met"] is True
+    assert goal("t", 6.0, 5.0, "<=")["met"] is False
+    assert goal("t", 2.5, 2.0, ">=")["met"] is True
+    assert goal("t", None, 2.0, ">=")["met"] is None
+    with pytest.raises(ValueError):
+        goal("t", 1.0, 1.0, "<")
+
+
+# --------------------------------------------------------------------- timing
+def test_time_repeats_excludes_warmup_and_measures_per_call() -> None:
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(0.01)
+
+    per_call, k = time_repeats(fn, repeats=3, warmup=2)
+    assert k == 1 and len(per_call) == 3
+    assert len(calls) == 2 + 3  # warm-ups are called but not reported
+    assert all(0.009 <= t < 0.2 for t in per_call)
+
+
+class FakeClock:
+    """A clock that only moves when the timed function says so: timing logic tested without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def work(self, seconds: float) -> Callable[[], None]:
+        def fn() -> None:
+            self.now += seconds
+
+        return fn
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(bench_common, "time", SimpleNamespace(perf_counter=fake.perf_counter))
+    return fake
+
+
+def test_time_repeats_min_time_batches_fast_calls(clock: FakeClock) -> None:
+    per_call, k = time_repeats(clock.work(0.002), repeats=2, min_time=0.02)
+    assert k == 10  # ceil(0.02 / 0.002) calls per repeat
+    assert per_call == pytest.approx([0.002, 0.002])
+
+
+def test_time_repeats_budget_cuts_repeats_but_not_below_minimum(clock: FakeClock) -> None:
+    per_call, _ = time_repeats(clock.work(1.0), repeats=50, budget_s=10.0, min_repeats=3)
+    assert len(per_call) == 10  # 10 s of budget for 1 s calls
+    per_call, _ = time_repeats(clock.work(1.0), repeats=50, budget_s=0.5, min_repeats=3)
+    assert len(per_call) == 3  # the budget never cuts below min_repeats
+    per_call, _ = time_repeats(clock.work(1.0), repeats=2, budget_s=100.0, min_repeats=3)
+    assert len(per_call) == 2  # nor raises the number asked for
+
+
+def test_time_interleaved_rotates_order_and_times_each() -> None:
+    order: list[str] = []
+    fns = {
+        name: (lambda name=name, d=d: (order.append(name), time.sleep(d)))
+        for name, d in (("a", 0.002), ("b", 0.01))
+    }
+    timed = time_interleaved(fns, repeats=4, warmup=1)
+    assert set(timed) == {"a", "b"}
+    assert len(timed["a"][0]) == len(timed["b"][0]) == 4
+    assert np.median(timed["b"][0]) > np.median(timed["a"][0])
+    rounds = order[2:]  # after one warm-up each
+    firsts = [rounds[i] for i in range(0, len(rounds), 2)]
+    assert firsts == ["a", "b", "a", "b"]  # who goes first alternates
+
+
+# ---------------------------------------------------------------------- FLOPs
+def test_count_flops_conv_and_linear_by_hand() -> None:
+    # Conv2d(3→8, 3×3, padding 1) on 16×16: every output value is a 3·3·3-term multiply-add.
+    # Linear(8·16·16 → 4): 2048 multiply-adds per output. A multiply-add is 2 FLOPs; bias not counted.
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+    batch = 2
+    conv = batch * (8 * 16 * 16) * (3 * 3 * 3) * 2
+    linear = batch * 4 * (8 * 16 * 16) * 2
+    assert count_flops(model, torch.rand(batch, 3, 16, 16)) == conv + linear == 253_952
+
+
+def test_count_flops_strided_grouped_conv() -> None:
+    # Depthwise 3×3, stride 2: 16 channels, each output value is a 1·3·3 multiply-add; 32×32 → 16×16.
+    model = nn.Conv2d(16, 16, 3, stride=2, padding=1, groups=16, bias=False)
+    assert count_flops(model, torch.rand(1, 16, 32, 32)) == 16 * 16 * 16 * 9 * 2
+
+
+def test_count_flops_scales_with_batch() -> None:
+    model = nn.Linear(10, 3)
+    assert count_flops(model, torch.rand(5, 10)) == 5 * count_flops(model, torch.rand(1, 10))
+
+
+# -------------------------------------------------------------------- results
+def test_write_and_load_result_round_trip(tmp_path) -> None:
+    payload = {"name": "x", "value": np.float32(1.5), "n": np.int64(3), "rows": [{"a": 1}]}
+    path = write_result("x", payload, tmp_path)
+    assert path == tmp_path / "x.json"
+    back = json.loads(path.read_text())
+    assert back["value"] == 1.5 and back["n"] == 3
+    assert load_result("x", tmp_path) == back
+    assert load_result("missing", tmp_path) is None
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left behind
+
+
+def test_write_result_refuses_nan_and_keeps_previous(tmp_path) -> None:
+    write_result("x", {"v": 1.0}, tmp_path)
+    with pytest.raises(ValueError):
+        write_result("x", {"v": math.nan}, tmp_path)
+    assert load_result("x", tmp_path) == {"v": 1.0}
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+# --------------------------------------------------------------- BENCHMARKS.md
+def test_replace_section_replaces_only_that_section() -> None:
+    doc = (
+        "# B\n\n<!-- section:a -->\nold a\n<!-- /section:a -->\n\n"
+        "<!-- section:b -->\nkeep b\n<!-- /section:b -->\n"
+    )
+    out = replace_section(doc, "a", "new a\nline 2")
+    assert "new a\nline 2" in out and "old a" not in out
+    assert "<!-- section:b -->\nkeep b\n<!-- /section:b -->" in out
+    assert replace_section(out, "a", "new a\nline 2") == out  # idempotent
+
+
+def test_replace_section_appends_missing_section() -> None:
+    out = replace_section("# B\n", "c", "body")
+    assert out.rstrip().endswith("<!-- section:c -->\nbody\n<!-- /section:c -->")

@@ -1,0 +1,69 @@
+"""params.yaml → Params: the shipped file loads; bad keys and values fail early, by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bonefrac.config import ConfigError, Params, load_params, params_from_dict
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_params_load_and_match_defaults_where_unset() -> None:
+    p = load_params(ROOT / "params.yaml")
+    assert isinstance(p, Params)
+    assert p.data.source == "phantom"
+    assert p.spatial_dims == 2
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert p.train.epochs == raw["train"]["epochs"]
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  epocs: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(f)
+    assert "train.epocs" in str(err.value)
+    assert "unknown key" in str(err.value)
+
+
+def test_bad_value_names_key_and_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        params_from_dict({"model": {"arch": "resnet9000"}})
+    msg = str(err.value)
+    assert "model.arch" in msg and "resnet9000" in msg
+    assert "efficientnet_lite0" in msg  # what is allowed
+
+
+def test_out_of_range_value_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        params_from_dict({"train": {"lr": -1}})
+
+
+def test_cross_field_rule_split_fractions() -> None:
+    with pytest.raises(ConfigError, match="split.val_fraction"):
+        params_from_dict({"split": {"val_fraction": 0.45, "test_fraction": 0.45}})
+
+
+def test_overrides_merge_deeply(tmp_path: Path) -> None:
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  epochs: 3\n  lr: 0.01\n")
+    p = load_params(f, overrides={"train": {"epochs": 5}})
+    assert (p.train.epochs, p.train.lr) == (5, 0.01)
+
+
+def test_3d_source_sets_spatial_dims() -> None:
+    assert params_from_dict({"data": {"source": "volume"}}).spatial_dims == 3
+    assert params_from_dict({"data": {"phantom": {"spatial_dims": 3}}}).spatial_dims == 3
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_params(bad)
