@@ -392,6 +392,11 @@ def goals_markdown(goals: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def bullets(items: Iterable[Any]) -> str:
+    """A Markdown list (one block, no blank lines between items)."""
+    return "\n".join(f"- {item}" for item in items)
+
+
 def generic_markdown(result: Mapping[str, Any]) -> str:
     """Render any result in the common envelope: the rows as a table, the goals, the notes."""
     parts = []
@@ -403,8 +408,8 @@ def generic_markdown(result: Mapping[str, Any]) -> str:
         parts.append(markdown_table(cols, ([r.get(c) for c in cols] for r in rows)))
     if result.get("goals"):
         parts.append(goals_markdown(result["goals"]))
-    for note in result.get("notes") or []:
-        parts.append(f"- {note}")
+    if result.get("notes"):
+        parts.append(bullets(result["notes"]))
     return "\n\n".join(parts) if parts else "_(no rows)_"
 
 

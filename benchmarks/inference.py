@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from benchmarks._common import (
+    bullets,
     command_line,
     count_flops,
     envelope,
@@ -321,8 +322,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     machine = machine_info()
 
     print(f"measuring the fp32 matmul peak at {threads} thread(s)...")
-    peak = peak_flops(threads)
-    print(f"peak: {peak / 1e9:.1f} GFLOP/s")
+    peak, peak_by_lib = peak_flops(threads)
+    print(
+        f"peak: {peak / 1e9:.1f} GFLOP/s ("
+        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_by_lib.items())
+        + ")"
+    )
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bonefrac-bench-inference-") as tmp:
         if "compile" in backends and not args.warm_compile_cache:
@@ -343,11 +348,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 Path(tmp),
             )
             torch._dynamo.reset()  # free compiled graphs between architectures
-    peak_after = peak_flops(threads)
+    peak_after, _ = peak_flops(threads)
     notes = [
         f"matmul peak measured at the start and the end of this run: {peak / 1e9:.1f} and "
         f"{peak_after / 1e9:.1f} GFLOP/s (fractions use the start value; a large gap means the "
-        "machine's load changed)",
+        "machine's load changed). The peak is the best of torch (MKL), numpy (OpenBLAS) and "
+        "ONNX Runtime (MLAS) matmuls: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_by_lib.items()),
         "FLOPs count convolutions and matrix multiplications only (FlopCounterMode), a multiply-add as 2.",
         "setup_s: ONNX export time (first use of an input size) or torch.compile's first call "
         "for that shape.",
@@ -372,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         notes=notes,
         peak_flops=peak,
+        peak_flops_by_library=peak_by_lib,
         peak_flops_end=peak_after,
         summary=summarize_backends(rows),
     )
@@ -462,8 +469,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         else ""
     )
     lines = [head, table]
-    lines += [f"- {line}" for line in result.get("summary", {}).get("lines", [])]
-    lines += [f"- {n}" for n in result.get("notes", [])]
+    lines.append(bullets([*result.get("summary", {}).get("lines", []), *result.get("notes", [])]))
     return "\n\n".join(x for x in lines if x)
 
 

@@ -42,6 +42,7 @@ from benchmarks._common import (
     GIB,
     REPO_ROOT,
     RssSampler,
+    bullets,
     child_env,
     command_line,
     copy_worktree,
@@ -430,7 +431,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     if result.get("goals"):
         parts.append(goals_markdown(result["goals"]))
-    parts += [f"- {n}" for n in result.get("notes", [])]
+    parts.append(bullets(result.get("notes", [])))
     return "\n\n".join(parts)
 
 

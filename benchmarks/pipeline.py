@@ -35,7 +35,6 @@ from benchmarks._common import (
     command_line,
     copy_worktree,
     envelope,
-    fmt,
     goal,
     machine_info,
     markdown_table,
@@ -65,7 +64,7 @@ def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``["train.epochs=2", "data.root=x"]`` → nested overrides (values parsed as YAML: ``null``, ``2``, ``[1]``)."""
+    """``["train.epochs=2"]`` → nested overrides; values are parsed as YAML (``null``, ``2``, ``[1]``)."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -133,7 +132,7 @@ def run_timed_lines(
     proc = subprocess.Popen(
         cmd,
         cwd=cwd,
-        env=env,
+        env={**env, "PYTHONUNBUFFERED": "1"},  # lines must arrive when printed for the stage times
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -181,8 +180,9 @@ def bench_repro(repeats: int, overrides: dict[str, Any] | None, timeout: float, 
             print(f"  stage {name:<12} {s:7.1f} s")
         print(f"full dvc repro: {full_s:.1f} s (exit {rc})")
         if rc != 0:
-            out["error"] = f"full `dvc repro` failed: {_error_line([t for _, t in lines])}\nlast output:\n" + "\n".join(
-                text for _, text in lines[-25:]
+            out["error"] = (
+                f"full `dvc repro` failed: {_error_line([t for _, t in lines])}\nlast output:\n"
+                + "\n".join(text for _, text in lines[-25:])
             )
             print(out["error"])
             return out
@@ -191,7 +191,10 @@ def bench_repro(repeats: int, overrides: dict[str, Any] | None, timeout: float, 
         for i in range(repeats):
             rc2, s2, lines2 = run_timed_lines([*dvc, "repro"], project, env, timeout)
             if rc2 != 0:
-                out["error"] = f"second `dvc repro` failed: {_error_line([t for _, t in lines2])}\n" + "\n".join(text for _, text in lines2[-15:])
+                out["error"] = (
+                    f"second `dvc repro` failed: {_error_line([t for _, t in lines2])}\n"
+                    + "\n".join(text for _, text in lines2[-15:])
+                )
                 break
             second.append(s2)
             reran += [text for _, text in lines2 if text.startswith("Running stage '")]
@@ -284,8 +287,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="smaller phantom + 1 epoch of custom_cnn; 2 second runs; a 150-image FracAtlas subset",
     )
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a params key in the copy, e.g. --set train.epochs=2 (repeatable)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key in the copy, e.g. --set train.epochs=2 (repeatable)",
+    )
     ap.add_argument("--skip-repro", action="store_true")
     ap.add_argument("--skip-validation", action="store_true")
     ap.add_argument(
@@ -316,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.skip_repro:
         overrides = _deep_merge(QUICK_OVERRIDES if args.quick else {}, parse_sets(args.sets))
         repro = bench_repro(repeats, overrides, args.timeout, args.keep)
+        repro["overrides"] = overrides
         extra["repro"] = repro
         rows.append(
             {
@@ -340,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "ok": not repro["second_reran_stages"],
                 }
             )
-        goals.append(goal("second `dvc repro` (s)", med2, SECOND_REPRO_GOAL_S, "<=", " s"))
+        goals.append(goal("second `dvc repro` (no changes)", med2, SECOND_REPRO_GOAL_S, "<=", " s"))
         if repro.get("second_reran_stages"):
             notes.append(
                 f"the second dvc repro reran {repro['second_reran_stages']}: a stage is not "
@@ -350,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             notes.append(repro["error"].splitlines()[0])
         if args.quick:
             notes.append(
-                f"--quick: params overridden with {QUICK_OVERRIDES}; "
+                f"--quick: params overridden with {QUICK_OVERRIDES} (plus any --set); "
                 "the default full repro is without --quick"
             )
 
@@ -420,7 +430,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
-    from benchmarks._common import goals_markdown
+    from benchmarks._common import bullets, goals_markdown
 
     parts = [
         markdown_table(
@@ -439,7 +449,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     ]
     if result.get("goals"):
         parts.append(goals_markdown(result["goals"]))
-    parts += [f"- {fmt(n)}" for n in result.get("notes", [])]
+    parts.append(bullets(result.get("notes", [])))
     return "\n\n".join(parts)
 
 

@@ -45,36 +45,61 @@ class Bench:
     module: str  # benchmarks.<module>; "" for a section filled only from a result file
     title: str
     results: tuple[str, ...]  # result names to look for, first found wins
-    issue_point: str
+    what: str  # one line: what it compares
 
 
 BENCHES: tuple[Bench, ...] = (
-    Bench("matmul_peak", "matmul_peak", "Matrix-multiply peak (fp32)", ("matmul_peak",), "1 (reference)"),
+    Bench(
+        "matmul_peak",
+        "matmul_peak",
+        "Matrix-multiply peak (fp32)",
+        ("matmul_peak",),
+        'fp32 `torch.mm` FLOP/s on 1 thread and all threads (the reference for "% of peak")',
+    ),
     Bench(
         "inference",
         "inference",
         "Model inference: eager vs ONNX Runtime vs torch.compile",
         ("inference",),
-        "1",
+        "eager PyTorch vs ONNX Runtime vs torch.compile, every registry architecture, batch 1/8/32, "
+        "224 px and 128 px",
     ),
     Bench(
         "service",
         "service_load",
         "Service: BentoML vs in-process vs naive FastAPI",
         ("service_load", "service"),
-        "2",
+        "BentoML service vs the model called in-process vs naive FastAPI, 1–64 clients",
     ),
     Bench(
         "train_input",
         "train_input",
         "Training input pipeline: cached tensors vs decoding",
         ("train_input",),
-        "3",
+        "epoch time on cached tensors vs decoding every epoch; share of time waiting for data",
     ),
-    Bench("pipeline", "pipeline", "Pipeline: dvc repro and validation throughput", ("pipeline",), "4"),
-    Bench("memory", "memory", "Memory: training and service peak RSS", ("memory",), "5"),
-    Bench("drift", "drift_detector", "Drift detector", ("drift_detector", "drift"), "—"),
-    Bench("fracatlas_training", "", "FracAtlas training (filled by the lead)", ("fracatlas_training",), "—"),
+    Bench(
+        "pipeline",
+        "pipeline",
+        "Pipeline: dvc repro and validation throughput",
+        ("pipeline",),
+        "full `dvc repro` in a fresh copy, a second `dvc repro`, ingest + validate images/s on FracAtlas",
+    ),
+    Bench(
+        "memory",
+        "memory",
+        "Memory: training and service peak RSS",
+        ("memory",),
+        "peak RSS of training (FracAtlas preset) and of the service under load",
+    ),
+    Bench("drift", "drift_detector", "Drift detector", ("drift_detector", "drift"), "the drift detector"),
+    Bench(
+        "fracatlas_training",
+        "",
+        "FracAtlas training (filled by the lead)",
+        ("fracatlas_training",),
+        "training on the FracAtlas preset",
+    ),
 )
 
 PREAMBLE = """# Benchmarks
@@ -88,7 +113,26 @@ beside them); ratios (speed-ups, fractions of peak) come from measurements made
 side by side in the same run, taking turns, so a busy neighbour slows every
 contender alike. The machine is shared: each section gives the load average
 when its run started.
+
+{table}
+
+`--quick` on any of them is a smoke run (fewer architectures, sizes and repeats) that proves the
+command works; the numbers worth quoting come from the full runs.
 """
+
+
+def preamble() -> str:
+    rows = [
+        [b.title.split(":")[0], f"`python -m benchmarks.{b.module}`", b.what] for b in BENCHES if b.module
+    ]
+    rows.append(
+        [
+            "everything",
+            "`python -m benchmarks.run_all [--quick]`",
+            "all of the above present; rewrites this file",
+        ]
+    )
+    return PREAMBLE.format(table=markdown_table(["benchmark", "command", "what it compares"], rows))
 
 
 def section_markers(name: str) -> tuple[str, str]:
@@ -145,11 +189,12 @@ def render_section(bench: Bench, result: dict[str, Any]) -> str:
 
 def placeholder(bench: Bench) -> str:
     how = (
-        f"`python -m benchmarks.{bench.module}`"
+        f"run `python -m benchmarks.{bench.module}`"
         if bench.module
-        else f"write `benchmarks/results/{bench.results[0]}.json`"
+        else f"write `benchmarks/results/{bench.results[0]}.json` (the common result layout, see "
+        "`benchmarks/_common.py`)"
     )
-    return f"## {bench.title}\n\n_Not measured yet: run {how}._"
+    return f"## {bench.title}\n\n_Not measured yet: {how}._"
 
 
 def goals_section(results: dict[str, dict[str, Any]]) -> str:
@@ -176,7 +221,9 @@ def goals_section(results: dict[str, dict[str, Any]]) -> str:
 
 def render_document(existing: str | None, results_dir: Path = RESULTS_DIR) -> str:
     """The new BENCHMARKS.md: sections with results rewritten, the others kept (or placeholders)."""
-    text = existing if existing and existing.strip() else PREAMBLE
+    text = existing if existing and existing.strip() else preamble()
+    if section_markers("goals")[0] not in text:  # the verdicts first, right after the preamble
+        text = replace_section(text, "goals", "## Goals\n\n_No goals measured yet._")
     found: dict[str, dict[str, Any]] = {}
     for bench in BENCHES:
         result = find_result(bench, results_dir)
