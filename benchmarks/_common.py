@@ -446,7 +446,7 @@ def child_env(project: Path, extra: Mapping[str, str] | None = None) -> dict[str
 
 
 def copy_worktree(src: Path, dst: Path) -> int:
-    """Copy the repo's tracked and untracked-not-ignored files to ``dst`` and ``git init`` there.
+    """Copy the repo's tracked and untracked-not-ignored files to ``dst`` and commit them there.
 
     This is what a fresh clone plus the work in progress looks like: no
     ``data/``, ``models/`` or DVC cache, so a ``dvc repro`` there runs every stage.
@@ -473,9 +473,27 @@ def copy_worktree(src: Path, dst: Path) -> int:
         d.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(s, d)
         n += 1
-    subprocess.run(["git", "init", "-q"], cwd=dst, check=True)
-    # DVC wants a git repo to find its root; a commit is not needed for `dvc repro`.
+    git_snapshot(dst)
     return n
+
+
+def git_snapshot(project: Path) -> None:
+    """``git init`` + one commit of everything (the copy's own throwaway repository).
+
+    DVC finds its root through git, and DVCLive reads HEAD when training starts
+    ("Empty git repo" otherwise), so the copy needs a commit, like a real clone.
+    """
+    ident = [
+        "-c",
+        "user.name=bonefrac-bench",
+        "-c",
+        "user.email=bench@localhost",
+        "-c",
+        "commit.gpgsign=false",
+    ]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run(["git", *ident, "commit", "-q", "-m", "benchmark snapshot"], cwd=project, check=True)
 
 
 @dataclass

@@ -229,12 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fracatlas", type=Path, default=FRACATLAS)
     ap.add_argument("--params", type=Path, default=REPO_ROOT / "params.yaml")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--drift-share", type=float, default=None, help="override drift.drift_share")
+    ap.add_argument("--name", default=NAME, help="result name (benchmarks/results/<name>.json)")
     a = ap.parse_args(argv)
     repeats = a.repeats or 50
     shift_repeats = a.shift_repeats or (10 if a.quick else 20)
     n_ref = a.n_ref or (120 if a.quick else 300)
     n_cur = a.n_cur or (50 if a.quick else 100)
     params = load_params(a.params).drift
+    if a.drift_share is not None:
+        params = params.model_copy(update={"drift_share": a.drift_share})
 
     rows = phantom_benchmark(params, repeats, shift_repeats, n_ref, n_cur, a.size, a.seed)
     notes = [
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     goals = [goal(f"false-alarm rate, {r['group']}", r["alarm_rate"], 0.05, "<=") for r in fa]
     goals += [goal(f"detection, {r['group']}: {r['scenario']}", r["alarm_rate"], 0.8, ">=") for r in shifts]
     result = envelope(
-        NAME,
+        a.name,
         command_line("benchmarks.drift_detector", argv),
         rows,
         settings={
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         goals=goals,
         notes=notes,
     )
-    print(f"wrote {write_result(NAME, result)}")
+    print(f"wrote {write_result(a.name, result)}")
     return 0
 
 

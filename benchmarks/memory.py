@@ -57,7 +57,7 @@ from benchmarks._common import (
     run_child,
     write_result,
 )
-from benchmarks.pipeline import QUICK_OVERRIDES, _deep_merge, write_params
+from benchmarks.pipeline import QUICK_OVERRIDES, _deep_merge, parse_sets, write_params
 
 NAME = "memory"
 TRAIN_GOAL_GIB = 6.0
@@ -66,7 +66,9 @@ SERVICE = "bonefrac.serving.service:FractureService"
 
 
 # ------------------------------------------------------------------- training
-def train_overrides(preset: Path | None, epochs: int | None, quick: bool) -> dict[str, Any]:
+def train_overrides(
+    preset: Path | None, epochs: int | None, quick: bool, sets: dict[str, Any] | None = None
+) -> dict[str, Any]:
     over: dict[str, Any] = {}
     if preset is not None:
         over = yaml.safe_load(preset.read_text()) or {}
@@ -74,11 +76,17 @@ def train_overrides(preset: Path | None, epochs: int | None, quick: bool) -> dic
         over = _deep_merge(over, QUICK_OVERRIDES)
     if epochs:
         over = _deep_merge(over, {"train": {"epochs": epochs}})
-    return over
+    return _deep_merge(over, sets or {})
 
 
 def bench_train(
-    preset: Path | None, epochs: int | None, quick: bool, project: Path | None, timeout: float, keep: bool
+    preset: Path | None,
+    epochs: int | None,
+    quick: bool,
+    project: Path | None,
+    timeout: float,
+    keep: bool,
+    sets: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Prepare the cache in a copy (or reuse ``project``), then measure the train stage alone."""
     tmp: Path | None = None
@@ -86,7 +94,7 @@ def bench_train(
         tmp = Path(tempfile.mkdtemp(prefix="bonefrac-bench-memory-"))
         project = tmp / "bonefrac"
         copy_worktree(REPO_ROOT, project)
-    overrides = train_overrides(preset, epochs, quick)
+    overrides = train_overrides(preset, epochs, quick, sets)
     try:
         write_params(project, overrides)
         env = child_env(project)
@@ -241,6 +249,7 @@ def bench_service(
                     time.sleep(3.0)
                 png = test_png()
                 counts = {"ok": 0, "error": 0}
+                failures: dict[str, str] = {}  # status (or exception) -> first response text
                 lock = threading.Lock()
                 stop_at = time.perf_counter() + duration
 
@@ -250,10 +259,14 @@ def bench_service(
                             try:
                                 r = c.post(f"{url}/predict", files={"file": ("x.png", png, "image/png")})
                                 key = "ok" if r.status_code == 200 else "error"
-                            except httpx.HTTPError:
-                                key = "error"
+                                why = str(r.status_code)
+                                text = r.text[:300]
+                            except httpx.HTTPError as err:
+                                key, why, text = "error", type(err).__name__, str(err)[:300]
                             with lock:
                                 counts[key] += 1
+                                if key == "error":
+                                    failures.setdefault(why, text)
 
                 with RssSampler(proc.pid, interval=0.2) as load:
                     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -268,6 +281,7 @@ def bench_service(
                     "duration_s": duration,
                     "requests_ok": counts["ok"],
                     "requests_failed": counts["error"],
+                    "failures": failures,
                     "startup_peak_tree_bytes": startup.peak_tree_bytes,
                     "idle_tree_bytes": idle.peak_tree_bytes,
                     "load_peak_tree_bytes": load.peak_tree_bytes,
@@ -303,6 +317,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=None,
         help="reuse a prepared project copy (e.g. from `benchmarks.pipeline --keep`)",
     )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params key for training, e.g. --set train.batch_size=16 (repeatable)",
+    )
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-service", action="store_true")
     ap.add_argument("--bundle", type=Path, default=None)
@@ -331,7 +353,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     extra: dict[str, Any] = {}
 
     if not args.skip_train:
-        tr = bench_train(preset, epochs, args.quick, args.project, args.timeout, args.keep)
+        tr = bench_train(
+            preset, epochs, args.quick, args.project, args.timeout, args.keep, parse_sets(args.sets)
+        )
         extra["train"] = tr
         label = (
             f"training ({preset.name if preset else 'params.yaml'}{', quick' if args.quick else ''}, "
@@ -390,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 }
             )
             notes.append(f"service bundle: {sv['bundle']}")
+            for why, text in sv.get("failures", {}).items():
+                notes.append(f"failed requests ({why}): {text}")
     notes.append(
         "peak_rss = largest single process (train: kernel ru_maxrss via wait4; service: sampled); "
         "peak_tree = largest sampled sum over the process tree (counts shared pages once per process)"

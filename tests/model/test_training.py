@@ -65,9 +65,9 @@ def test_early_stopping(cache: Path, tmp_path: Path) -> None:
 
 
 def test_learns_the_synthetic_task(tmp_path: Path) -> None:
-    cache = make_tiny_cache(tmp_path, n_train=32, n_val=16, size=32, seed=3)
+    cache = make_tiny_cache(tmp_path, n_train=48, n_val=16, size=32, seed=3)
     mp, tp = tiny_params(
-        epochs=6, batch_size=16, augment=NO_AUG, lr=3e-3, finetune=FinetuneParams(strategy="full")
+        epochs=8, batch_size=16, augment=NO_AUG, lr=3e-3, finetune=FinetuneParams(strategy="full")
     )
     r = train_model(cache, tmp_path / "o", mp, tp, 2, TYPES, seed=0)
     assert r.history[-1]["train/loss"] < r.history[0]["train/loss"]
