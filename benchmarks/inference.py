@@ -286,7 +286,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     ap.add_argument("--repeats", type=int, default=None, help="repeats per measurement (default 5; quick 3)")
     ap.add_argument(
-        "--threads", type=int, default=None, help="intra-op threads for torch and ORT (default: all)"
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="intra-op threads for torch and ORT (default: all)",
     )
     ap.add_argument("--min-time", type=float, default=None, help="seconds per repeat at least (default 0.5)")
     ap.add_argument(
@@ -315,45 +319,55 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     sizes = args.sizes or ([128] if args.quick else default_sizes())
     repeats = args.repeats or (3 if args.quick else 5)
     min_time = args.min_time if args.min_time is not None else (0.2 if args.quick else 0.5)
-    threads = args.threads or all_threads()
+    thread_counts = args.threads or [all_threads()]
     backends = args.backends or (["eager", "onnx"] if args.quick else list(BACKENDS))
     volume = default_volume()
-    torch.set_num_threads(threads)
     machine = machine_info()
 
-    print(f"measuring the fp32 matmul peak at {threads} thread(s)...")
-    peak, peak_by_lib = peak_flops(threads)
-    print(
-        f"peak: {peak / 1e9:.1f} GFLOP/s ("
-        + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_by_lib.items())
-        + ")"
-    )
     rows: list[dict[str, Any]] = []
+    peaks: dict[str, float] = {}
+    peaks_by_lib: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory(prefix="bonefrac-bench-inference-") as tmp:
         if "compile" in backends and not args.warm_compile_cache:
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
-        for arch in archs:
-            print(f"{arch}:")
-            rows += bench_arch(
-                arch,
-                sizes,
-                volume,
-                batches,
-                backends,
-                repeats,
-                threads,
-                peak,
-                min_time,
-                args.budget,
-                Path(tmp),
+        for threads in thread_counts:
+            torch.set_num_threads(threads)
+            print(f"measuring the fp32 matmul peak at {threads} thread(s)...")
+            peak, peak_by_lib = peak_flops(threads)
+            peaks[str(threads)], peaks_by_lib[str(threads)] = peak, peak_by_lib
+            print(
+                f"peak: {peak / 1e9:.1f} GFLOP/s ("
+                + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_by_lib.items())
+                + ")"
             )
-            torch._dynamo.reset()  # free compiled graphs between architectures
-    peak_after, _ = peak_flops(threads)
+            for arch in archs:
+                print(f"{arch} ({threads} thread(s)):")
+                rows += bench_arch(
+                    arch,
+                    sizes,
+                    volume,
+                    batches,
+                    backends,
+                    repeats,
+                    threads,
+                    peak,
+                    min_time,
+                    args.budget,
+                    Path(tmp),
+                )
+                torch._dynamo.reset()  # free compiled graphs between architectures
+    last = thread_counts[-1]
+    peak_after, _ = peak_flops(last)
     notes = [
-        f"matmul peak measured at the start and the end of this run: {peak / 1e9:.1f} and "
-        f"{peak_after / 1e9:.1f} GFLOP/s (fractions use the start value; a large gap means the "
-        "machine's load changed). The peak is the best of torch (MKL), numpy (OpenBLAS) and "
-        "ONNX Runtime (MLAS) matmuls: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in peak_by_lib.items()),
+        f"matmul peak at {last} thread(s) measured before and after that part of the run: "
+        f"{peaks[str(last)] / 1e9:.1f} and {peak_after / 1e9:.1f} GFLOP/s (fractions use the first; a large "
+        "gap means the machine's load changed). The peak is the best of torch (MKL), numpy (OpenBLAS) "
+        "and ONNX Runtime (MLAS) matmuls: "
+        + "; ".join(
+            f"{t} thread(s): " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in by.items())
+            for t, by in peaks_by_lib.items()
+        )
+        + " GFLOP/s",
         "FLOPs count convolutions and matrix multiplications only (FlopCounterMode), a multiply-add as 2.",
         "setup_s: ONNX export time (first use of an input size) or torch.compile's first call "
         "for that shape.",
@@ -370,24 +384,39 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "volume": list(volume),
             "backends": backends,
             "repeats": repeats,
-            "threads": threads,
+            "threads": thread_counts,
             "min_time_s": min_time,
             "budget_s": args.budget,
             "num_types": NUM_TYPES,
             "cold_compile_cache": not args.warm_compile_cache,
         },
         notes=notes,
-        peak_flops=peak,
-        peak_flops_by_library=peak_by_lib,
+        peak_flops=peaks,
+        peak_flops_by_library=peaks_by_lib,
         peak_flops_end=peak_after,
         summary=summarize_backends(rows),
     )
     print_table(
-        f"Inference, {threads} thread(s), images/s (median) — peak {peak / 1e9:.1f} GFLOP/s",
-        ["arch", "input", "batch", "backend", "img/s", "IQR", "GFLOP/img", "% peak", "× eager", "setup s"],
+        "Inference, images/s (median); peak "
+        + ", ".join(f"{t} thr {v / 1e9:.1f}" for t, v in peaks.items())
+        + " GFLOP/s",
+        [
+            "arch",
+            "thr",
+            "input",
+            "batch",
+            "backend",
+            "img/s",
+            "IQR",
+            "GFLOP/img",
+            "% peak",
+            "× eager",
+            "setup s",
+        ],
         [
             [
                 r["arch"],
+                r["threads"],
                 r["input"],
                 r["batch"],
                 r["backend"],
@@ -407,23 +436,50 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def _geomean(values: Sequence[float]) -> float:
+    return float(np.exp(np.mean(np.log(values))))
+
+
 def summarize_backends(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Geometric-mean speed-up of each backend over eager across all measured configurations."""
+    """Geometric-mean speed-ups across the measured configurations: each backend over eager, and
+    (when several thread counts ran) the most threads over one thread, per backend."""
     out: dict[str, Any] = {"lines": []}
-    for backend in BACKENDS[1:]:
-        sp = [r["speedup_vs_eager"] for r in rows if r["backend"] == backend and r.get("speedup_vs_eager")]
-        if sp:
-            g = float(np.exp(np.mean(np.log(sp))))
-            out[f"{backend}_geomean_speedup"] = g
-            out["lines"].append(
-                f"{backend} vs eager: geometric-mean speed-up {g:.2f}x over {len(sp)} "
-                f"configurations (min {min(sp):.2f}x, max {max(sp):.2f}x)"
-            )
+    thread_counts = sorted({r["threads"] for r in rows})
+    for t in thread_counts:
+        for backend in BACKENDS[1:]:
+            sp = [
+                r["speedup_vs_eager"]
+                for r in rows
+                if r["backend"] == backend and r["threads"] == t and r.get("speedup_vs_eager")
+            ]
+            if sp:
+                g = _geomean(sp)
+                out[f"{backend}_geomean_speedup_{t}t"] = g
+                out["lines"].append(
+                    f"{backend} vs eager at {t} thread(s): geometric-mean speed-up {g:.2f}x over {len(sp)} "
+                    f"configurations (min {min(sp):.2f}x, max {max(sp):.2f}x)"
+                )
+    if len(thread_counts) > 1:
+        lo, hi = thread_counts[0], thread_counts[-1]
+        key = lambda r: (r["arch"], r["input"], r["batch"], r["backend"])  # noqa: E731
+        low = {key(r): r["images_per_s"] for r in rows if r["threads"] == lo and r.get("images_per_s")}
+        for backend in BACKENDS:
+            sp = [
+                r["images_per_s"] / low[key(r)]
+                for r in rows
+                if r["threads"] == hi and r["backend"] == backend and r.get("images_per_s") and key(r) in low
+            ]
+            if sp:
+                out["lines"].append(
+                    f"{backend}: {hi} threads vs {lo}: geometric-mean {_geomean(sp):.2f}x "
+                    f"(min {min(sp):.2f}x, max {max(sp):.2f}x)"
+                )
     best = max((r for r in rows if r.get("peak_fraction")), key=lambda r: r["peak_fraction"], default=None)
     if best:
         out["lines"].append(
             f"highest fraction of peak: {100 * best['peak_fraction']:.1f}% "
-            f"({best['arch']} {best['input']} b{best['batch']} {best['backend']})"
+            f"({best['arch']} {best['input']} b{best['batch']} {best['backend']}, "
+            f"{best['threads']} thread(s))"
         )
     return out
 
@@ -433,6 +489,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     table = markdown_table(
         [
             "arch",
+            "threads",
             "input",
             "batch",
             "backend",
@@ -447,6 +504,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         [
             [
                 r["arch"],
+                r["threads"],
                 r["input"],
                 r["batch"],
                 r["backend"],
@@ -461,15 +519,15 @@ def render_markdown(result: dict[str, Any]) -> str:
             for r in rows
         ],
     )
-    peak = result.get("peak_flops")
+    peaks = result.get("peak_flops")
+    if isinstance(peaks, (int, float)):  # results written before per-thread peaks
+        peaks = {str(result["settings"].get("threads")): peaks}
     head = (
-        f"Threads: {result['settings'].get('threads')}. Measured fp32 matmul peak in this run: "
-        f"**{peak / 1e9:.1f} GFLOP/s**."
-        if peak
-        else ""
+        "Measured fp32 matmul peak in this run: "
+        + ", ".join(f"{t} thread(s) **{v / 1e9:.1f} GFLOP/s**" for t, v in (peaks or {}).items())
+        + "."
     )
-    lines = [head, table]
-    lines.append(bullets([*result.get("summary", {}).get("lines", []), *result.get("notes", [])]))
+    lines = [head, table, bullets([*result.get("summary", {}).get("lines", []), *result.get("notes", [])])]
     return "\n\n".join(x for x in lines if x)
 
 

@@ -197,3 +197,28 @@ def test_replace_section_replaces_only_that_section() -> None:
 def test_replace_section_appends_missing_section() -> None:
     out = replace_section("# B\n", "c", "body")
     assert out.rstrip().endswith("<!-- section:c -->\nbody\n<!-- /section:c -->")
+
+
+# ------------------------------------------------------------- pipeline helpers
+def test_stage_times_from_dvc_output_timestamps() -> None:
+    from benchmarks.pipeline import stage_times
+
+    lines = [
+        (0.5, "Running stage 'generate':"),
+        (0.6, "> python -m flows.generate"),
+        (10.5, "Running stage 'ingest':"),
+        (12.0, "Updating lock file 'dvc.lock'"),
+    ]
+    assert stage_times(lines, end=30.5) == {"generate": 10.0, "ingest": 20.0}
+    assert stage_times([(1.0, "Data and pipelines are up to date.")], end=2.0) == {}
+
+
+def test_parse_sets_builds_nested_yaml_values() -> None:
+    from benchmarks.pipeline import parse_sets
+
+    assert parse_sets(["train.epochs=2", "data.include_body_parts=null", "data.phantom.bit_depths=[8]"]) == {
+        "train": {"epochs": 2},
+        "data": {"include_body_parts": None, "phantom": {"bit_depths": [8]}},
+    }
+    with pytest.raises(SystemExit):
+        parse_sets(["train.epochs"])

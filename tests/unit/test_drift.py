@@ -43,7 +43,18 @@ def _table(rng: np.random.Generator, n: int, **kw: float) -> pd.DataFrame:
 def test_image_features_match_the_prediction_log_scaling() -> None:
     arr = _radiograph(np.random.default_rng(0))
     f = image_features(arr, 8)
-    for k, v in image_statistics(arr, (0.0, 255.0)).items():
+    from bonefrac.data.imageio import DecodedImage
+
+    decoded = DecodedImage(
+        array=arr.astype(np.float32),
+        bit_depth=8,
+        channels=1,
+        format="png",
+        modality="XR",
+        spatial_dims=2,
+        meta={"value_range": [0.0, 255.0]},
+    )
+    for k, v in image_statistics(decoded).items():
         assert f[k] == pytest.approx(v, abs=1e-6)
     assert f["aspect"] == 1.0 and f["bit_depth"] == 8 and f["intensity_p01"] <= f["intensity_p50"]
     # the same pixels stored as 16-bit are darker on the nominal scale: exposure stays visible

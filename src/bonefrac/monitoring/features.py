@@ -48,6 +48,17 @@ def nominal_range(bit_depth: int) -> tuple[float, float] | None:
     return (0.0, float(2 ** int(bit_depth) - 1)) if bit_depth and 0 < int(bit_depth) <= 16 else None
 
 
+def _scaled(arr: np.ndarray, value_range: Sequence[float] | None) -> np.ndarray:
+    """Ingest's own scaling (``bonefrac.data.metadata._scaled``: subsampling, nominal range,
+    percentile fallback), so reference, current batch and prediction log agree to the formula."""
+    from types import SimpleNamespace
+
+    from bonefrac.data.metadata import _scaled as ingest_scaled
+
+    img = SimpleNamespace(array=arr, meta={"value_range": list(value_range) if value_range else None})
+    return np.asarray(ingest_scaled(img), dtype=np.float32).ravel()
+
+
 def image_features(
     array: np.ndarray, bit_depth: int, value_range: Sequence[float] | None = None
 ) -> dict[str, float]:
@@ -55,19 +66,15 @@ def image_features(
 
     Intensities are scaled by the decoder's *nominal* value range (the
     ``value_range`` in ``DecodedImage.meta``; by default the range of the stored
-    bit depth), exactly as :func:`bonefrac.serving.prediction_log.image_statistics`
-    does, so rows from the service's log and rows computed here are comparable;
-    p50 is added here.
+    bit depth) with ingest's scaling, as
+    :func:`bonefrac.serving.prediction_log.image_statistics` does, so rows from the
+    service's log and rows computed here are comparable; p50 is added here.
     """
     arr = np.asarray(array, dtype=np.float32)
     if arr.ndim not in (2, 3) or arr.size == 0:
         raise FeatureError(f"expected a non-empty 2D image or 3D volume, got shape {arr.shape}")
-    flat = arr.ravel()
-    if flat.size > 1_000_000:  # same strided subsample as the prediction log
-        flat = flat[:: flat.size // 1_000_000 + 1]
     rng = value_range if value_range is not None else nominal_range(bit_depth)
-    lo, hi = (float(rng[0]), float(rng[1])) if rng else (float(flat.min()), float(flat.max()))
-    scaled = np.clip((flat - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    scaled = _scaled(arr, rng)
     p01, p50, p99 = np.percentile(scaled, [1.0, 50.0, 99.0])
     h, w = arr.shape[-2], arr.shape[-1]
     return {

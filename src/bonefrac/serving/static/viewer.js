@@ -62,7 +62,11 @@
       const body = document.createElement("div");
       const text = document.createElement("div");
       text.className = "decision-text";
-      text.textContent = (positive ? "Fracture suspected" : "No fracture detected") + " (" + opName(k) + ")";
+      text.textContent = (positive ? "Fracture suspected" : "No fracture detected") + " ";
+      const opSpan = document.createElement("span");
+      opSpan.className = "op";
+      opSpan.textContent = "(" + opName(k) + ")";
+      text.appendChild(opSpan);
       const sub = document.createElement("div");
       sub.className = "decision-sub";
       const thr = res.thresholds ? res.thresholds[k] : undefined;
@@ -100,6 +104,8 @@
     const th = res.thresholds || {};
     if (th.high_sensitivity !== undefined) $("tick-sens").style.left = (100 * th.high_sensitivity) + "%";
     if (th.high_specificity !== undefined) $("tick-spec").style.left = (100 * th.high_specificity) + "%";
+    $("legend").textContent = "Markers: thresholds of the two operating points (" +
+      Object.keys(th).sort().map((k) => opName(k) + " " + pct(th[k])).join(", ") + ")";
     renderDecisions(res);
     renderTypes(res);
     const im = res.image || {};
