@@ -197,7 +197,7 @@ class PromotionParams(Strict):
 
 class DriftParams(Strict):
     stattest_threshold: float = Field(0.05, gt=0.0, lt=1.0)
-    drift_share: float = Field(0.5, gt=0.0, le=1.0, description="share of drifted features for a dataset verdict")
+    drift_share: float = Field(0.25, gt=0.0, le=1.0, description="share of drifted features for a dataset verdict")
     embedding_dims: int = Field(4, ge=1, le=32)
     trigger_retrain: bool = False
 

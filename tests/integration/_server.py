@@ -45,14 +45,20 @@ def make_tiny_bundle(
         head = model.head[-1]
         head.weight.mul_(5.0)
         if spatial_dims == 2:
-            from bonefrac.preprocess.transforms import preprocess_array
             from tests._factories import make_array
 
-            probe = torch.stack([
-                preprocess_array(make_array((48 + 8 * i, 64), seed=i).T if i % 2 else make_array((64, 64), seed=i),
-                                 2, image_size)
-                for i in range(8)
-            ])
+            from bonefrac.preprocess.transforms import preprocess_array
+
+            probe = torch.stack(
+                [
+                    preprocess_array(
+                        make_array((48 + 8 * i, 64), seed=i).T if i % 2 else make_array((64, 64), seed=i),
+                        2,
+                        image_size,
+                    )
+                    for i in range(8)
+                ]
+            )
         else:
             probe = torch.rand((8, 1, 16, 32, 32), generator=torch.Generator().manual_seed(seed))
         head.bias.sub_(model.eval()(probe).mean(dim=0))

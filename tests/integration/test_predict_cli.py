@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from tests._factories import make_dicom, make_png, make_text_file, make_truncated_jpeg
 from tests.integration._server import ROOT, make_tiny_bundle
 
@@ -21,13 +20,21 @@ pytestmark = pytest.mark.integration
 FRACATLAS = ROOT.parent / "shared" / "data" / "fracatlas"
 
 
-def bonefrac(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def bonefrac(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update({"PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{e.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"})
     e.pop("BONEFRAC_MODEL_PATH", None)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "bonefrac.cli", *args], capture_output=True, text=True,
-                          env=e, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "bonefrac.cli", *args],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +51,20 @@ def test_folder_with_broken_files_exits_2_and_keeps_going(model, tmp_path):
     make_truncated_jpeg(d / "broken.jpg")
     make_text_file(d / "sub" / "error_page.png")
     out = tmp_path / "preds.csv"
-    r = bonefrac("predict", str(d), "--model", str(model), "--out", str(out), "--batch-size", "2",
-                 "--gradcam", str(tmp_path / "cams"), "--backend", "torch")
+    r = bonefrac(
+        "predict",
+        str(d),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+        "--gradcam",
+        str(tmp_path / "cams"),
+        "--backend",
+        "torch",
+    )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "2 could not be read" in r.stdout and "broken.jpg" in r.stderr
@@ -57,40 +76,78 @@ def test_folder_with_broken_files_exits_2_and_keeps_going(model, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cams").iterdir()) == ["a.png", "sub__b16.png", "sub__c.png"]
 
 
+def _invoke(*args: str):
+    """In-process run of the same Typer app (fast: no interpreter start-up)."""
+    from typer.testing import CliRunner
+
+    from bonefrac.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def test_single_file_jsonl_exit_0(model, tmp_path):
     out = tmp_path / "p.jsonl"
-    r = bonefrac("predict", str(make_png(tmp_path / "x.png")), "--model", str(model), "--out", str(out),
-                 "--no-progress")
-    assert r.returncode == 0, r.stderr
+    r = _invoke(
+        "predict",
+        str(make_png(tmp_path / "x.png")),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--backend",
+        "torch",
+    )
+    assert r.exit_code == 0, r.output
     row = json.loads(out.read_text())
     assert row["error"] == "" and row["model_name"] == "bonefrac-test"
     assert set(row) >= {"decision_high_sensitivity", "decision_high_specificity", "type_prob_oblique"}
 
 
 def test_user_errors_exit_1_without_traceback(model, tmp_path):
-    r = bonefrac("predict", str(tmp_path / "missing"), "--model", str(model), "--out", str(tmp_path / "o.csv"))
-    assert r.returncode == 1 and "input not found" in r.stderr and "Traceback" not in r.stderr
-    r = bonefrac("predict", str(tmp_path), "--model", str(tmp_path / "nope.pt"))
-    assert r.returncode == 1 and "model bundle not found" in r.stderr and "Traceback" not in r.stderr
+    r = _invoke("predict", str(tmp_path / "missing"), "--model", str(model), "--out", str(tmp_path / "o.csv"))
+    assert r.exit_code == 1 and "input not found" in r.output and "Traceback" not in r.output
+    r = _invoke("predict", str(tmp_path), "--model", str(tmp_path / "nope.pt"))
+    assert r.exit_code == 1 and "model bundle not found" in r.output
+
+
+CHAMPION_SCRIPT = """
+import sys
+from typer.testing import CliRunner
+from bonefrac.cli import app
+from bonefrac.registry.store import promote, register_model
+
+tag = register_model(sys.argv[1], name="bonefrac")
+promote(tag)
+print("TAG", tag)
+for extra in ([], ["--model", tag]):
+    r = CliRunner().invoke(app, ["predict", sys.argv[2], "--out", sys.argv[3], "--backend", "torch", *extra])
+    print("EXIT", r.exit_code, r.output.replace(chr(10), " "))
+    print("ROW", open(sys.argv[3]).read().splitlines()[1])
+"""
 
 
 def test_champion_from_the_model_store_by_default(model, tmp_path):
-    env = {"BENTOML_HOME": str(tmp_path / "bentoml")}
-    reg = subprocess.run(
-        [sys.executable, "-c",
-         "import sys; from bonefrac.registry.store import register_model, promote;"
-         "t = register_model(sys.argv[1], name='bonefrac'); promote(t); print(t)", str(model)],
-        capture_output=True, text=True, env={**os.environ, **env,
-                                             "PYTHONPATH": str(ROOT / "src")}, timeout=300)
-    assert reg.returncode == 0, reg.stderr
-    tag = reg.stdout.strip().splitlines()[-1]
-    out = tmp_path / "p.csv"
-    r = bonefrac("predict", str(make_png(tmp_path / "x.png")), "--out", str(out), env=env)
-    assert r.returncode == 0, r.stderr
-    row = pd.read_csv(out).iloc[0]
-    assert f"{row['model_name']}:{row['model_version']}" == tag
-    r = bonefrac("predict", str(tmp_path / "x.png"), "--out", str(out), "--model", tag, env=env)
-    assert r.returncode == 0, r.stderr
+    """No --model: the champion in the BentoML model store (a fresh store in tmp); then by tag."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml"), "PYTHONPATH": str(ROOT / "src")}
+    env.pop("BONEFRAC_MODEL_PATH", None)
+    img = make_png(tmp_path / "x.png")
+    r = subprocess.run(
+        [sys.executable, "-c", CHAMPION_SCRIPT, str(model), str(img), str(tmp_path / "p.csv")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = r.stdout.splitlines()
+    tag = next(x.split()[1] for x in lines if x.startswith("TAG"))
+    exits = [x for x in lines if x.startswith("EXIT")]
+    rows = [x for x in lines if x.startswith("ROW")]
+    assert [e.split()[1] for e in exits] == ["0", "0"], exits
+    name, version = tag.split(":")
+    assert all(f",{name},{version}," in row for row in rows), (tag, rows)
 
 
 def test_validate_external_on_an_imagefolder(model, tmp_path):
@@ -101,8 +158,21 @@ def test_validate_external_on_an_imagefolder(model, tmp_path):
             make_png(root / folder / f"{folder}_{i}.png", size=(64 + 4 * i, 64), seed=10 * label + i)
     make_truncated_jpeg(root / "Fractured" / "cut.jpg")
     out = tmp_path / "report"
-    r = bonefrac("validate-external", "--source", "imagefolder", "--root", str(root), "--model", str(model),
-                 "--out", str(out), "--bootstrap", "20", "--gallery", "2")
+    r = bonefrac(
+        "validate-external",
+        "--source",
+        "imagefolder",
+        "--root",
+        str(root),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--bootstrap",
+        "20",
+        "--gallery",
+        "2",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "report.html").stat().st_size > 1000
     facts = json.loads((out / "external.json").read_text())
@@ -121,8 +191,10 @@ def test_fracatlas_predict_and_external_validation(model, tmp_path):
     meta = pd.read_csv(FRACATLAS / "dataset.csv")
     legs = meta[meta["leg"] == 1]
     pick = pd.concat([legs[legs["fractured"] == 1].head(10), legs[legs["fractured"] == 0].head(10)])
-    paths = [str(FRACATLAS / "images" / ("Fractured" if f else "Non_fractured") / n)
-             for n, f in zip(pick["image_id"], pick["fractured"], strict=True)]
+    paths = [
+        str(FRACATLAS / "images" / ("Fractured" if f else "Non_fractured") / n)
+        for n, f in zip(pick["image_id"], pick["fractured"], strict=True)
+    ]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(Path(paths[0]).read_bytes()[:5000])  # a truncated copy of a real radiograph
     pd.DataFrame({"path": [*paths, str(broken)]}).to_csv(tmp_path / "m.csv", index=False)
@@ -131,7 +203,22 @@ def test_fracatlas_predict_and_external_validation(model, tmp_path):
     df = pd.read_csv(tmp_path / "p.csv", keep_default_na=False)
     assert (df["error"] == "").sum() == 20 and "truncated" in df.iloc[-1]["error"]
     out = tmp_path / "ext"
-    r = bonefrac("validate-external", "--source", "fracatlas", "--root", str(FRACATLAS), "--model", str(model),
-                 "--out", str(out), "--body-part", "leg", "--max-images", "60", "--bootstrap", "50")
+    r = bonefrac(
+        "validate-external",
+        "--source",
+        "fracatlas",
+        "--root",
+        str(FRACATLAS),
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--body-part",
+        "leg",
+        "--max-images",
+        "60",
+        "--bootstrap",
+        "50",
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     assert (out / "report.html").exists()

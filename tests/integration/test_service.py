@@ -14,14 +14,8 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
-
 from benchmarks.service_load import run_load
-from bonefrac.data.imageio import read_image
-from bonefrac.inference.batch_predict import predict_to_file
-from bonefrac.inference.predictor import Predictor
-from bonefrac.serving.model_loading import load_file
-from bonefrac.serving.prediction_log import read_prediction_log
+from PIL import Image
 from tests._factories import (
     make_cmyk_jpeg,
     make_decompression_bomb_png,
@@ -35,6 +29,12 @@ from tests._factories import (
 )
 from tests.integration._server import make_tiny_bundle, running_server
 
+from bonefrac.data.imageio import read_image
+from bonefrac.inference.batch_predict import predict_to_file
+from bonefrac.inference.predictor import Predictor
+from bonefrac.serving.model_loading import load_file
+from bonefrac.serving.prediction_log import read_prediction_log
+
 pytestmark = pytest.mark.integration
 
 API_KEY = "test-key-8c1f"
@@ -46,7 +46,8 @@ def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("svc")
     model = make_tiny_bundle(work / "model.pt")
     with running_server(
-        model, work,
+        model,
+        work,
         BONEFRAC_API_KEY=API_KEY,
         BONEFRAC_MAX_UPLOAD_MB="1",
         BONEFRAC_MAX_BATCH_SIZE="8",
@@ -148,8 +149,11 @@ def test_bad_input_corpus_gets_4xx_and_service_stays_healthy(client, served, tmp
             body = r.json()
             assert isinstance(body, dict) and len(body["error"]) > 10, (name, body)
     # Valid but unusual inputs are accepted.
-    for f in (make_png(tmp_path / "p16.png", bit_depth=16), make_png(tmp_path / "rgb.png", mode="RGB"),
-              make_cmyk_jpeg(tmp_path / "cmyk.jpg")):
+    for f in (
+        make_png(tmp_path / "p16.png", bit_depth=16),
+        make_png(tmp_path / "rgb.png", mode="RGB"),
+        make_cmyk_jpeg(tmp_path / "cmyk.jpg"),
+    ):
         assert _post(client, f).status_code == 200
     assert client.get("/readyz").status_code == 200
     assert _post(client, make_png(tmp_path / "ok.png")).status_code == 200
@@ -178,7 +182,7 @@ def test_explain_returns_overlay_and_heatmap(client, tmp_path):
     assert overlay.mode == "RGB" and overlay.size == (64, 96)  # original aspect (W, H)
     assert heat.mode == "RGBA" and heat.size == overlay.size
     small = np.asarray(ex["heatmap"])
-    assert small.ndim == 2 and 0 <= small.min() and small.max() <= 1 and small.max() > 0
+    assert small.ndim == 2 and small.min() >= 0 and small.max() <= 1 and small.max() > 0
 
 
 def test_prediction_log_is_written_without_phi(client, served, tmp_path):
@@ -200,3 +204,40 @@ def test_bounded_load_has_zero_errors(served, tmp_path):
     assert res["errors"] == 0, res
     assert res["ok"] >= 8, res
     print("load 8 clients / 10 s:", res)
+
+
+def test_bentoml_build_from_bentofile(tmp_path):
+    """``bentoml build`` packages the service offline (needs ``uv`` and ``lock_packages: false``)."""
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.integration._server import ROOT
+
+    bindir = os.path.dirname(sys.executable)
+    if not (shutil.which("uv") or os.path.exists(os.path.join(bindir, "uv"))):
+        pytest.skip("`uv` is not installed: bentoml build needs it offline (pip install uv)")
+    env = {
+        **os.environ,
+        "BENTOML_HOME": str(tmp_path / "home"),
+        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
+        "BONEFRAC_MODEL_PATH": str(make_tiny_bundle(tmp_path / "m.pt")),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "."],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    (bento,) = [p for p in (tmp_path / "home" / "bentos" / "bonefrac").iterdir() if p.name != "latest"]
+    meta = yaml.safe_load((bento / "bento.yaml").read_text())
+    assert meta["service"] == "bonefrac.serving.service:FractureService"
+    assert {s["name"] for s in meta["services"]} == {"bonefrac", "bonefrac_model"}
+    assert (bento / "src" / "src" / "bonefrac" / "serving" / "static" / "index.html").exists()
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "nvidia/cuda" in dockerfile and "PYTHONPATH=/home/bentoml/bento/src/src" in dockerfile

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from tests._factories import make_dicom, make_png, make_truncated_jpeg
 from tests.integration._server import make_tiny_bundle, running_server
 
@@ -26,15 +25,25 @@ CHROMEDRIVER = shutil.which("chromedriver") or (
     "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else None
 )
 if not (CHROMIUM and CHROMEDRIVER):
-    pytest.skip("headless Chromium not available: apt-get install -y chromium chromium-driver",
-                allow_module_level=True)
+    pytest.skip(
+        "headless Chromium not available: apt-get install -y chromium chromium-driver",
+        allow_module_level=True,
+    )
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1280,860"]
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,860",
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +117,9 @@ def test_viewer_shows_prediction_overlay_and_decisions(server, browser, tmp_path
     browser.find_element(By.ID, "heat-toggle").click()
     assert not heat.is_displayed()
     browser.find_element(By.ID, "heat-toggle").click()
-    browser.execute_script("const s=document.getElementById('heat-opacity'); s.value=20;"
-                           "s.dispatchEvent(new Event('input'));")
+    browser.execute_script(
+        "const s=document.getElementById('heat-opacity'); s.value=20;s.dispatchEvent(new Event('input'));"
+    )
     WebDriverWait(browser, 5).until(lambda d: abs(float(heat.value_of_css_property("opacity")) - 0.2) < 0.01)
 
 

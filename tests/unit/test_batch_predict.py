@@ -1,4 +1,4 @@
-"""``bonefrac predict`` logic: discovery, streaming, broken files, outputs, Grad-CAM, same numbers as the Predictor."""
+"""``bonefrac predict`` logic: discovery, streaming, broken files, outputs, Grad-CAM, Predictor parity."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from tests._factories import make_dicom, make_jpeg, make_png, make_text_file, make_truncated_jpeg
+from tests.integration._server import make_tiny_bundle
 
 from bonefrac.data.imageio import read_image
 from bonefrac.inference.batch_predict import (
@@ -20,8 +22,6 @@ from bonefrac.inference.batch_predict import (
 )
 from bonefrac.inference.predictor import Predictor
 from bonefrac.serving.model_loading import load_file
-from tests._factories import make_dicom, make_jpeg, make_png, make_text_file, make_truncated_jpeg
-from tests.integration._server import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,15 @@ def test_discovery_is_lazy_and_recursive(folder):
     it = iter_inputs(folder)
     assert isinstance(it, types.GeneratorType)
     names = sorted(p.rsplit("/", 1)[-1] for p in it)
-    assert names == ["FIVE_NOEXT", "broken.jpg", "four.dcm", "html_error.png", "one.png", "three.jpg", "two16.png"]
+    assert names == [
+        "FIVE_NOEXT",
+        "broken.jpg",
+        "four.dcm",
+        "html_error.png",
+        "one.png",
+        "three.jpg",
+        "two16.png",
+    ]
 
 
 def test_folder_with_broken_files(folder, model, tmp_path):
@@ -66,11 +74,15 @@ def test_folder_with_broken_files(folder, model, tmp_path):
     good = df[df["error"] == ""]
     assert good["probability"].astype(float).between(0, 1).all()
     assert set(good["model_version"].astype(str)) == {model.version}
-    assert {"decision_high_sensitivity", "decision_high_specificity", "type_prob_transverse"} <= set(df.columns)
+    assert {"decision_high_sensitivity", "decision_high_specificity", "type_prob_transverse"} <= set(
+        df.columns
+    )
     # Decisions follow the stored thresholds exactly.
     thr = model.bundle.operating_points["high_sensitivity"]
-    assert (good["decision_high_sensitivity"].map({"True": True, "False": False})
-            == (good["probability"].astype(float) >= thr)).all()
+    assert (
+        good["decision_high_sensitivity"].map({"True": True, "False": False})
+        == (good["probability"].astype(float) >= thr)
+    ).all()
     # Same numbers as the pipeline's Predictor on the same files (one preprocessing path).
     paths = good["path"].tolist()
     ref = Predictor(model.bundle).predict_arrays([read_image(p).array for p in paths])
@@ -99,7 +111,9 @@ def test_csv_manifest_with_relative_paths(tmp_path, model):
     (tmp_path / "imgs").mkdir()
     make_png(tmp_path / "imgs" / "a.png")
     make_png(tmp_path / "imgs" / "b.png", seed=5)
-    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png", "imgs/missing.png"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png", "imgs/missing.png"]}).to_csv(
+        tmp_path / "m.csv", index=False
+    )
     out = tmp_path / "o.csv"
     s = predict_to_file(tmp_path / "m.csv", model, out, backend="torch", progress=False)
     assert (s.n_ok, s.n_failed) == (2, 1)

@@ -14,16 +14,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
-
-from bonefrac.serving.auth import APIKeyMiddleware, extract_key
-from bonefrac.serving.input_safety import (
-    InputRejected,
-    SafetyLimits,
-    UploadLimitMiddleware,
-    classify_decode_error,
-    decode_upload,
-)
-from bonefrac.serving.prediction_log import LOG_COLUMNS, append_prediction, image_statistics, read_prediction_log
 from tests._factories import (
     make_cmyk_jpeg,
     make_decompression_bomb_png,
@@ -34,6 +24,21 @@ from tests._factories import (
     make_text_file,
     make_truncated_jpeg,
     phi_strings,
+)
+
+from bonefrac.serving.auth import APIKeyMiddleware, extract_key
+from bonefrac.serving.input_safety import (
+    InputRejected,
+    SafetyLimits,
+    UploadLimitMiddleware,
+    classify_decode_error,
+    decode_upload,
+)
+from bonefrac.serving.prediction_log import (
+    LOG_COLUMNS,
+    append_prediction,
+    image_statistics,
+    read_prediction_log,
 )
 
 LIMITS = SafetyLimits(max_upload_bytes=2 * 1024 * 1024, max_pixels=4_000_000)
@@ -80,7 +85,11 @@ def test_cmyk_keeps_the_bright_bar_bright(tmp_path):
         (lambda p: make_decompression_bomb_png(p / "b.png").read_bytes(), 413, "decompression bomb"),
         (lambda p: make_dicom(p / "n.dcm", with_pixels=False).read_bytes(), 422, "no pixel data"),
         (lambda p: make_nifti(p / "v.nii.gz").read_bytes(), 422, "volume"),
-        (lambda p: (Image.new("L", (8, 8)).save(buf := io.BytesIO(), format="GIF"), buf.getvalue())[1], 415, "GIF"),
+        (
+            lambda p: (Image.new("L", (8, 8)).save(buf := io.BytesIO(), format="GIF"), buf.getvalue())[1],
+            415,
+            "GIF",
+        ),
     ],
     ids=["text", "garbage", "empty", "truncated", "bomb", "dicom-no-pixels", "volume-to-2d", "gif"],
 )
@@ -120,8 +129,13 @@ async def _echo(request: Request) -> JSONResponse:
 
 
 def _app(**mw) -> TestClient:
-    app = Starlette(routes=[Route("/predict", _echo, methods=["POST"]), Route("/readyz", _echo),
-                            Route("/metadata", _echo)])
+    app = Starlette(
+        routes=[
+            Route("/predict", _echo, methods=["POST"]),
+            Route("/readyz", _echo),
+            Route("/metadata", _echo),
+        ]
+    )
     wrapped = UploadLimitMiddleware(app, max_bytes=1000)
     if "api_key" in mw:
         wrapped = APIKeyMiddleware(wrapped, api_key=mw["api_key"])
@@ -149,7 +163,9 @@ def test_api_key_enforced_only_when_configured():
     assert client.post("/predict", content=b"a").status_code == 401
     assert client.get("/metadata").status_code == 401
     assert client.post("/predict", content=b"a", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.post("/predict", content=b"a", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert (
+        client.post("/predict", content=b"a", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    )
     assert client.post("/predict", content=b"a", headers={"X-API-Key": "s3cret"}).status_code == 200
     assert client.get("/readyz").status_code == 200  # probes stay open
     r = client.get("/metadata")
@@ -167,8 +183,17 @@ def test_prediction_log_round_trip_without_phi(tmp_path):
     img = decode_upload(make_dicom(tmp_path / "p.dcm", phi=True).read_bytes(), 2, LIMITS)
     stats = image_statistics(img)
     assert 0 <= stats["intensity_p01"] <= stats["intensity_mean"] <= stats["intensity_p99"] <= 1
-    rec = {"model_name": "m", "model_version": "v1", "probability": 0.7, "width": 64, "height": 64,
-           "format": "dicom", "PatientName": "DOE^JANE", "path": "/secret/DOE_JANE.dcm", **stats}
+    rec = {
+        "model_name": "m",
+        "model_version": "v1",
+        "probability": 0.7,
+        "width": 64,
+        "height": 64,
+        "format": "dicom",
+        "PatientName": "DOE^JANE",
+        "path": "/secret/DOE_JANE.dcm",
+        **stats,
+    }
     path = append_prediction(tmp_path / "log", rec)
     append_prediction(tmp_path / "log", {**rec, "probability": 0.2})
     with path.open("a") as fh:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tests.integration._server import make_tiny_bundle
 
 from bonefrac.inference.backends import (
     OnnxRunner,
@@ -15,7 +16,6 @@ from bonefrac.inference.backends import (
 from bonefrac.inference.bundle import ModelBundle
 from bonefrac.inference.onnx_export import OnnxExportError, check_parity, export_bundle, input_shape
 from bonefrac.inference.predictor import Predictor
-from tests.integration._server import make_tiny_bundle
 
 
 @pytest.fixture(scope="module")
