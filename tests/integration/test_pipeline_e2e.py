@@ -69,9 +69,12 @@ def test_dvc_repro_end_to_end_then_nothing_changes(tmp_path: Path) -> None:
     project = tmp_path / "bonefrac"
     project.mkdir()
     _copy_project(project)
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     params = yaml.safe_load((project / "params.yaml").read_text())
     (project / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=project, check=True)
 
     first = _dvc(project, "repro")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]

@@ -213,7 +213,6 @@ def test_bentoml_build_from_bentofile(tmp_path):
     import sys
 
     import yaml
-
     from tests.integration._server import ROOT
 
     bindir = os.path.dirname(sys.executable)

@@ -136,3 +136,23 @@ def test_bad_inputs(tmp_path, model):
 def test_gradcam_name_keeps_subfolders_apart(tmp_path):
     assert gradcam_name(str(tmp_path / "a" / "x.dcm"), tmp_path) == "a__x.png"
     assert gradcam_name(str(tmp_path / "b" / "x.dcm"), tmp_path) == "b__x.png"
+
+
+def test_volumes_for_a_3d_model(tmp_path):
+    """A 3D model: NIfTI files and DICOM series folders are each one volume; a 2D image is refused."""
+    from tests._factories import make_dicom_series, make_nifti
+
+    vol = load_file(make_tiny_bundle(tmp_path / "m3.pt", spatial_dims=3))
+    root = tmp_path / "ct"
+    root.mkdir()
+    make_nifti(root / "a.nii.gz")
+    make_dicom_series(root / "series1")
+    make_png(root / "flat.png")  # not a volume: ignored by discovery for a 3D model
+    found = sorted(iter_inputs(root, spatial_dims=3))
+    assert [p.rsplit("/", 1)[-1] for p in found] == ["a.nii.gz", "series1"]
+    out = tmp_path / "v.csv"
+    s = predict_to_file(root, vol, out, batch_size=2, backend="torch", progress=False)
+    assert (s.n_ok, s.n_failed) == (2, 0)
+    s2 = predict_to_file(root / "flat.png", vol, tmp_path / "f.csv", backend="torch", progress=False)
+    assert s2.n_failed == 1
+    assert "2D image where a 3D volume is expected" in pd.read_csv(tmp_path / "f.csv")["error"][0]
