@@ -31,8 +31,8 @@ def _evaluate(params_path: str) -> str:
         seed=p.seed,
     )
     publish_prefect_artifacts(summary)
-    auroc = summary.get("auroc", summary.get("test", {}).get("auroc") if isinstance(summary.get("test"), dict) else None)
-    return f"evaluate: test AUROC {auroc} -> {resolve(p.paths.reports) / 'evaluation' / 'report.html'}"
+    report = resolve(p.paths.reports) / "evaluation" / "report.html"
+    return f"evaluate: test AUROC {summary.get('auroc')} -> {report}"
 
 
 @flow(name="evaluate", log_prints=True)

@@ -23,7 +23,8 @@ def _validate(params_path: str) -> str:
         data_docs_dir=resolve(p.paths.reports) / "validation",
         summary_json=resolve(p.paths.metrics) / "validation.json",
     )
-    return f"validate: {len(manifest)} rows, {len(result.clean)} clean, {len(result.quarantine)} quarantined -> {out_dir}"
+    counts = f"{len(manifest)} rows, {len(result.clean)} clean, {len(result.quarantine)} quarantined"
+    return f"validate: {counts} -> {out_dir}"
 
 
 @flow(name="validate", log_prints=True)

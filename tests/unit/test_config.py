@@ -44,7 +44,7 @@ def test_out_of_range_value_is_rejected() -> None:
 
 
 def test_cross_field_rule_split_fractions() -> None:
-    with pytest.raises(ConfigError, match="split.val_fraction"):
+    with pytest.raises(ConfigError, match=r"split\.val_fraction"):
         params_from_dict({"split": {"val_fraction": 0.45, "test_fraction": 0.45}})
 
 

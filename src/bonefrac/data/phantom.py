@@ -552,7 +552,8 @@ def render_view(
         bone_peak = max(bone_peak, (MU_CORTEX - MU_SOFT) * 2 * h0 * 0.72)
         fx = fracture if i == anatomy.fracture_bone else None
         if fx is not None:
-            # The gap scales with the bone; its floor (in pixels) stays visible (≥ 2.5 px) after the pipeline's 2x downsampling.
+            # The gap scales with the bone; its floor (in pixels) stays visible (≥ 2.5 px)
+            # after the pipeline's 2x downsampling.
             gap_mm = max(fx.gap * w0, 5.0 / k * (H / 256))
             frags, outlines = _fragments(fx, w0, beta, gap_mm, displace)
             reach += (abs(fx.disp_ml) + abs(fx.disp_ap) + fx.wedge_shift) * w0

@@ -309,10 +309,7 @@ def generate_volume(
             for pc in pieces:
                 q = pc.inverse(q_shown)
                 zs = fr.zones(q, np.sqrt(q[1] * q[1] + q[2] * q[2]))
-                if shown_zones is None:
-                    shown_zones = zs
-                else:
-                    shown_zones = [a | b for a, b in zip(shown_zones, zs, strict=True)]
+                shown_zones = zs if shown_zones is None else [a | b for a, b in zip(shown_zones, zs, strict=True)]
             for zmask in shown_zones or []:
                 full = np.zeros((D, H, W), bool)
                 full[sub] = zmask
