@@ -205,7 +205,7 @@ class DriftParams(Strict):
 class ServingParams(Strict):
     model_name: str = "bonefrac"
     max_batch_size: int = Field(16, ge=1)
-    max_latency_ms: int = Field(200, ge=1)
+    max_latency_ms: int = Field(10000, ge=1)
     max_upload_mb: float = Field(32.0, gt=0.0)
     max_pixels: int = Field(60_000_000, ge=1)
     backend: Literal["auto", "torch", "onnx"] = "auto"

@@ -52,7 +52,7 @@ def _hash_path(path: Path) -> tuple[str, int, bytes | None]:
     return h.hexdigest(), len(data), data
 
 
-def _scaled(img: DecodedImage) -> np.ndarray:
+def scaled_intensities(img: DecodedImage) -> np.ndarray:
     arr = img.array
     if arr.size > _STATS_MAX_PIXELS:
         if arr.ndim == 2:
@@ -156,7 +156,7 @@ def describe_image(
             if img.spatial_dims == 3
             else f"a 2D image where a 3D volume is expected (shape {tuple(arr.shape)})"
         )
-    scaled = _scaled(img)
+    scaled = scaled_intensities(img)
     p01, p99 = (float(v) for v in np.percentile(scaled, [1, 99]))
     try:
         ph = perceptual_hash(img)

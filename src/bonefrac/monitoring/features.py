@@ -49,11 +49,11 @@ def nominal_range(bit_depth: int) -> tuple[float, float] | None:
 
 
 def _scaled(arr: np.ndarray, value_range: Sequence[float] | None) -> np.ndarray:
-    """Ingest's own scaling (``bonefrac.data.metadata._scaled``: subsampling, nominal range,
+    """Ingest's own scaling (``bonefrac.data.metadata.scaled_intensities``: subsampling, nominal range,
     percentile fallback), so reference, current batch and prediction log agree to the formula."""
     from types import SimpleNamespace
 
-    from bonefrac.data.metadata import _scaled as ingest_scaled
+    from bonefrac.data.metadata import scaled_intensities as ingest_scaled
 
     img = SimpleNamespace(array=arr, meta={"value_range": list(value_range) if value_range else None})
     return np.asarray(ingest_scaled(img), dtype=np.float32).ravel()

@@ -55,7 +55,7 @@ def image_statistics(img: Any) -> dict[str, float]:
     so a change of exposure stays visible), and the percentiles are p1/p99.
     """
     try:
-        from bonefrac.data.metadata import _scaled as scaled_fn  # ingest's scaling (see report: make public)
+        from bonefrac.data.metadata import scaled_intensities as scaled_fn  # ingest's scaling
     except ImportError:  # pragma: no cover - metadata module always ships with bonefrac
         scaled_fn = _scaled_fallback
     scaled = np.asarray(scaled_fn(img), dtype=np.float32)
