@@ -213,6 +213,10 @@ def publish_prefect_artifacts(
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         log.info("not inside a Prefect run: evaluation artifacts not published")
         return []
+    def _rounded(value: Any) -> Any:
+        # A metric can be undefined on a small test split (e.g. PPV with no positive calls): keep None.
+        return round(value, 4) if isinstance(value, (int, float)) else value
+
     ids = [
         str(
             create_markdown_artifact(
@@ -225,7 +229,7 @@ def publish_prefect_artifacts(
     ops = [
         {
             "operating_point": name,
-            **{k: (round(v["value"], 4) if isinstance(v, Mapping) else v) for k, v in op.items()},
+            **{k: (_rounded(v.get("value")) if isinstance(v, Mapping) else v) for k, v in op.items()},
         }
         for name, op in report["test"]["operating_points"].items()
     ]
