@@ -109,3 +109,16 @@ def test_dvc_repro_end_to_end_then_nothing_changes(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr[-2000:]
     assert "Running stage" not in second.stdout
     assert "up to date" in second.stdout.lower()
+
+    # The configured local DVC remote round-trips the pipeline's data and models.
+    remote = tmp_path / "dvc-remote"
+    assert _dvc(project, "remote", "modify", "--local", "local", "url", str(remote)).returncode == 0
+    pushed = _dvc(project, "push")
+    assert pushed.returncode == 0, pushed.stderr[-2000:]
+    model = project / "models" / "model.pt"
+    original = model.read_bytes()
+    shutil.rmtree(project / "models")
+    shutil.rmtree(project / ".dvc" / "cache")
+    pulled = _dvc(project, "pull")
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    assert model.read_bytes() == original
