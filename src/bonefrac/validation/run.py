@@ -30,7 +30,7 @@ from typing import Any
 import pandas as pd
 
 from bonefrac.config import ValidationParams, load_params
-from bonefrac.validation.checks import CHECKS, build_expectations, prepare_table, row_reason
+from bonefrac.validation.checks import CHECKS, TEXT_COLUMNS, build_expectations, prepare_table, row_reason
 from bonefrac.validation.expectations import Outcome, run_suite
 from bonefrac.validation.quarantine import (
     replace_dir_atomic,
@@ -42,21 +42,6 @@ from bonefrac.validation.quarantine import (
 log = logging.getLogger(__name__)
 
 MAX_NAMED_FILES = 10
-_STRING_COLUMNS = (
-    "image_id",
-    "path",
-    "fracture_type",
-    "body_part",
-    "view",
-    "patient_id",
-    "study_id",
-    "boxes",
-    "sha256",
-    "phash",
-    "format",
-    "modality",
-    "decode_error",
-)
 
 
 class CriticalValidationError(ValueError):
@@ -73,7 +58,7 @@ class ValidationResult:
 
 def read_manifest(path: Path) -> pd.DataFrame:
     """Read a manifest CSV keeping ids and hashes as text (a hex phash like ``"0123..."`` is not a number)."""
-    return pd.read_csv(path, dtype={c: str for c in _STRING_COLUMNS}, keep_default_na=False)
+    return pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS}, keep_default_na=False)
 
 
 def _name_files(table: pd.DataFrame, rows: list[int]) -> str:
