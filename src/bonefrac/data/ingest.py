@@ -11,13 +11,12 @@ with the reason, and validation decides what to quarantine.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from bonefrac.atomic import atomic_write_csv
 from bonefrac.data.metadata import build_metadata_table
 from bonefrac.data.sources import load_records
 
@@ -41,16 +40,7 @@ def filter_body_parts(
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write ``df`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            df.to_csv(fh, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_csv(df, path)
 
 
 def ingest(

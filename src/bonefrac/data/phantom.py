@@ -38,6 +38,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from bonefrac.atomic import atomic_write_csv as _atomic_csv
 from bonefrac.config import PhantomParams
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 
@@ -718,15 +719,7 @@ def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
 
 def atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
     """Write a CSV via a temp file + rename so readers never see half a table."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".csv.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _atomic_csv(df, path)
 
 
 def study_plan(params: PhantomParams) -> list[dict[str, object]]:

@@ -9,8 +9,6 @@ needed) go into the HTML report and ``reports/evaluation/``.
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from bonefrac.atomic import atomic_write_bytes
 from bonefrac.evaluation.calibration import reliability_curve
 from bonefrac.evaluation.operating_points import apply_threshold
 
@@ -40,16 +39,7 @@ DPI = 120
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_bytes(path, data)
 
 
 def write_csv(df: pd.DataFrame, path: Path) -> Path:

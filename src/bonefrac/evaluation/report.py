@@ -11,8 +11,6 @@ import base64
 import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any
 import jinja2
 import yaml
 
+from bonefrac.atomic import atomic_write_text as _atomic_text
 from bonefrac.evaluation.plots import op_label
 from bonefrac.explain.gallery import CATEGORIES, GalleryItem
 
@@ -138,17 +137,7 @@ def render_report_html(
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return _atomic_text(path, text)
 
 
 # ------------------------------------------------------------------ Prefect

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bonefrac.atomic import atomic_write_text
 from bonefrac.preprocess.transforms import preprocess_array
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,7 @@ def _worker(args: tuple[Any, ...]) -> tuple[int, np.ndarray]:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, text)
 
 
 def build_cache(

@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
+from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams
 from bonefrac.inference.bundle import ModelBundle
 from bonefrac.preprocess.augment import random_transform
@@ -175,14 +175,7 @@ def _fingerprint(
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, default=str)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_json(path, obj)
 
 
 # ------------------------------------------------------------------ evaluation

@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from bonefrac.atomic import atomic_write_csv
+
 
 def split_clean_quarantine(
     manifest: pd.DataFrame, failures: Mapping[str, Mapping[int, str]]
@@ -43,15 +45,7 @@ def split_clean_quarantine(
 
 def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
     """Write a CSV through a temp file in the same folder, then rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_csv(df, path)
 
 
 def write_json_atomic(data: Mapping[str, Any], path: Path) -> None:
