@@ -272,8 +272,20 @@ def sample_fracture(rng: np.random.Generator, kind: str) -> FractureSpec:
     )
 
 
-def sample_acquisition(rng: np.random.Generator, size: int, anatomy: Anatomy, bit_depth: int) -> Acquisition:
-    """Draw exposure, geometry and display settings of one view."""
+def sample_acquisition(
+    rng: np.random.Generator,
+    size: int,
+    anatomy: Anatomy,
+    bit_depth: int,
+    site_range: tuple[float, float] = (0.35, 0.65),
+) -> Acquisition:
+    """Draw exposure, geometry and display settings of one view.
+
+    ``site_range`` bounds where the fracture site lands, as a fraction of the
+    image side. The default keeps it central, as radiographers centre on the
+    injury; a wider range makes "point at the centre" a weak localisation
+    baseline (the Grad-CAM tests use that).
+    """
     if bit_depth not in (8, 16):
         raise PhantomError(f"bit_depth must be 8 or 16, got {bit_depth!r}")
     height = size
@@ -283,7 +295,7 @@ def sample_acquisition(rng: np.random.Generator, size: int, anatomy: Anatomy, bi
     return Acquisition(
         px_per_mm=size / anatomy.fov_mm,
         rotation=float(rot), flip=bool(rng.random() < 0.5),
-        site_x=float(rng.uniform(0.35, 0.65) * width), site_y=float(rng.uniform(0.35, 0.65) * height),
+        site_x=float(rng.uniform(*site_range) * width), site_y=float(rng.uniform(*site_range) * height),
         height=height, width=width,
         counts=float(math.exp(rng.uniform(math.log(5000), math.log(40000)))),
         heel=(float(rng.uniform(-0.15, 0.15)), float(rng.uniform(-0.15, 0.15))),
@@ -670,6 +682,7 @@ def render_phantom(
     *,
     region: str | None = None,
     displace: bool = True,
+    site_range: tuple[float, float] = (0.35, 0.65),
 ) -> tuple[np.ndarray, list[Box]]:
     """Render one radiograph-like image; returns (uint8/uint16 array (H, W), boxes [x, y, w, h]).
 
@@ -677,7 +690,9 @@ def render_phantom(
     generators with the same state give the intact and the fractured version
     of the same image (see :func:`render_phantom_detail`).
     """
-    det = render_phantom_detail(rng, size, fracture_type, view, bit_depth, region=region, displace=displace)
+    det = render_phantom_detail(
+        rng, size, fracture_type, view, bit_depth, region=region, displace=displace, site_range=site_range
+    )
     return det[0], det[1].boxes
 
 
@@ -690,6 +705,7 @@ def render_phantom_detail(
     *,
     region: str | None = None,
     displace: bool = True,
+    site_range: tuple[float, float] = (0.35, 0.65),
 ) -> tuple[np.ndarray, PhantomRender]:
     """Like :func:`render_phantom` but also returns the float image and fracture sites."""
     if fracture_type is not None and fracture_type not in FRACTURE_TYPES_PHANTOM:
@@ -699,7 +715,7 @@ def render_phantom_detail(
     reg = region if region is not None else REGIONS[int(st.anatomy.integers(0, len(REGIONS)))]
     anatomy = sample_anatomy(st.anatomy, reg)
     fracture = sample_fracture(st.fracture, fracture_type) if fracture_type else None
-    acq = sample_acquisition(st.acquisition, size, anatomy, bit_depth)
+    acq = sample_acquisition(st.acquisition, size, anatomy, bit_depth, site_range)
     rend = render_view(anatomy, fracture, acq, view, st.noise, displace=displace)
     return quantize(rend.image, acq.stored_max), rend
 
