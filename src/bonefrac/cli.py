@@ -123,6 +123,22 @@ def phantom(
     typer.echo(f"wrote {len(manifest)} phantoms to {out_dir}")
 
 
+@app.command("publish-report")
+def publish_report(
+    report_dir: Annotated[Path, typer.Argument(help="a run's report folder, e.g. reports/evaluation")],
+    out: Annotated[Path, typer.Argument(help="HTML file to write")],
+) -> None:
+    """Write a shareable copy of a run's report: all numbers and plots, no patient image."""
+    from bonefrac.evaluation.report import publish_report as _publish
+
+    try:
+        path = _publish(report_dir, out)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"wrote {path}")
+
+
 def _register_optional_commands() -> None:
     """Commands owned by other areas (inference, registry, monitoring)."""
     from bonefrac.inference import commands as inference_commands

@@ -224,6 +224,29 @@ def test_report_is_self_contained_and_shows_the_numbers(evaluated: dict) -> None
     )
 
 
+def test_published_report_has_the_numbers_and_no_patient_image(evaluated: dict, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from bonefrac.cli import app
+
+    out = tmp_path / "published.html"
+    result = CliRunner().invoke(app, ["publish-report", str(evaluated["reports"]), str(out)])
+    assert result.exit_code == 0, result.output
+    html = out.read_text()
+    full = (evaluated["reports"] / "report.html").read_text()
+    t = evaluated["report"]["test"]
+    assert f"{t['auroc']['value']:.3f}" in html and "v-test-123" in html
+    assert "Grad-CAM gallery is left out" in html
+    # Every plot is in; no gallery tile (each full-report tile is an <img alt="<category> <id>">).
+    n_plots = len(list(evaluated["reports"].glob("*.png")))
+    assert html.count("data:image/png;base64,") == n_plots < full.count("data:image/png;base64,")
+    assert 'alt="true_positive' in full and 'alt="true_positive' not in html
+
+    missing = CliRunner().invoke(app, ["publish-report", str(tmp_path / "nowhere"), str(tmp_path / "x.html")])
+    assert missing.exit_code == 2 and "no report.json" in missing.output
+    assert not (tmp_path / "x.html").exists()
+
+
 def test_model_card(evaluated: dict) -> None:
     card = (evaluated["out_model"].parent / "MODEL_CARD.md").read_text()
     t = evaluated["report"]["test"]

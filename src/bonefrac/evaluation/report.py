@@ -112,8 +112,13 @@ def render_report_html(
     report: Mapping[str, Any],
     figures: Mapping[str, bytes],
     gallery: Sequence[GalleryItem] = (),
+    gallery_note: str | None = None,
 ) -> str:
-    """Render ``templates/report.html.j2`` with every figure embedded as a data URI."""
+    """Render ``templates/report.html.j2`` with every figure embedded as a data URI.
+
+    ``gallery_note`` replaces the Grad-CAM gallery with a sentence (a published
+    report that must not carry the patients' images).
+    """
 
     def img(name: str) -> str:
         if name not in figures:
@@ -124,6 +129,7 @@ def render_report_html(
     return tpl.render(
         r=report,
         gallery=list(gallery),
+        gallery_note=gallery_note,
         categories=CATEGORIES,
         validation_rows=_validation_rows(report.get("validation_summary")),
         params_text=yaml.safe_dump(report.get("params") or {}, sort_keys=False) or "(none given)",
@@ -134,6 +140,29 @@ def render_report_html(
         num=num,
         op_label=op_label,
     )
+
+
+PUBLISHED_GALLERY_NOTE = (
+    "The Grad-CAM gallery is left out of this published copy: it would carry the dataset's "
+    "images. The full report of the run (reports/evaluation/report.html) has it."
+)
+
+
+def publish_report(report_dir: Path, out_html: Path) -> Path:
+    """A shareable copy of a run's report: every number and plot, no image of a patient.
+
+    Reads ``report.json`` and the plot PNGs an evaluation wrote to ``report_dir``
+    (the ``gradcam/`` tiles are not read) and writes one self-contained HTML
+    file. Used for the FracAtlas report linked from the README, whose images
+    must stay outside the repository.
+    """
+    report_dir = Path(report_dir)
+    path = report_dir / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no report.json in {report_dir}: run the evaluate stage first")
+    report = json.loads(path.read_text())
+    figures = {png.stem: png.read_bytes() for png in sorted(report_dir.glob("*.png"))}
+    return atomic_write_text(Path(out_html), render_report_html(report, figures, (), PUBLISHED_GALLERY_NOTE))
 
 
 def atomic_write_text(path: Path, text: str) -> Path:
