@@ -21,13 +21,7 @@ tree when idle and under ``--clients`` concurrent clients posting images.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -57,12 +51,12 @@ from benchmarks._common import (
     run_child,
     write_result,
 )
+from benchmarks._servers import ServerError, bentoml_server, random_bundle, test_png
 from benchmarks.pipeline import QUICK_OVERRIDES, _deep_merge, parse_sets, write_params
 
 NAME = "memory"
 TRAIN_GOAL_GIB = 6.0
 DEFAULT_PRESET = REPO_ROOT / "params" / "fracatlas.yaml"
-SERVICE = "bonefrac.serving.service:FractureService"
 
 
 # ------------------------------------------------------------------- training
@@ -132,60 +126,6 @@ def bench_train(
 
 
 # -------------------------------------------------------------------- service
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def random_bundle(path: Path) -> Path:
-    """A bundle of the params' architecture with random weights: memory does not depend on the values."""
-    from bonefrac.config import load_params
-    from bonefrac.inference.bundle import ModelBundle
-    from bonefrac.training.models import build_model
-
-    p = load_params(REPO_ROOT / "params.yaml")
-    types = ["transverse", "oblique", "comminuted"]
-    model = build_model(p.model.arch, num_types=len(types), pretrained="none", spatial_dims=p.spatial_dims)
-    bundle = ModelBundle(
-        arch=p.model.arch,
-        spatial_dims=p.spatial_dims,
-        state_dict=model.state_dict(),
-        type_names=types,
-        preprocess=p.preprocess.model_dump(),
-        temperature=1.0,
-        operating_points={"high_sensitivity": 0.3, "high_specificity": 0.7},
-        metadata={"model_name": "bonefrac-bench", "version": "bench"},
-    )
-    return bundle.save(path)
-
-
-def test_png(size: int = 512) -> bytes:
-    """A synthetic radiograph-like 8-bit PNG (gradient plus a bright bar), made in memory."""
-    import numpy as np
-    from PIL import Image
-
-    y, x = np.mgrid[0:size, 0:size]
-    arr = (40 + 80 * x / size + 20 * np.sin(y / 17.0)).astype(np.float32)
-    arr[size // 3 : size // 3 + size // 10, size // 5 : 4 * size // 5] += 110
-    buf = io.BytesIO()
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-
-
 def bench_service(
     bundle: Path | None, clients: int, duration: float, startup_timeout: float
 ) -> dict[str, Any]:
@@ -203,49 +143,10 @@ def bench_service(
         if bundle is None:
             default = REPO_ROOT / "models" / "model.pt"
             bundle = default if default.exists() else random_bundle(work / "model.pt")
-        port = _free_port()
-        env = child_env(
-            REPO_ROOT,
-            {
-                "BONEFRAC_MODEL_PATH": str(bundle),
-                "BONEFRAC_PREDICTION_LOG_DIR": str(work / "predictions"),
-                "BONEFRAC_ONNX_CACHE": str(work / "onnx"),
-                "BONEFRAC_PARAMS": str(REPO_ROOT / "params.yaml"),
-                "BENTOML_HOME": str(work / "bentoml"),
-            },
-        )
-        env.pop("BONEFRAC_API_KEY", None)
-        log_path = work / "server.log"
-        url = f"http://127.0.0.1:{port}"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [python_exe(), "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)],
-                cwd=work,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            try:
-                t0 = time.perf_counter()
-                with RssSampler(proc.pid, interval=0.2) as startup:
-                    while True:
-                        if proc.poll() is not None:
-                            return {
-                                "error": f"bentoml serve exited with {proc.returncode}:\n"
-                                f"{log_path.read_text(errors='replace')[-2500:]}"
-                            }
-                        with contextlib.suppress(httpx.HTTPError):
-                            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                                break
-                        if time.perf_counter() - t0 > startup_timeout:
-                            return {
-                                "error": f"service not ready after {startup_timeout:.0f} s:\n"
-                                f"{log_path.read_text(errors='replace')[-2500:]}"
-                            }
-                        time.sleep(0.5)
-                ready_s = time.perf_counter() - t0
-                with RssSampler(proc.pid, interval=0.2) as idle:
+        try:
+            server = bentoml_server(bundle, work, timeout=startup_timeout)
+            with server as srv:
+                with RssSampler(srv.proc.pid, interval=0.2) as idle:
                     time.sleep(3.0)
                 png = test_png()
                 counts = {"ok": 0, "error": 0}
@@ -257,7 +158,7 @@ def bench_service(
                     with httpx.Client(timeout=120) as c:
                         while time.perf_counter() < stop_at:
                             try:
-                                r = c.post(f"{url}/predict", files={"file": ("x.png", png, "image/png")})
+                                r = c.post(f"{srv.url}/predict", files={"file": ("x.png", png, "image/png")})
                                 key = "ok" if r.status_code == 200 else "error"
                                 why = str(r.status_code)
                                 text = r.text[:300]
@@ -268,7 +169,7 @@ def bench_service(
                                 if key == "error":
                                     failures.setdefault(why, text)
 
-                with RssSampler(proc.pid, interval=0.2) as load:
+                with RssSampler(srv.proc.pid, interval=0.2) as load:
                     threads = [threading.Thread(target=client) for _ in range(clients)]
                     for t in threads:
                         t.start()
@@ -276,19 +177,18 @@ def bench_service(
                         t.join()
                 return {
                     "bundle": str(bundle),
-                    "ready_s": ready_s,
+                    "ready_s": srv.ready_s,
                     "clients": clients,
                     "duration_s": duration,
                     "requests_ok": counts["ok"],
                     "requests_failed": counts["error"],
                     "failures": failures,
-                    "startup_peak_tree_bytes": startup.peak_tree_bytes,
                     "idle_tree_bytes": idle.peak_tree_bytes,
                     "load_peak_tree_bytes": load.peak_tree_bytes,
                     "load_peak_single_bytes": load.peak_single_bytes,
                 }
-            finally:
-                _stop(proc)
+        except ServerError as err:
+            return {"error": str(err)}
 
 
 # ----------------------------------------------------------------------- main

@@ -66,9 +66,9 @@ BENCHES: tuple[Bench, ...] = (
     ),
     Bench(
         "service",
-        "service_load",
+        "service",
         "Service: BentoML vs in-process vs naive FastAPI",
-        ("service_load", "service"),
+        ("service",),
         "BentoML service vs the model called in-process vs naive FastAPI, 1–64 clients",
     ),
     Bench(

@@ -209,6 +209,8 @@ class ServingParams(Strict):
     max_upload_mb: float = Field(32.0, gt=0.0)
     max_pixels: int = Field(60_000_000, ge=1)
     backend: Literal["auto", "torch", "onnx"] = "auto"
+    # Front-end processes (decode, preprocess, calibrate); the model runs in its own process.
+    workers: int = Field(1, ge=1, le=64)
 
 
 # -------------------------------------------------------------------- root

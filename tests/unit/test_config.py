@@ -67,3 +67,17 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_serving_workers_from_params_and_environment(tmp_path, monkeypatch) -> None:
+    from bonefrac.serving.settings import ServingSettings
+
+    params = tmp_path / "params.yaml"
+    params.write_text("serving:\n  workers: 3\n")
+    monkeypatch.delenv("BONEFRAC_WORKERS", raising=False)
+    assert ServingSettings.load(params).workers == 3
+    monkeypatch.setenv("BONEFRAC_WORKERS", "2")
+    assert ServingSettings.load(params).workers == 2
+    monkeypatch.setenv("BONEFRAC_WORKERS", "0")
+    with pytest.raises(ValueError, match="BONEFRAC_WORKERS"):
+        ServingSettings.load(params)

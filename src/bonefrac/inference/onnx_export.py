@@ -74,12 +74,21 @@ def export_onnx(
     return path
 
 
-def onnx_session(path: str | Path, threads: int | None = None):  # -> onnxruntime.InferenceSession
-    """A CPU ONNX Runtime session; ``threads`` caps intra-op threads (None = ORT default)."""
+def onnx_session(path: str | Path, threads: int | None = None, allow_spinning: bool = False):
+    """A CPU ONNX Runtime session (``onnxruntime.InferenceSession``).
+
+    ``threads`` caps intra-op threads (None = ORT default). Spinning is off by
+    default: ORT's idle worker threads otherwise busy-wait between runs, and in
+    the service they burn the cores the front end needs for decoding (measured
+    with ``python -m benchmarks.service``; BENCHMARKS.md, Service).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not allow_spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = int(threads)
         opts.inter_op_num_threads = 1

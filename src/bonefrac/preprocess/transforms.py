@@ -13,7 +13,28 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, ScaleIntensityRangePercentiles, SpatialPad
+from monai.transforms import Compose, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialPad
+
+
+class FastPercentileWindow(ScaleIntensityRangePercentiles):
+    """MONAI's ``ScaleIntensityRangePercentiles`` with both percentiles from one numpy call.
+
+    Same definition (linear interpolation, then MONAI's ``ScaleIntensityRange``),
+    but MONAI computes each percentile with ``torch.quantile`` (a full sort of a
+    tensor copy, twice); ``np.percentile`` partitions once for both. Measured on
+    a 454×373 FracAtlas JPEG: 13 ms → 2.4 ms, the largest cost of a served request
+    after the network. Kept as a subclass so every other behaviour stays MONAI's.
+    """
+
+    def _normalize(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if self.relative:  # not used by bonefrac; keep MONAI's own path for it
+            return super()._normalize(img)
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        a_min, a_max = (float(v) for v in np.percentile(arr, [self.lower, self.upper]))
+        scaled = ScaleIntensityRange(
+            a_min=a_min, a_max=a_max, b_min=self.b_min, b_max=self.b_max, clip=self.clip, dtype=self.dtype
+        )(img)
+        return scaled
 
 
 def deterministic_transform(
@@ -29,7 +50,7 @@ def deterministic_transform(
     kept, area interpolation), then zero-padded to a square. 3D: the same
     windowing, then trilinear resize to ``volume_size`` (D, H, W).
     """
-    scale = ScaleIntensityRangePercentiles(
+    scale = FastPercentileWindow(
         lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
     )
     if spatial_dims == 2:

@@ -23,6 +23,7 @@ class ServingSettings:
     api_key: str | None = None
     prediction_log_dir: str = "data/predictions"
     onnx_cache_dir: str | None = None
+    workers: int = 1  # front-end processes; BONEFRAC_WORKERS
 
     @classmethod
     def load(cls, params_path: str | Path | None = None) -> ServingSettings:
@@ -42,6 +43,7 @@ class ServingSettings:
                     "max_upload_mb": s.max_upload_mb,
                     "max_pixels": s.max_pixels,
                     "backend": s.backend,
+                    "workers": s.workers,
                     "prediction_log_dir": params.paths.predictions_log,
                 }
             except Exception:  # a broken params file must not stop the clinic's service
@@ -55,6 +57,8 @@ class ServingSettings:
             values["max_upload_mb"] = float(env["BONEFRAC_MAX_UPLOAD_MB"])
         if "BONEFRAC_MAX_PIXELS" in env:
             values["max_pixels"] = int(float(env["BONEFRAC_MAX_PIXELS"]))
+        if "BONEFRAC_WORKERS" in env:
+            values["workers"] = int(env["BONEFRAC_WORKERS"])
         if env.get("BONEFRAC_BACKEND"):
             values["backend"] = env["BONEFRAC_BACKEND"].strip().lower()
         if env.get("BONEFRAC_PREDICTION_LOG_DIR"):
@@ -64,6 +68,8 @@ class ServingSettings:
         values["api_key"] = env.get("BONEFRAC_API_KEY") or None
         if values.get("backend", base.backend) not in ("auto", "torch", "onnx"):
             raise ValueError(f"BONEFRAC_BACKEND must be auto, torch or onnx, got {values['backend']!r}")
+        if int(values.get("workers", base.workers)) < 1:
+            raise ValueError(f"BONEFRAC_WORKERS must be at least 1, got {values['workers']!r}")
         # BentoML requires max_batch_size > 1.
         values["max_batch_size"] = max(2, int(values.get("max_batch_size", base.max_batch_size)))
         return cls(**{**base.__dict__, **values})

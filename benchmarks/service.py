@@ -1,0 +1,260 @@
+"""Service: BentoML vs the same model in-process vs a naive FastAPI server, 1–64 clients, one command.
+
+Same machine, same model file, same images, one after the other in one run:
+
+1. **in-process (raw)**: the backend the service picks (``select_backend``, as
+   ``FractureModel`` does) called directly on batches of ``max_batch_size``:
+   model only (images already preprocessed), and end to end (decode + preprocess +
+   model + calibration, one process).
+2. **BentoML**: ``bentoml serve`` of the project's service, once per front-end
+   worker count in ``--front-workers`` (the tuning knob), closed-loop clients
+   posting images to ``/predict`` at each level of ``--concurrency``.
+3. **naive**: FastAPI + eager PyTorch, one image per request (``benchmarks/naive_fastapi.py``).
+
+Images: ``--images`` files, else 16 real FracAtlas radiographs when
+``../shared/data/fracatlas`` exists, else synthetic PNGs. Goals (issue #8):
+service ≥ 0.8× raw, ≥ 2× naive, p99 ≤ 2× p50 at saturation.
+
+    python -m benchmarks.service [--quick] [--arch efficientnet_lite0] [--image-size 128]
+        [--concurrency 1 2 4 8 16 32 64] [--duration 15] [--front-workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import (
+    REPO_ROOT,
+    command_line,
+    envelope,
+    fmt,
+    goal,
+    goals_markdown,
+    machine_line,
+    markdown_table,
+    print_goals,
+    summarize,
+    write_result,
+)
+from benchmarks._servers import ServerError, bentoml_server, naive_server, random_bundle, test_png
+from benchmarks.service_load import run_load
+
+NAME = "service"
+FRACATLAS = REPO_ROOT.parent / "shared" / "data" / "fracatlas"
+
+
+def pick_images(paths: Sequence[Path] | None, n: int = 16) -> list[tuple[str, bytes]]:
+    if paths:
+        return [(p.name, p.read_bytes()) for p in paths]
+    files = sorted((FRACATLAS / "images").rglob("*.jpg")) if FRACATLAS.is_dir() else []
+    if files:
+        step = max(1, len(files) // n)
+        return [(p.name, p.read_bytes()) for p in files[::step][:n]]
+    return [(f"synthetic{i}.png", test_png(512 + 64 * i)) for i in range(4)]
+
+
+def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, seconds: float) -> dict[str, Any]:
+    """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue)."""
+    from bonefrac.data.imageio import read_image
+    from bonefrac.inference.backends import calibrate_for_bundle, default_device, select_backend
+    from bonefrac.inference.batch_predict import model_input
+    from bonefrac.inference.bundle import ModelBundle
+
+    bundle = ModelBundle.load(bundle_path)
+    choice = select_backend(bundle, "auto", default_device())
+
+    def prepare(data: bytes) -> np.ndarray:
+        img = read_image(data, max_pixels=60_000_000, expected_dims=bundle.spatial_dims)
+        return model_input(img.array, bundle.spatial_dims, dict(bundle.preprocess)).numpy()
+
+    pre = np.stack([prepare(d) for _, d in images])
+    reps = int(np.ceil(batch / len(pre)))
+    x = np.concatenate([pre] * reps)[:batch]
+
+    def rate(fn: Any) -> list[float]:
+        fn()  # warm-up
+        out, t_end = [], time.perf_counter() + seconds
+        while time.perf_counter() < t_end or len(out) < 3:
+            t0 = time.perf_counter()
+            fn()
+            out.append(batch / (time.perf_counter() - t0))
+        return out
+
+    def end_to_end() -> None:
+        arr = np.stack([prepare(images[i % len(images)][1]) for i in range(batch)])
+        calibrate_for_bundle(choice.runner(arr), bundle)
+
+    model_only = summarize(rate(lambda: choice.runner(x)))
+    e2e = summarize(rate(end_to_end))
+    return {
+        "backend": choice.name,
+        "backend_reason": choice.reason,
+        "batch": batch,
+        "model_only_ips": model_only.median,
+        "model_only_iqr": model_only.iqr,
+        "end_to_end_ips": e2e.median,
+        "end_to_end_iqr": e2e.iqr,
+    }
+
+
+def load_levels(url: str, images: list[tuple[str, bytes]], levels: Sequence[int], duration: float) -> list[dict]:
+    run_load(url, images, max(levels[0], 2), 3.0)  # warm-up: ONNX sessions, batch-size estimator
+    rows = []
+    for c in levels:
+        r = run_load(url, images, c, duration)
+        rows.append(r)
+        print(
+            f"  {c:>3} clients: {r['throughput_rps']:7.2f} req/s  p50 {r['latency_ms_p50']} ms  "
+            f"p99 {r['latency_ms_p99']} ms  errors {r['errors']}",
+            flush=True,
+        )
+    return rows
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="2 levels × 5 s, one worker setting: a smoke run")
+    ap.add_argument("--arch", default=None, help="architecture of the random-weight bundle (default: params')")
+    ap.add_argument("--image-size", type=int, default=None, help="bundle input size (default: params')")
+    ap.add_argument("--bundle", type=Path, default=None, help="serve this bundle instead of random weights")
+    ap.add_argument("--images", type=Path, nargs="+", default=None)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=None, help="default 1 2 4 8 16 32 64")
+    ap.add_argument("--duration", type=float, default=None, help="seconds per level (default 15)")
+    ap.add_argument("--front-workers", type=int, nargs="+", default=None, help="BentoML front workers (default 1 2)")
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-latency-ms", type=int, default=None, help="default: params.yaml's serving value")
+    ap.add_argument("--skip-naive", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    levels = args.concurrency or ([1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64])
+    duration = args.duration or (5.0 if args.quick else 15.0)
+    workers = args.front_workers or ([1] if args.quick else [1, 2])
+    images = pick_images(args.images)
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bonefrac-bench-service-") as tmp:
+        work = Path(tmp)
+        bundle = args.bundle or random_bundle(work / "model.pt", args.arch, args.image_size)
+        from bonefrac.inference.bundle import ModelBundle
+
+        b = ModelBundle.load(bundle)
+        print(f"model {b.arch} at {b.preprocess.get('image_size')} px; {len(images)} images", flush=True)
+        raw = in_process(bundle, images, args.max_batch_size, 3.0 if args.quick else 10.0)
+        print(f"in-process ({raw['backend']}): model only {raw['model_only_ips']:.1f} img/s, "
+              f"end to end {raw['end_to_end_ips']:.1f} img/s", flush=True)
+        servers: list[tuple[str, Any]] = []
+        for w in workers:
+            env = {"BONEFRAC_WORKERS": str(w), "BONEFRAC_MAX_BATCH_SIZE": str(args.max_batch_size)}
+            if args.max_latency_ms:
+                env["BONEFRAC_MAX_LATENCY_MS"] = str(args.max_latency_ms)
+            servers.append((f"bentoml-{w}w", lambda env=env: bentoml_server(bundle, work, env)))
+        if not args.skip_naive:
+            servers.append(("naive", lambda: naive_server(bundle, work)))
+        for label, start in servers:
+            print(f"{label}:", flush=True)
+            try:
+                with start() as srv:
+                    for r in load_levels(srv.url, images, levels, duration):
+                        rows.append({"server": label, **r})
+            except ServerError as err:
+                notes.append(f"{label} failed: {err}")
+                print(f"  failed: {err}", flush=True)
+
+    def peak(label: str) -> dict[str, Any] | None:
+        mine = [r for r in rows if r["server"] == label and r["ok"]]
+        return max(mine, key=lambda r: r["throughput_rps"]) if mine else None
+
+    best_label = max(
+        (lbl for lbl, _ in servers if lbl.startswith("bentoml") and peak(lbl)),
+        key=lambda lbl: peak(lbl)["throughput_rps"],  # type: ignore[index]
+        default=None,
+    )
+    best, naive = (peak(best_label) if best_label else None), peak("naive")
+    sat = None
+    if best_label:  # saturation: the highest level whose throughput is within 5 % of the peak
+        mine = [r for r in rows if r["server"] == best_label and r["ok"]]
+        sat = max((r for r in mine if r["throughput_rps"] >= 0.95 * best["throughput_rps"]),  # type: ignore[index]
+                  key=lambda r: r["concurrency"])
+    bento_rps = best["throughput_rps"] if best else None
+    goals = [
+        goal("service / raw in-process (model only)", _ratio(bento_rps, raw["model_only_ips"]), 0.8, ">="),
+        goal("service / naive FastAPI (peak req/s)", _ratio(bento_rps, naive and naive["throughput_rps"]), 2.0, ">="),
+        goal("p99 / p50 at saturation", _ratio(sat and sat["latency_ms_p99"], sat and sat["latency_ms_p50"]), 2, "<="),
+    ]
+    notes.append(
+        f"in-process end to end (decode + preprocess + model, one process): {raw['end_to_end_ips']:.1f} img/s; "
+        f"service / that: {fmt(_ratio(bento_rps, raw['end_to_end_ips']))}×"
+    )
+    if best_label:
+        notes.append(f"best BentoML setting: {best_label} (peak at {best['concurrency']} clients); "  # type: ignore[index]
+                     f"saturation level used for p99/p50: {sat['concurrency']} clients")  # type: ignore[index]
+    argv_used = list(argv) if argv is not None else __import__("sys").argv[1:]
+    result = envelope(
+        NAME,
+        command_line("benchmarks.service", argv_used),
+        rows,
+        settings={"levels": levels, "duration_s": duration, "front_workers": workers, "arch": b.arch,
+                  "image_size": b.preprocess.get("image_size"), "n_images": len(images),
+                  "images": [n for n, _ in images], "max_batch_size": args.max_batch_size},
+        goals=goals,
+        notes=notes,
+        raw=raw,
+    )
+    path = write_result(NAME, result)
+    print_goals(goals)
+    print(f"wrote {path}")
+    return result
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else float(a) / float(b)
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    s, raw = result["settings"], result["raw"]
+    servers = list(dict.fromkeys(r["server"] for r in result["rows"]))
+    by = {(r["server"], r["concurrency"]): r for r in result["rows"]}
+    head = ["clients"] + [f"{sv} req/s · p50/p99 ms" for sv in servers]
+    table = []
+    for c in s["levels"]:
+        cells = [c]
+        for sv in servers:
+            r = by.get((sv, c))
+            cells.append(
+                "—" if r is None else
+                f"{fmt(r['throughput_rps'])} · {fmt(r['latency_ms_p50'])}/{fmt(r['latency_ms_p99'])}"
+                + (f" ({r['errors']} err)" if r["errors"] else "")
+            )
+        table.append(cells)
+    return "\n".join([
+        f"Command: `{result['command']}`  ",
+        f"Run: {result['created']}  ",
+        f"Machine: {machine_line(result['machine'])}",
+        "",
+        f"Model: {s['arch']} (random weights) at {s['image_size']} px; {s['n_images']} images cycled; "
+        f"{s['duration_s']:.0f} s per level after a warm-up; max batch {s['max_batch_size']}.",
+        "",
+        f"In-process raw baseline ({raw['backend']}, batch {raw['batch']}; {raw['backend_reason']}): "
+        f"model only **{fmt(raw['model_only_ips'])} img/s**; decode + preprocess + model in one process "
+        f"{fmt(raw['end_to_end_ips'])} img/s.",
+        "",
+        markdown_table(head, table),
+        "",
+        goals_markdown(result["goals"]),
+        "",
+        *[f"- {n}" for n in result["notes"]],
+    ])
+
+
+if __name__ == "__main__":
+    main()
