@@ -37,7 +37,6 @@ from benchmarks._common import (
     fmt,
     goal,
     goals_markdown,
-    machine_line,
     markdown_table,
     print_goals,
     summarize,
@@ -237,10 +236,6 @@ def render_markdown(result: dict[str, Any]) -> str:
             )
         table.append(cells)
     return "\n".join([
-        f"Command: `{result['command']}`  ",
-        f"Run: {result['created']}  ",
-        f"Machine: {machine_line(result['machine'])}",
-        "",
         f"Model: {s['arch']} (random weights) at {s['image_size']} px; {s['n_images']} images cycled; "
         f"{s['duration_s']:.0f} s per level after a warm-up; max batch {s['max_batch_size']}.",
         "",

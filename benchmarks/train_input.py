@@ -158,6 +158,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    load_at_start = list(os.getloadavg()[:2])
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         if args.source == "fracatlas":
@@ -180,6 +181,13 @@ def main() -> None:
     ratio = results["decode"]["median_epoch_s"] / results["cached"]["median_epoch_s"]
     load_ratio = results["decode"]["loader_only_median_s"] / results["cached"]["loader_only_median_s"]
     report = {
+        "command": "python -m benchmarks.train_input " + " ".join(sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_at_start": load_at_start,
+        "goals": [
+            {"name": "epoch time, decode every epoch / cached", "value": ratio, "target": 3.0, "op": ">=",
+             "unit": "", "met": bool(ratio >= 3.0)},
+        ],
         "source": args.source,
         "n_images": n,
         "image_size": args.image_size,
@@ -219,6 +227,32 @@ def main() -> None:
         json.dump(report, fh, indent=2)
     os.replace(tmpf, args.out)
     print(f"wrote {args.out}")
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """The BENCHMARKS.md section (``benchmarks.run_all``) from ``train_input.json``."""
+    rows = []
+    for mode, r in result["results"].items():
+        rows.append(
+            f"| {mode} | {r['median_epoch_s']:.2f} | {r['images_per_s']:.1f} | {r['data_wait_share']:.1%} "
+            f"| {r['loader_only_images_per_s']:.1f} |"
+        )
+    return "\n".join([
+        f"Load average {result.get('load_at_start', '?')} at start; "
+        f"{result['cpu_count']} cores, torch {result['torch']} ({result['threads']} threads)",
+        "",
+        f"{result['n_images']} {result['source']} images → {result['image_size']} px, {result['arch']}, "
+        f"batch {result['batch_size']}, {result['workers']} loader workers, median of {result['repeats']} "
+        "epochs after a warm-up epoch.",
+        "",
+        "| mode | median epoch s | images/s | share of time waiting for data | input pipeline alone, images/s |",
+        "|---|---|---|---|---|",
+        *rows,
+        "",
+        f"- cached vs decoding every epoch: **{result['speedup_cached_vs_decode']:.2f}×** per training epoch "
+        f"(goal ≥ 3×), **{result['loader_only_speedup']:.1f}×** for the input pipeline alone; "
+        f"the cache is built once in {result['cache_build_s']:.1f} s.",
+    ])
 
 
 if __name__ == "__main__":

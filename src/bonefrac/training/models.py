@@ -193,10 +193,11 @@ def _efficientnet_lite0(spatial_dims: int) -> _Built:
     # num_classes=0: timm returns the pooled 1280 features.
     net = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
     groups = [["conv_stem", "bn1"], *([f"blocks.{i}"] for i in range(len(net.blocks))), ["conv_head", "bn2"]]
-    # Grad-CAM on blocks.5 (stride 16: an 8×8 map at 128 px), not conv_head (stride 32,
-    # 4×4): fracture boxes are ~20 px wide, and a 32-px cell cannot point inside them. On
-    # phantoms with off-centre fractures (tests/model/test_gradcam_phantom.py) blocks.5
-    # doubles the pointing-game hit rate and energy-in-box of conv_head.
+    # Grad-CAM on blocks.5 (the last stage's 192-channel output, stride 32), not conv_head
+    # (the 1280-channel 1×1 expansion on the same grid): measured on phantoms with
+    # off-centre fractures (tests/model/test_gradcam_phantom.py), blocks.5 doubles the
+    # energy inside the fracture box. The stride-16 blocks.4 localises about as well for
+    # Grad-CAM but makes MONAI's Grad-CAM++ no better than a uniform map.
     return _Built(net, net.num_features, "backbone.blocks.5", _prefixed(groups), rgb=True)
 
 
