@@ -309,19 +309,11 @@ def _json_default(obj: Any) -> Any:
 
 def write_result(name: str, payload: Mapping[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``<results_dir>/<name>.json`` atomically (temp file, then ``os.replace``)."""
+    from bonefrac.atomic import atomic_write_text
+
     out_dir = Path(results_dir) if results_dir else RESULTS_DIR
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(payload, fh, indent=2, default=_json_default, allow_nan=False)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    text = json.dumps(payload, indent=2, default=_json_default, allow_nan=False) + "\n"
+    return atomic_write_text(out_dir / f"{name}.json", text)
 
 
 def load_result(name: str, results_dir: Path | None = None) -> dict[str, Any] | None:

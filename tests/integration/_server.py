@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from benchmarks._servers import free_port, stop  # one start/stop helper for tests and benchmarks
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "bonefrac.serving.service:FractureService"
@@ -78,12 +77,6 @@ def make_tiny_bundle(
         metadata={"model_name": "bonefrac-test", "version": f"t{seed}", "metrics": {"auroc": 0.5}},
     )
     return bundle.save(path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -152,16 +145,3 @@ def running_server(
     finally:
         stop(proc)
         log.close()
-
-
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
