@@ -222,3 +222,35 @@ def test_parse_sets_builds_nested_yaml_values() -> None:
     }
     with pytest.raises(SystemExit):
         parse_sets(["train.epochs"])
+
+
+def test_service_and_train_input_sections_render_their_numbers() -> None:
+    from benchmarks import service, train_input
+    from benchmarks._common import envelope, goal
+
+    rows = [
+        {"server": s, "concurrency": c, "throughput_rps": rps, "latency_ms_p50": 40.0 * c,
+         "latency_ms_p99": 70.0 * c, "errors": err, "ok": 10}
+        for s, c, rps, err in (("bentoml-1w", 1, 20.0, 0), ("bentoml-1w", 8, 31.5, 1), ("naive", 1, 11.0, 0))
+    ]
+    result = envelope(
+        "service", "python -m benchmarks.service", rows,
+        settings={"levels": [1, 8], "duration_s": 15, "arch": "efficientnet_lite0", "image_size": 128,
+                  "n_images": 16, "max_batch_size": 16},
+        goals=[goal("service / naive FastAPI (peak req/s)", 31.5 / 11.0, 2.0, ">=")],
+        notes=["a note"], machine={"cpu_model": "x"},
+        raw={"backend": "onnx", "backend_reason": "measured", "batch": 16, "model_only_ips": 160.0,
+             "end_to_end_ips": 32.0},
+    )
+    md = service.render_markdown(result)
+    assert "| 8 | 31.5 · 320/560 (1 err) | — |" in md and "| 1 | 20 · 40/70 | 11 · 40/70 |" in md
+    assert "**160 img/s**" in md and "→ **met**" in md and "- a note" in md
+
+    ti = {"results": {m: {"median_epoch_s": s, "images_per_s": 96 / s, "data_wait_share": w,
+                          "loader_only_images_per_s": lo} for m, s, w, lo in
+                      (("cached", 13.0, 0.06, 120.0), ("decode", 16.9, 0.15, 48.0))},
+          "cpu_count": 2, "torch": "2", "threads": 2, "n_images": 96, "source": "fracatlas", "image_size": 192,
+          "arch": "efficientnet_lite0", "batch_size": 32, "workers": 0, "repeats": 3,
+          "speedup_cached_vs_decode": 1.3, "loader_only_speedup": 2.5, "cache_build_s": 1.5}
+    md = train_input.render_markdown(ti)
+    assert "| cached | 13.00 | 7.4 | 6.0% | 120.0 |" in md and "**1.30×** per training epoch" in md
