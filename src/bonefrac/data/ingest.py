@@ -38,11 +38,6 @@ def filter_body_parts(
     return records[keep].reset_index(drop=True)
 
 
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    atomic_write_csv(df, path)
-
-
 def ingest(
     source: str,
     root: Path,
@@ -75,7 +70,7 @@ def ingest(
     if expected_dims is None:
         expected_dims = _SOURCE_DIMS.get(source)
     table = build_metadata_table(records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims)
-    write_csv_atomic(table, out_csv)
+    atomic_write_csv(table, out_csv)
     dt = time.perf_counter() - t0
     n = len(table)
     bad = int((~table["decodes_ok"]).sum())

@@ -38,7 +38,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from bonefrac.atomic import atomic_write_csv as _atomic_csv
+from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import PhantomParams
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 
@@ -731,11 +731,6 @@ def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def atomic_write_csv(df: pd.DataFrame, path: Path) -> None:
-    """Write a CSV via a temp file + rename so readers never see half a table."""
-    _atomic_csv(df, path)
 
 
 def study_plan(params: PhantomParams) -> list[dict[str, object]]:

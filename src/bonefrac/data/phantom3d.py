@@ -365,7 +365,8 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def generate_volume_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFrame:
     """Write one NIfTI volume per study under ``out_dir/images`` and ``manifest.csv`` (written last)."""
-    from bonefrac.data.phantom import atomic_write_csv, study_plan
+    from bonefrac.atomic import atomic_write_csv
+    from bonefrac.data.phantom import study_plan
 
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bonefrac.atomic import atomic_write_text
 from bonefrac.config import EvaluateParams
 from bonefrac.errors import BonefracError
 from bonefrac.evaluation import plots
@@ -42,7 +43,6 @@ from bonefrac.evaluation.model_card import write_model_card
 from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, apply_threshold, choose_thresholds
 from bonefrac.evaluation.report import (
     DEFAULT_LIMITATIONS,
-    atomic_write_text,
     publish_prefect_artifacts,
     render_report_html,
     summary_text,

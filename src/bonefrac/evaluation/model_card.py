@@ -11,8 +11,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from bonefrac.atomic import atomic_write_text
 from bonefrac.evaluation.plots import op_label
-from bonefrac.evaluation.report import _env, atomic_write_text, num, pct
+from bonefrac.evaluation.report import _env, num, pct
 
 
 def render_model_card(report: Mapping[str, Any], report_path: str = "reports/evaluation/report.html") -> str:

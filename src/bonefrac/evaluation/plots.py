@@ -38,13 +38,9 @@ OP_LABELS = {"high_sensitivity": "High sensitivity", "high_specificity": "High s
 DPI = 120
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> Path:
-    return atomic_write_bytes(path, data)
-
-
 def write_csv(df: pd.DataFrame, path: Path) -> Path:
     """Atomic CSV write."""
-    return _atomic_write_bytes(Path(path), df.to_csv(index=False).encode())
+    return atomic_write_bytes(Path(path), df.to_csv(index=False).encode())
 
 
 def _fig_png(fig: plt.Figure) -> bytes:
@@ -301,4 +297,4 @@ def group_bars_png(groups: Mapping[str, Mapping[str, Any]], title: str, op_name:
 
 
 def save_png(data: bytes, path: Path) -> Path:
-    return _atomic_write_bytes(Path(path), data)
+    return atomic_write_bytes(Path(path), data)

@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 import yaml
 
-from bonefrac.atomic import atomic_write_text as _atomic_text
+from bonefrac.atomic import atomic_write_text
 from bonefrac.evaluation.plots import op_label
 from bonefrac.explain.gallery import CATEGORIES, GalleryItem
 
@@ -163,10 +163,6 @@ def publish_report(report_dir: Path, out_html: Path) -> Path:
     report = json.loads(path.read_text())
     figures = {png.stem: png.read_bytes() for png in sorted(report_dir.glob("*.png"))}
     return atomic_write_text(Path(out_html), render_report_html(report, figures, (), PUBLISHED_GALLERY_NOTE))
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return _atomic_text(path, text)
 
 
 # ------------------------------------------------------------------ Prefect

@@ -84,10 +84,6 @@ def _worker(args: tuple[Any, ...]) -> tuple[int, np.ndarray]:
     return i, _process_one(*rest)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_text(path, text)
-
-
 def build_cache(
     df: pd.DataFrame,
     out_dir: Path,
@@ -141,7 +137,7 @@ def build_cache(
 
     index = rows.copy()
     index[CACHE_ROW] = np.arange(len(index))
-    _atomic_write_text(out_dir / INDEX_FILE, index.to_csv(index=False))
+    atomic_write_text(out_dir / INDEX_FILE, index.to_csv(index=False))
     meta = {
         "format": CACHE_FORMAT,
         "n": len(index),
@@ -152,7 +148,7 @@ def build_cache(
         "lower_percentile": lower_percentile,
         "upper_percentile": upper_percentile,
     }
-    _atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
+    atomic_write_text(out_dir / META_FILE, json.dumps(meta, indent=2))
     log.info("cached %d images of shape %s in %s", len(index), shape, out_dir)
     return out_dir
 

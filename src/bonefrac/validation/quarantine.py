@@ -17,8 +17,6 @@ from typing import Any
 
 import pandas as pd
 
-from bonefrac.atomic import atomic_write_csv
-
 
 def split_clean_quarantine(
     manifest: pd.DataFrame, failures: Mapping[str, Mapping[int, str]]
@@ -41,11 +39,6 @@ def split_clean_quarantine(
     quarantine["reason"] = ["; ".join(reasons[p]) for p in bad]
     clean = base.drop(index=bad)
     return clean.reset_index(drop=True), quarantine.reset_index(drop=True)
-
-
-def write_csv_atomic(df: pd.DataFrame, path: Path) -> None:
-    """Write a CSV through a temp file in the same folder, then rename."""
-    atomic_write_csv(df, path)
 
 
 def write_json_atomic(data: Mapping[str, Any], path: Path) -> None:

@@ -29,13 +29,13 @@ from typing import Any
 
 import pandas as pd
 
+from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import ValidationParams, load_params
 from bonefrac.validation.checks import CHECKS, TEXT_COLUMNS, build_expectations, prepare_table, row_reason
 from bonefrac.validation.expectations import Outcome, run_suite
 from bonefrac.validation.quarantine import (
     replace_dir_atomic,
     split_clean_quarantine,
-    write_csv_atomic,
     write_json_atomic,
 )
 
@@ -180,8 +180,8 @@ def validate_manifest(
     clean_labels = pd.to_numeric(clean["label"], errors="coerce") if "label" in clean.columns else valid
     summary["clean_positive_fraction"] = round(float(clean_labels.mean()), 6) if len(clean) else 0.0
     summary["success"] = all_ok
-    write_csv_atomic(clean, out_dir / "clean.csv")
-    write_csv_atomic(quarantine, out_dir / "quarantine.csv")
+    atomic_write_csv(clean, out_dir / "clean.csv")
+    atomic_write_csv(quarantine, out_dir / "quarantine.csv")
     write_json_atomic(summary, summary_json)
     elapsed = time.perf_counter() - t0
     log.info(
