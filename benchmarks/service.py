@@ -22,6 +22,7 @@ service ≥ 0.8× raw, ≥ 2× naive, p99 ≤ 2× p50 at saturation.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -197,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if best_label:
         notes.append(f"best BentoML setting: {best_label} (peak at {best['concurrency']} clients); "  # type: ignore[index]
                      f"saturation level used for p99/p50: {sat['concurrency']} clients")  # type: ignore[index]
-    argv_used = list(argv) if argv is not None else __import__("sys").argv[1:]
+    argv_used = list(argv) if argv is not None else sys.argv[1:]
     result = envelope(
         NAME,
         command_line("benchmarks.service", argv_used),
