@@ -189,26 +189,14 @@ def _cpu_flags() -> list[str]:
 
 
 def git_commit(root: Path = REPO_ROOT) -> str | None:
-    """HEAD's short hash plus ``+dirty`` when the tree has changes (results are tied to code)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    """HEAD's short hash plus ``-dirty`` when the tree has changes (the project's one definition)."""
+    from bonefrac.provenance import git_commit as full_commit
+
+    commit = full_commit(root)
+    if commit == "unknown":
         return None
+    head, _, dirty = commit.partition("-")
+    return head[:7] + (f"-{dirty}" if dirty else "")
 
 
 def machine_info() -> dict[str, Any]:

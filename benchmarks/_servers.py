@@ -118,23 +118,22 @@ def random_bundle(path: Path, arch: str | None = None, image_size: int | None = 
     ``arch`` / ``image_size`` default to ``params.yaml``'s.
     """
     from bonefrac.config import load_params
-    from bonefrac.inference.bundle import ModelBundle
-    from bonefrac.training.models import build_model
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.model.networks import build_model
+    from bonefrac.model.transforms import PreprocessSpec
 
     p = load_params(REPO_ROOT / "params.yaml")
     arch = arch or p.model.arch
     types = ["transverse", "oblique", "comminuted"]
     model = build_model(arch, num_types=len(types), pretrained="none", spatial_dims=p.spatial_dims)
-    preprocess = p.preprocess.model_dump()
+    spec = PreprocessSpec.from_params(p.preprocess, p.spatial_dims)
     if image_size:
-        preprocess["image_size"] = int(image_size)
+        spec = spec.model_copy(update={"image_size": int(image_size)})
     bundle = ModelBundle(
         arch=arch,
-        spatial_dims=p.spatial_dims,
         state_dict=model.state_dict(),
+        preprocess_spec=spec,
         type_names=types,
-        preprocess=preprocess,
-        temperature=1.0,
         operating_points={"high_sensitivity": 0.3, "high_specificity": 0.7},
         metadata={"model_name": "bonefrac-bench", "version": "bench"},
     )

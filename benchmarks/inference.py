@@ -1,6 +1,6 @@
 """Model inference: eager PyTorch vs ONNX Runtime vs torch.compile, for each architecture in the registry.
 
-For every architecture (``bonefrac.training.models.ARCHS``), input size (224 px
+For every architecture (``bonefrac.model.networks.ARCHS``), input size (224 px
 and the pipeline's 128 px; 3D nets get the pipeline's volume size) and batch
 size, each backend runs side by side in the same process, on the same input,
 with the same thread count. Reported: images/s (median over repeats, warm-up
@@ -52,7 +52,7 @@ NUM_TYPES = 3  # a multi-task head like the phantom preset's; the head's cost is
 
 
 def registry_archs() -> list[str]:
-    from bonefrac.training.models import ARCHS
+    from bonefrac.model.networks import ARCHS
 
     return list(ARCHS)
 
@@ -80,7 +80,7 @@ def default_volume() -> tuple[int, int, int]:
 
 
 def build(arch: str) -> torch.nn.Module:
-    from bonefrac.training.models import build_model
+    from bonefrac.model.networks import build_model
 
     return build_model(
         arch, num_types=NUM_TYPES, pretrained="none", dropout=0.0, spatial_dims=3 if is_3d(arch) else 2

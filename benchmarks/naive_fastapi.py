@@ -17,8 +17,8 @@ import torch
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
 from bonefrac.data.imageio import ImageDecodeError, read_image
-from bonefrac.inference.bundle import ModelBundle
 from bonefrac.inference.predictor import Predictor
+from bonefrac.model.bundle import ModelBundle
 
 app = FastAPI(title="bonefrac naive baseline")
 _predictor: Predictor | None = None

@@ -63,16 +63,15 @@ def pick_images(paths: Sequence[Path] | None, n: int = 16) -> list[tuple[str, by
 def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, seconds: float) -> dict[str, Any]:
     """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue)."""
     from bonefrac.data.imageio import read_image
-    from bonefrac.inference.backends import calibrate_for_bundle, default_device, select_backend
-    from bonefrac.inference.batch_predict import model_input
-    from bonefrac.inference.bundle import ModelBundle
+    from bonefrac.inference.backends import default_device, select_backend
+    from bonefrac.model.bundle import ModelBundle
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())
 
     def prepare(data: bytes) -> np.ndarray:
         img = read_image(data, max_pixels=60_000_000, expected_dims=bundle.spatial_dims)
-        return model_input(img.array, bundle.spatial_dims, dict(bundle.preprocess)).numpy()
+        return bundle.preprocess(img.array).numpy()
 
     pre = np.stack([prepare(d) for _, d in images])
     reps = int(np.ceil(batch / len(pre)))
@@ -89,7 +88,7 @@ def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, s
 
     def end_to_end() -> None:
         arr = np.stack([prepare(images[i % len(images)][1]) for i in range(batch)])
-        calibrate_for_bundle(choice.runner(arr), bundle)
+        bundle.calibrate(choice.runner(arr))
 
     model_only = summarize(rate(lambda: choice.runner(x)))
     e2e = summarize(rate(end_to_end))
@@ -145,10 +144,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bonefrac-bench-service-") as tmp:
         work = Path(tmp)
         bundle = args.bundle or random_bundle(work / "model.pt", args.arch, args.image_size)
-        from bonefrac.inference.bundle import ModelBundle
+        from bonefrac.model.bundle import ModelBundle
 
         b = ModelBundle.load(bundle)
-        print(f"model {b.arch} at {b.preprocess.get('image_size')} px; {len(images)} images", flush=True)
+        print(f"model {b.arch} at {b.preprocess_spec.image_size} px; {len(images)} images", flush=True)
         raw = in_process(bundle, images, args.max_batch_size, 3.0 if args.quick else 10.0)
         print(f"in-process ({raw['backend']}): model only {raw['model_only_ips']:.1f} img/s, "
               f"end to end {raw['end_to_end_ips']:.1f} img/s", flush=True)

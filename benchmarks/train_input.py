@@ -4,7 +4,7 @@ Both modes run the same training steps (same model, batch size, augmentation,
 DataLoader workers); only where an image comes from differs:
 
 - ``cached``: a row of the float16 ``images.npy`` memmap (``bonefrac.preprocess.cache``)
-- ``decode``: read the file (JPEG/PNG) and run ``preprocess_array`` on it, every epoch
+- ``decode``: read the file (JPEG/PNG) and run the model contract's preprocessing on it, every epoch
 
 It reports the median epoch time over repeats, the ratio decode/cached (goal ≥ 3×)
 and the share of step time spent waiting for data. Results are printed as a
@@ -34,11 +34,11 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bonefrac.config import AugmentParams
+from bonefrac.model.networks import build_model
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.augment import apply_augmentation, random_transform, sample_seed
 from bonefrac.preprocess.cache import build_cache, load_cache
-from bonefrac.preprocess.transforms import preprocess_array
 from bonefrac.training.data import CachedDataset, EpochTaggedSampler, make_loader
-from bonefrac.training.models import build_model
 from bonefrac.training.sampling import EpochSampler
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +50,7 @@ def read_any(path: str) -> np.ndarray:
     try:
         from bonefrac.data.imageio import read_image
     except ImportError:
-        return np.asarray(
-            Image.open(path).convert("I;16" if path.endswith(".png") else "L"), dtype=np.float32
-        )
+        return np.asarray(Image.open(path).convert("I;16" if path.endswith(".png") else "L"), dtype=np.float32)
     return np.asarray(read_image(path).array, dtype=np.float32)
 
 
@@ -88,7 +86,7 @@ class DecodeDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         epoch, i = key
-        x = preprocess_array(read_any(self.paths[i]), 2, self.image_size, (32, 64, 64), 0.5, 99.5)
+        x = PreprocessSpec(image_size=self.image_size).apply(read_any(self.paths[i]))
         x = apply_augmentation(self.aug, x, sample_seed(self.seed, epoch, i))
         return x, torch.tensor(float(i % 2)), torch.tensor(-1), torch.tensor(i)
 
@@ -98,9 +96,7 @@ def run_epochs(dataset: Dataset, n: int, args: argparse.Namespace) -> dict[str, 
     model = build_model(args.arch, 0, "none", 0.0, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     sampler = EpochSampler(n, seed=0)
-    loader = make_loader(
-        dataset, args.batch_size, EpochTaggedSampler(sampler), args.workers, pin_memory=False
-    )
+    loader = make_loader(dataset, args.batch_size, EpochTaggedSampler(sampler), args.workers, pin_memory=False)
     epochs = []
     for epoch in range(args.repeats + 1):  # epoch 0 warms up workers and caches; not counted
         sampler.set_epoch(epoch)
@@ -127,9 +123,7 @@ def run_epochs(dataset: Dataset, n: int, args: argparse.Namespace) -> dict[str, 
             pass
         loader_only.append(time.perf_counter() - t)
     med = statistics.median(e["seconds"] for e in epochs)
-    wait_share = sum(e["data_wait_s"] for e in epochs) / sum(
-        e["data_wait_s"] + e["compute_s"] for e in epochs
-    )
+    wait_share = sum(e["data_wait_s"] for e in epochs) / sum(e["data_wait_s"] + e["compute_s"] for e in epochs)
     load_med = statistics.median(loader_only)
     return {
         "median_epoch_s": med,
@@ -169,7 +163,13 @@ def main() -> None:
         n = len(paths)
         df = pd.DataFrame({"path": paths, "label": [i % 2 for i in range(n)], "split": "train"})
         t = time.perf_counter()
-        build_cache(df, tmpd / "cache", 2, args.image_size, read_fn=read_any, workers=max(1, args.workers))
+        build_cache(
+            df,
+            tmpd / "cache",
+            PreprocessSpec(image_size=args.image_size),
+            read_fn=read_any,
+            workers=max(1, args.workers),
+        )
         cache_build_s = time.perf_counter() - t
         _, index = load_cache(tmpd / "cache")
         aug = random_transform(AugmentParams(), 2)
@@ -185,8 +185,14 @@ def main() -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "load_at_start": load_at_start,
         "goals": [
-            {"name": "epoch time, decode every epoch / cached", "value": ratio, "target": 3.0, "op": ">=",
-             "unit": "", "met": bool(ratio >= 3.0)},
+            {
+                "name": "epoch time, decode every epoch / cached",
+                "value": ratio,
+                "target": 3.0,
+                "op": ">=",
+                "unit": "",
+                "met": bool(ratio >= 3.0),
+            },
         ],
         "source": args.source,
         "n_images": n,
@@ -208,10 +214,7 @@ def main() -> None:
         f"\ntraining input pipeline: {n} {args.source} images -> {args.image_size}px, {args.arch}, "
         f"batch {args.batch_size}, {args.workers} workers, {torch.get_num_threads()} threads"
     )
-    print(
-        f"{'mode':<8} {'median epoch s':>15} {'images/s':>10} {'data wait share':>16} "
-        f"{'loader-only img/s':>18}"
-    )
+    print(f"{'mode':<8} {'median epoch s':>15} {'images/s':>10} {'data wait share':>16} {'loader-only img/s':>18}")
     for mode, r in results.items():
         print(
             f"{mode:<8} {r['median_epoch_s']:>15.2f} {r['images_per_s']:>10.1f} "
@@ -237,22 +240,24 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"| {mode} | {r['median_epoch_s']:.2f} | {r['images_per_s']:.1f} | {r['data_wait_share']:.1%} "
             f"| {r['loader_only_images_per_s']:.1f} |"
         )
-    return "\n".join([
-        f"Load average {result.get('load_at_start', '?')} at start; "
-        f"{result['cpu_count']} cores, torch {result['torch']} ({result['threads']} threads)",
-        "",
-        f"{result['n_images']} {result['source']} images → {result['image_size']} px, {result['arch']}, "
-        f"batch {result['batch_size']}, {result['workers']} loader workers, median of {result['repeats']} "
-        "epochs after a warm-up epoch.",
-        "",
-        "| mode | median epoch s | images/s | share of time waiting for data | input pipeline alone, images/s |",
-        "|---|---|---|---|---|",
-        *rows,
-        "",
-        f"- cached vs decoding every epoch: **{result['speedup_cached_vs_decode']:.2f}×** per training epoch "
-        f"(goal ≥ 3×), **{result['loader_only_speedup']:.1f}×** for the input pipeline alone; "
-        f"the cache is built once in {result['cache_build_s']:.1f} s.",
-    ])
+    return "\n".join(
+        [
+            f"Load average {result.get('load_at_start', '?')} at start; "
+            f"{result['cpu_count']} cores, torch {result['torch']} ({result['threads']} threads)",
+            "",
+            f"{result['n_images']} {result['source']} images → {result['image_size']} px, {result['arch']}, "
+            f"batch {result['batch_size']}, {result['workers']} loader workers, median of {result['repeats']} "
+            "epochs after a warm-up epoch.",
+            "",
+            "| mode | median epoch s | images/s | share of time waiting for data | input pipeline alone, images/s |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"- cached vs decoding every epoch: **{result['speedup_cached_vs_decode']:.2f}×** per training epoch "
+            f"(goal ≥ 3×), **{result['loader_only_speedup']:.1f}×** for the input pipeline alone; "
+            f"the cache is built once in {result['cache_build_s']:.1f} s.",
+        ]
+    )
 
 
 if __name__ == "__main__":

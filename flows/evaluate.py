@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 
 from prefect import flow
 from prefect.states import State
 
-from bonefrac.config import load_params, resolve
+from bonefrac.config import load_params, project_root, resolve
 from bonefrac.evaluation.evaluate import publish_prefect_artifacts, run_evaluation
+from bonefrac.provenance import data_version
 from flows._stage import guarded, run_stage
 
 
 def _evaluate(params_path: str) -> str:
     p = load_params(params_path)
     cache_dir = resolve(p.paths.processed)
-    data_version = hashlib.sha256((cache_dir / "index.csv").read_bytes()).hexdigest()[:12]
     summary = run_evaluation(
         model_path=resolve(p.paths.models) / "train" / "best_model.pt",
         cache_dir=cache_dir,
@@ -27,7 +26,7 @@ def _evaluate(params_path: str) -> str:
         params=p.evaluate,
         validation_summary=resolve(p.paths.metrics) / "validation.json",
         params_snapshot=p.model_dump(mode="json"),
-        data_version=data_version,
+        data_version=data_version(project_root(), p.paths.processed),
         seed=p.seed,
     )
     publish_prefect_artifacts(summary)

@@ -9,8 +9,9 @@ from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
-from bonefrac.data.splits import assign_splits, split_report
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import build_cache
+from bonefrac.preprocess.splits import assign_splits, split_report
 from bonefrac.validation.run import read_manifest
 from flows._stage import guarded, run_stage
 
@@ -29,16 +30,7 @@ def _preprocess(params_path: str) -> str:
     report_path.parent.mkdir(parents=True, exist_ok=True)
     report_path.write_text(json.dumps(split_report(split), indent=2, default=int))
     out_dir = resolve(p.paths.processed)
-    build_cache(
-        split,
-        out_dir,
-        spatial_dims=p.spatial_dims,
-        image_size=p.preprocess.image_size,
-        volume_size=p.preprocess.volume_size,
-        lower_percentile=p.preprocess.lower_percentile,
-        upper_percentile=p.preprocess.upper_percentile,
-        workers=2,
-    )
+    build_cache(split, out_dir, PreprocessSpec.from_params(p.preprocess, p.spatial_dims), workers=2)
     counts = split["split"].value_counts().to_dict()
     return f"preprocess: {len(split)} images cached ({counts}) -> {out_dir}"
 

@@ -44,7 +44,7 @@ def run_pipeline(root: str, timeout_s: int = 6 * 3600) -> str:
 
 @task(cache_policy=NO_CACHE)
 def versions(root: str, processed_dir: str) -> dict[str, str]:
-    from bonefrac.registry.versioning import data_version, git_commit
+    from bonefrac.provenance import data_version, git_commit
 
     return {"data_version": data_version(root, processed_dir), "git_commit": git_commit(root)}
 
@@ -54,7 +54,7 @@ def register(
     bundle_path: str, name: str, data_version: str, git_commit: str, params: dict[str, Any]
 ) -> str:
     """Register the evaluated bundle (idempotent: the same file gives the same tag)."""
-    from bonefrac.inference.bundle import ModelBundle
+    from bonefrac.model.bundle import ModelBundle
     from bonefrac.registry import store
 
     metrics = ModelBundle.load(bundle_path).metadata.get("metrics", {})
@@ -105,8 +105,7 @@ def build_reference(tag: str, cache_dir: str, out_dir: str, embedding_dims: int,
     ref = build(
         cache_dir,
         out_dir,
-        model=bundle.build_model(),
-        temperature=bundle.temperature,
+        bundle=bundle,
         embedding_dims=embedding_dims,
         seed=seed,
         provenance={"model_tag": tag},

@@ -8,11 +8,15 @@ read this object globally: flows pass the relevant sections explicitly.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from bonefrac.errors import BonefracError
 
 Severity = Literal["critical", "quarantine", "warn", "off"]
 
@@ -185,6 +189,8 @@ class EvaluateParams(Strict):
     operating_points: OperatingPointParams = OperatingPointParams()
     gradcam_gallery: int = Field(6, ge=0, description="images per gallery row (TP, FP, FN)")
     gradcam_layer: str | None = None
+    # platt: slope + intercept (undoes the class-weight shift); temperature: slope only.
+    calibration: Literal["identity", "temperature", "platt"] = "platt"
 
 
 # --------------------------------------------------------------- operations
@@ -211,6 +217,30 @@ class ServingParams(Strict):
     backend: Literal["auto", "torch", "onnx"] = "auto"
     # Front-end processes (decode, preprocess, calibrate); the model runs in its own process.
     workers: int = Field(1, ge=1, le=64)
+    onnx_cache_dir: str | None = None
+    # A secret: never written in params.yaml; set BONEFRAC_API_KEY.
+    api_key: str | None = Field(None, repr=False)
+
+    @field_validator("max_batch_size")
+    @classmethod
+    def _batchable(cls, v: int) -> int:
+        return max(2, v)  # BentoML requires max_batch_size > 1
+
+
+#: Every environment override the project honours: variable -> (section, key). Ops retune a
+#: container (no params.yaml inside) without rebuilding it; nothing else reads BONEFRAC_* settings.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "BONEFRAC_MODEL_NAME": ("serving", "model_name"),
+    "BONEFRAC_MAX_BATCH_SIZE": ("serving", "max_batch_size"),
+    "BONEFRAC_MAX_LATENCY_MS": ("serving", "max_latency_ms"),
+    "BONEFRAC_MAX_UPLOAD_MB": ("serving", "max_upload_mb"),
+    "BONEFRAC_MAX_PIXELS": ("serving", "max_pixels"),
+    "BONEFRAC_BACKEND": ("serving", "backend"),
+    "BONEFRAC_WORKERS": ("serving", "workers"),
+    "BONEFRAC_PREDICTION_LOG_DIR": ("paths", "predictions_log"),
+    "BONEFRAC_ONNX_CACHE": ("serving", "onnx_cache_dir"),
+    "BONEFRAC_API_KEY": ("serving", "api_key"),
+}
 
 
 # -------------------------------------------------------------------- root
@@ -246,7 +276,7 @@ class Params(Strict):
         return 2
 
 
-class ConfigError(ValueError):
+class ConfigError(BonefracError, ValueError):
     """A params file that cannot be used; the message names the key and what is allowed."""
 
 
@@ -278,18 +308,48 @@ def params_from_dict(raw: dict[str, Any], source: str = "params") -> Params:
         raise ConfigError(_format_errors(err, source)) from None
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Load ``params.yaml`` (plus optional nested overrides) into :class:`Params`."""
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: params file not found")
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Nested overrides from the ``BONEFRAC_*`` variables of :data:`ENV_OVERRIDES` that are set."""
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for var, (section, key) in ENV_OVERRIDES.items():
+        value = env.get(var, "").strip()
+        if value:
+            out.setdefault(section, {})[key] = value.lower() if key == "backend" else value
+    return out
+
+
+def load_settings(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> Params:
+    """Params for a long-running process (service, worker): ``params.yaml`` if present, then the environment.
+
+    A container has no ``params.yaml`` (defaults apply); a broken one is an error
+    naming the key, never silently replaced by defaults. ``BONEFRAC_PARAMS`` names
+    another file.
+    """
+    env = os.environ if environ is None else environ
+    file = Path(path or env.get("BONEFRAC_PARAMS") or "params.yaml")
+    raw: dict[str, Any] = {}
+    if file.exists():
+        raw = _read_yaml(file)
+    return params_from_dict(_deep_merge(raw, env_overrides(env)), f"{file} + environment")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return params_from_dict(_deep_merge(raw, overrides or {}), str(path))
+    return raw
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load ``params.yaml`` (plus optional nested overrides) into :class:`Params`."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: params file not found")
+    return params_from_dict(_deep_merge(_read_yaml(path), overrides or {}), str(path))
 
 
 def project_root() -> Path:

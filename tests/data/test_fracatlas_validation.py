@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from bonefrac.config import ValidationParams
-from bonefrac.data.splits import assign_splits, split_report
+from bonefrac.preprocess.splits import assign_splits, split_report
 
 FRACATLAS = Path(__file__).resolve().parents[3] / "shared" / "data" / "fracatlas"
 

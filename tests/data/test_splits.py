@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _validation_helpers import flip_bits, make_manifest
 
-from bonefrac.data.splits import SplitError, assign_groups, assign_splits, split_report
+from bonefrac.preprocess.splits import SplitError, assign_groups, assign_splits, split_report
 
 
 def _no_group_crosses(out: pd.DataFrame) -> None:

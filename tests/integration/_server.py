@@ -19,9 +19,14 @@ import httpx
 import torch
 from benchmarks._servers import free_port, stop  # one start/stop helper for tests and benchmarks
 
+from bonefrac.model.calibrate import CalibrationMap
+from bonefrac.model.transforms import PreprocessSpec
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVICE = "bonefrac.serving.service:FractureService"
 TYPE_NAMES = ["transverse", "oblique", "comminuted"]
+TEST_SPEC = PreprocessSpec(image_size=64, volume_size=(16, 32, 32), lower_percentile=1.5, upper_percentile=98.5)
+TEST_CALIBRATION = CalibrationMap(method="platt", slope=0.6, intercept=-0.3)
 
 
 def make_tiny_bundle(
@@ -32,9 +37,11 @@ def make_tiny_bundle(
     type_names: list[str] | None = None,
 ) -> Path:
     """A small random-weight custom CNN bundle with made-up calibration and operating points."""
-    from bonefrac.inference.bundle import ModelBundle
-    from bonefrac.training.models import build_model
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.model.networks import build_model
 
+    # Non-default preprocessing and a Platt map with an intercept: a consumer that drops either is caught.
+    spec = TEST_SPEC.model_copy(update={"spatial_dims": spatial_dims, "image_size": image_size})
     torch.manual_seed(seed)
     types = TYPE_NAMES if type_names is None else type_names
     model = build_model("custom_cnn", num_types=len(types), spatial_dims=spatial_dims)
@@ -46,15 +53,9 @@ def make_tiny_bundle(
         if spatial_dims == 2:
             from tests._factories import make_array
 
-            from bonefrac.preprocess.transforms import preprocess_array
-
             probe = torch.stack(
                 [
-                    preprocess_array(
-                        make_array((48 + 8 * i, 64), seed=i).T if i % 2 else make_array((64, 64), seed=i),
-                        2,
-                        image_size,
-                    )
+                    spec.apply(make_array((48 + 8 * i, 64), seed=i).T if i % 2 else make_array((64, 64), seed=i))
                     for i in range(8)
                 ]
             )
@@ -63,16 +64,10 @@ def make_tiny_bundle(
         head.bias.sub_(model.eval()(probe).mean(dim=0))
     bundle = ModelBundle(
         arch="custom_cnn",
-        spatial_dims=spatial_dims,
         state_dict=model.state_dict(),
+        preprocess_spec=spec,
         type_names=list(types),
-        preprocess={
-            "image_size": image_size,
-            "volume_size": [16, 32, 32],
-            "lower_percentile": 0.5,
-            "upper_percentile": 99.5,
-        },
-        temperature=1.7,
+        calibration=TEST_CALIBRATION,
         operating_points={"high_sensitivity": 0.35, "high_specificity": 0.65},
         metadata={"model_name": "bonefrac-test", "version": f"t{seed}", "metrics": {"auroc": 0.5}},
     )

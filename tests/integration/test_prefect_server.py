@@ -262,17 +262,16 @@ def _tiny_project(tmp: Path) -> Path:
 def _bundle(path: Path, seed: int, high_sensitivity: float) -> str:
     import torch
 
-    from bonefrac.inference.bundle import ModelBundle
-    from bonefrac.training.models import build_model
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.model.networks import build_model
+    from bonefrac.model.transforms import PreprocessSpec
 
     torch.manual_seed(seed)
     model = build_model("custom_cnn", num_types=0, spatial_dims=2)
     ModelBundle(
         arch="custom_cnn",
-        spatial_dims=2,
         state_dict=model.state_dict(),
-        preprocess={"image_size": 32},
-        temperature=1.0,
+        preprocess_spec=PreprocessSpec(image_size=32),
         operating_points={"high_sensitivity": high_sensitivity, "high_specificity": 0.9},
         metadata={"metrics": {"auroc": 0.5}},
     ).save(path)

@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from benchmarks.service_load import run_load
 from PIL import Image
 from tests._factories import (
@@ -30,9 +31,13 @@ from tests._factories import (
 from tests.integration._server import make_tiny_bundle, running_server
 
 from bonefrac.data.imageio import read_image
+from bonefrac.evaluation.evaluate import predict_rows
 from bonefrac.inference.batch_predict import predict_to_file
 from bonefrac.inference.predictor import Predictor
-from bonefrac.serving.model_loading import load_file
+from bonefrac.monitoring.reference import current_from_images
+from bonefrac.preprocess.cache import build_cache, load_cache
+from bonefrac.registry.resolve import load_file
+from bonefrac.registry.scoring import score_split
 from bonefrac.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.integration
@@ -52,6 +57,7 @@ def served(tmp_path_factory):
         BONEFRAC_MAX_UPLOAD_MB="1",
         BONEFRAC_MAX_BATCH_SIZE="8",
         BONEFRAC_MAX_LATENCY_MS="20000",
+        BONEFRAC_BACKEND="torch",  # exact parity below; ONNX parity is test_onnx_export's
     ) as srv:
         yield srv, model, work
 
@@ -88,7 +94,8 @@ def test_metadata(client, served):
     bundle = load_file(model_path).bundle
     assert m["model"]["name"] == "bonefrac-test" and m["model"]["version"] == "t0"
     assert m["operating_points"] == bundle.operating_points
-    assert m["calibration"]["temperature"] == pytest.approx(bundle.temperature)
+    assert m["calibration"] == pytest.approx(bundle.calibration.describe())
+    assert m["input"]["preprocess"] == bundle.preprocess_spec.model_dump(mode="json")
     assert m["fracture_types"] == bundle.type_names
     assert m["input"]["formats"] == ["png", "jpeg", "dicom"] and m["input"]["max_upload_mb"] == 1
     assert m["runtime"]["backend"] in ("torch", "onnx") and m["auth_required"] is True
@@ -96,7 +103,13 @@ def test_metadata(client, served):
 
 
 def test_same_probabilities_as_predictor_and_cli(client, served, tmp_path):
-    """Issue 9 point 3: pipeline Predictor, ``bonefrac predict`` and the service agree."""
+    """One image, five consumers, one contract: evaluation, ``bonefrac predict``, the live service,
+    the registry's scoring and the drift features give the same calibrated probability.
+
+    The reference is computed here from the bundle's own three steps (preprocess →
+    network → calibrate). The test bundle has a non-default window and a Platt map
+    with an intercept, so a consumer that re-derived either would be caught.
+    """
     _, model_path, _ = served
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -113,21 +126,65 @@ def test_same_probabilities_as_predictor_and_cli(client, served, tmp_path):
         assert r.status_code == 200, r.text
         service[str(f)] = r.json()
     loaded = load_file(model_path)
-    ref = Predictor(loaded.bundle).predict_arrays([read_image(f).array for f in files])
+    bundle = loaded.bundle
+    arrays = [read_image(f).array for f in files]
+    x = torch.stack([bundle.preprocess(a) for a in arrays])
+    with torch.no_grad():
+        ref = bundle.calibrate(bundle.build_model()(x).numpy())
+
+    # evaluation's scoring function (run_evaluation and external validation use it)
+    evaluation = predict_rows(Predictor(bundle), x.numpy(), np.arange(len(files))).prob
+    # bonefrac predict
     predict_to_file(folder, loaded, tmp_path / "p.csv", backend="torch", progress=False)
     cli = pd.read_csv(tmp_path / "p.csv").set_index("path")["probability"]
+    # drift features of new images
+    drift, _ = current_from_images([str(f) for f in files], bundle=bundle)
+    # the registry's gate scores the preprocessed cache (float16 on disk, see below)
+    cache = tmp_path / "cache"
+    rows = pd.DataFrame({"path": [str(f) for f in files], "label": [0, 1, 0, 1, 0], "split": "test"})
+    build_cache(rows, cache, bundle.preprocess_spec)
+    _, registry_probs, _ = score_split(bundle, cache)
+    cached = np.asarray(load_cache(cache)[0], dtype=np.float32)
+    with torch.no_grad():
+        ref_cached = bundle.calibrate(bundle.build_model()(torch.from_numpy(cached)).numpy()).prob
+
     for i, f in enumerate(files):
         body = service[str(f)]
-        assert body["probability"] == pytest.approx(ref.prob[i], abs=1e-4)
+        assert body["probability"] == pytest.approx(ref.prob[i], abs=1e-6)
         assert cli[str(f)] == pytest.approx(ref.prob[i], abs=1e-6)
+        assert evaluation[i] == pytest.approx(ref.prob[i], abs=1e-6)
+        assert drift["score"][i] == pytest.approx(ref.prob[i], abs=1e-6)
+        assert registry_probs[i] == pytest.approx(ref_cached[i], abs=1e-6)
+        # The cache stores float16 tensors: the same image scores within rounding of its inputs.
+        assert registry_probs[i] == pytest.approx(ref.prob[i], abs=2e-3)
         for op, decided in ref.decisions.items():
-            if abs(ref.prob[i] - loaded.bundle.operating_points[op]) > 1e-3:
+            if abs(ref.prob[i] - bundle.operating_points[op]) > 1e-3:
                 assert body["decisions"][op] == bool(decided[i])
-        assert set(body["fracture_type_probabilities"]) == set(loaded.bundle.type_names)
+        assert set(body["fracture_type_probabilities"]) == set(bundle.type_names)
         assert body["model"] == {"name": "bonefrac-test", "version": "t0", "arch": "custom_cnn"}
-        assert body["thresholds"] == loaded.bundle.operating_points
+        assert body["thresholds"] == bundle.operating_points
         assert body["timing_ms"]["total"] > 0
     assert np.std(ref.prob) > 1e-3  # the images really differ for this model
+
+
+def test_one_sigmoid_of_a_logit_in_the_code_base():
+    """The calibration rule is written once (bonefrac.model.calibrate); nothing re-derives it."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[2]
+    rederived = re.compile(
+        r"torch\.sigmoid\(|F\.sigmoid\(|expit\(|def sigmoid\("
+        r"|1\.?0? ?/ ?\(1\.?0? ?\+ ?(np|torch|math)\.exp\(|logaddexp\(0\.?0?, ?-"
+    )
+    hits = [
+        f"{p.relative_to(src)}:{n}"
+        for folder in ("src", "flows", "benchmarks")
+        for p in sorted((src / folder).rglob("*.py"))
+        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if rederived.search(line)
+    ]
+    assert hits and all(h.startswith("src/bonefrac/model/calibrate.py:") for h in hits), hits
 
 
 def test_bad_input_corpus_gets_4xx_and_service_stays_healthy(client, served, tmp_path):

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.config import AugmentParams, ModelParams, TrainParams
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import build_cache
 
 TYPES = ["oblique", "transverse"]
@@ -60,11 +61,9 @@ def make_tiny_cache(
     return build_cache(
         pd.DataFrame(rows),
         root / "cache",
-        spatial_dims=dims,
-        image_size=size,
-        volume_size=(size, size, size),
-        lower_percentile=0.5,
-        upper_percentile=99.5,
+        PreprocessSpec(
+            spatial_dims=dims, volume_size=(size, size, size), **({"image_size": size} if dims == 2 else {})
+        ),
         read_fn=read_npy,
     )
 

@@ -13,9 +13,9 @@ import yaml
 from _training_helpers import make_tiny_cache
 
 from bonefrac.config import load_params
+from bonefrac.model.networks import build_model
 from bonefrac.training.checkpoint import load_checkpoint
 from bonefrac.training.loop import seed_everything, train_model
-from bonefrac.training.models import build_model
 
 
 def test_two_process_gloo_matches_single_process(tmp_path: Path) -> None:

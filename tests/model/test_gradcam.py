@@ -21,7 +21,7 @@ from bonefrac.explain.localisation import (
     pointing_game,
 )
 from bonefrac.explain.overlay import draw_boxes, overlay
-from bonefrac.preprocess.transforms import preprocess_array
+from bonefrac.model.transforms import PreprocessSpec
 
 S = 32
 
@@ -128,7 +128,7 @@ def test_3d_cams_and_registry_models() -> None:
     rgb = overlay(np.random.rand(8, 12, 12), cams[0])
     assert rgb.shape == (12, 12, 3) and rgb.dtype == np.uint8
 
-    from bonefrac.training.models import build_model
+    from bonefrac.model.networks import build_model
 
     for dims, shape in ((2, (1, 1, 32, 32)), (3, (1, 1, 16, 16, 16))):
         model = build_model("custom_cnn", num_types=2, spatial_dims=dims)
@@ -162,7 +162,7 @@ def test_boxes_follow_the_shared_preprocessing(orig_hw: tuple[int, int]) -> None
     x0, y0, bw, bh = (round(v) for v in box)
     img[y0 : y0 + bh, x0 : x0 + bw] = 1000.0
     img[0, 0] = -1.0  # make the percentile window keep the background at 0
-    out = preprocess_array(img, 2, S, lower_percentile=0.0, upper_percentile=100.0)[0].numpy()
+    out = PreprocessSpec(image_size=S, lower_percentile=0.0, upper_percentile=100.0).apply(img)[0].numpy()
     ((mx, my, mw, mh),) = map_boxes_to_cache([[x0, y0, bw, bh]], orig_hw, S)
     ys, xs = np.nonzero(out > 0.5)
     assert xs.min() >= np.floor(mx) - 1 and xs.max() <= np.ceil(mx + mw) + 1

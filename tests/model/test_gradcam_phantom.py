@@ -24,8 +24,8 @@ from bonefrac.data.phantom import VIEWS, render_phantom
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM
 from bonefrac.explain.gradcam import compute_cams
 from bonefrac.explain.localisation import energy_in_boxes, localisation_summary, map_boxes_to_cache
-from bonefrac.preprocess.transforms import preprocess_array
-from bonefrac.training.models import build_model
+from bonefrac.model.networks import build_model
+from bonefrac.model.transforms import PreprocessSpec
 
 RENDER, SIZE = 256, 128  # rendered like the default dataset, cached like the default pipeline
 SITES = (0.2, 0.8)
@@ -34,7 +34,7 @@ SITES = (0.2, 0.8)
 def _image(seed: int, fracture_type: str | None, view: str) -> tuple[np.ndarray, list[list[float]]]:
     # One generator per image: the same seed with fracture_type=None gives the intact twin.
     img, boxes = render_phantom(np.random.default_rng(seed), RENDER, fracture_type, view, 8, site_range=SITES)
-    x = preprocess_array(img.astype(np.float32), 2, SIZE)[0].numpy()
+    x = PreprocessSpec(image_size=SIZE).apply(img.astype(np.float32))[0].numpy()
     return x, map_boxes_to_cache(boxes, img.shape, SIZE) if boxes else []
 
 

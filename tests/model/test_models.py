@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from bonefrac.config import FinetuneParams
-from bonefrac.inference.bundle import ModelBundle
-from bonefrac.training.finetune import apply_freezing, freeze_norm_stats, param_groups
-from bonefrac.training.models import ARCHS, GrayToImageNet, ModelError, build_model
-from bonefrac.training.pretrained import (
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.networks import ARCHS, GrayToImageNet, ModelError, build_model
+from bonefrac.model.pretrained import (
     PretrainedWeightsError,
     efficientnet_lite0_file,
     map_efficientnet_lite0,
     torchvision_weights_file,
 )
+from bonefrac.model.transforms import PreprocessSpec
+from bonefrac.training.finetune import apply_freezing, freeze_norm_stats, param_groups
 
 CASES = [
     ("custom_cnn", 2),
@@ -130,7 +131,7 @@ def test_imagenet_weights_come_from_torch_home_cache(tmp_path: Path, monkeypatch
 def test_local_checkpoint_path(tmp_path: Path) -> None:
     torch.manual_seed(1)
     src = build_model("custom_cnn", 2)
-    ModelBundle(arch="custom_cnn", spatial_dims=2, state_dict=src.state_dict(), type_names=["a", "b"]).save(
+    ModelBundle("custom_cnn", src.state_dict(), PreprocessSpec(), type_names=["a", "b"]).save(
         tmp_path / "b.pt"
     )
     torch.save(src.state_dict(), tmp_path / "sd.pt")

@@ -12,7 +12,8 @@ from _training_helpers import NO_AUG, TYPES, make_tiny_cache, tiny_params
 from sklearn.metrics import roc_auc_score
 
 from bonefrac.config import FinetuneParams, ImbalanceParams
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import load_cache
 from bonefrac.training.loop import train_model
 
@@ -36,9 +37,9 @@ def test_outputs_and_same_seed_same_metrics(cache: Path, tmp_path: Path) -> None
     # outputs: bundle, summary, checkpoint, DVCLive curves
     assert a.finished and a.epochs_completed == 2 and a.best_model_path == tmp_path / "a" / "best_model.pt"
     bundle = ModelBundle.load(a.best_model_path)
-    assert bundle.arch == "custom_cnn" and bundle.type_names == TYPES and bundle.temperature == 1.0
+    assert bundle.arch == "custom_cnn" and bundle.type_names == TYPES and bundle.calibration.method == "identity"
     assert bundle.operating_points == {} and bundle.metadata["best_epoch"] == a.best_epoch
-    assert bundle.preprocess["image_size"] == 32
+    assert bundle.preprocess_spec == PreprocessSpec(image_size=32, volume_size=(32, 32, 32))  # the cache's spec
     summary = json.loads((tmp_path / "a" / "train_summary.json").read_text())
     assert summary["best_val_auroc"] == a.best_val_auroc and len(summary["history"]) == 2
     assert (tmp_path / "a" / "last.ckpt").exists()
@@ -82,6 +83,6 @@ def test_gradual_unfreezing_3d_volumes(tmp_path: Path) -> None:
     r = train_model(cache, tmp_path / "o", mp, tp, 3, TYPES, seed=0)
     assert [row["trainable_blocks"] for row in r.history] == [0, 1]
     bundle = ModelBundle.load(r.best_model_path)
-    assert bundle.spatial_dims == 3 and bundle.preprocess["volume_size"] == [16, 16, 16]
+    assert bundle.spatial_dims == 3 and bundle.preprocess_spec.volume_size == (16, 16, 16)
     with pytest.raises(Exception, match="3D data"):
         train_model(cache, tmp_path / "p", mp, tp, 2, TYPES, seed=0)

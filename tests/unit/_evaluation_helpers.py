@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import IDENTITY, CalibrationMap
+from bonefrac.model.transforms import PreprocessSpec
 
 
 class TinyNet(nn.Module):
@@ -30,20 +32,15 @@ def tiny_bundle(
     model: nn.Module,
     type_names: list[str] | None = None,
     image_size: int = 32,
-    temperature: float = 1.0,
+    calibration: CalibrationMap = IDENTITY,
     operating_points: dict[str, float] | None = None,
 ) -> ModelBundle:
+    """A bundle whose preprocessing is *not* the default (so a consumer that drops it is caught)."""
     return ModelBundle(
         arch="tiny",
-        spatial_dims=2,
         state_dict=model.state_dict(),
+        preprocess_spec=PreprocessSpec(image_size=image_size, lower_percentile=2.0, upper_percentile=98.0),
         type_names=type_names or [],
-        preprocess={
-            "image_size": image_size,
-            "volume_size": [8, 16, 16],
-            "lower_percentile": 0.5,
-            "upper_percentile": 99.5,
-        },
-        temperature=temperature,
+        calibration=calibration,
         operating_points=operating_points or {},
     )

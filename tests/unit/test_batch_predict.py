@@ -13,15 +13,15 @@ from tests._factories import make_dicom, make_jpeg, make_png, make_text_file, ma
 from tests.integration._server import make_tiny_bundle
 
 from bonefrac.data.imageio import read_image
+from bonefrac.explain.display import gradcam_name
 from bonefrac.inference.batch_predict import (
     EXIT_SOME_FAILED,
     PredictInputError,
-    gradcam_name,
     iter_inputs,
     predict_to_file,
 )
 from bonefrac.inference.predictor import Predictor
-from bonefrac.serving.model_loading import load_file
+from bonefrac.registry.resolve import load_file
 
 
 @pytest.fixture(scope="module")
@@ -74,9 +74,7 @@ def test_folder_with_broken_files(folder, model, tmp_path):
     good = df[df["error"] == ""]
     assert good["probability"].astype(float).between(0, 1).all()
     assert set(good["model_version"].astype(str)) == {model.version}
-    assert {"decision_high_sensitivity", "decision_high_specificity", "type_prob_transverse"} <= set(
-        df.columns
-    )
+    assert {"decision_high_sensitivity", "decision_high_specificity", "type_prob_transverse"} <= set(df.columns)
     # Decisions follow the stored thresholds exactly.
     thr = model.bundle.operating_points["high_sensitivity"]
     assert (
@@ -94,7 +92,12 @@ def test_folder_with_broken_files(folder, model, tmp_path):
 def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
     img = make_png(tmp_path / "x.png", size=(64, 48))
     out = tmp_path / "p.jsonl"
-    s = predict_to_file(img, model, out, gradcam_dir=tmp_path / "cams", backend="torch", progress=False)
+    from bonefrac.explain.display import overlay_writer
+
+    cams_writer = overlay_writer(
+        model.bundle.build_model(), model.bundle.preprocess_spec.image_size, tmp_path / "cams", None
+    )
+    s = predict_to_file(img, model, out, explainer=cams_writer, backend="torch", progress=False)
     assert s.exit_code == 0 and s.n_ok == 1
     row = json.loads(out.read_text().splitlines()[0])
     assert row["error"] == "" and 0 <= row["probability"] <= 1
@@ -111,9 +114,7 @@ def test_csv_manifest_with_relative_paths(tmp_path, model):
     (tmp_path / "imgs").mkdir()
     make_png(tmp_path / "imgs" / "a.png")
     make_png(tmp_path / "imgs" / "b.png", seed=5)
-    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png", "imgs/missing.png"]}).to_csv(
-        tmp_path / "m.csv", index=False
-    )
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png", "imgs/missing.png"]}).to_csv(tmp_path / "m.csv", index=False)
     out = tmp_path / "o.csv"
     s = predict_to_file(tmp_path / "m.csv", model, out, backend="torch", progress=False)
     assert (s.n_ok, s.n_failed) == (2, 1)

@@ -69,15 +69,24 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         load_params(bad)
 
 
-def test_serving_workers_from_params_and_environment(tmp_path, monkeypatch) -> None:
-    from bonefrac.serving.settings import ServingSettings
+def test_serving_settings_from_params_then_environment(tmp_path) -> None:
+    from bonefrac.config import ENV_OVERRIDES, load_settings
 
     params = tmp_path / "params.yaml"
-    params.write_text("serving:\n  workers: 3\n")
-    monkeypatch.delenv("BONEFRAC_WORKERS", raising=False)
-    assert ServingSettings.load(params).workers == 3
-    monkeypatch.setenv("BONEFRAC_WORKERS", "2")
-    assert ServingSettings.load(params).workers == 2
-    monkeypatch.setenv("BONEFRAC_WORKERS", "0")
-    with pytest.raises(ValueError, match="BONEFRAC_WORKERS"):
-        ServingSettings.load(params)
+    params.write_text("serving:\n  workers: 3\n  max_latency_ms: 500\n")
+    assert load_settings(params, environ={}).serving.workers == 3
+    s = load_settings(params, environ={"BONEFRAC_WORKERS": "2", "BONEFRAC_BACKEND": "ONNX"}).serving
+    assert (s.workers, s.backend, s.max_latency_ms) == (2, "onnx", 500)
+    assert load_settings(params, environ={"BONEFRAC_API_KEY": "k"}).serving.api_key == "k"
+    assert load_settings(params, environ={"BONEFRAC_PREDICTION_LOG_DIR": "/x"}).paths.predictions_log == "/x"
+    # no params file (a container): the defaults, with the environment on top
+    assert load_settings(tmp_path / "absent.yaml", environ={"BONEFRAC_MAX_PIXELS": "7"}).serving.max_pixels == 7
+    with pytest.raises(ConfigError, match=r"serving\.workers"):
+        load_settings(params, environ={"BONEFRAC_WORKERS": "0"})
+    # a broken params file is an error naming the key, never silently replaced by defaults
+    params.write_text("serving:\n  workerz: 3\n")
+    with pytest.raises(ConfigError, match="workerz"):
+        load_settings(params, environ={})
+    # every override names a real setting
+    for section, key in ENV_OVERRIDES.values():
+        assert key in type(getattr(load_settings(params.with_name("none.yaml"), {}), section)).model_fields

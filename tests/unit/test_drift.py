@@ -132,7 +132,12 @@ def test_embedding_from_the_penultimate_layer_and_pca() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
     x = np.random.default_rng(6).uniform(size=(10, 1, 16, 16)).astype(np.float32)
-    scores, emb = model_outputs(model, 2.0, x, batch_size=4)
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.model.calibrate import CalibrationMap
+    from bonefrac.model.transforms import PreprocessSpec
+
+    bundle = ModelBundle("seq", {}, PreprocessSpec(image_size=32), calibration=CalibrationMap.from_temperature(2.0))
+    scores, emb = model_outputs(bundle, x, batch_size=4, model=model)
     with torch.no_grad():
         feats = model[:3](torch.from_numpy(x)).numpy()
         logits = model(torch.from_numpy(x)).numpy()

@@ -102,7 +102,7 @@ def test_bad_uploads_are_rejected_with_a_clear_status(tmp_path, make, status, wo
 
 def test_size_limit_in_bytes(tmp_path):
     data = make_png(tmp_path / "a.png").read_bytes()
-    err = _reject(data, limits=SafetyLimits(max_upload_bytes=len(data) - 1))
+    err = _reject(data, limits=SafetyLimits(max_upload_bytes=len(data) - 1, max_pixels=LIMITS.max_pixels))
     assert err.status == 413 and "too large" in err.message
 
 

@@ -7,15 +7,10 @@ import pytest
 import torch
 from tests.integration._server import make_tiny_bundle
 
-from bonefrac.inference.backends import (
-    OnnxRunner,
-    TorchRunner,
-    calibrate_for_bundle,
-    select_backend,
-)
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.inference.backends import OnnxRunner, TorchRunner, select_backend
 from bonefrac.inference.onnx_export import OnnxExportError, check_parity, export_bundle, input_shape
 from bonefrac.inference.predictor import Predictor
+from bonefrac.model.bundle import ModelBundle
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +34,7 @@ def test_parity_on_a_batch_of_different_size(bundle, onnx_file):
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=1e-3)
     # Calibrated outputs agree with the Predictor's (one calibration path).
     ref = Predictor(bundle).predict_tensor(x)
-    np.testing.assert_allclose(calibrate_for_bundle(onnx_logits, bundle).prob, ref.prob, atol=1e-5)
+    np.testing.assert_allclose(bundle.calibrate(onnx_logits).prob, ref.prob, atol=1e-5)
 
 
 def test_parity_check_catches_a_different_model(bundle, onnx_file):

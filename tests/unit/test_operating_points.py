@@ -9,13 +9,13 @@ from bonefrac.evaluation.operating_points import (
     HIGH_SENSITIVITY,
     HIGH_SPECIFICITY,
     OperatingPointError,
-    apply_threshold,
     choose_thresholds,
 )
+from bonefrac.model.calibrate import decide
 
 
 def _sens_spec(p: np.ndarray, y: np.ndarray, t: float) -> tuple[float, float]:
-    d = apply_threshold(p, t)
+    d = decide(p, {"t": t})["t"]
     return float(d[y == 1].mean()), float((~d[y == 0]).mean())
 
 
@@ -45,7 +45,7 @@ def test_thresholds_are_finite_even_when_nothing_can_be_called() -> None:
     p = np.array([0.9, 0.8, 0.1])
     y = np.array([0, 1, 0])
     thr = choose_thresholds(p, y, 0.5, 1.0)
-    assert np.isfinite(thr[HIGH_SPECIFICITY]) and not apply_threshold(p, thr[HIGH_SPECIFICITY]).any()
+    assert np.isfinite(thr[HIGH_SPECIFICITY]) and not decide(p, thr)[HIGH_SPECIFICITY].any()
 
 
 def test_bad_inputs_are_clear_errors() -> None:

@@ -7,18 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import CalibrationMap
+from bonefrac.model.transforms import PreprocessSpec
+from bonefrac.provenance import data_version, dvc_out_hash, git_commit
 from bonefrac.registry import store
-from bonefrac.registry.versioning import data_version, dvc_out_hash, git_commit
 
 
 def _bundle(path: Path, seed: int) -> Path:
     g = torch.Generator().manual_seed(seed)
     b = ModelBundle(
         arch="custom_cnn",
-        spatial_dims=2,
         state_dict={"w": torch.randn(3, 3, generator=g)},
-        temperature=1.5,
+        preprocess_spec=PreprocessSpec(),
+        calibration=CalibrationMap.from_temperature(1.5),
         operating_points={"high_sensitivity": 0.2, "high_specificity": 0.8},
         metadata={"metrics": {"auroc": 0.8 + seed / 100}},
     )

@@ -15,9 +15,9 @@ from torch import nn
 from bonefrac.config import EvaluateParams
 from bonefrac.evaluation.evaluate import EvaluationError, evaluate_external, run_evaluation
 from bonefrac.evaluation.report import pct, publish_prefect_artifacts
-from bonefrac.inference.bundle import ModelBundle
 from bonefrac.inference.predictor import Predictor
-from bonefrac.preprocess.transforms import preprocess_array
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.transforms import PreprocessSpec
 
 S = 32
 H, W = 64, 48  # original size: boxes must be mapped through resize + pad
@@ -91,8 +91,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("evaluate")
     arrays, index = _make_data(180, seed=0)
     index["split"] = np.where(np.arange(180) < 70, "train", np.where(np.arange(180) < 120, "val", "test"))
-    pp = {"image_size": S, "volume_size": [8, 16, 16], "lower_percentile": 0.5, "upper_percentile": 99.5}
-    cached = np.stack([preprocess_array(a, 2, S, (8, 16, 16), 0.5, 99.5).numpy() for a in arrays])
+    spec = PreprocessSpec(image_size=S, volume_size=(8, 16, 16), lower_percentile=1.0, upper_percentile=99.0)
+    cached = np.stack([spec.apply(a).numpy() for a in arrays])
     cache = root / "cache"
     cache.mkdir()
     np.save(cache / "images.npy", cached.astype(np.float16))
@@ -101,10 +101,9 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
     net = _train(torch.from_numpy(cached[train.to_numpy()]), index.loc[train, "label"].to_numpy())
     bundle = ModelBundle(
         arch="blobnet",
-        spatial_dims=2,
         state_dict=net.state_dict(),
+        preprocess_spec=spec,
         type_names=TYPES,
-        preprocess=pp,
         metadata={"git_commit": "0123456789abcdef"},
     )
     model_path = bundle.save(root / "models" / "train" / "best_model.pt")
@@ -122,7 +121,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(autouse=True)
 def _registry_knows_blobnet(monkeypatch: pytest.MonkeyPatch) -> None:
-    import bonefrac.training.models as models
+    import bonefrac.model.networks as models
 
     real = models.build_model
 
@@ -140,7 +139,7 @@ def _registry_knows_blobnet(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def evaluated(workspace: dict) -> dict:
-    import bonefrac.training.models as models
+    import bonefrac.model.networks as models
 
     mp = pytest.MonkeyPatch()
     mp.setattr(models, "build_model", lambda arch, num_types, **_: BlobNet(num_types))
@@ -172,11 +171,13 @@ def evaluated(workspace: dict) -> dict:
 def test_outputs_exist_and_bundle_is_calibrated(workspace: dict, evaluated: dict) -> None:
     r = evaluated["report"]
     calibrated = ModelBundle.load(evaluated["out_model"])
-    assert calibrated.temperature == pytest.approx(r["calibration"]["temperature"])
+    assert calibrated.calibration.method == r["calibration"]["method"] == "platt"  # the params default
+    assert calibrated.calibration.slope == pytest.approx(r["calibration"]["slope"])
+    assert calibrated.calibration.intercept == pytest.approx(r["calibration"]["intercept"])
     assert set(calibrated.operating_points) == {"high_sensitivity", "high_specificity"}
     assert calibrated.metadata["metrics"]["auroc"] == pytest.approx(r["test"]["auroc"]["value"], abs=1e-6)
     assert calibrated.metadata["git_commit"] == "0123456789abcdef"
-    assert ModelBundle.load(workspace["model_path"]).temperature == 1.0  # the input bundle is untouched
+    assert ModelBundle.load(workspace["model_path"]).calibration.method == "identity"  # the input is untouched
     # Thresholds meet their targets on validation, on calibrated probabilities.
     for name, achieved in r["val_operating_points"].items():
         key = "sensitivity" if name == "high_sensitivity" else "specificity"
@@ -216,7 +217,7 @@ def test_report_is_self_contained_and_shows_the_numbers(evaluated: dict) -> None
     assert f"{t['auroc']['value']:.3f}" in html and f"{t['auroc']['ci_low']:.3f}" in html
     for op in t["operating_points"].values():
         assert pct(op["sensitivity"]["value"]) in html and pct(op["specificity"]["value"]) in html
-    assert f"{r['calibration']['temperature']:.3f}" in html
+    assert r["calibration"]["label"] in html and r["calibration"]["label"].startswith("Platt (a = ")
     assert "v-test-123" in html and "quarantined" in html and "bootstrap_samples" in html
     assert html.count("data:image/png;base64,") >= 8
     assert not re.search(
@@ -263,7 +264,8 @@ def test_external_validation_uses_stored_calibration(
     df = index.assign(array=arrays).drop(columns=["width", "height"])
     calibrated = ModelBundle.load(evaluated["out_model"])
     r = evaluate_external(evaluated["out_model"], df, tmp_path / "ext", n_bootstrap=50, gradcam_gallery=1)
-    assert r["external"] and r["calibration"]["temperature"] == pytest.approx(calibrated.temperature)
+    assert r["external"] and r["calibration"]["slope"] == pytest.approx(calibrated.calibration.slope)
+    assert r["calibration"]["intercept"] == pytest.approx(calibrated.calibration.intercept)
     assert r["operating_points"] == pytest.approx(calibrated.operating_points)
     pred = Predictor(calibrated).predict_arrays(arrays)
     assert r["test"]["brier"] == pytest.approx(float(np.mean((pred.prob - index["label"]) ** 2)), abs=1e-6)

@@ -17,8 +17,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from bonefrac.errors import BonefracError
 
-class ContactSheetError(ValueError):
+
+class ContactSheetError(BonefracError, ValueError):
     """The manifest cannot be turned into a contact sheet."""
 
 

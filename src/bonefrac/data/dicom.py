@@ -26,6 +26,8 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from bonefrac.errors import BonefracError
+
 # Attributes that describe the acquisition, not the patient. Allow-list on purpose:
 # anything not listed here never leaves this module (PS3.15 basic profile spirit).
 _TECHNICAL_KEYWORDS: tuple[str, ...] = (
@@ -54,7 +56,7 @@ _TECHNICAL_KEYWORDS: tuple[str, ...] = (
 )
 
 
-class DicomError(ValueError):
+class DicomError(BonefracError, ValueError):
     """A DICOM file or series that cannot give an image; the message says why (never PHI)."""
 
 

@@ -34,9 +34,10 @@ import numpy as np
 from PIL import Image, ImageFile
 
 from bonefrac.data import dicom as _dicom
+from bonefrac.errors import BonefracError
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(BonefracError, ValueError):
     """A file that cannot be used as an image; the message names the problem (never PHI)."""
 
 

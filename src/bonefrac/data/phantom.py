@@ -41,6 +41,7 @@ from scipy import ndimage
 from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import PhantomParams
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
+from bonefrac.errors import BonefracError
 
 Box = list[int]  # [x, y, w, h] in pixels of the stored image
 
@@ -59,7 +60,7 @@ MU_MARROW = 0.016
 MU_TRABECULAR = 0.030
 
 
-class PhantomError(ValueError):
+class PhantomError(BonefracError, ValueError):
     """Invalid phantom request (unknown fracture type, view, bit depth...)."""
 
 

@@ -30,6 +30,7 @@ from scipy import ndimage
 
 from bonefrac.config import PhantomParams
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
+from bonefrac.errors import BonefracError
 
 Box3D = list[int]  # [x, y, z, w, h, d] in voxels
 
@@ -43,7 +44,7 @@ _TEMPLATES: dict[str, tuple[float, list[tuple[float, float, float]]]] = {
 }
 
 
-class Phantom3DError(ValueError):
+class Phantom3DError(BonefracError, ValueError):
     """Invalid 3D phantom request."""
 
 

@@ -40,6 +40,7 @@ from PIL import Image
 from bonefrac.data.deid import deidentify_file, pseudonymise
 from bonefrac.data.dicom import DicomError, looks_like_dicom
 from bonefrac.data.schema import RECORD_COLUMNS
+from bonefrac.errors import BonefracError
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ _VIEW_POSITIONS = {
 }
 
 
-class SourceError(ValueError):
+class SourceError(BonefracError, ValueError):
     """A data source that cannot be read as the chosen layout; the message says what was expected."""
 
 

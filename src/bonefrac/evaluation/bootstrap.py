@@ -8,8 +8,6 @@ Intervals are percentile intervals.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
 from bonefrac.errors import BonefracError
@@ -43,25 +41,6 @@ def percentile_interval(samples: np.ndarray, ci_level: float) -> tuple[float, fl
     alpha = (1.0 - ci_level) / 2.0
     lo, hi = np.quantile(s, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
-
-
-def bootstrap_ci(
-    statistic: Callable[[np.ndarray, np.ndarray], float],
-    labels: np.ndarray,
-    scores: np.ndarray,
-    n_bootstrap: int = 1000,
-    ci_level: float = 0.95,
-    seed: int = 0,
-    indices: np.ndarray | None = None,
-) -> tuple[float, float]:
-    """CI of ``statistic(labels, scores)`` (e.g. ``sklearn.metrics.roc_auc_score``)."""
-    y = np.asarray(labels).reshape(-1)
-    s = np.asarray(scores).reshape(-1)
-    if y.shape != s.shape:
-        raise BootstrapError(f"labels and scores differ in length ({y.size} vs {s.size})")
-    idx = stratified_indices(y, n_bootstrap, seed) if indices is None else indices
-    reps = np.array([statistic(y[i], s[i]) for i in idx], dtype=np.float64)
-    return percentile_interval(reps, ci_level)
 
 
 # The two ranking metrics below are scikit-learn's ``roc_auc_score`` and

@@ -1,10 +1,11 @@
 """The evaluate stage: calibrate on validation, measure on test, explain, report.
 
-Order matters and is the point of this module: the temperature and both
-operating-point thresholds are fitted on the *validation* split only (on
-calibrated probabilities), frozen into the model bundle, and only then is the
-*test* split scored once. External validation (:func:`evaluate_external`)
-reuses the frozen values and never refits them.
+Order matters and is the point of this module: the calibration map (Platt
+scaling by default: a slope and an intercept) and both operating-point
+thresholds are fitted on the *validation* split only (on calibrated
+probabilities), frozen into the model bundle, and only then is the *test* split
+scored once. External validation (:func:`evaluate_external`) reuses the frozen
+values and never refits them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,7 @@ from bonefrac.atomic import atomic_write_text
 from bonefrac.config import EvaluateParams
 from bonefrac.errors import BonefracError
 from bonefrac.evaluation import plots
-from bonefrac.evaluation.calibration import (
-    apply_temperature,
-    binary_nll,
-    expected_calibration_error,
-    fit_temperature,
-)
+from bonefrac.evaluation.calibration import expected_calibration_error
 from bonefrac.evaluation.metrics import (
     MetricsError,
     binary_metrics,
@@ -40,7 +36,7 @@ from bonefrac.evaluation.metrics import (
     type_metrics,
 )
 from bonefrac.evaluation.model_card import write_model_card
-from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, apply_threshold, choose_thresholds
+from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, choose_thresholds
 from bonefrac.evaluation.report import (
     DEFAULT_LIMITATIONS,
     publish_prefect_artifacts,
@@ -50,8 +46,16 @@ from bonefrac.evaluation.report import (
 from bonefrac.explain.gallery import GalleryItem, png_bytes, select_cases, tile
 from bonefrac.explain.gradcam import CamError, compute_cams, resolve_layer
 from bonefrac.explain.localisation import localisation_summary, map_boxes_to_cache, parse_boxes, pointing_game
-from bonefrac.inference.bundle import ModelBundle
-from bonefrac.inference.predictor import PredictionBatch, Predictor
+from bonefrac.inference.predictor import Predictor
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import (
+    IDENTITY,
+    CalibrationMap,
+    CalibrationMethod,
+    Prediction,
+    binary_nll,
+    fit_calibration,
+)
 
 __all__ = ["EvaluationError", "evaluate_external", "publish_prefect_artifacts", "run_evaluation"]
 
@@ -79,14 +83,14 @@ def _rows_tensor(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
 
 def predict_rows(
     predictor: Predictor, images: np.ndarray, rows: np.ndarray, chunk: int = 256
-) -> PredictionBatch:
+) -> Prediction:
     """Predict cached rows in chunks (the cache is memory-mapped; never load it whole)."""
     rows = np.asarray(rows, dtype=int)
     logits = [predictor.logits(_rows_tensor(images, rows[i : i + chunk])) for i in range(0, rows.size, chunk)]
-    return predictor.from_logits(np.concatenate(logits) if logits else np.zeros((0, 1)))
+    return predictor.bundle.calibrate(np.concatenate(logits) if logits else np.zeros((0, 1)))
 
 
-def _with_predictions(df: pd.DataFrame, pred: PredictionBatch, type_names: list[str]) -> pd.DataFrame:
+def _with_predictions(df: pd.DataFrame, pred: Prediction, type_names: list[str]) -> pd.DataFrame:
     out = df.reset_index(drop=True).copy()
     out["label"] = out["label"].astype(int)
     out["logit"] = pred.logit
@@ -103,22 +107,22 @@ def _split_counts(df: pd.DataFrame) -> dict[str, int]:
 
 def _preprocess_text(pp: Mapping[str, Any], spatial_dims: int) -> str:
     if spatial_dims == 3:
-        size = "×".join(str(v) for v in pp.get("volume_size", [])) or "?"
+        size = "×".join(str(v) for v in pp["volume_size"])
         shape = f"volume resized to {size} (D×H×W)"
     else:
-        s = pp.get("image_size", "?")
+        s = pp["image_size"]
         shape = f"longest side resized to {s} px, zero-padded to {s}×{s}"
-    lo, hi = pp.get("lower_percentile", "?"), pp.get("upper_percentile", "?")
+    lo, hi = pp["lower_percentile"], pp["upper_percentile"]
     return f"grayscale, intensities windowed to percentiles {lo}–{hi} → [0, 1], {shape}"
 
 
 def _calibration_stats(
-    logits: np.ndarray, labels: np.ndarray, temperature: float, n_bins: int
+    logits: np.ndarray, labels: np.ndarray, calibration: CalibrationMap, n_bins: int
 ) -> dict[str, float]:
-    raw, cal = apply_temperature(logits, 1.0), apply_temperature(logits, temperature)
+    raw, cal = IDENTITY.probability(logits), calibration.probability(logits)
     return {
-        "nll_before": binary_nll(logits, labels, 1.0),
-        "nll_after": binary_nll(logits, labels, temperature),
+        "nll_before": binary_nll(logits, labels),
+        "nll_after": binary_nll(logits, labels, calibration),
         "ece_before": expected_calibration_error(raw, labels, n_bins),
         "ece_after": expected_calibration_error(cal, labels, n_bins),
         "brier_before": float(np.mean((raw - labels) ** 2)),
@@ -126,11 +130,20 @@ def _calibration_stats(
     }
 
 
+def _calibration_label(calibration: CalibrationMap) -> str:
+    """How the map reads in a report: ``Platt (a = 0.81, b = -1.42)`` or ``T = 1.20``."""
+    if calibration.method == "platt":
+        return f"Platt (a = {calibration.slope:.2f}, b = {calibration.intercept:+.2f})"
+    if calibration.method == "temperature":
+        return f"T = {calibration.temperature:.2f}"
+    return "none"
+
+
 # --------------------------------------------------------------- assessment
 def assess(
     test: pd.DataFrame,
     thresholds: Mapping[str, float],
-    temperature: float,
+    calibration: CalibrationMap,
     n_bootstrap: int,
     ci_level: float,
     n_bins: int,
@@ -151,7 +164,7 @@ def assess(
         "study_level": None,
         "study_level_note": "No study ids are known for the test images.",
         "types": None,
-        "calibration_test": _calibration_stats(test["logit"].to_numpy(), y, temperature, n_bins),
+        "calibration_test": _calibration_stats(test["logit"].to_numpy(), y, calibration, n_bins),
     }
     studies = study_level(test, agg="max")
     if len(studies) and (studies["n_views"] > 1).any():
@@ -262,7 +275,7 @@ def make_figures(report: Mapping[str, Any], test: pd.DataFrame, n_bins: int) -> 
         "roc": plots.roc_png(y, p, t["auroc"], t["operating_points"]),
         "pr": plots.pr_png(y, p, t["auprc"], t["operating_points"]),
         "reliability": plots.reliability_png(
-            y, raw, p, n_bins, cal["test"]["ece_before"], cal["test"]["ece_after"], cal["temperature"]
+            y, raw, p, n_bins, cal["test"]["ece_before"], cal["test"]["ece_after"], cal["label"]
         ),
     }
     for name, op in t["operating_points"].items():
@@ -302,6 +315,7 @@ def _evaluate(
     gradcam_layer: str | None,
     seed: int,
     title: str,
+    calibration_method: CalibrationMethod = "platt",
     data_version: str,
     params_snapshot: Mapping[str, Any] | None,
     validation_summary: Mapping[str, Any] | None,
@@ -320,23 +334,22 @@ def _evaluate(
         if yv.min() == yv.max():
             raise EvaluationError(
                 "the validation split needs both fractured and normal images to fit the "
-                f"temperature and thresholds (it has {int(yv.sum())} of {yv.size} fractured)"
+                f"calibration and thresholds (it has {int(yv.sum())} of {yv.size} fractured)"
             )
-        temperature = fit_temperature(val["logit"].to_numpy(), yv)
-        pv = apply_temperature(val["logit"].to_numpy(), temperature)
+        calibration = fit_calibration(val["logit"].to_numpy(), yv, calibration_method)
+        pv = calibration.probability(val["logit"].to_numpy())
         thresholds = choose_thresholds(pv, yv, targets[f"{HIGH_SENSITIVITY}"], targets["high_specificity"])
-        bundle.temperature = temperature
+        bundle.calibration = calibration
         bundle.operating_points = thresholds
         predictor.bundle = bundle  # test predictions below use the fitted values
-        cal_val = _calibration_stats(val["logit"].to_numpy(), yv, temperature, n_bins)
-        for name, thr in thresholds.items():
-            d = apply_threshold(pv, thr)
+        cal_val = _calibration_stats(val["logit"].to_numpy(), yv, calibration, n_bins)
+        for name, d in bundle.decide(pv).items():
             val_ops[name] = {
                 "sensitivity": float(d[yv == 1].mean()),
                 "specificity": float((~d[yv == 0]).mean()),
             }
     else:
-        temperature, thresholds = float(bundle.temperature), dict(bundle.operating_points)
+        calibration, thresholds = bundle.calibration, dict(bundle.operating_points)
         if not thresholds:
             raise EvaluationError(
                 "the model bundle has no operating points: evaluate it with the pipeline "
@@ -345,8 +358,8 @@ def _evaluate(
         val_ops = {name: {"sensitivity": None, "specificity": None} for name in thresholds}
 
     test = _with_predictions(test_df, predict_rows(predictor, images, test_df["cache_row"].to_numpy()), names)
-    numbers = assess(test, thresholds, temperature, n_bootstrap, ci_level, n_bins, seed, names)
-    pp = dict(bundle.preprocess)
+    numbers = assess(test, thresholds, calibration, n_bootstrap, ci_level, n_bins, seed, names)
+    pp = bundle.preprocess_spec.model_dump(mode="json")
     report: dict[str, Any] = {
         "title": title,
         "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -359,7 +372,7 @@ def _evaluate(
             "arch": bundle.arch,
             "spatial_dims": bundle.spatial_dims,
             "type_names": names,
-            "image_size": pp.get("image_size", "?"),
+            "image_size": pp["image_size"],
             "preprocess": pp,
             "preprocess_text": _preprocess_text(pp, bundle.spatial_dims),
             "git_commit": str(bundle.metadata.get("git_commit", "") or ""),
@@ -370,7 +383,8 @@ def _evaluate(
         "operating_points": dict(thresholds),
         "val_operating_points": val_ops,
         "calibration": {
-            "temperature": temperature,
+            **calibration.describe(),
+            "label": _calibration_label(calibration),
             "n_bins": n_bins,
             "val": cal_val,
             "test": numbers.pop("calibration_test"),
@@ -380,7 +394,7 @@ def _evaluate(
         "limitations": DEFAULT_LIMITATIONS,
     }
     op_for_gallery = HIGH_SENSITIVITY if HIGH_SENSITIVITY in thresholds else next(iter(thresholds))
-    decisions = apply_threshold(test["prob"].to_numpy(), thresholds[op_for_gallery])
+    decisions = bundle.decide(test["prob"].to_numpy())[op_for_gallery]
     gallery, info = explain(
         predictor.model,
         images,
@@ -388,7 +402,7 @@ def _evaluate(
         decisions,
         gallery_size,
         gradcam_layer,
-        int(pp.get("image_size", 0) or 0),
+        int(pp["image_size"]),
         bundle.spatial_dims,
         op_for_gallery,
     )
@@ -409,7 +423,8 @@ def headline_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         "brier": t["brier"],
         "ece": t["ece"],
         "temperature": report["calibration"]["temperature"],
-        "ece_before_scaling": report["calibration"]["test"]["ece_before"],
+        "calibration_intercept": report["calibration"]["intercept"],
+        "ece_before_calibration": report["calibration"]["test"]["ece_before"],
     }
     for m in ("auroc", "auprc"):
         flat[m] = t[m]["value"]
@@ -519,6 +534,7 @@ def run_evaluation(
         gradcam_layer=params.gradcam_layer,
         seed=seed,
         title="Fracture detection: evaluation report",
+        calibration_method=params.calibration,
         data_version=data_version,
         params_snapshot=params_snapshot,
         validation_summary=summary,
@@ -530,7 +546,6 @@ def run_evaluation(
             "data_version": data_version,
             "targets": report["targets"],
             "generated_at": report["generated_at"],
-            "temperature": report["calibration"]["temperature"],
         },
     }
     _write_outputs(
@@ -548,11 +563,11 @@ def run_evaluation(
     write_model_card(card, report, report_path=str(Path(reports_dir) / "report.html"))
     t = report["test"]
     log.info(
-        "evaluate: test AUROC %.3f (%.3f–%.3f), T=%.3f, thresholds %s",
+        "evaluate: test AUROC %.3f (%.3f–%.3f), calibration %s, thresholds %s",
         t["auroc"]["value"],
         t["auroc"]["ci_low"],
         t["auroc"]["ci_high"],
-        report["calibration"]["temperature"],
+        report["calibration"]["label"],
         {k: round(v, 4) for k, v in report["operating_points"].items()},
     )
     return report
@@ -573,7 +588,7 @@ def evaluate_external(
     data_version: str = "",
     title: str = "Fracture detection: external validation",
 ) -> dict[str, Any]:
-    """Score a model on data it never saw, with its *stored* temperature and thresholds (no refit).
+    """Score a model on data it never saw, with its *stored* calibration and thresholds (no refit).
 
     ``data`` is a preprocessed cache folder (all rows, or those of ``split``) or
     a DataFrame with an ``array`` column of decoded images (stored units) plus

@@ -33,7 +33,7 @@ from bonefrac.evaluation.bootstrap import (
     stratified_indices,
 )
 from bonefrac.evaluation.calibration import expected_calibration_error
-from bonefrac.evaluation.operating_points import apply_threshold
+from bonefrac.model.calibrate import decide
 
 OP_METRICS = ("sensitivity", "specificity", "ppv", "npv", "f1", "kappa", "balanced_accuracy")
 UNKNOWN_GROUPS = {"", "unknown", "nan", "none"}
@@ -135,7 +135,7 @@ def binary_metrics(
         "operating_points": {},
     }
     for name, thr in thresholds.items():
-        d = apply_threshold(p, thr).astype(int)
+        d = decide(p, {"t": thr})["t"].astype(int)
         tn, fp, fn, tp = confusion_matrix(y, d, labels=[0, 1]).ravel()
         point = _op_point_estimates(y, d)
         reps = _op_bootstrap(y, d, idx)

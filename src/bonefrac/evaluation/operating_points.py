@@ -5,7 +5,8 @@ triage ("do not miss a fracture") and a high-specificity point for
 confirmation ("flag only what is almost certainly broken"). Both are chosen on
 the validation split, on calibrated probabilities, and stored in the model
 bundle; the test split only measures them. The decision rule everywhere is
-``prob >= threshold`` (scikit-learn's ``roc_curve`` convention).
+``prob >= threshold`` (scikit-learn's ``roc_curve`` convention), applied by
+:func:`bonefrac.model.calibrate.decide`.
 """
 
 from __future__ import annotations
@@ -21,11 +22,6 @@ HIGH_SPECIFICITY = "high_specificity"
 
 class OperatingPointError(BonefracError, ValueError):
     """Scores or labels from which no threshold can be chosen."""
-
-
-def apply_threshold(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """The single decision rule: positive when ``prob >= threshold``."""
-    return np.asarray(probs, dtype=np.float64) >= float(threshold)
 
 
 def _finite(threshold: float, probs: np.ndarray) -> float:

@@ -23,7 +23,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from bonefrac.atomic import atomic_write_bytes
 from bonefrac.evaluation.calibration import reliability_curve
-from bonefrac.evaluation.operating_points import apply_threshold
+from bonefrac.model.calibrate import decide
 
 # One palette for every figure: operating points keep their colour across plots.
 COLORS = {
@@ -96,7 +96,7 @@ def write_dvc_plot_data(
     }
     names = {0: "normal", 1: "fracture"}
     for op, t in thresholds.items():
-        d = apply_threshold(probs, t).astype(int)
+        d = decide(probs, {"t": t})["t"].astype(int)
         df = pd.DataFrame({"actual": [names[v] for v in y], "predicted": [names[v] for v in d]})
         fname = "confusion.csv" if op == confusion_op else f"confusion_{op}.csv"
         out[f"confusion_{op}"] = write_csv(df, plots_dir / fname)
@@ -185,7 +185,7 @@ def reliability_png(
     n_bins: int,
     ece_before: float,
     ece_after: float,
-    temperature: float,
+    calibration_label: str,
 ) -> bytes:
     fig, (ax, axh) = plt.subplots(
         2, 1, figsize=(5.2, 5.6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True
@@ -193,7 +193,7 @@ def reliability_png(
     ax.plot([0, 1], [0, 1], ls="--", color=COLORS["ideal"], lw=1, label="Perfect calibration")
     for key, p, ece in (("before", raw_probs, ece_before), ("after", probs, ece_after)):
         rc = reliability_curve(p, labels, n_bins)
-        lab = "Before (T = 1)" if key == "before" else f"After (T = {temperature:.2f})"
+        lab = "Before (raw sigmoid)" if key == "before" else f"After ({calibration_label})"
         ax.plot(
             rc["mean_predicted"],
             rc["fraction_positive"],

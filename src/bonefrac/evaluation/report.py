@@ -190,7 +190,7 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
     cal = report.get("calibration", {})
     if cal:
         lines.append(
-            f"| ECE (after / before temperature {cal['temperature']:.3f}) | {num(t['ece'])} "
+            f"| ECE (after / before calibration, {cal['label']}) | {num(t['ece'])} "
             f"| before: {num(cal['test']['ece_before'])} |"
         )
     lines.append(f"| Brier score | {num(t['brier'], 4)} | |")

@@ -87,7 +87,7 @@ def energy_in_boxes(cam: np.ndarray, boxes: Sequence[Box]) -> float:
 def map_boxes_to_cache(boxes: Sequence[Box], orig_hw: tuple[int, int], image_size: int) -> list[list[float]]:
     """Boxes in original pixels → the cached image's pixels.
 
-    Mirrors ``preprocess_array`` (2D): MONAI ``Resize(size_mode="longest")``
+    Mirrors :class:`~bonefrac.model.transforms.PreprocessSpec` (2D): MONAI ``Resize(size_mode="longest")``
     scales each side to ``round(side * image_size / longest)``, then
     ``SpatialPad`` pads symmetrically (``pad // 2`` before) to a square.
     """

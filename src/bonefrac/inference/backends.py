@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.model.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -159,69 +159,3 @@ def select_backend(
         f"torch {timings['torch']:.2f} ms/img"
     )
     return BackendChoice(faster, reason, timings, parity_max_abs_diff=diff)
-
-
-@dataclass
-class Calibrated:
-    """Calibrated outputs for a batch: what every consumer reports."""
-
-    logit: np.ndarray  # (N,) fracture logit, uncalibrated
-    prob: np.ndarray  # (N,) calibrated fracture probability
-    decisions: dict[str, np.ndarray]  # operating point -> (N,) bool
-    type_probs: np.ndarray | None  # (N, T) or None when the model has no type head
-
-    def row(self, i: int, type_names: list[str]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "probability": float(self.prob[i]),
-            "logit": float(self.logit[i]),
-            "decisions": {k: bool(v[i]) for k, v in self.decisions.items()},
-        }
-        if self.type_probs is not None and type_names:
-            out["fracture_type_probabilities"] = {
-                n: float(p) for n, p in zip(type_names, self.type_probs[i], strict=False)
-            }
-        return out
-
-
-def calibrate_logits(
-    logits: np.ndarray, temperature: float, operating_points: dict[str, float], num_types: int
-) -> Calibrated:
-    """Logits (N, 1 + T) → calibrated probability, decisions at the stored operating points, type probs.
-
-    Delegates to the pipeline's own functions (``apply_temperature``, ``apply_threshold``
-    and the Predictor's type-probability rule when available) so that evaluation, the
-    CLI and the service cannot disagree; nothing is refitted here.
-    """
-    from bonefrac.evaluation.calibration import apply_temperature
-    from bonefrac.evaluation.operating_points import apply_threshold
-
-    logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim == 1:
-        logits = logits[:, None]
-    fracture = logits[:, 0]
-    prob = apply_temperature(fracture, float(temperature))
-    decisions = {name: apply_threshold(prob, thr) for name, thr in operating_points.items()}
-    type_probs = None
-    if num_types and logits.shape[1] > 1:
-        type_probs = _type_probabilities(logits[:, 1:])
-    return Calibrated(
-        logit=fracture.astype(np.float64), prob=prob, decisions=decisions, type_probs=type_probs
-    )
-
-
-def calibrate_for_bundle(logits: np.ndarray, bundle: ModelBundle) -> Calibrated:
-    return calibrate_logits(logits, bundle.temperature, bundle.operating_points, bundle.num_types)
-
-
-def _type_probabilities(type_logits: np.ndarray) -> np.ndarray:
-    try:  # the Predictor owns the rule; use it when it exposes one
-        from bonefrac.inference import predictor as _pred
-
-        fn = getattr(_pred, "type_probabilities", None)
-        if fn is not None:
-            return np.asarray(fn(type_logits), dtype=np.float64)
-    except ImportError:
-        pass
-    # A fracture has one type: softmax over the type logits.
-    t = torch.as_tensor(np.asarray(type_logits, dtype=np.float32))
-    return torch.softmax(t, dim=1).double().numpy()

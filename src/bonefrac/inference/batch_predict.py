@@ -6,10 +6,10 @@ memory stays flat on a folder of 100,000 images. A file that cannot be read gets
 an ``error`` in its row and the run goes on; the caller turns "some failed" into
 exit code 2.
 
-Preprocessing, calibration and decisions are the pipeline's own
-(:func:`bonefrac.preprocess.transforms.preprocess_array`, the bundle's stored
-temperature and thresholds via :func:`bonefrac.inference.backends.calibrate_logits`),
-the same code the service runs.
+Preprocessing, calibration and decisions are the model bundle's own
+(:meth:`ModelBundle.preprocess`, :meth:`ModelBundle.calibrate`), the same code the
+service runs. Pictures (Grad-CAM overlays) are a higher layer's job: the caller
+passes an ``explainer`` that receives each batch.
 """
 
 from __future__ import annotations
@@ -18,18 +18,19 @@ import csv
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 
+from bonefrac.atomic import atomic_path
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
-from bonefrac.preprocess.transforms import preprocess_array
+from bonefrac.errors import BonefracError
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.transforms import PreprocessError
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +41,13 @@ PATH_COLUMNS = ("path", "image_path", "file", "filename")
 EXIT_SOME_FAILED = 2
 
 
-class PredictInputError(ValueError):
+class PredictInputError(BonefracError, ValueError):
     """The INPUT of ``bonefrac predict`` cannot be used (missing, empty, bad manifest)."""
 
 
-def model_input(array: np.ndarray, spatial_dims: int, preprocess: dict[str, Any]) -> torch.Tensor:
-    """Decoded array → ``(1, ...)`` tensor with the bundle's stored preprocessing settings."""
-    keys = ("image_size", "volume_size", "lower_percentile", "upper_percentile")
-    kwargs = {k: preprocess[k] for k in keys if k in preprocess}
-    if "volume_size" in kwargs:
-        kwargs["volume_size"] = tuple(int(v) for v in kwargs["volume_size"])
-    return preprocess_array(array, spatial_dims=spatial_dims, **kwargs)
+#: Called once per batch with the decoded images, their model inputs and the source paths
+#: (``bonefrac predict --gradcam`` writes overlays through it).
+Explainer = Callable[[list[DecodedImage], torch.Tensor, list[str]], None]
 
 
 # ------------------------------------------------------------------ input discovery
@@ -159,9 +156,10 @@ class RowWriter:
 
     def __init__(self, out: Path, fmt: Literal["csv", "jsonl"], columns: list[str]) -> None:
         self.out, self.fmt, self.columns = out, fmt, columns
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        self.fh = os.fdopen(fd, "w", newline="", encoding="utf-8")
+        # Rows stream into a temp file beside ``out``; commit() renames it into place.
+        self._atomic = atomic_path(out)
+        self.tmp = self._atomic.__enter__()
+        self.fh = self.tmp.open("w", newline="", encoding="utf-8")
         self.csv = (
             csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
         )
@@ -176,13 +174,12 @@ class RowWriter:
 
     def commit(self) -> Path:
         self.fh.close()
-        os.replace(self.tmp, self.out)
+        self._atomic.__exit__(None, None, None)
         return self.out
 
     def abort(self) -> None:
         self.fh.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
 
 def output_columns(type_names: list[str], operating_points: Iterable[str]) -> list[str]:
@@ -214,32 +211,17 @@ class PredictSummary:
 
 
 def _load(
-    path: str, spatial_dims: int, preprocess: dict[str, Any], max_pixels: int | None
+    path: str, bundle: ModelBundle, max_pixels: int | None
 ) -> tuple[DecodedImage | None, torch.Tensor | None, str]:
     try:
-        img = read_image(path, max_pixels=max_pixels, expected_dims=spatial_dims)
-        return img, model_input(img.array, spatial_dims, preprocess), ""
+        img = read_image(path, max_pixels=max_pixels, expected_dims=bundle.spatial_dims)
+        return img, bundle.preprocess(img.array), ""
     except ImageDecodeError as err:
         return None, None, str(err)
-    except ValueError as err:  # preprocessing refused the array (e.g. a degenerate shape)
+    except PreprocessError as err:  # preprocessing refused the array (e.g. a degenerate shape)
         return None, None, f"cannot preprocess: {err}"
     except MemoryError:
         return None, None, "image too large to decode in memory"
-
-
-def gradcam_name(path: str, root: Path | None) -> str:
-    """Overlay file name that keeps sub-folders apart (``a/b.png`` → ``a__b.png``)."""
-    p = Path(path)
-    try:
-        rel = p.resolve().relative_to(root.resolve()) if root else Path(p.name)
-    except ValueError:
-        rel = Path(p.name)
-    stem = "__".join(rel.parts)
-    for suf in (".nii.gz", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".tif", ".tiff", ".bmp"):
-        if stem.lower().endswith(suf):
-            stem = stem[: -len(suf)]
-            break
-    return f"{stem}.png"
 
 
 def predict_to_file(
@@ -247,7 +229,7 @@ def predict_to_file(
     loaded: Any,
     out: str | Path,
     batch_size: int = 16,
-    gradcam_dir: str | Path | None = None,
+    explainer: Explainer | None = None,
     backend: str = "auto",
     device: str | None = None,
     max_pixels: int | None = 60_000_000,
@@ -261,8 +243,7 @@ def predict_to_file(
     """
     from tqdm import tqdm
 
-    from bonefrac.inference.backends import calibrate_for_bundle, default_device, select_backend
-    from bonefrac.serving import visual
+    from bonefrac.inference.backends import default_device, select_backend
 
     bundle = loaded.bundle
     out = Path(out)
@@ -276,12 +257,6 @@ def predict_to_file(
         model=model,  # type: ignore[arg-type]
         batch_size=min(batch_size, 8),
     )
-    cam_model = model.to(device).eval() if gradcam_dir else None
-    gdir = Path(gradcam_dir) if gradcam_dir else None
-    if gdir:
-        gdir.mkdir(parents=True, exist_ok=True)
-    root = Path(source) if Path(source).is_dir() else None
-    image_size = int(bundle.preprocess.get("image_size", 128))
 
     ops = list(bundle.operating_points)
     writer = RowWriter(out, fmt, output_columns(bundle.type_names, ops))
@@ -291,14 +266,13 @@ def predict_to_file(
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for batch in batched(iter_inputs(source, bundle.spatial_dims), batch_size):
                 loaded_items = list(
-                    pool.map(lambda p: _load(p, bundle.spatial_dims, bundle.preprocess, max_pixels), batch)
+                    pool.map(lambda p: _load(p, bundle, max_pixels), batch)
                 )
                 ok = [i for i, (_, x, _) in enumerate(loaded_items) if x is not None]
                 rows: dict[int, dict[str, Any]] = {}
                 if ok:
                     x = torch.stack([loaded_items[i][1] for i in ok])  # type: ignore[misc]
-                    cal = calibrate_for_bundle(choice.runner(x.numpy()), bundle)
-                    cams = visual.compute_cam(cam_model, x.to(device)) if cam_model is not None else None
+                    cal = bundle.calibrate(choice.runner(x.numpy()))
                     for j, i in enumerate(ok):
                         r = cal.row(j, bundle.type_names)
                         row: dict[str, Any] = {"probability": r["probability"], "logit": r["logit"]}
@@ -307,12 +281,8 @@ def predict_to_file(
                             {f"type_prob_{k}": v for k, v in r.get("fracture_type_probabilities", {}).items()}
                         )
                         rows[i] = row
-                        if cams is not None and gdir is not None:
-                            img = loaded_items[i][0]
-                            pics = visual.explain_pictures(img.array, x[j, 0].numpy(), cams[j], image_size)  # type: ignore[union-attr]
-                            (gdir / gradcam_name(batch[i], root)).write_bytes(
-                                visual.png_bytes(pics["overlay"])
-                            )
+                    if explainer is not None:
+                        explainer([loaded_items[i][0] for i in ok], x, [batch[i] for i in ok])  # type: ignore[misc]
                 for i, path in enumerate(batch):
                     err = loaded_items[i][2]
                     row = rows.get(i, {})

@@ -12,8 +12,6 @@ batch axis for the CNNs we ship.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,43 +19,36 @@ import numpy as np
 import torch
 from torch import nn
 
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.atomic import atomic_path
+from bonefrac.errors import BonefracError
+from bonefrac.model.bundle import ModelBundle
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 17
 
 
-class OnnxExportError(RuntimeError):
+class OnnxExportError(BonefracError, RuntimeError):
     """The network could not be exported, or ONNX Runtime disagrees with PyTorch."""
 
 
 def input_shape(bundle: ModelBundle, batch: int = 1) -> tuple[int, ...]:
     """The (N, 1, ...) input shape the bundle's preprocessing produces."""
-    pre = bundle.preprocess or {}
-    if bundle.spatial_dims == 3:
-        d, h, w = tuple(pre.get("volume_size", (32, 64, 64)))
-        return (batch, 1, int(d), int(h), int(w))
-    size = int(pre.get("image_size", 128))
-    return (batch, 1, size, size)
+    return (batch, *bundle.preprocess_spec.input_shape)
 
 
 def export_onnx(
     model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET
 ) -> Path:
     """Export ``model`` (eval mode, CPU) with a dynamic batch axis; written atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval().cpu()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        with warnings.catch_warnings(), torch.no_grad():
+        with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
             torch.onnx.export(
                 model,
                 (example.cpu(),),
-                tmp,
+                str(tmp),
                 dynamo=False,
                 input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME],
@@ -65,13 +56,9 @@ def export_onnx(
                 opset_version=opset,
                 do_constant_folding=True,
             )
-        os.replace(tmp, path)
     except Exception as err:
         raise OnnxExportError(f"ONNX export of {type(model).__name__} failed: {err}") from err
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def onnx_session(path: str | Path, threads: int | None = None, allow_spinning: bool = False):

@@ -1,56 +1,26 @@
-"""The one path from pixels to a calibrated, thresholded prediction.
+"""A model bundle made ready to run: the network rebuilt, in eval mode, on a device.
 
-Evaluation, ``bonefrac predict`` and the BentoML service all call
-:class:`Predictor`, so preprocessing (``preprocess_array`` with the bundle's
-settings), temperature scaling (``sigmoid(logit / T)``), the decision rule at
-each stored operating point (``prob >= threshold``) and the fracture-type
-softmax are written once and cannot drift apart between the report and the
-clinic.
+Preprocessing and calibration are the bundle's own (:meth:`ModelBundle.preprocess`,
+:meth:`ModelBundle.calibrate`); this class adds only what needs the network:
+batched forward passes and penultimate-layer embeddings.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from bonefrac.errors import BonefracError
-from bonefrac.evaluation.calibration import apply_temperature
-from bonefrac.evaluation.operating_points import apply_threshold
-from bonefrac.inference.bundle import ModelBundle
-from bonefrac.preprocess.transforms import preprocess_array
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import Prediction
+from bonefrac.model.transforms import PreprocessError
 
 
 class PredictionError(BonefracError, ValueError):
     """Input the model cannot take (wrong shape or channel count, non-finite values)."""
-
-
-@dataclass
-class PredictionBatch:
-    """Per-image outputs; all arrays have N rows."""
-
-    logit: np.ndarray  # (N,) raw fracture logit
-    prob: np.ndarray  # (N,) calibrated probability sigmoid(logit / temperature)
-    type_probs: np.ndarray | None  # (N, T) softmax over fracture types, None without a type head
-    decisions: dict[str, np.ndarray] = field(default_factory=dict)  # operating point -> (N,) bool
-
-    def __len__(self) -> int:
-        return int(self.logit.shape[0])
-
-    @property
-    def raw_prob(self) -> np.ndarray:
-        """Uncalibrated ``sigmoid(logit)`` (for reliability diagrams "before")."""
-        return apply_temperature(self.logit, 1.0)
-
-
-def type_probabilities(type_logits: np.ndarray) -> np.ndarray:
-    """A fracture has one type: softmax over the type logits (columns 1.. of the output)."""
-    t = torch.as_tensor(np.asarray(type_logits, dtype=np.float32))
-    return torch.softmax(t, dim=1).double().numpy()
 
 
 def _head_linear(model: nn.Module) -> nn.Linear:
@@ -78,10 +48,6 @@ class Predictor:
         self.batch_size = int(batch_size)
         net = model if model is not None else bundle.build_model()
         self.model: nn.Module = net.to(self.device).eval()
-
-    @classmethod
-    def from_path(cls, path: str | Path, device: str = "cpu") -> Predictor:
-        return cls(ModelBundle.load(path), device=device)
 
     # ------------------------------------------------------------ helpers
     @property
@@ -111,35 +77,18 @@ class Predictor:
         return out[:, None] if out.ndim == 1 else out
 
     # ------------------------------------------------------------- public
-    def from_logits(self, logits: np.ndarray) -> PredictionBatch:
-        """Apply the bundle's temperature, operating points and type softmax to raw logits."""
-        logits = np.asarray(logits, dtype=np.float64)
-        if logits.ndim == 1:
-            logits = logits[:, None]
-        fracture = logits[:, 0]
-        prob = apply_temperature(fracture, float(self.bundle.temperature))
-        decisions = {name: apply_threshold(prob, t) for name, t in self.bundle.operating_points.items()}
-        type_probs = type_probabilities(logits[:, 1:]) if logits.shape[1] > 1 else None
-        return PredictionBatch(logit=fracture, prob=prob, type_probs=type_probs, decisions=decisions)
-
-    def predict_tensor(self, x: torch.Tensor) -> PredictionBatch:
+    def predict_tensor(self, x: torch.Tensor) -> Prediction:
         """Preprocessed batch ``(N, 1, ...)`` on [0, 1] → calibrated predictions."""
-        return self.from_logits(self.logits(x))
+        return self.bundle.calibrate(self.logits(x))
 
     def preprocess(self, array: np.ndarray) -> torch.Tensor:
         """One decoded image/volume in stored units → the ``(1, ...)`` tensor the model was trained on."""
-        pp = self.bundle.preprocess
-        if "image_size" not in pp:
-            raise PredictionError("the model bundle has no preprocessing settings (preprocess.image_size)")
-        kwargs = {k: pp[k] for k in ("volume_size", "lower_percentile", "upper_percentile") if k in pp}
-        if "volume_size" in kwargs:
-            kwargs["volume_size"] = tuple(kwargs["volume_size"])
         try:
-            return preprocess_array(np.asarray(array), self.spatial_dims, int(pp["image_size"]), **kwargs)
-        except ValueError as err:
+            return self.bundle.preprocess(np.asarray(array))
+        except PreprocessError as err:
             raise PredictionError(str(err)) from err
 
-    def predict_arrays(self, arrays: Sequence[np.ndarray]) -> PredictionBatch:
+    def predict_arrays(self, arrays: Sequence[np.ndarray]) -> Prediction:
         """Decoded arrays (H, W) or (D, H, W) in stored units → calibrated predictions."""
         if len(arrays) == 0:
             raise PredictionError("no images given")

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.errors import BonefracError
+from bonefrac.model.bundle import ModelBundle
 
 INTENSITY_COLUMNS = ["intensity_mean", "intensity_std", "intensity_p01", "intensity_p50", "intensity_p99"]
 GEOMETRY_COLUMNS = ["width", "height", "aspect"]
@@ -120,15 +121,18 @@ def _last_linear(model: Any) -> Any:
 
 
 def model_outputs(
-    model: Any, temperature: float, images: np.ndarray, batch_size: int = 32
+    bundle: ModelBundle, images: np.ndarray, batch_size: int = 32, model: Any | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated scores ``(N,)`` and penultimate features ``(N, F)`` from one forward pass.
 
     The penultimate features are the input of the last linear layer (the
     classification head), captured by a forward pre-hook: one pass yields both
-    the score and the embedding, for any architecture ``build_model`` makes.
+    the score (through the bundle's own calibration) and the embedding, for any
+    architecture ``build_model`` makes. ``model`` reuses a network already built.
     """
     import torch
+
+    model = model if model is not None else bundle.build_model()
 
     captured: list[torch.Tensor] = []
     handle = _last_linear(model).register_forward_pre_hook(
@@ -140,9 +144,7 @@ def model_outputs(
         with torch.no_grad():
             for start in range(0, len(images), batch_size):
                 x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
-                logits = model(x)
-                logit = logits[:, 0] if logits.ndim == 2 else logits.reshape(-1)
-                scores.append(torch.sigmoid(logit.float() / float(temperature)).cpu().numpy())
+                scores.append(bundle.calibrate(model(x).float().cpu().numpy()).prob)
     finally:
         handle.remove()
     if not scores:
@@ -200,17 +202,11 @@ class EmbeddingReducer:
 
 
 def model_feature_frame(
-    model: Any, temperature: float, images: np.ndarray, reducer: EmbeddingReducer | None
+    bundle: ModelBundle, images: np.ndarray, reducer: EmbeddingReducer | None, model: Any | None = None
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """``score`` (+ ``emb_*`` with a reducer) for preprocessed ``images``; also the raw embeddings."""
-    scores, emb = model_outputs(model, temperature, images)
+    scores, emb = model_outputs(bundle, images, model=model)
     frame = pd.DataFrame({SCORE_COLUMN: scores.astype(np.float64)})
     if reducer is not None and len(emb):
         frame = pd.concat([frame, reducer.to_frame(emb)], axis=1)
     return frame, emb
-
-
-def image_feature_frame(arrays: Sequence[np.ndarray], bit_depths: Sequence[int]) -> pd.DataFrame:
-    """One row of :func:`image_features` per array."""
-    rows = [image_features(a, b) for a, b in zip(arrays, bit_depths, strict=True)]
-    return pd.DataFrame(rows, columns=IMAGE_COLUMNS)

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.errors import BonefracError
+from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.features import (
     IMAGE_COLUMNS,
     EmbeddingReducer,
@@ -91,32 +92,11 @@ def _image_frame(decoded: list[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
-def preprocess_for_model(
-    arrays: Sequence[np.ndarray], preprocess: dict[str, Any], spatial_dims: int
-) -> np.ndarray:
-    """The one preprocessing path (``preprocess_array``) with the bundle's settings, stacked."""
-    from bonefrac.preprocess.transforms import preprocess_array
-
-    out = [
-        preprocess_array(
-            a,
-            spatial_dims,
-            int(preprocess.get("image_size", 128)),
-            tuple(preprocess.get("volume_size", (32, 64, 64))),
-            float(preprocess.get("lower_percentile", 0.5)),
-            float(preprocess.get("upper_percentile", 99.5)),
-        ).numpy()
-        for a in arrays
-    ]
-    return np.stack(out) if out else np.zeros((0,), dtype=np.float32)
-
-
 def build_reference(
     cache_dir: str | Path,
     out_dir: str | Path,
     *,
-    model: Any,
-    temperature: float,
+    bundle: ModelBundle,
     embedding_dims: int,
     split: str = "train",
     max_rows: int = 1000,
@@ -126,9 +106,8 @@ def build_reference(
 ) -> Reference:
     """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache; written to ``out_dir``.
 
-    ``model`` is the champion's network (``bundle.build_model()``) and
-    ``temperature`` its calibration, so reference scores are the probabilities
-    the service logs.
+    ``bundle`` is the champion's, so reference scores are the calibrated
+    probabilities the service logs.
     """
     from bonefrac.preprocess.cache import load_cache
 
@@ -140,9 +119,10 @@ def build_reference(
         rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
     img_frame, skipped = image_feature_rows([str(p) for p in rows["path"]], read_fn)
     tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
-    _, emb = model_feature_frame(model, temperature, tensors, None)
+    model = bundle.build_model()
+    _, emb = model_feature_frame(bundle, tensors, None, model)
     reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
-    model_frame, _ = model_feature_frame(model, temperature, tensors, reducer)
+    model_frame, _ = model_feature_frame(bundle, tensors, reducer, model)
     table = pd.concat([img_frame.reset_index(drop=True), model_frame.reset_index(drop=True)], axis=1)
     meta = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -185,7 +165,7 @@ def list_images(folder: str | Path) -> list[str]:
 def current_from_images(
     paths: Sequence[str],
     *,
-    bundle: Any | None = None,
+    bundle: ModelBundle | None = None,
     reducer: EmbeddingReducer | None = None,
     read_fn: ReadFn | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
@@ -195,9 +175,7 @@ def current_from_images(
     if bundle is None:
         return img_frame, skipped
     ok = [i for i, d in enumerate(decoded) if d is not None]
-    tensors = preprocess_for_model(
-        [decoded[i][0] for i in ok], bundle.preprocess or {}, bundle.spatial_dims
-    )
-    model_frame, _ = model_feature_frame(bundle.build_model(), bundle.temperature, tensors, reducer)
+    tensors = np.stack([bundle.preprocess(decoded[i][0]).numpy() for i in ok]) if ok else np.zeros((0,))
+    model_frame, _ = model_feature_frame(bundle, tensors, reducer)
     model_frame.index = ok
     return pd.concat([img_frame, model_frame.reindex(range(len(img_frame)))], axis=1), skipped

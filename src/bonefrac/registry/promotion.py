@@ -28,7 +28,8 @@ from sklearn.metrics import roc_auc_score
 from bonefrac.config import PromotionParams
 from bonefrac.errors import BonefracError
 from bonefrac.evaluation.bootstrap import stratified_indices
-from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, apply_threshold
+from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY
+from bonefrac.model.calibrate import decide
 
 
 class PromotionError(BonefracError):
@@ -89,7 +90,7 @@ def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> f
     pos = y == 1
     if not pos.any():
         raise PromotionError("no fractured image in the test set: sensitivity is undefined")
-    return float(apply_threshold(np.asarray(probs).reshape(-1)[pos], threshold).mean())
+    return float(decide(np.asarray(probs).reshape(-1)[pos], {"t": threshold})["t"].mean())
 
 
 def evaluate_gate(

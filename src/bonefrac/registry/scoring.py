@@ -8,36 +8,22 @@ not from an older prediction file of the champion's own test set.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from bonefrac.errors import BonefracError
-from bonefrac.preprocess.cache import load_cache
+from bonefrac.inference.predictor import Predictor
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.preprocess.cache import cache_spec, load_cache
 
 
 class ScoringError(BonefracError):
     """The cache or the model cannot be scored (e.g. no test rows, shape mismatch)."""
 
 
-@torch.no_grad()
-def calibrated_probs(
-    model: torch.nn.Module, temperature: float, images: np.ndarray, batch_size: int = 32
-) -> np.ndarray:
-    """``sigmoid(fracture_logit / T)`` for a float array ``(N, 1, ...)`` on [0, 1]."""
-    model.eval()
-    out: list[np.ndarray] = []
-    for start in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
-        logits = model(x)
-        logit = logits[:, 0] if logits.ndim == 2 else logits.reshape(-1)
-        out.append(torch.sigmoid(logit.float() / float(temperature)).cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
-
-
 def score_split(
-    bundle: Any, cache_dir: str | Path, split: str = "test", batch_size: int = 32
+    bundle: ModelBundle, cache_dir: str | Path, split: str = "test", batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """``(labels, calibrated probabilities, image_ids)`` of ``bundle`` on one split of the cache.
 
@@ -50,12 +36,12 @@ def score_split(
     if rows.empty:
         raise ScoringError(f"the cache at {cache_dir} has no {split!r} rows")
     x = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
-    expected = bundle.preprocess.get("image_size") if isinstance(bundle.preprocess, dict) else None
-    if expected and bundle.spatial_dims == 2 and x.shape[-1] != int(expected):
+    spec = cache_spec(Path(cache_dir))
+    if spec != bundle.preprocess_spec:
         raise ScoringError(
-            f"the model expects {expected} px inputs but the cache holds {x.shape[-1]} px: "
-            "rebuild the cache with the model's preprocessing"
+            f"the model was trained on inputs preprocessed as {bundle.preprocess_spec.model_dump()}, "
+            f"but the cache holds {spec.model_dump()}: rebuild the cache with the model's preprocessing"
         )
-    probs = calibrated_probs(bundle.build_model(), bundle.temperature, x, batch_size)
+    probs = Predictor(bundle, batch_size=batch_size).predict_tensor(torch.from_numpy(x)).prob
     ids = [str(v) for v in rows["image_id"]] if "image_id" in rows.columns else [str(i) for i in rows.index]
     return rows["label"].to_numpy().astype(int), probs, ids

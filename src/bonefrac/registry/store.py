@@ -2,7 +2,7 @@
 
 Every trained model is kept (never overwritten) as a BentoML model whose folder
 holds the bundle file and whose ``model.yaml`` holds its provenance: metrics,
-params, data version (DVC hash), git commit and calibration (temperature and
+params, data version (DVC hash), git commit and calibration (calibration map and
 operating points). A ``stage`` label says what the model is to the service:
 
 - ``challenger``: registered, not (yet) judged;
@@ -171,12 +171,12 @@ def register_model(
 
     The same bundle file (by SHA-256) is registered only once: registering it
     again returns the existing tag, so a re-run of the retrain flow does not
-    fill the store with copies. Calibration (temperature, operating points) is
+    fill the store with copies. Calibration (the map, operating points) is
     read from the bundle itself, so it always matches the weights.
     """
     import bentoml
 
-    from bonefrac.inference.bundle import ModelBundle
+    from bonefrac.model.bundle import ModelBundle
 
     bundle_path = Path(bundle_path)
     try:
@@ -207,7 +207,7 @@ def register_model(
                 "data_version": data_version or "",
                 "git_commit": git_commit or "",
                 "calibration": {
-                    "temperature": bundle.temperature,
+                    **bundle.calibration.describe(),
                     "operating_points": bundle.operating_points,
                 },
                 "arch": bundle.arch,
@@ -251,8 +251,8 @@ def champion_record(name: str) -> ModelRecord | None:
 
 
 def load_bundle(tag: str) -> Any:
-    """The :class:`~bonefrac.inference.bundle.ModelBundle` stored under ``tag``."""
-    from bonefrac.inference.bundle import ModelBundle
+    """The :class:`~bonefrac.model.bundle.ModelBundle` stored under ``tag``."""
+    from bonefrac.model.bundle import ModelBundle
 
     path = Path(_get(tag).path) / BUNDLE_FILE
     if not path.exists():

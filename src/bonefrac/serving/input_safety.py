@@ -15,10 +15,10 @@ Status codes: 413 too large (bytes or pixels), 415 not a supported format,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from bonefrac.config import ServingParams
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
 from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, send_json_error
 
@@ -28,8 +28,6 @@ ACCEPTED_FORMATS: dict[int, frozenset[str]] = {
     2: frozenset({"png", "jpeg", "dicom"}),
     3: frozenset({"dicom", "nifti"}),
 }
-DEFAULT_MAX_UPLOAD_MB = 32.0
-DEFAULT_MAX_PIXELS = 60_000_000
 
 
 class InputRejected(Exception):
@@ -46,17 +44,14 @@ class InputRejected(Exception):
 
 @dataclass(frozen=True)
 class SafetyLimits:
-    max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1024 * 1024)
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Upload limits; the service builds them from ``Params.serving`` (``max_upload_mb``, ``max_pixels``)."""
+
+    max_upload_bytes: int
+    max_pixels: int
 
     @classmethod
-    def from_env(
-        cls, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_pixels: int = DEFAULT_MAX_PIXELS
-    ) -> SafetyLimits:
-        """Limits from ``BONEFRAC_MAX_UPLOAD_MB`` / ``BONEFRAC_MAX_PIXELS`` with the given defaults."""
-        mb = float(os.environ.get("BONEFRAC_MAX_UPLOAD_MB", max_upload_mb))
-        px = int(float(os.environ.get("BONEFRAC_MAX_PIXELS", max_pixels)))
-        return cls(max_upload_bytes=int(mb * 1024 * 1024), max_pixels=px)
+    def from_params(cls, serving: ServingParams) -> SafetyLimits:
+        return cls(max_upload_bytes=int(serving.max_upload_mb * 1024 * 1024), max_pixels=serving.max_pixels)
 
 
 def _fmt_mb(n: int) -> str:

@@ -12,8 +12,9 @@ per-request work (decoding, preprocessing, safety checks):
 * :class:`FractureService` is the public face: ``POST /predict``, ``POST /explain``,
   ``GET /metadata``, the viewer at ``/``, BentoML's ``/livez`` and ``/readyz``. It
   decodes and checks uploads (:mod:`bonefrac.serving.input_safety`), preprocesses
-  with the pipeline's one path, calibrates with the bundle's stored temperature and
-  thresholds, and logs PHI-free prediction records for drift monitoring.
+  and calibrates through the model contract (:meth:`ModelBundle.preprocess`,
+  :meth:`ModelBundle.calibrate`, rebuilt from the model service's description),
+  and logs PHI-free prediction records for drift monitoring.
 
 Run: ``bentoml serve bonefrac.serving.service:FractureService`` (see README).
 """
@@ -37,18 +38,19 @@ from fastapi import FastAPI
 from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
-from bonefrac.inference.backends import calibrate_logits, default_device, select_backend
-from bonefrac.inference.batch_predict import model_input
-from bonefrac.serving import visual
+from bonefrac.config import load_settings, resolve
+from bonefrac.explain import display as visual
+from bonefrac.inference.backends import default_device, select_backend
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.registry.resolve import resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
-from bonefrac.serving.model_loading import resolve_model
 from bonefrac.serving.prediction_log import append_prediction, image_statistics
-from bonefrac.serving.settings import ServingSettings
 
 logger = logging.getLogger("bonefrac.serving")
 
-SETTINGS = ServingSettings.load()
+PARAMS = load_settings()
+SETTINGS = PARAMS.serving
 STATIC_DIR = Path(__file__).parent / "static"
 _HAS_GPU = torch.cuda.is_available()
 
@@ -159,10 +161,9 @@ class FractureService:
         # of that only oversubscribe the cores the model process needs (benchmarks.service).
         torch.set_num_threads(1)
         self.settings = SETTINGS
-        self.limits = SafetyLimits(
-            max_upload_bytes=int(SETTINGS.max_upload_mb * 1024 * 1024), max_pixels=SETTINGS.max_pixels
-        )
+        self.limits = SafetyLimits.from_params(SETTINGS)
         self._info: dict[str, Any] | None = None
+        self._contract: ModelBundle | None = None
         self._info_lock = asyncio.Lock()
         # Decode + preprocess at most one job per core at a time: more only interleaves
         # them (every request finishes later) and starves the model process. Requests wait
@@ -174,7 +175,9 @@ class FractureService:
         if self._info is None:
             async with self._info_lock:
                 if self._info is None:
-                    self._info = await self.model.to_async.info()
+                    info = await self.model.to_async.info()
+                    self._contract = ModelBundle.from_description(info)
+                    self._info = info
         return self._info
 
     # ------------------------------------------------------------------ helpers
@@ -208,7 +211,7 @@ class FractureService:
             data = await asyncio.to_thread(file.read_bytes)
             img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits)
             t1 = time.perf_counter()
-            x = await asyncio.to_thread(model_input, img.array, int(info["spatial_dims"]), info["preprocess"])
+            x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
             t2 = time.perf_counter()
         timings = {"queue": (t0 - t_wait) * 1000, "decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
         return img, x.numpy()[None], timings
@@ -226,10 +229,7 @@ class FractureService:
                 HTTPStatus.SERVICE_UNAVAILABLE, f"model busy, retry shortly ({type(err).__name__})"
             ) from err
         timings["inference"] = (time.perf_counter() - t0) * 1000
-        cal = calibrate_logits(
-            np.asarray(logits), info["temperature"], info["operating_points"], len(info["type_names"])
-        )
-        row = cal.row(0, info["type_names"])
+        row = self._contract.calibrate(np.asarray(logits)).row(0, info["type_names"])  # type: ignore[union-attr]
         timings["total"] = (time.perf_counter() - t_start) * 1000
         result: dict[str, Any] = {
             "probability": row["probability"],
@@ -255,7 +255,7 @@ class FractureService:
             stats = image_statistics(img)
             decisions = row["decisions"]
             append_prediction(
-                self.settings.prediction_log_dir,
+                resolve(PARAMS.paths.predictions_log),
                 {
                     "model_name": result["model"]["name"],
                     "model_version": result["model"]["version"],
@@ -296,7 +296,7 @@ class FractureService:
             return _error(exc)  # type: ignore[return-value]
         t0 = time.perf_counter()
         cam = np.asarray(await self._call_model("cam", x))
-        size = int(info["preprocess"].get("image_size", x.shape[-1]))
+        size = int(info["preprocess"]["image_size"])
         pics = await asyncio.to_thread(
             visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
         )
@@ -331,7 +331,7 @@ class FractureService:
             },
             "metrics": info.get("metrics", {}),
             "operating_points": info["operating_points"],
-            "calibration": {"method": "temperature", "temperature": info["temperature"]},
+            "calibration": info["calibration"],
             "fracture_types": info["type_names"],
             "input": {
                 "formats": ["png", "jpeg", "dicom"] if sd == 2 else ["dicom", "nifti"],

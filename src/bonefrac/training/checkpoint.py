@@ -12,19 +12,20 @@ checkpoint intact. Everything is tensors and primitives, readable with
 
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from bonefrac.atomic import atomic_path
+from bonefrac.errors import BonefracError
+
 CHECKPOINT_FORMAT = "bonefrac-checkpoint/1"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(BonefracError, RuntimeError):
     """A checkpoint that cannot be read or does not belong to this run."""
 
 
@@ -61,17 +62,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tagged with the checkpoint format) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({**state, "format": CHECKPOINT_FORMAT}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import torch
 from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from bonefrac.errors import BonefracError
 from bonefrac.preprocess.augment import apply_augmentation, sample_seed
 from bonefrac.preprocess.cache import CACHE_ROW, IMAGES_FILE
 from bonefrac.training.sampling import EpochSampler
@@ -24,7 +25,7 @@ from bonefrac.training.sampling import EpochSampler
 TYPE_COLUMN = "fracture_type"
 
 
-class DataError(ValueError):
+class DataError(BonefracError, ValueError):
     """The cache cannot train a model (missing split or labels); the message says which."""
 
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from bonefrac.config import load_params
-from bonefrac.preprocess.cache import cache_settings, load_cache
+from bonefrac.preprocess.cache import cache_spec, load_cache
 from bonefrac.training.data import type_names_from_index
 from bonefrac.training.loop import TrainResult, train_model
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
             type_names = [t for t in args.type_names.split(",") if t]
         else:
             type_names = type_names_from_index(index) if params.data.use_fracture_types else []
-        spatial_dims = int(cache_settings(args.cache_dir).get("spatial_dims", params.spatial_dims))
+        spatial_dims = cache_spec(args.cache_dir).spatial_dims
         result = train_model(
             cache_dir=args.cache_dir,
             out_dir=args.out_dir,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from torch import nn
 
 from bonefrac.config import FinetuneParams
-from bonefrac.training.models import FractureNet
+from bonefrac.model.networks import FractureNet
 
 
 def _block_params(model: FractureNet) -> list[list[nn.Parameter]]:

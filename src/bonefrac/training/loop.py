@@ -40,9 +40,12 @@ from tqdm.auto import tqdm
 
 from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams
-from bonefrac.inference.bundle import ModelBundle
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import sigmoid
+from bonefrac.model.networks import FractureNet, build_model
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.augment import random_transform
-from bonefrac.preprocess.cache import cache_settings, load_cache
+from bonefrac.preprocess.cache import cache_spec, load_cache
 from bonefrac.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -52,7 +55,6 @@ from bonefrac.training.checkpoint import (
 from bonefrac.training.data import CachedDataset, DataError, EpochTaggedSampler, make_loader, split_rows
 from bonefrac.training.finetune import apply_freezing, freeze_norm_stats, param_groups
 from bonefrac.training.losses import FractureLoss, build_loss
-from bonefrac.training.models import FractureNet, build_model
 from bonefrac.training.sampling import EpochSampler, class_balanced_weights
 from bonefrac.training.schedule import warmup_cosine
 
@@ -174,10 +176,6 @@ def _fingerprint(
     )
 
 
-def _atomic_json(path: Path, obj: Any) -> None:
-    atomic_write_json(path, obj)
-
-
 # ------------------------------------------------------------------ evaluation
 def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     if len(np.unique(labels)) < 2:
@@ -216,7 +214,7 @@ def evaluate_split(
     lt = torch.from_numpy(logits)
     parts = loss_fn.cpu()(lt, torch.from_numpy(labels), torch.from_numpy(types))
     loss_fn.to(device)
-    probs = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+    probs = sigmoid(logits[:, 0])
     out = {
         "loss": float(parts.total),
         "fracture_loss": float(parts.fracture),
@@ -313,6 +311,190 @@ class _Curves:
             self.live.end()
 
 
+# ------------------------------------------------------------------ setup
+@dataclass
+class _Data:
+    """The splits of the cache and their loaders."""
+
+    spec: PreprocessSpec
+    train_rows: Any
+    val_rows: Any
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    sampler: EpochSampler
+    monitor: str
+
+
+@dataclass
+class _Optimisation:
+    loss_fn: FractureLoss
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+@dataclass
+class _Progress:
+    """Everything that changes epoch by epoch and goes into the checkpoint."""
+
+    start_epoch: int = 0
+    best: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    spent: float = 0.0
+    best_state: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+def _device(ctx: _Dist) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device("cpu")
+
+
+def _load_data(
+    cache_dir: Path, spatial_dims: int, tnames: list[str], tp: TrainParams, seed: int, ctx: _Dist, pin: bool
+) -> _Data:
+    """Train/val rows of the cache → loaders (augmentation on train, a rank's shard of val)."""
+    _, index = load_cache(cache_dir)
+    spec = cache_spec(cache_dir)
+    if spec.spatial_dims != spatial_dims:
+        raise DataError(f"the cache holds {spec.spatial_dims}D data but spatial_dims={spatial_dims}")
+    train_rows, val_rows = split_rows(index, "train"), split_rows(index, "val")
+    if len(train_rows) == 0 or len(val_rows) == 0:
+        raise DataError(f"need train and val rows; the cache has {len(train_rows)} train, {len(val_rows)} val")
+    augment = random_transform(tp.augment, spatial_dims)
+    train_ds = CachedDataset.from_index(cache_dir, train_rows, tnames, augment, seed)
+    val_ds = CachedDataset.from_index(cache_dir, val_rows, tnames, None, seed)
+    labels = train_rows["label"].astype(int).tolist()
+    weights = class_balanced_weights(labels) if tp.imbalance.sampler == "weighted" else None
+    sampler = EpochSampler(len(train_ds), seed, weights, ctx.rank, ctx.world)
+    if tp.batch_size % ctx.world:
+        log.warning(
+            "batch_size %d is not divisible by %d ranks; per-rank batch %d",
+            tp.batch_size,
+            ctx.world,
+            tp.batch_size // ctx.world,
+        )
+    per_rank = max(1, tp.batch_size // ctx.world)
+    train_loader = make_loader(train_ds, per_rank, EpochTaggedSampler(sampler), tp.num_workers, pin)
+    val_shard = Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world)))
+    val_loader = make_loader(val_shard, per_rank * 2, None, tp.num_workers, pin)
+    monitor = "val/auroc" if len(set(val_rows["label"].astype(int))) == 2 else "val/neg_loss"
+    if monitor != "val/auroc":
+        log.warning("the val split has one class only: early stopping on validation loss instead of AUROC")
+    return _Data(spec, train_rows, val_rows, train_loader, val_loader, sampler, monitor)
+
+
+def _optimisation(
+    model: nn.Module, tp: TrainParams, train_labels: list[int], steps: int, device: torch.device, amp_fp16: bool
+) -> _Optimisation:
+    """Loss (class weight from the training labels), AdamW with per-block groups, warm-up + cosine."""
+    loss_fn = build_loss(tp.imbalance, train_labels, tp.type_loss_weight).to(device)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, tp.finetune, tp.lr, tp.weight_decay), lr=tp.lr, weight_decay=tp.weight_decay
+    )
+    scheduler = warmup_cosine(optimizer, round(tp.warmup_epochs * steps), tp.epochs * steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_fp16)
+    return _Optimisation(loss_fn, optimizer, scheduler, scaler)
+
+
+# ------------------------------------------------------------------ checkpoint
+def _resume(
+    ckpt_path: Path, fingerprint: str, model: nn.Module, opt: _Optimisation, sampler: EpochSampler, ctx: _Dist
+) -> _Progress:
+    """Restore everything from ``last.ckpt`` when it was written by the same settings and data."""
+    ck = load_checkpoint(ckpt_path)
+    if ck.get("fingerprint") != fingerprint:
+        log.warning("%s was written with other settings or data: starting a fresh run", ckpt_path)
+        return _Progress()
+    model.load_state_dict(ck["model"])
+    opt.optimizer.load_state_dict(ck["optimizer"])
+    opt.scheduler.load_state_dict(ck["scheduler"])
+    opt.scaler.load_state_dict(ck["scaler"])
+    sampler.load_state_dict(ck["sampler"])
+    rng = ck["rng"]
+    restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
+    progress = _Progress(
+        start_epoch=ck["epoch"] + 1,
+        best=ck["best_metric"],
+        best_epoch=ck["best_epoch"],
+        bad_epochs=ck["bad_epochs"],
+        spent=ck["train_seconds"],
+        best_state=ck["best_state"],
+        history=list(ck["history"]),
+        stopped_early=ck["stopped_early"],
+    )
+    log.info("resuming from epoch %d (best %.4f at epoch %d)", progress.start_epoch, progress.best, progress.best_epoch)
+    return progress
+
+
+def _save(
+    ckpt_path: Path, fingerprint: str, epoch: int, model: nn.Module, opt: _Optimisation, sampler: EpochSampler,
+    progress: _Progress, rng_all: list[Any],
+) -> None:  # fmt: skip
+    save_checkpoint(
+        ckpt_path,
+        {
+            "fingerprint": fingerprint,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": opt.optimizer.state_dict(),
+            "scheduler": opt.scheduler.state_dict(),
+            "scaler": opt.scaler.state_dict(),
+            "sampler": sampler.state_dict(),
+            "rng": rng_all,
+            "best_metric": progress.best,
+            "best_epoch": progress.best_epoch,
+            "bad_epochs": progress.bad_epochs,
+            "best_state": progress.best_state,
+            "history": progress.history,
+            "train_seconds": progress.spent,
+            "stopped_early": progress.stopped_early,
+        },
+    )
+
+
+# ------------------------------------------------------------------ outputs
+def _bundle(
+    model: nn.Module, mp: ModelParams, tp: TrainParams, spec: PreprocessSpec, tnames: list[str],
+    progress: _Progress, monitor: str, seed: int,
+) -> ModelBundle:  # fmt: skip
+    """The best epoch's weights with the contract they were trained under (calibrated later by evaluate).
+
+    Only deterministic facts go into the bundle (no wall-clock times), so the same
+    seed and data give the same file byte for byte; timings live in the summary.
+    """
+    if progress.best_state is None:  # no epoch improved on -inf (e.g. NaN metrics): keep the last weights
+        progress.best_state = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+        progress.best_epoch = len(progress.history) - 1
+    return ModelBundle(
+        arch=mp.arch,
+        state_dict=progress.best_state,
+        preprocess_spec=spec,
+        type_names=tnames,
+        dropout=mp.dropout,
+        metadata={
+            "best_epoch": progress.best_epoch,
+            "val_auroc": _best_auroc(progress),
+            "monitor": monitor,
+            "seed": seed,
+            "arch": mp.arch,
+            "epochs_completed": len(progress.history),
+            "stopped_early": progress.stopped_early,
+            "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},
+        },
+    )
+
+
+def _best_auroc(progress: _Progress) -> float:
+    if 0 <= progress.best_epoch < len(progress.history):
+        return float(progress.history[progress.best_epoch]["val/auroc"])
+    return float("nan")
+
+
 # ------------------------------------------------------------------ main entry
 def train_model(
     cache_dir: Path,
@@ -338,264 +520,153 @@ def train_model(
     tp, mp = train_params, model_params
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
     ctx = _Dist.detect()
-    if torch.cuda.is_available():
-        torch.cuda.set_device(ctx.local_rank)
-        device = torch.device("cuda", ctx.local_rank)
-    else:
-        device = torch.device("cpu")
+    device = _device(ctx)
     if tp.threads > 0:
         torch.set_num_threads(tp.threads)
     seed_everything(seed, tp.deterministic)
 
-    _, index = load_cache(cache_dir)
-    settings = cache_settings(cache_dir)
-    if settings.get("spatial_dims", spatial_dims) != spatial_dims:
-        raise DataError(f"the cache holds {settings['spatial_dims']}D data but spatial_dims={spatial_dims}")
-    train_rows, val_rows = split_rows(index, "train"), split_rows(index, "val")
-    if len(train_rows) == 0 or len(val_rows) == 0:
-        raise DataError(
-            f"need train and val rows; the cache has {len(train_rows)} train, {len(val_rows)} val"
-        )
     tnames = list(type_names) if mp.multitask else []
-    train_labels = train_rows["label"].astype(int).tolist()
-
+    data = _load_data(cache_dir, spatial_dims, tnames, tp, seed, ctx, pin=device.type == "cuda")
     model: FractureNet = build_model(mp.arch, len(tnames), mp.pretrained, mp.dropout, spatial_dims)
     amp_dtype = resolve_amp(tp.amp, device)
     channels_last = resolve_channels_last(tp.channels_last, device)
     model.to(device)
     if channels_last:
         model.to(memory_format=_memory_format(spatial_dims))
+    train_labels = data.train_rows["label"].astype(int).tolist()
+    opt = _optimisation(model, tp, train_labels, len(data.train_loader), device, amp_dtype == torch.float16)
 
-    augment = random_transform(tp.augment, spatial_dims)
-    train_ds = CachedDataset.from_index(cache_dir, train_rows, tnames, augment, seed)
-    val_ds = CachedDataset.from_index(cache_dir, val_rows, tnames, None, seed)
-    weights = class_balanced_weights(train_labels) if tp.imbalance.sampler == "weighted" else None
-    sampler = EpochSampler(len(train_ds), seed, weights, ctx.rank, ctx.world)
-    if tp.batch_size % ctx.world:
-        log.warning(
-            "batch_size %d is not divisible by %d ranks; per-rank batch %d",
-            tp.batch_size,
-            ctx.world,
-            tp.batch_size // ctx.world,
-        )
-    per_rank = max(1, tp.batch_size // ctx.world)
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_ds, per_rank, EpochTaggedSampler(sampler), tp.num_workers, pin)
-    val_shard = Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world)))
-    val_loader = make_loader(val_shard, per_rank * 2, None, tp.num_workers, pin)
-
-    loss_fn = build_loss(tp.imbalance, train_labels, tp.type_loss_weight).to(device)
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tp.finetune, tp.lr, tp.weight_decay), lr=tp.lr, weight_decay=tp.weight_decay
-    )
-    steps = len(train_loader)
-    scheduler = warmup_cosine(optimizer, round(tp.warmup_epochs * steps), tp.epochs * steps)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    monitor = "val/auroc" if len(set(val_rows["label"].astype(int))) == 2 else "val/neg_loss"
-    if monitor != "val/auroc":
-        log.warning("the val split has one class only: early stopping on validation loss instead of AUROC")
-
-    fp = _fingerprint(mp, tp, seed, spatial_dims, tnames, len(train_rows), len(val_rows))
+    fp = _fingerprint(mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows))
     ckpt_path = out_dir / LAST_CKPT
-    start_epoch, best, best_epoch, bad_epochs, spent = 0, -math.inf, -1, 0, 0.0
-    best_state: dict[str, torch.Tensor] | None = None
-    history: list[dict[str, float]] = []
-    stopped_early = False
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     ctx.barrier()
-    if resume and ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path)
-        if ck.get("fingerprint") != fp:
-            log.warning("%s was written with other settings or data: starting a fresh run", ckpt_path)
-        else:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-            scaler.load_state_dict(ck["scaler"])
-            sampler.load_state_dict(ck["sampler"])
-            rng = ck["rng"]
-            restore_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0])
-            start_epoch, best, best_epoch = ck["epoch"] + 1, ck["best_metric"], ck["best_epoch"]
-            bad_epochs, history, spent = ck["bad_epochs"], list(ck["history"]), ck["train_seconds"]
-            best_state, stopped_early = ck["best_state"], ck["stopped_early"]
-            log.info(
-                "resuming %s from epoch %d (best %s %.4f at epoch %d)",
-                out_dir,
-                start_epoch,
-                monitor,
-                best,
-                best_epoch,
-            )
+    resumable = resume and ckpt_path.exists()
+    progress = _resume(ckpt_path, fp, model, opt, data.sampler, ctx) if resumable else _Progress()
 
     curves = _Curves(dvclive_dir) if ctx.is_main else _Curves(None)
-    for row in history:
+    for row in progress.history:
         curves.log(row)
-
-    raw_model = model
-    ddp_model: nn.Module = model
-    wrapped_for = -1
-    ran = 0
-    last_done = start_epoch - 1
     try:
-        for epoch in range(start_epoch, tp.epochs):
-            if stopped_early or (max_epochs_this_run is not None and ran >= max_epochs_this_run):
-                break
-            t_epoch = time.perf_counter()
-            k = apply_freezing(raw_model, tp.finetune.strategy, epoch, tp.finetune.unfreeze_every)
-            if ctx.active and k != wrapped_for:
-                # DDP registers the parameters that require grad when it is built: rebuild it
-                # whenever gradual unfreezing changes that set.
-                ddp_model = DistributedDataParallel(
-                    raw_model, device_ids=[device.index] if device.type == "cuda" else None
-                )
-                wrapped_for = k
-            sampler.set_epoch(epoch)
-            ddp_model.train()
-            freeze_norm_stats(raw_model)
-            tr = _train_epoch(
-                ddp_model,
-                train_loader,
-                loss_fn,
-                optimizer,
-                scheduler,
-                scaler,
-                device,
-                amp_dtype,
-                channels_last,
-                tp.grad_clip,
-                ctx,
-                f"epoch {epoch + 1}/{tp.epochs}",
-            )
-            va = evaluate_split(raw_model, val_loader, loss_fn, device, amp_dtype, channels_last, ctx)
-            metric = va["auroc"] if monitor == "val/auroc" else -va["loss"]
-            spent += time.perf_counter() - t_epoch
-            row = {
-                "epoch": epoch,
-                "train/loss": tr["loss"],
-                "val/loss": va["loss"],
-                "val/auroc": va["auroc"],
-                "val/accuracy": va["accuracy"],
-                "lr": optimizer.param_groups[-1]["lr"],
-                "trainable_blocks": k,
-                "data_wait_s": tr["data_wait_s"],
-                "compute_s": tr["compute_s"],
-                "seconds": spent,
-            }
-            if "type_accuracy" in va:
-                row["val/type_accuracy"] = va["type_accuracy"]
-            history.append(row)
-            if math.isfinite(metric) and metric > best + MIN_DELTA:
-                best, best_epoch, bad_epochs = metric, epoch, 0
-                best_state = {n: v.detach().cpu().clone() for n, v in raw_model.state_dict().items()}
-            else:
-                bad_epochs += 1
-            stopped_early = bad_epochs >= tp.early_stopping_patience
-            rng_all = ctx.gather(capture_rng_state())
-            if ctx.is_main:
-                save_checkpoint(
-                    ckpt_path,
-                    {
-                        "fingerprint": fp,
-                        "epoch": epoch,
-                        "model": raw_model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "sampler": sampler.state_dict(),
-                        "rng": rng_all,
-                        "best_metric": best,
-                        "best_epoch": best_epoch,
-                        "bad_epochs": bad_epochs,
-                        "best_state": best_state,
-                        "history": history,
-                        "train_seconds": spent,
-                        "stopped_early": stopped_early,
-                    },
-                )
-                curves.log(row)
-                log.info(
-                    "epoch %d/%d: train loss %.4f, val loss %.4f, val AUROC %.4f, lr %.2e, %.1fs "
-                    "(data wait %.1fs)",
-                    epoch + 1,
-                    tp.epochs,
-                    tr["loss"],
-                    va["loss"],
-                    va["auroc"],
-                    row["lr"],
-                    time.perf_counter() - t_epoch,
-                    tr["data_wait_s"],
-                )
-            ctx.barrier()
-            ran += 1
-            last_done = epoch
-            if on_epoch_end is not None:
-                on_epoch_end(epoch)
+        _run_epochs(
+            model, data, opt, progress, ctx, device, amp_dtype, channels_last, tp, fp, ckpt_path, curves,
+            max_epochs_this_run, on_epoch_end,
+        )  # fmt: skip
     finally:
         curves.end()
 
-    finished = stopped_early or last_done + 1 >= tp.epochs
+    finished = progress.stopped_early or len(progress.history) >= tp.epochs
     best_path = None
-    best_auroc = float("nan")
-    if best_epoch >= 0:
-        best_auroc = float(history[best_epoch]["val/auroc"]) if best_epoch < len(history) else float("nan")
     if finished and ctx.is_main:
-        if best_state is None:  # no epoch improved on -inf (e.g. NaN metrics): keep the last weights
-            best_state = {n: v.detach().cpu().clone() for n, v in raw_model.state_dict().items()}
-            best_epoch = len(history) - 1
-        pre = {k: v for k, v in settings.items() if k not in ("format", "n", "shape")}
-        bundle = ModelBundle(
-            arch=mp.arch,
-            spatial_dims=spatial_dims,
-            state_dict=best_state,
-            type_names=tnames,
-            preprocess=pre,
-            dropout=mp.dropout,
-            temperature=1.0,
-            operating_points={},
-            metadata={
-                "best_epoch": best_epoch,
-                "val_auroc": best_auroc,
-                "monitor": monitor,
-                "seed": seed,
-                "arch": mp.arch,
-                "epochs_completed": len(history),
-                "stopped_early": stopped_early,
-                "train_seconds": spent,
-                "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},
-            },
-        )
+        bundle = _bundle(model, mp, tp, data.spec, tnames, progress, data.monitor, seed)
         best_path = bundle.save(out_dir / BEST_MODEL)
     result = TrainResult(
         out_dir=out_dir,
         best_model_path=best_path if finished else None,
-        best_epoch=best_epoch,
-        best_val_auroc=best_auroc,
-        monitor=monitor,
-        epochs_completed=len(history),
+        best_epoch=progress.best_epoch,
+        best_val_auroc=_best_auroc(progress),
+        monitor=data.monitor,
+        epochs_completed=len(progress.history),
         finished=finished,
-        stopped_early=stopped_early,
-        train_seconds=spent,
-        history=history,
+        stopped_early=progress.stopped_early,
+        train_seconds=progress.spent,
+        history=progress.history,
     )
     if ctx.is_main:
-        wait = sum(r["data_wait_s"] for r in history)
-        busy = wait + sum(r["compute_s"] for r in history)
-        summary = {
-            **asdict(result),
-            "out_dir": str(out_dir),
-            "best_model_path": str(best_path or ""),
-            "device": str(device),
-            "world_size": ctx.world,
-            "amp": str(amp_dtype),
-            "channels_last": channels_last,
-            "data_wait_share": wait / busy if busy else 0.0,
-            "arch": mp.arch,
-            "pretrained": mp.pretrained,
-            "strategy": tp.finetune.strategy,
-        }
-        _atomic_json(out_dir / SUMMARY, summary)
+        _write_summary(out_dir, result, device, ctx, amp_dtype, channels_last, mp, tp)
     ctx.barrier()
     if finished and not ctx.is_main:
         result.best_model_path = out_dir / BEST_MODEL
     return result
+
+
+def _run_epochs(
+    model: nn.Module, data: _Data, opt: _Optimisation, progress: _Progress, ctx: _Dist, device: torch.device,
+    amp_dtype: torch.dtype | None, channels_last: bool, tp: TrainParams, fingerprint: str, ckpt_path: Path,
+    curves: _Curves, max_epochs_this_run: int | None, on_epoch_end: Callable[[int], None] | None,
+) -> None:  # fmt: skip
+    """Epochs from ``progress.start_epoch``: train, validate, keep the best, checkpoint, early-stop."""
+    ddp_model: nn.Module = model
+    wrapped_for = -1
+    for ran, epoch in enumerate(range(progress.start_epoch, tp.epochs)):
+        if progress.stopped_early or (max_epochs_this_run is not None and ran >= max_epochs_this_run):
+            break
+        t_epoch = time.perf_counter()
+        k = apply_freezing(model, tp.finetune.strategy, epoch, tp.finetune.unfreeze_every)
+        if ctx.active and k != wrapped_for:
+            # DDP registers the parameters that require grad when it is built: rebuild it
+            # whenever gradual unfreezing changes that set.
+            ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped_for = k
+        data.sampler.set_epoch(epoch)
+        ddp_model.train()
+        freeze_norm_stats(model)
+        tr = _train_epoch(
+            ddp_model, data.train_loader, opt.loss_fn, opt.optimizer, opt.scheduler, opt.scaler, device,
+            amp_dtype, channels_last, tp.grad_clip, ctx, f"epoch {epoch + 1}/{tp.epochs}",
+        )  # fmt: skip
+        va = evaluate_split(model, data.val_loader, opt.loss_fn, device, amp_dtype, channels_last, ctx)
+        progress.spent += time.perf_counter() - t_epoch
+        row = _history_row(epoch, tr, va, opt.optimizer, k, progress.spent)
+        progress.history.append(row)
+        metric = va["auroc"] if data.monitor == "val/auroc" else -va["loss"]
+        if math.isfinite(metric) and metric > progress.best + MIN_DELTA:
+            progress.best, progress.best_epoch, progress.bad_epochs = metric, epoch, 0
+            progress.best_state = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
+        else:
+            progress.bad_epochs += 1
+        progress.stopped_early = progress.bad_epochs >= tp.early_stopping_patience
+        rng_all = ctx.gather(capture_rng_state())
+        if ctx.is_main:
+            _save(ckpt_path, fingerprint, epoch, model, opt, data.sampler, progress, rng_all)
+            curves.log(row)
+            log.info(
+                "epoch %d/%d: train loss %.4f, val loss %.4f, val AUROC %.4f, lr %.2e, %.1fs (data wait %.1fs)",
+                epoch + 1, tp.epochs, tr["loss"], va["loss"], va["auroc"], row["lr"],
+                time.perf_counter() - t_epoch, tr["data_wait_s"],
+            )  # fmt: skip
+        ctx.barrier()
+        if on_epoch_end is not None:
+            on_epoch_end(epoch)
+
+
+def _history_row(
+    epoch: int, tr: dict[str, float], va: dict[str, float], optimizer: torch.optim.Optimizer, k: int, spent: float
+) -> dict[str, float]:
+    row = {
+        "epoch": epoch,
+        "train/loss": tr["loss"],
+        "val/loss": va["loss"],
+        "val/auroc": va["auroc"],
+        "val/accuracy": va["accuracy"],
+        "lr": optimizer.param_groups[-1]["lr"],
+        "trainable_blocks": k,
+        "data_wait_s": tr["data_wait_s"],
+        "compute_s": tr["compute_s"],
+        "seconds": spent,
+    }
+    if "type_accuracy" in va:
+        row["val/type_accuracy"] = va["type_accuracy"]
+    return row
+
+
+def _write_summary(
+    out_dir: Path, result: TrainResult, device: torch.device, ctx: _Dist, amp_dtype: torch.dtype | None,
+    channels_last: bool, mp: ModelParams, tp: TrainParams,
+) -> None:  # fmt: skip
+    wait = sum(r["data_wait_s"] for r in result.history)
+    busy = wait + sum(r["compute_s"] for r in result.history)
+    summary = {
+        **asdict(result),
+        "out_dir": str(out_dir),
+        "best_model_path": str(result.best_model_path or ""),
+        "device": str(device),
+        "world_size": ctx.world,
+        "amp": str(amp_dtype),
+        "channels_last": channels_last,
+        "data_wait_share": wait / busy if busy else 0.0,
+        "arch": mp.arch,
+        "pretrained": mp.pretrained,
+        "strategy": tp.finetune.strategy,
+    }
+    atomic_write_json(out_dir / SUMMARY, summary)

@@ -17,6 +17,8 @@ from typing import Any
 
 import pandas as pd
 
+from bonefrac.atomic import atomic_write_text
+
 
 def split_clean_quarantine(
     manifest: pd.DataFrame, failures: Mapping[str, Mapping[int, str]]
@@ -42,16 +44,7 @@ def split_clean_quarantine(
 
 
 def write_json_atomic(data: Mapping[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def replace_dir_atomic(new_dir: Path, target: Path) -> None:

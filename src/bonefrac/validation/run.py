@@ -31,6 +31,7 @@ import pandas as pd
 
 from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import ValidationParams, load_params
+from bonefrac.errors import BonefracError
 from bonefrac.validation.checks import CHECKS, TEXT_COLUMNS, build_expectations, prepare_table, row_reason
 from bonefrac.validation.expectations import Outcome, run_suite
 from bonefrac.validation.quarantine import (
@@ -44,7 +45,7 @@ log = logging.getLogger(__name__)
 MAX_NAMED_FILES = 10
 
 
-class CriticalValidationError(ValueError):
+class CriticalValidationError(BonefracError, ValueError):
     """A check with severity ``critical`` failed; the message names the check(s) and files."""
 
 

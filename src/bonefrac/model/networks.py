@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bonefrac.training.custom_cnn import CustomCNN
-from bonefrac.training.pretrained import (
+from bonefrac.errors import BonefracError
+from bonefrac.model.custom_cnn import CustomCNN
+from bonefrac.model.pretrained import (
     PretrainedWeightsError,
     efficientnet_lite0_state_dict,
     load_matching,
@@ -37,7 +38,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED_KEYWORDS = ("none", "imagenet", "efficientnet_lite_offline")
 
 
-class ModelError(ValueError):
+class ModelError(BonefracError, ValueError):
     """An unknown architecture or an impossible combination (e.g. a 2D net on volumes)."""
 
 
@@ -117,8 +118,7 @@ def _prefixed(names: list[list[str]]) -> list[list[str]]:
 def _need_2d(arch: str, spatial_dims: int) -> None:
     if spatial_dims != 2:
         raise ModelError(
-            f"{arch} is a 2D network; for volumes (spatial_dims=3) use monai_densenet3d, "
-            "monai_resnet3d or custom_cnn"
+            f"{arch} is a 2D network; for volumes (spatial_dims=3) use monai_densenet3d, monai_resnet3d or custom_cnn"
         )
 
 

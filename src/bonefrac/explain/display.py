@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -57,7 +58,7 @@ def content_box(shape: Sequence[int], image_size: int) -> tuple[int, int, int, i
     """(y0, y1, x0, x1) of the image inside the padded square, mirroring the preprocessing.
 
     Resize(longest side → ``image_size``) then SpatialPad(symmetric), as in
-    :func:`bonefrac.preprocess.transforms.deterministic_transform`.
+    :func:`bonefrac.model.transforms.deterministic_transform`.
     """
     h, w = int(shape[0]), int(shape[1])
     scale = image_size / max(h, w)
@@ -147,3 +148,35 @@ def small_heatmap(cam: np.ndarray, side: int = 32) -> list[list[float]]:
     s = side / max(h, w)
     small = resize_cam(cam if cam.ndim == 2 else cam.max(axis=0), max(1, round(h * s)), max(1, round(w * s)))
     return np.round(small, 3).tolist()
+
+
+def gradcam_name(path: str, root: Path | None) -> str:
+    """Overlay file name that keeps sub-folders apart (``a/b.png`` → ``a__b.png``)."""
+    p = Path(path)
+    try:
+        rel = p.resolve().relative_to(root.resolve()) if root else Path(p.name)
+    except ValueError:
+        rel = Path(p.name)
+    stem = "__".join(rel.parts)
+    for suf in (".nii.gz", ".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".nii", ".tif", ".tiff", ".bmp"):
+        if stem.lower().endswith(suf):
+            stem = stem[: -len(suf)]
+            break
+    return f"{stem}.png"
+
+
+def overlay_writer(
+    model: nn.Module, image_size: int, out_dir: str | Path, root: Path | None, device: str = "cpu"
+) -> Callable[[list, torch.Tensor, list[str]], None]:
+    """An explainer for ``predict_to_file``: one Grad-CAM overlay PNG per image into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cam_model = model.to(device).eval()
+
+    def write(images: list, x: torch.Tensor, paths: list[str]) -> None:
+        cams = compute_cam(cam_model, x.to(device))
+        for j, (img, path) in enumerate(zip(images, paths, strict=True)):
+            pics = explain_pictures(img.array, x[j, 0].numpy(), cams[j], image_size)
+            (out / gradcam_name(path, root)).write_bytes(png_bytes(pics["overlay"]))
+
+    return write

@@ -6,7 +6,7 @@ ImageFolder, CSV, FracAtlas, DICOM), decodes and preprocesses it with the bundle
 own stored settings, and hands it to the evaluation area's
 :func:`bonefrac.evaluation.evaluate.evaluate_external`, which reports the full
 metric suite with bootstrap CIs at the model's *stored* operating points and
-temperature (nothing is refitted on this data), Grad-CAM localisation where boxes
+calibration (nothing is refitted on this data), Grad-CAM localisation where boxes
 exist, and the HTML report. Unreadable images are listed, not fatal.
 """
 
@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.errors import BonefracError
+from bonefrac.model.bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def _filter_body_parts(
 
 
 def build_external_cache(
-    records: pd.DataFrame, cache_dir: Path, bundle: Any, max_pixels: int | None = 60_000_000
+    records: pd.DataFrame, cache_dir: Path, bundle: ModelBundle, max_pixels: int | None = 60_000_000
 ) -> tuple[Path, list[dict[str, str]]]:
     """Decode + preprocess every record with the bundle's settings into a cache folder.
 
@@ -69,18 +70,7 @@ def build_external_cache(
         sizes[path] = (int(img.array.shape[-2]), int(img.array.shape[-1]))
         return img.array
 
-    pp = dict(bundle.preprocess)
-    build_cache(
-        records,
-        cache_dir,
-        spatial_dims=sd,
-        image_size=int(pp.get("image_size", 128)),
-        volume_size=tuple(pp.get("volume_size", (32, 64, 64))),
-        lower_percentile=float(pp.get("lower_percentile", 0.5)),
-        upper_percentile=float(pp.get("upper_percentile", 99.5)),
-        read_fn=read_fn,
-        workers=1,
-    )
+    build_cache(records, cache_dir, bundle.preprocess_spec, read_fn=read_fn, workers=1)
     index = pd.read_csv(cache_dir / INDEX_FILE, keep_default_na=False)
     index["height"] = [sizes.get(str(p), (0, 0))[0] for p in index["path"]]
     index["width"] = [sizes.get(str(p), (0, 0))[1] for p in index["path"]]
@@ -92,7 +82,8 @@ def build_external_cache(
 def validate_external(
     source: str,
     root: str | Path,
-    model: str | Path | None,
+    bundle: ModelBundle,
+    model_label: tuple[str, str],
     out_dir: str | Path,
     *,
     manifest_csv: str | Path | None = None,
@@ -103,20 +94,18 @@ def validate_external(
     gradcam_gallery: int = 6,
     max_images: int | None = None,
     seed: int = 0,
-    model_name: str = "bonefrac",
 ) -> dict[str, Any]:
-    """Evaluate ``model`` on the labelled data at ``root``; write the report to ``out_dir``.
+    """Evaluate ``bundle`` (named ``model_label`` = (name, version)) on the labelled data at ``root``.
 
-    Returns the evaluation report (dict) plus ``external`` facts (counts, failures).
+    Writes the report to ``out_dir``; returns it (dict) plus ``external`` facts
+    (counts, failures). The caller resolves which model (file, tag, champion).
     """
     from bonefrac.data.sources import load_records
     from bonefrac.evaluation.evaluate import evaluate_external
-    from bonefrac.serving.model_loading import resolve_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    loaded = resolve_model(model, model_name=model_name)
-    bundle = loaded.bundle
+    name, version = model_label
     records = load_records(
         source,
         Path(root),
@@ -157,21 +146,21 @@ def validate_external(
             ci_level=ci_level,
             gradcam_gallery=gradcam_gallery,
             seed=seed,
-            title=f"External validation of {loaded.name} {loaded.version} on {source} data",
+            title=f"External validation of {name} {version} on {source} data",
         )
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
         (out / "_model.pt").unlink(missing_ok=True)
     facts = {
         "source": source,
-        "model": {"name": loaded.name, "version": loaded.version},
+        "model": {"name": name, "version": version},
         "n_records": len(records),
         "n_evaluated": len(records) - len(failures),
         "n_unreadable": len(failures),
         "unreadable": failures[:50],
         "recalibrated": False,
         "operating_points": dict(bundle.operating_points),
-        "temperature": float(bundle.temperature),
+        "calibration": bundle.calibration.describe(),
     }
     (out / "external.json").write_text(json.dumps(facts, indent=2))
     report = dict(report)

@@ -49,18 +49,30 @@ def predict(
     """Predict fractures for every image in INPUT; one row per image (exit 2 if some could not be read)."""
     from bonefrac.errors import user_error_types
     from bonefrac.inference.batch_predict import PredictInputError, predict_to_file
-    from bonefrac.serving.model_loading import resolve_model
+    from bonefrac.registry.resolve import resolve_model
 
     if backend not in ("auto", "torch", "onnx"):
         raise _fail(f"--backend must be auto, torch or onnx, got {backend!r}")
     try:
         loaded = resolve_model(model)
+        explainer = None
+        if gradcam is not None:
+            from bonefrac.explain.display import overlay_writer
+            from bonefrac.inference.backends import default_device
+
+            explainer = overlay_writer(
+                loaded.bundle.build_model(),
+                loaded.bundle.preprocess_spec.image_size,
+                gradcam,
+                input if input.is_dir() else None,
+                device or default_device(),
+            )
         summary = predict_to_file(
             input,
             loaded,
             out,
             batch_size=batch_size,
-            gradcam_dir=gradcam,
+            explainer=explainer,
             backend=backend,
             device=device,
             progress=progress,
@@ -98,13 +110,16 @@ def validate_external(
 ) -> None:
     """Score a model on labelled data it never saw, at its stored operating points; write the HTML report."""
     from bonefrac.errors import user_error_types
-    from bonefrac.inference.external import validate_external as run
+    from bonefrac.evaluation.external import validate_external as run
+    from bonefrac.registry.resolve import resolve_model
 
     try:
+        loaded = resolve_model(model)
         report = run(
             source,
             root,
-            model,
+            loaded.bundle,
+            (loaded.name, loaded.version),
             out,
             manifest_csv=manifest,
             include_body_parts=body_part,

@@ -20,10 +20,12 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
+from bonefrac.errors import BonefracError
+
 log = logging.getLogger(__name__)
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(BonefracError, RuntimeError):
     """Pretrained weights are unavailable or do not fit; the message says what to do."""
 
 
@@ -103,8 +105,7 @@ def map_efficientnet_lite0(source: dict[str, torch.Tensor], target: dict[str, to
     tgt = list(target.items())
     if len(src) != len(tgt):
         raise PretrainedWeightsError(
-            f"EfficientNet-Lite0 weights have {len(src)} tensors (without _fc) but the timm network "
-            f"has {len(tgt)}"
+            f"EfficientNet-Lite0 weights have {len(src)} tensors (without _fc) but the timm network has {len(tgt)}"
         )
     out: OrderedDict = OrderedDict()
     for (sk, sv), (tk, tv) in zip(src, tgt, strict=True):

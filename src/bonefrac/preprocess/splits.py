@@ -24,10 +24,11 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from bonefrac.data.schema import SPLIT_COLUMN, SPLITS
+from bonefrac.errors import BonefracError
 from bonefrac.validation.near_duplicates import clusters, near_duplicate_pairs
 
 
-class SplitError(ValueError):
+class SplitError(BonefracError, ValueError):
     """The data cannot be split as asked (e.g. too few positive groups); the message says why."""
 
 

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from bonefrac.cli import inference_commands, registry_commands
 from bonefrac.config import ConfigError, load_params, project_root
 
 app = typer.Typer(
@@ -139,19 +140,11 @@ def publish_report(
     typer.echo(f"wrote {path}")
 
 
-def _register_optional_commands() -> None:
-    """Commands owned by other areas (inference, registry, monitoring)."""
-    from bonefrac.inference import commands as inference_commands
-    from bonefrac.registry import commands as registry_commands
-
-    app.command("predict")(inference_commands.predict)
-    app.command("validate-external")(inference_commands.validate_external)
-    app.command("promote")(registry_commands.promote)
-    app.command("rollback")(registry_commands.rollback)
-    app.command("models")(registry_commands.models)
-
-
-_register_optional_commands()
+app.command("predict")(inference_commands.predict)
+app.command("validate-external")(inference_commands.validate_external)
+app.command("promote")(registry_commands.promote)
+app.command("rollback")(registry_commands.rollback)
+app.command("models")(registry_commands.models)
 
 
 def main() -> None:

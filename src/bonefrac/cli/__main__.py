@@ -1,0 +1,3 @@
+from bonefrac.cli.main import main
+
+main()

@@ -1,0 +1,139 @@
+"""The deterministic half of preprocessing, and the typed spec that names it.
+
+MONAI bundles split preprocessing into deterministic transforms (cacheable) and
+random ones (augmentation), and keep the deterministic half with the model. So
+does bonefrac: a :class:`PreprocessSpec` travels in every model bundle, the
+preprocess stage caches :meth:`PreprocessSpec.apply`'s output, and evaluation,
+``bonefrac predict``, the service and drift monitoring call the very same
+method, so a model sees identical tensors in training and in the clinic.
+
+``PREPROCESS_VERSION`` names the transform's *definition* (windowing rule, resize
+mode, padding). Golden outputs in the tests pin it: whoever changes the
+definition must bump the version, and bundles trained under another version are
+refused at load time instead of silently receiving shifted inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.transforms import Compose, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialPad
+from pydantic import ConfigDict
+
+from bonefrac.config import PreprocessParams
+from bonefrac.errors import BonefracError
+
+#: Version of the transform's definition; bump it (and the golden test outputs) on any change.
+PREPROCESS_VERSION = "1"
+#: Interpolation of the 2D resize (area: an average over source pixels, no aliasing on downscale).
+RESIZE_MODE_2D = "area"
+RESIZE_MODE_3D = "trilinear"
+
+
+class PreprocessError(BonefracError, ValueError):
+    """An array the transform cannot take, or a spec this version of bonefrac cannot apply."""
+
+
+class FastPercentileWindow(ScaleIntensityRangePercentiles):
+    """MONAI's ``ScaleIntensityRangePercentiles`` with both percentiles from one numpy call.
+
+    Same definition (linear interpolation, then MONAI's ``ScaleIntensityRange``),
+    but MONAI computes each percentile with ``torch.quantile`` (a full sort of a
+    tensor copy, twice); ``np.percentile`` partitions once for both. Measured on
+    a 454×373 FracAtlas JPEG: 13 ms → 2.4 ms, the largest cost of a served request
+    after the network. Kept as a subclass so every other behaviour stays MONAI's.
+    """
+
+    def _normalize(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if self.relative:  # not used by bonefrac; keep MONAI's own path for it
+            return super()._normalize(img)
+        arr = img.detach().cpu().numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
+        a_min, a_max = (float(v) for v in np.percentile(arr, [self.lower, self.upper]))
+        scaled = ScaleIntensityRange(
+            a_min=a_min, a_max=a_max, b_min=self.b_min, b_max=self.b_max, clip=self.clip, dtype=self.dtype
+        )(img)
+        return scaled
+
+
+def deterministic_transform(
+    spatial_dims: int,
+    image_size: int,
+    volume_size: Sequence[int],
+    lower_percentile: float,
+    upper_percentile: float,
+) -> Compose:
+    """Channel-first array in stored units → float32 tensor on [0, 1] of a fixed shape.
+
+    2D: robust percentile windowing, longest side resized to ``image_size`` (aspect
+    kept, area interpolation), then zero-padded to a square. 3D: the same
+    windowing, then trilinear resize to ``volume_size`` (D, H, W).
+    """
+    scale = FastPercentileWindow(
+        lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
+    )
+    if spatial_dims == 2:
+        return Compose(
+            [
+                scale,
+                Resize(spatial_size=image_size, size_mode="longest", mode=RESIZE_MODE_2D),
+                SpatialPad(spatial_size=(image_size, image_size), mode="constant"),
+            ]
+        )
+    if spatial_dims == 3:
+        return Compose([scale, Resize(spatial_size=tuple(volume_size), mode=RESIZE_MODE_3D)])
+    raise PreprocessError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+
+
+class PreprocessSpec(PreprocessParams):
+    """Everything the deterministic transform needs, validated when a bundle is loaded.
+
+    The fields and defaults of ``params.yaml``'s ``preprocess`` section (one
+    definition, :class:`bonefrac.config.PreprocessParams`), plus the data's
+    ``spatial_dims`` and ``version``, the transform definition the numbers refer to.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    spatial_dims: Literal[2, 3] = 2
+    version: str = PREPROCESS_VERSION
+
+    @classmethod
+    def from_params(cls, preprocess: PreprocessParams, spatial_dims: int) -> PreprocessSpec:
+        """The spec ``params.yaml`` asks for (its ``preprocess`` section and the data's dims)."""
+        return cls(spatial_dims=spatial_dims, **preprocess.model_dump())
+
+    def check_version(self) -> None:
+        """Refuse a spec written for another definition of the transform."""
+        if self.version != PREPROCESS_VERSION:
+            raise PreprocessError(
+                f"the model was trained with preprocessing version {self.version!r}, but this bonefrac "
+                f"implements version {PREPROCESS_VERSION!r}: its inputs would differ from training. "
+                "Retrain the model with this version (dvc repro), or install the bonefrac release it was "
+                "trained with."
+            )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The model's input shape for one sample, channel first."""
+        if self.spatial_dims == 2:
+            return (1, self.image_size, self.image_size)
+        return (1, *self.volume_size)
+
+    def transform(self) -> Compose:
+        """The MONAI transform (channel-first array in stored units → float32 on [0, 1])."""
+        self.check_version()
+        return deterministic_transform(
+            self.spatial_dims, self.image_size, self.volume_size, self.lower_percentile, self.upper_percentile
+        )
+
+    def apply(self, array: np.ndarray) -> torch.Tensor:
+        """One image (H, W) or volume (D, H, W) → a ``(1, ...)`` float32 tensor on [0, 1]."""
+        arr = np.asarray(array, dtype=np.float32)
+        if arr.ndim != self.spatial_dims:
+            kind = "2D image (H, W)" if self.spatial_dims == 2 else "3D volume (D, H, W)"
+            raise PreprocessError(f"expected a {kind}, got an array of shape {arr.shape}")
+        out = self.transform()(arr[None])
+        return torch.as_tensor(out, dtype=torch.float32).contiguous()
