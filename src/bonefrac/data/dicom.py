@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 # Attributes that describe the acquisition, not the patient. Allow-list on purpose:
 # anything not listed here never leaves this module (PS3.15 basic profile spirit).
@@ -132,11 +133,34 @@ def looks_like_dicom(head: bytes) -> bool:
     return False
 
 
+def _infer_transfer_syntax(ds: Dataset) -> Dataset:
+    """Give a dataset without file meta (no preamble, old exports) the transfer syntax it was read in.
+
+    pydicom parses such a file (``force=True``) by guessing the VR style and byte order,
+    but will not decode its pixels without ``file_meta.TransferSyntaxUID``. A file
+    without meta cannot hold compressed pixels, so the encoding it was read in is
+    the whole answer.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return ds
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return ds
+
+
 def read_dataset(source: str | Path | bytes, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM dataset from a path or bytes; :class:`DicomError` when it is not DICOM."""
     fp: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
     try:
-        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+        return _infer_transfer_syntax(pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels))
     except InvalidDicomError:
         pass
     except PYDICOM_ERRORS as err:
@@ -152,7 +176,7 @@ def read_dataset(source: str | Path | bytes, stop_before_pixels: bool = False) -
         raise DicomError("not a DICOM file (no 'DICM' marker and no DICOM header)")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
-        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
+        return _infer_transfer_syntax(pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True))
     except PYDICOM_ERRORS as err:
         raise DicomError(f"unreadable DICOM (damaged or truncated file: {type(err).__name__})") from None
 
@@ -174,7 +198,7 @@ def read_preambleless(data: bytes) -> Dataset | None:
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
             if "PixelData" in ds:
                 rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-                return ds if rows > 0 and cols > 0 else None
+                return _infer_transfer_syntax(ds) if rows > 0 and cols > 0 else None
             sop_class = ds.get("SOPClassUID")
             return ds if sop_class and pydicom.uid.UID(str(sop_class)).is_valid else None
     except PYDICOM_ERRORS:
