@@ -202,3 +202,19 @@ def test_reduced_scale_decode_of_colour_jpeg_gives_luminance(tmp_path):
 def test_max_side_hint_leaves_other_formats_alone(tmp_path):
     f = make_png(tmp_path / "p.png", size=(300, 300))
     assert read_image(f, max_side_hint=64).array.shape == (300, 300)
+
+
+# ------------------------------------------------------------------ the service sees the same verdicts
+@pytest.mark.parametrize("hostile", ["corrupt-patched-crc", "10-rows-of-7000", "constant"])
+def test_service_refuses_hostile_pngs_with_422(tmp_path, hostile):
+    from bonefrac.serving.input_safety import InputRejected, SafetyLimits, decode_upload
+
+    if hostile == "corrupt-patched-crc":
+        data = _corrupt_png(tmp_path, patch_crc=True)
+    elif hostile == "10-rows-of-7000":
+        data = _png(7000, 7000, (b"\x00" + (np.arange(7000) % 251).astype(np.uint8).tobytes()) * 10)
+    else:
+        data = make_png(tmp_path / "c.png", array=np.full((256, 256), 40, np.uint8)).read_bytes()
+    with pytest.raises(InputRejected) as info:
+        decode_upload(data, 2, SafetyLimits())
+    assert info.value.status == 422  # was 200 and a score for an all-black image (issue 15)
