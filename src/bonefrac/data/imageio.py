@@ -390,6 +390,12 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int | None, max_side_hint:
 
 
 # ------------------------------------------------------------------ DICOM / NIfTI
+def _dims_message(spatial_dims: int, shape: tuple[int, ...]) -> str:
+    if spatial_dims == 3:
+        return f"a 3D volume where a 2D image is expected (shape {shape})"
+    return f"a 2D image where a 3D volume is expected (shape {shape})"
+
+
 def _decode_dicom(
     data: bytes,
     max_pixels: int | None,
@@ -406,11 +412,12 @@ def _decode_dicom(
         if max_pixels is not None and declared > max_pixels:
             raise ImageDecodeError(_bomb_message(declared, max_pixels))
         frames = _dicom.header_int(ds, "NumberOfFrames", 1)
-        # The modality check reads the header only, before any pixel is decoded. A file
-        # of the wrong dimensionality is left to the clearer "3D volume where a 2D
-        # image is expected" error of read_image.
-        dims_match = expected_dims is None or expected_dims == (3 if frames > 1 else 2)
-        if accepted is not None and dims_match:
+        declared_dims = 3 if frames > 1 else 2
+        if expected_dims is not None and "PixelData" in ds and declared_dims != expected_dims:
+            # Said from the header, before decoding a multi-frame volume for nothing.
+            rows, cols = _dicom.header_int(ds, "Rows", 0), _dicom.header_int(ds, "Columns", 0)
+            raise ImageDecodeError(_dims_message(declared_dims, (frames, rows, cols) if frames > 1 else (rows, cols)))
+        if accepted is not None:  # header only, before any pixel is decoded
             _dicom.check_modality(ds, accepted)
         px = _dicom.to_display_array(ds, apply_voi=frames == 1)
         modality = _dicom.modality_of(ds)
@@ -601,10 +608,7 @@ def read_image(
                 raise ImageDecodeError(f"cannot read file {path}: {err.strerror or err}") from None
             img = _decode_bytes(data, max_pixels, accepted, expected_dims, max_side_hint)
     if expected_dims is not None and img.spatial_dims != expected_dims:
-        shape = tuple(img.array.shape)
-        if img.spatial_dims == 3:
-            raise ImageDecodeError(f"a 3D volume where a 2D image is expected (shape {shape})")
-        raise ImageDecodeError(f"a 2D image where a 3D volume is expected (shape {shape})")
+        raise ImageDecodeError(_dims_message(img.spatial_dims, tuple(img.array.shape)))
     if content_limits is not None:
         check_content(img, content_limits)
     return img
