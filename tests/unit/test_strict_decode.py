@@ -75,9 +75,24 @@ def test_corrupt_byte_with_bad_crc_refused(tmp_path):
 
 
 def test_corrupt_byte_with_patched_crc_refused(tmp_path):
-    # the CRC is right, so only the zlib stream itself (Huffman codes, Adler-32) can tell
+    # the CRC is right, so only the zlib stream itself (Huffman codes, Adler-32) can tell:
+    # Pillow's decoder raises, and so does the decoder-independent row count
+    data = _corrupt_png(tmp_path, patch_crc=True)
+    with pytest.raises(ImageDecodeError, match="corrupt PNG"):
+        read_image(data)
     with pytest.raises(ImageDecodeError, match="corrupt PNG: the image data does not decompress"):
-        read_image(_corrupt_png(tmp_path, patch_crc=True))
+        imageio._check_png_rows(data, imageio._check_png_chunks(data))
+
+
+def test_black_bottom_edge_takes_the_full_row_check(tmp_path, monkeypatch):
+    arr = make_array((128, 128), 8)
+    arr[-5:] = 0  # collimated radiograph: black bottom rows
+    calls = []
+    monkeypatch.setattr(imageio, "_check_png_rows", lambda *a: calls.append(a))
+    read_image(make_png(tmp_path / "b.png", array=arr))
+    assert len(calls) == 1  # proven complete only by counting the rows
+    read_image(make_png(tmp_path / "c.png", array=make_array((128, 128), 8)))
+    assert len(calls) == 1  # last rows non-zero: the decoder reached the end
 
 
 @pytest.mark.parametrize("finish", [True, False], ids=["stream-ends-early", "stream-cut"])

@@ -212,17 +212,13 @@ def _png_raw_size(width: int, height: int, depth: int, colour_type: int, interla
     )
 
 
-def _check_png_data(data: bytes) -> None:
-    """Refuse a PNG whose chunks are damaged or whose image data stops early.
+def _check_png_chunks(data: bytes) -> list[bytes]:
+    """Walk the chunks: every CRC must match and ``IEND`` must be there. Returns the IDAT payloads.
 
-    Why by hand: Pillow does not check the CRC of IDAT chunks and treats a zlib
-    stream that ends before the last row as a complete image (the missing rows stay
-    black), so a PNG with one corrupt byte (CRC patched) or with 10 rows of data for
-    a 7000-row header would be scored. Here every chunk CRC is checked, and the
-    IDAT stream is inflated (without keeping the output) to count its bytes against
-    what the IHDR promises; zlib's own Adler-32 check catches a patched CRC.
+    Why by hand: Pillow does not check the CRC of IDAT chunks, so one corrupt byte in
+    the image data goes unnoticed unless it happens to break the zlib stream.
     """
-    pos, ihdr, idat, ended = 8, b"", [], False
+    pos, idat, ended = 8, [], False
     while pos + 12 <= len(data):
         length = int.from_bytes(data[pos : pos + 4], "big")
         tag = data[pos + 4 : pos + 8]
@@ -233,9 +229,7 @@ def _check_png_data(data: bytes) -> None:
         if zlib.crc32(tag + body) != int.from_bytes(data[pos + 8 + length : end], "big"):
             name = tag.decode("ascii") if tag.isalpha() else "unnamed"
             raise ImageDecodeError(f"corrupt PNG: CRC mismatch in the {name} chunk")
-        if tag == b"IHDR":
-            ihdr = body
-        elif tag == b"IDAT":
+        if tag == b"IDAT":
             idat.append(body)
         elif tag == b"IEND":
             ended = True
@@ -243,9 +237,20 @@ def _check_png_data(data: bytes) -> None:
         pos = end
     if not ended:
         raise ImageDecodeError(f"truncated PNG: no IEND chunk ({len(data)} bytes present)")
-    if len(ihdr) != 13 or not idat:
+    if len(data) < 33 or data[12:16] != b"IHDR" or not idat:
         raise ImageDecodeError("corrupt PNG: missing IHDR or IDAT chunk")
-    width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", ihdr)
+    return idat
+
+
+def _check_png_rows(data: bytes, idat: list[bytes]) -> None:
+    """Refuse a PNG whose zlib stream ends before the image data the IHDR declares.
+
+    Why by hand: Pillow treats a zlib stream that ends before the last row as a
+    complete image and leaves the missing rows black (a 7000-row header with 10 rows
+    of data decodes without error). The stream is inflated without keeping the output,
+    to count its bytes; a damaged stream fails zlib's own checks (Adler-32) here too.
+    """
+    width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
     expected = _png_raw_size(width, height, depth, colour_type, interlace)
     inflater, got = zlib.decompressobj(), 0
     try:
@@ -265,6 +270,19 @@ def _check_png_data(data: bytes) -> None:
             f"truncated PNG: image data for {got} of the {expected} bytes the header declares"
             f" ({width}x{height}, about {got * height // max(expected, 1)} of {height} rows)"
         )
+
+
+def _last_rows_written(im: Image.Image) -> bool:
+    """True when the bottom two rows of a decoded image hold a non-zero pixel each.
+
+    Pillow decodes into zero-filled memory, so a non-zero pixel in the last row the
+    final (Adam7) pass writes proves the decoder reached the end of the image; the
+    costly :func:`_check_png_rows` is then unnecessary. A black bottom edge (common
+    on radiographs) proves nothing and gets the full check.
+    """
+    width, height = im.size
+    tail = np.asarray(im.crop((0, max(0, height - 2), width, height)))
+    return bool(tail.reshape(tail.shape[0], -1).any(axis=1).all())
 
 
 def _png_ihdr(data: bytes) -> tuple[int, int]:
@@ -297,7 +315,7 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int | None, max_side_hint:
     if fmt == "jpeg":
         _check_jpeg_complete(data)
     elif fmt == "png":
-        _check_png_data(data)
+        idat = _check_png_chunks(data)
     meta: dict[str, Any] = {"mode": im.mode}
     channels = len(im.getbands())
     if fmt == "jpeg" and max_side_hint is not None and min(width, height) > 2 * max_side_hint:
@@ -324,6 +342,8 @@ def _decode_raster(data: bytes, fmt: str, max_pixels: int | None, max_side_hint:
         msg = str(err)
         kind = "truncated" if "truncat" in msg.lower() else "corrupt"
         raise ImageDecodeError(f"{kind} {name}: {type(err).__name__}: {msg}") from None
+    if fmt == "png" and not _last_rows_written(im):
+        _check_png_rows(data, idat)
     if orientation not in (None, 1):
         # Not applied: annotation boxes are in stored pixel coordinates.
         meta["exif_orientation"] = int(orientation)
@@ -551,7 +571,7 @@ def check_content(img: DecodedImage, limits: ContentLimits = DEFAULT_CONTENT_LIM
         raise ImageDecodeError("not a radiograph: the pixel values include NaN or infinity")
     if arr.min() == arr.max():
         raise ImageDecodeError("not a radiograph: constant image (every pixel has the same value)")
-    step = max(1, int(np.sqrt(h * w / 1_000_000)))  # percentiles on at most ~1 Mpx
+    step = max(1, int(np.ceil(np.sqrt(h * w / 250_000))))  # percentiles on a grid of at most 250k px
     p_lo, p_hi = np.percentile(arr[::step, ::step], [1, 99])
     value_range = img.meta.get("value_range")
     if value_range is not None:
