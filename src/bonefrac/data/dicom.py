@@ -250,7 +250,7 @@ def check_header(ds: Dataset) -> None:
         raise DicomError("bad DICOM header: Rows and Columns must be positive")
     if header_int(ds, "NumberOfFrames", 1) < 1:
         raise DicomError("bad DICOM header: NumberOfFrames must be at least 1")
-    if header_int(ds, "SamplesPerPixel", 1) not in (1, 3, 4):
+    if header_int(ds, "SamplesPerPixel", 1) not in (1, 3):
         raise DicomError("bad DICOM header: SamplesPerPixel must be 1 or 3")
     allocated = header_int(ds, "BitsAllocated", 16)
     stored = header_int(ds, "BitsStored", allocated)
