@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from tests._factories import make_array, make_dicom, make_dicom_series, phi_strings
@@ -101,3 +103,152 @@ def test_multiframe_dicom_is_a_volume(tmp_path):
     assert img.spatial_dims == 3 and img.array.shape == (4, 16, 16)
     with pytest.raises(ImageDecodeError, match="a 3D volume where a 2D image is expected"):
         read_image(f, expected_dims=2)
+
+
+# ------------------------------------------------------------------ DICOM as hospitals write it
+def _dx(tmp_path, name="dx.dcm", **kw):
+    return make_dicom(tmp_path / name, make_array((64, 64), 12), **kw)
+
+
+def test_dual_personality_dicom_sniffed_as_dicom():
+    from pydicom.data import get_testdata_file
+
+    from bonefrac.data.imageio import sniff_format
+
+    path = get_testdata_file("CT_small.dcm")
+    head = Path(path).read_bytes()[:1024]
+    assert head[:4] == b"II*\x00" and head[128:132] == b"DICM"  # a TIFF header in the preamble
+    assert sniff_format(head) == "dicom"
+    img = read_image(path)
+    assert (img.format, img.modality, img.array.shape) == ("dicom", "CT", (128, 128))
+
+
+@pytest.mark.parametrize("implicit, little", [(True, True), (False, True), (False, False)])
+def test_preambleless_dicom_decodes(tmp_path, implicit, little):
+    import io
+
+    import pydicom
+
+    arr = make_array((64, 64), 12)
+    ds = pydicom.dcmread(_dx(tmp_path))
+    del ds.file_meta
+    ds.preamble = None
+    ds.PixelData = arr.astype("<u2" if little else ">u2").tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, implicit_vr=implicit, little_endian=little, enforce_file_format=False)
+    data = buf.getvalue()
+    assert b"DICM" not in data[:200]
+    img = read_image(data, expected_dims=2)
+    assert img.format == "dicom" and img.modality == "DX"
+    np.testing.assert_array_equal(img.array, arr.astype(np.float32))
+
+
+def test_random_bytes_are_not_taken_for_preambleless_dicom():
+    with pytest.raises(ImageDecodeError, match="unrecognised content"):
+        read_image(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("syntax", ["JPEGLSLossless", "JPEG2000Lossless", "RLELossless"])
+def test_compressed_12bit_radiograph_decodes_exactly(tmp_path, syntax):
+    import io
+
+    import pydicom
+    import pydicom.uid
+
+    arr = make_array((64, 64), 12)
+    ds = pydicom.dcmread(_dx(tmp_path))
+    ds.compress(getattr(pydicom.uid, syntax), arr.astype(np.uint16))
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    img = read_image(buf.getvalue(), expected_dims=2)
+    assert img.meta["TransferSyntax"] == getattr(pydicom.uid, syntax).name
+    np.testing.assert_array_equal(img.array, arr.astype(np.float32))
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX", "RF", "XA"])
+def test_radiograph_modalities_accepted_for_2d(tmp_path, modality):
+    assert read_image(_dx(tmp_path, modality=modality), expected_dims=2).modality == modality
+
+
+@pytest.mark.parametrize("modality", ["US", "RTDOSE", "NM", "MG", "CT", "MR"])
+def test_other_modalities_refused_for_2d_with_modality_named(tmp_path, modality):
+    with pytest.raises(ImageDecodeError, match=f"DICOM modality {modality} refused"):
+        read_image(_dx(tmp_path, modality=modality), expected_dims=2)
+
+
+def test_accepted_modalities_are_a_parameter(tmp_path):
+    mg = _dx(tmp_path, modality="MG")
+    assert read_image(mg, expected_dims=2, modalities={"MG", "DX"}).modality == "MG"
+    with pytest.raises(ImageDecodeError, match="DICOM modality DX refused: accepted here MG"):
+        read_image(_dx(tmp_path, "b.dcm"), modalities=["mg"])
+    with pytest.raises(ValueError, match="'any'"):
+        read_image(mg, modalities="all")
+
+
+def test_volume_modalities_for_3d(tmp_path):
+    assert read_image(make_dicom_series(tmp_path / "ct"), expected_dims=3).modality == "CT"
+    assert read_image(make_dicom_series(tmp_path / "mr", modality="MR"), expected_dims=3).modality == "MR"
+    with pytest.raises(ImageDecodeError, match="DICOM modality DX refused: accepted here CT, MR"):
+        read_image(make_dicom_series(tmp_path / "dx", modality="DX"), expected_dims=3)
+    # without expected_dims (ingest), either kind passes
+    assert read_image(_dx(tmp_path, modality="CT")).modality == "CT"
+
+
+def test_secondary_capture_without_modality(tmp_path):
+    import pydicom
+
+    sc = "1.2.840.10008.5.1.4.1.1.7"
+    f = _dx(tmp_path, sop_class=sc)
+    ds = pydicom.dcmread(f)
+    del ds.Modality
+    ds.save_as(f)
+    assert read_image(f, expected_dims=2).modality == "OT"  # a digitised film: monochrome, accepted
+    ot = _dx(tmp_path, "ot.dcm", modality="OT", sop_class=sc)
+    assert read_image(ot, expected_dims=2).format == "dicom"
+    with pytest.raises(ImageDecodeError, match="DICOM modality OT refused"):  # OT outside secondary capture
+        read_image(_dx(tmp_path, "ot2.dcm", modality="OT"), expected_dims=2)
+
+
+def test_colour_secondary_capture_refused_for_2d(tmp_path):
+    import pydicom
+
+    f = _dx(tmp_path, modality="OT", sop_class="1.2.840.10008.5.1.4.1.1.7")
+    ds = pydicom.dcmread(f)
+    rgb = np.repeat(make_array((64, 64), 8)[..., None], 3, axis=2)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = rgb.tobytes()
+    ds.save_as(f)
+    with pytest.raises(ImageDecodeError, match="colour DICOM refused: a secondary capture in RGB"):
+        read_image(f, expected_dims=2)
+    assert read_image(f, modalities="any").channels == 3  # explicitly allowed: reduced to luminance
+
+
+def _patch_value(path, keyword_tag: bytes, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    i = data.index(keyword_tag)
+    j = data.index(old, i)
+    path.write_bytes(data[:j] + new + data[j + len(new) :])
+
+
+@pytest.mark.parametrize(
+    "keyword, tag, old, new",
+    [
+        ("NumberOfFrames", b"\x28\x00\x08\x00IS", b"7 ", b"ab"),
+        ("RescaleSlope", b"\x28\x00\x53\x10DS", b"2.0 ", b"x9z "),
+    ],
+)
+def test_malformed_header_is_a_clear_error_without_the_value(tmp_path, keyword, tag, old, new):
+    f = _dx(tmp_path, NumberOfFrames=7 if keyword == "NumberOfFrames" else 1, rescale=(2.0, 0.0))
+    _patch_value(f, tag, old, new)
+    with pytest.raises(ImageDecodeError, match=f"bad DICOM header: {keyword}") as info:
+        read_image(f)
+    assert new.decode().strip() not in str(info.value)
+
+
+def test_pydicom_badvr_file_is_a_bad_header():
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(ImageDecodeError, match="bad DICOM header: NumberOfFrames") as info:
+        read_image(get_testdata_file("badVR.dcm"))
+    assert "1A" not in str(info.value)

@@ -53,7 +53,7 @@ def _reject(data: bytes, dims: int = 2, limits: SafetyLimits = LIMITS) -> InputR
 @pytest.mark.parametrize(
     ("maker", "bit_depth", "fmt"),
     [
-        (lambda p: make_png(p, size=(40, 30)), 8, "png"),
+        (lambda p: make_png(p, size=(40, 32)), 8, "png"),  # 32 px: the decoder's MIN_SIDE_PX
         (lambda p: make_png(p, bit_depth=16), 16, "png"),
         (lambda p: make_png(p, mode="RGB"), 8, "png"),
         (lambda p: make_jpeg(p), 8, "jpeg"),

@@ -16,15 +16,21 @@ copies an allow-list of acquisition attributes, never names, ids, dates or UIDs.
 from __future__ import annotations
 
 import io
+import re
+import struct
+import warnings
+import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from bonefrac.errors import BonefracError
 
@@ -56,6 +62,36 @@ _TECHNICAL_KEYWORDS: tuple[str, ...] = (
 )
 
 
+#: Modalities of projection radiographs the 2D fracture model may score: computed and
+#: digital radiography, and the fluoroscopy/angiography spot images (RF, XA) that
+#: orthopaedic C-arms write. Not mammography (MG: breast, no skeleton to read), not
+#: dental (IO, PX): projection X-rays, but of anatomy the model never saw.
+RADIOGRAPH_MODALITIES: frozenset[str] = frozenset({"CR", "DX", "RF", "XA"})
+#: Modalities of the volumes the 3D path reads (a series folder or a multi-frame file).
+VOLUME_MODALITIES: frozenset[str] = frozenset({"CT", "MR"})
+#: Secondary Capture SOP classes (single- and multi-frame), PS3.4 B.5.
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_CS_VALUE = re.compile(r"^[A-Z0-9_ ]{1,16}$")  # a well-formed Code String: safe to name in a message
+
+#: What pydicom raises on a damaged file or a malformed element (it has no common base
+#: class): listed rather than ``except Exception`` so a programming error still surfaces.
+PYDICOM_ERRORS: tuple[type[BaseException], ...] = (
+    InvalidDicomError,
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    EOFError,
+    OSError,
+    NotImplementedError,
+    RuntimeError,
+    OverflowError,
+    struct.error,
+    zlib.error,
+)
+
+
 class DicomError(BonefracError, ValueError):
     """A DICOM file or series that cannot give an image; the message says why (never PHI)."""
 
@@ -71,6 +107,15 @@ class DicomPixels:
     meta: dict[str, Any]
 
 
+def has_dicm_marker(head: bytes) -> bool:
+    """True for a Part-10 file: "DICM" at byte 128, whatever the 128-byte preamble holds.
+
+    The preamble may itself be a TIFF header (dual-personality files, e.g. pydicom's
+    ``CT_small.dcm``), so this must be tested before any other magic number.
+    """
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
 def looks_like_dicom(head: bytes) -> bool:
     """True for a Part-10 file ("DICM" at byte 128) or a preamble-less dataset starting with group 0002/0008.
 
@@ -78,7 +123,7 @@ def looks_like_dicom(head: bytes) -> bool:
     The preamble-less case (old ACR-NEMA style) starts directly with a little-endian
     tag of group 0x0002 or 0x0008 whose element number is small.
     """
-    if len(head) >= 132 and head[128:132] == b"DICM":
+    if has_dicm_marker(head):
         return True
     if len(head) >= 8:
         group = int.from_bytes(head[0:2], "little")
@@ -90,15 +135,39 @@ def looks_like_dicom(head: bytes) -> bool:
     return False
 
 
+def _infer_transfer_syntax(ds: Dataset) -> Dataset:
+    """Give a dataset without file meta (no preamble, old exports) the transfer syntax it was read in.
+
+    pydicom parses such a file (``force=True``) by guessing the VR style and byte order,
+    but will not decode its pixels without ``file_meta.TransferSyntaxUID``. A file
+    without meta cannot hold compressed pixels, so the encoding it was read in is
+    the whole answer.
+    """
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return ds
+    implicit, little = ds.original_encoding
+    if implicit is None or little is None:
+        return ds
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+    return ds
+
+
 def read_dataset(source: str | Path | bytes, stop_before_pixels: bool = False) -> Dataset:
     """Read a DICOM dataset from a path or bytes; :class:`DicomError` when it is not DICOM."""
     fp: Any = io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
     try:
-        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels)
+        return _infer_transfer_syntax(pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels))
     except InvalidDicomError:
         pass
-    except Exception as err:  # pydicom raises many types for damaged files
-        raise DicomError(f"unreadable DICOM: {type(err).__name__}: {err}") from None
+    except PYDICOM_ERRORS as err:
+        # pydicom's message may quote element values: name the error type only.
+        raise DicomError(f"unreadable DICOM (damaged or truncated file: {type(err).__name__})") from None
     # No preamble: accept only when the content sniffs as DICOM, so random bytes are refused.
     if isinstance(source, bytes | bytearray):
         head = bytes(source[:132])
@@ -109,9 +178,132 @@ def read_dataset(source: str | Path | bytes, stop_before_pixels: bool = False) -
         raise DicomError("not a DICOM file (no 'DICM' marker and no DICOM header)")
     try:
         fp = io.BytesIO(source) if isinstance(source, bytes | bytearray) else str(source)
-        return pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True)
-    except Exception as err:
-        raise DicomError(f"unreadable DICOM: {type(err).__name__}: {err}") from None
+        return _infer_transfer_syntax(pydicom.dcmread(fp, stop_before_pixels=stop_before_pixels, force=True))
+    except PYDICOM_ERRORS as err:
+        raise DicomError(f"unreadable DICOM (damaged or truncated file: {type(err).__name__})") from None
+
+
+def read_preambleless(data: bytes) -> Dataset | None:
+    """Last resort for content no magic number matched: a DICOM dataset without preamble.
+
+    Old ACR-NEMA style exports and some PACS dumps start directly with the first
+    element, in any byte order (e.g. pydicom's ``ExplVR_BigEndNoMeta.dcm``). pydicom
+    parses them with ``force=True``; the result counts as DICOM only when it holds
+    pixel data with positive Rows and Columns, so arbitrary bytes are not taken for an
+    image, or when it names a well-formed SOP Class UID (a DICOM object without
+    pixels: the caller then says so, or names its modality). Returns ``None`` when the
+    content is not such a dataset.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            if "PixelData" in ds:
+                rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+                return _infer_transfer_syntax(ds) if rows > 0 and cols > 0 else None
+            sop_class = ds.get("SOPClassUID")
+            return ds if sop_class and pydicom.uid.UID(str(sop_class)).is_valid else None
+    except PYDICOM_ERRORS:
+        return None
+
+
+def header_int(ds: Dataset, keyword: str, default: int) -> int:
+    """An integer header attribute, or :class:`DicomError` "bad DICOM header" (never its raw value)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            val = ds.get(keyword)
+    except PYDICOM_ERRORS:
+        raise DicomError(f"bad DICOM header: {keyword} cannot be read") from None
+    if val is None or val == "":
+        return default
+    try:
+        return int(val)
+    except (TypeError, ValueError, OverflowError):
+        raise DicomError(f"bad DICOM header: {keyword} is not a valid integer") from None
+
+
+def header_float(ds: Dataset, keyword: str) -> None:
+    """Check that a numeric (DS) attribute, single or multi-valued, parses; raise "bad DICOM header"."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            val = ds.get(keyword)
+            if val is None or val == "":
+                return
+            values = val if isinstance(val, pydicom.multival.MultiValue | list | tuple) else [val]
+            finite = all(np.isfinite(float(v)) for v in values)
+    except PYDICOM_ERRORS:
+        raise DicomError(f"bad DICOM header: {keyword} is not a valid number") from None
+    if not finite:
+        raise DicomError(f"bad DICOM header: {keyword} is not a finite number")
+
+
+def check_header(ds: Dataset) -> None:
+    """Validate the attributes the pixel pipeline reads, before decoding anything.
+
+    A malformed header (``NumberOfFrames = "ab"``, a rescale slope that is not a
+    number, zero rows) gives a :class:`DicomError` starting "bad DICOM header" that
+    names the attribute, never its value (values can hold anything, PHI included).
+    """
+    rows = header_int(ds, "Rows", 0)
+    cols = header_int(ds, "Columns", 0)
+    if rows <= 0 or cols <= 0:
+        raise DicomError("bad DICOM header: Rows and Columns must be positive")
+    if header_int(ds, "NumberOfFrames", 1) < 1:
+        raise DicomError("bad DICOM header: NumberOfFrames must be at least 1")
+    if header_int(ds, "SamplesPerPixel", 1) not in (1, 3):
+        raise DicomError("bad DICOM header: SamplesPerPixel must be 1 or 3")
+    allocated = header_int(ds, "BitsAllocated", 16)
+    stored = header_int(ds, "BitsStored", allocated)
+    if allocated not in (1, 8, 16, 32, 64) or not 1 <= stored <= allocated:
+        raise DicomError("bad DICOM header: BitsAllocated/BitsStored out of range")
+    if header_int(ds, "PixelRepresentation", 0) not in (0, 1):
+        raise DicomError("bad DICOM header: PixelRepresentation must be 0 or 1")
+    for kw in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        header_float(ds, kw)
+
+
+def is_colour(ds: Dataset) -> bool:
+    """RGB, YBR or palette colour (anything but MONOCHROME1/2 with one sample per pixel)."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").upper()
+    return header_int(ds, "SamplesPerPixel", 1) > 1 or not photometric.startswith("MONOCHROME")
+
+
+def modality_of(ds: Dataset) -> str:
+    """The Modality (0008,0060) code, upper case; ``""`` when absent or empty."""
+    try:
+        return str(ds.get("Modality", "") or "").strip().upper()
+    except PYDICOM_ERRORS:
+        raise DicomError("bad DICOM header: Modality cannot be read") from None
+
+
+def check_modality(ds: Dataset, accepted: Collection[str]) -> None:
+    """Refuse a dataset whose modality is not in ``accepted`` or that is colour.
+
+    Rules: a modality in ``accepted`` passes if monochrome; a secondary capture without
+    modality (absent, or ``OT`` in a Secondary Capture SOP class) passes if monochrome
+    (a digitised film); colour objects (RGB, YBR, palette: photographs, screenshots,
+    ultrasound) are refused, since radiographs are grayscale; anything else is refused
+    with its modality named (RTDOSE, US, SEG...).
+    """
+    modality = modality_of(ds)
+    accepted = {m.upper() for m in accepted}
+    photometric = str(ds.get("PhotometricInterpretation", "") or "").upper()
+    shown = modality if _CS_VALUE.match(modality) else "(invalid code)"
+    photometric = photometric if _CS_VALUE.match(photometric) else ""
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", ""))
+    secondary = modality == "" or (modality == "OT" and sop_class.startswith(_SECONDARY_CAPTURE_PREFIX))
+    if modality not in accepted and not secondary:
+        raise DicomError(
+            f"DICOM modality {shown} refused: accepted here {', '.join(sorted(accepted))}"
+            " (or a grayscale secondary capture without modality)"
+        )
+    if is_colour(ds):
+        kind = "secondary capture" if secondary else f"{shown} image"
+        raise DicomError(
+            f"colour DICOM refused: a {kind} in {photometric or 'colour'}; radiographs are grayscale"
+        )
 
 
 def technical_meta(ds: Dataset) -> dict[str, Any]:
@@ -136,14 +328,14 @@ def technical_meta(ds: Dataset) -> dict[str, Any]:
 
 def pixel_count(ds: Dataset) -> int:
     """Pixels the dataset declares (rows × columns × frames), read before decoding for the bomb guard."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    return int(ds.get("Rows", 0) or 0) * int(ds.get("Columns", 0) or 0) * frames
+    frames = header_int(ds, "NumberOfFrames", 1)
+    return header_int(ds, "Rows", 0) * header_int(ds, "Columns", 0) * frames
 
 
 def _stored_range(ds: Dataset) -> tuple[float, float]:
     """Range of stored values from BitsStored and PixelRepresentation."""
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 16)) or 16)
-    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+    bits = header_int(ds, "BitsStored", header_int(ds, "BitsAllocated", 16))
+    if header_int(ds, "PixelRepresentation", 0) == 1:
         return float(-(2 ** (bits - 1))), float(2 ** (bits - 1) - 1)
     return 0.0, float(2**bits - 1)
 
@@ -178,13 +370,16 @@ def to_display_array(ds: Dataset, apply_voi: bool = True) -> DicomPixels:
         raise DicomError(
             "DICOM has no pixel data (no PixelData element: a report, SR or presentation state?)"
         )
+    check_header(ds)
     try:
         raw = ds.pixel_array
-    except Exception as err:  # missing codec, wrong length, truncated fragments
+    except PYDICOM_ERRORS as err:  # missing codec, wrong length, truncated fragments
+        # The header was validated above, so pydicom's message is about the codec or
+        # the data length, not an element value.
         raise DicomError(f"cannot decode DICOM pixel data: {type(err).__name__}: {err}") from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    bits = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    samples = header_int(ds, "SamplesPerPixel", 1)
+    bits = header_int(ds, "BitsStored", header_int(ds, "BitsAllocated", 8))
     meta = technical_meta(ds)
     if samples > 1:
         # pydicom returns RGB (YBR converted); ITU-R 601 luminance keeps one gray channel.
@@ -193,7 +388,8 @@ def to_display_array(ds: Dataset, apply_voi: bool = True) -> DicomPixels:
         meta["converted_from"] = photometric
         return DicomPixels(arr.astype(np.float32), bits, samples, (0.0, float(2**bits - 1)), meta)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DicomError(f"unsupported DICOM photometric interpretation {photometric!r}")
+        shown = photometric if _CS_VALUE.match(photometric) else "(invalid code)"
+        raise DicomError(f"unsupported DICOM photometric interpretation {shown}")
     try:
         arr = apply_modality_lut(raw, ds)
         voi_applied = "none"
@@ -204,9 +400,9 @@ def to_display_array(ds: Dataset, apply_voi: bool = True) -> DicomPixels:
                 voi_applied = "window"
             if voi_applied != "none":
                 arr = apply_voi_lut(arr, ds, prefer_lut=True)
-    except Exception as err:
-        raise DicomError(f"cannot apply DICOM LUTs: {type(err).__name__}: {err}") from None
-    lo, hi = _output_range(ds, voi_applied)
+        lo, hi = _output_range(ds, voi_applied)
+    except PYDICOM_ERRORS as err:  # a malformed LUT: its message could quote values
+        raise DicomError(f"bad DICOM header: cannot apply the modality/VOI LUT ({type(err).__name__})") from None
     arr = np.asarray(arr, dtype=np.float32)
     if photometric == "MONOCHROME1":
         # MONOCHROME1: low values are white. Invert within the nominal range so
@@ -229,13 +425,16 @@ def _slice_position(ds: Dataset) -> float | None:
     return float(np.dot(normal, np.asarray(pos, float)))
 
 
-def read_series(folder: Path, max_pixels: int | None = None) -> tuple[DicomPixels, int]:
+def read_series(
+    folder: Path, max_pixels: int | None = None, modalities: Collection[str] | None = None
+) -> tuple[DicomPixels, int]:
     """Read a folder holding one DICOM series into a (D, H, W) float32 volume.
 
     Slices are sorted by ImagePositionPatient along the slice normal (InstanceNumber
     as a fallback); non-DICOM files and objects without pixels (DICOMDIR, SR) are
     skipped. Returns the pixels and the number of slice files used. Modality LUT only
-    (physical units, e.g. HU), see :func:`to_display_array`.
+    (physical units, e.g. HU), see :func:`to_display_array`. ``modalities``: when
+    given, the series is refused unless :func:`check_modality` accepts it.
     """
     headers: list[tuple[Path, Dataset]] = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -254,7 +453,11 @@ def read_series(folder: Path, max_pixels: int | None = None) -> tuple[DicomPixel
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
         raise DicomError(f"folder mixes {len(series)} DICOM series; give one series per folder")
-    shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
+    for _, ds in headers:
+        check_header(ds)
+    if modalities is not None:
+        check_modality(headers[0][1], modalities)
+    shapes = {(header_int(ds, "Rows", 0), header_int(ds, "Columns", 0)) for _, ds in headers}
     if len(shapes) > 1:
         raise DicomError(f"slices of different sizes in one series: {sorted(shapes)}")
     total = sum(pixel_count(ds) for _, ds in headers)
