@@ -14,6 +14,7 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -301,6 +302,9 @@ def make_figures(report: Mapping[str, Any], test: pd.DataFrame, n_bins: int) -> 
 
 
 # ----------------------------------------------------------------- the core
+# The pipeline's own report and bundle carry no wall-clock time: they are DVC outputs,
+# and the same seed and data must give the same bytes in any checkout. External
+# validation (not a DVC output) records when it ran.
 def _evaluate(
     predictor: Predictor,
     images: np.ndarray,
@@ -316,6 +320,7 @@ def _evaluate(
     seed: int,
     title: str,
     calibration_method: CalibrationMethod = "platt",
+    generated_at: str | None = None,
     data_version: str,
     params_snapshot: Mapping[str, Any] | None,
     validation_summary: Mapping[str, Any] | None,
@@ -362,7 +367,7 @@ def _evaluate(
     pp = bundle.preprocess_spec.model_dump(mode="json")
     report: dict[str, Any] = {
         "title": title,
-        "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated_at": generated_at,
         "external": external,
         "seed": seed,
         "ci_level": ci_level,
@@ -541,11 +546,11 @@ def run_evaluation(
     )
     calibrated.metadata = {
         **dict(calibrated.metadata),
+        "data_version": data_version,
         "metrics": headline_metrics(report),
         "evaluation": {
             "data_version": data_version,
             "targets": report["targets"],
-            "generated_at": report["generated_at"],
         },
     }
     _write_outputs(
@@ -560,7 +565,8 @@ def run_evaluation(
     )
     calibrated.save(out_model_path)
     card = Path(model_card_path) if model_card_path else Path(out_model_path).parent / "MODEL_CARD.md"
-    write_model_card(card, report, report_path=str(Path(reports_dir) / "report.html"))
+    # A relative link: the card must read the same (and hash the same) in any checkout.
+    write_model_card(card, report, report_path=os.path.relpath(Path(reports_dir) / "report.html", card.parent))
     t = report["test"]
     log.info(
         "evaluate: test AUROC %.3f (%.3f–%.3f), calibration %s, thresholds %s",
@@ -630,6 +636,7 @@ def evaluate_external(
         seed=seed,
         title=title,
         data_version=data_version,
+        generated_at=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         params_snapshot=None,
         validation_summary=None,
     )

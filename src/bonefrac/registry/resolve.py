@@ -65,10 +65,19 @@ def load_file(path: str | Path) -> LoadedModel:
     return LoadedModel(bundle, name, version, f"file:{path}")
 
 
+def _with_provenance(bundle: ModelBundle, tag: str) -> ModelBundle:
+    """Fill the data version and git commit the registry recorded at registration."""
+    recorded = store.get_record(tag).metadata
+    for key in ("data_version", "git_commit"):
+        if recorded.get(key) and not bundle.metadata.get(key):
+            bundle.metadata[key] = recorded[key]
+    return bundle
+
+
 def load_tag(tag: str) -> LoadedModel:
     """A model-store entry ``name:version``."""
     try:
-        bundle = store.load_bundle(tag)
+        bundle = _with_provenance(store.load_bundle(tag), tag)
     except (store.RegistryError, BundleError) as err:
         raise ModelNotFoundError(f"model {tag!r} not found in the model store: {err}") from None
     name, _, version = tag.partition(":")
@@ -78,6 +87,7 @@ def load_tag(tag: str) -> LoadedModel:
 def load_champion(name: str = "bonefrac") -> LoadedModel:
     try:
         tag, bundle = store.get_champion(name)
+        bundle = _with_provenance(bundle, tag)
     except (store.RegistryError, BundleError) as err:
         raise ModelNotFoundError(
             f"no champion model in the model store ({err}); "
