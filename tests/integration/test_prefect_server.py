@@ -214,20 +214,21 @@ def _tiny_project(tmp: Path) -> Path:
     """A preprocessed cache (32 px) with PNG sources, and a params file pointing at it."""
     from PIL import Image
 
+    from bonefrac.model.transforms import PreprocessSpec
+    from bonefrac.preprocess.cache import build_cache
+
     rng = np.random.default_rng(0)
     n = 40
     cache, raw = tmp / "processed", tmp / "raw"
     cache.mkdir()
     raw.mkdir()
     rows = []
-    images = np.zeros((n, 1, 32, 32), dtype=np.float16)
     for i in range(n):
         arr = rng.integers(0, 120, size=(40, 36)).astype(np.uint8)
         label = i % 2
         if label:
             arr[:, 10:14] = 230  # a bright "bone" so the two classes differ a little
         Image.fromarray(arr).save(raw / f"img{i}.png")
-        images[i, 0] = np.asarray(Image.fromarray(arr).resize((32, 32)), dtype=np.float32) / 255.0
         split = "test" if i < 20 else "train"
         rows.append(
             {
@@ -235,11 +236,9 @@ def _tiny_project(tmp: Path) -> Path:
                 "path": str(raw / f"img{i}.png"),
                 "label": label,
                 "split": split,
-                "cache_row": i,
             }
         )
-    np.save(cache / "images.npy", images)
-    pd.DataFrame(rows).to_csv(cache / "index.csv", index=False)
+    build_cache(pd.DataFrame(rows), cache, PreprocessSpec(image_size=32))  # the bundles' spec
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["paths"] = {
         "processed": str(cache),
