@@ -272,3 +272,45 @@ def test_ingest_writes_table_atomically_and_logs_one_summary(tmp_path, caplog):
     only_leg = ingest("csv", tmp_path, out, manifest_csv=tmp_path / "m.csv", include_body_parts=["LEG"])
     assert only_leg["body_part"].tolist() == ["leg"]
     assert np.isfinite(only_leg["intensity_mean"]).all()
+
+
+# ------------------------------------------------------------------ hostile names and links
+def test_non_utf8_names_links_and_loops_get_a_verdict_not_a_crash(tmp_path, capsys):
+    import os
+
+    root, out = tmp_path / "raw", tmp_path / "interim"
+    (root / "Fractured").mkdir(parents=True)
+    (root / "Normal").mkdir()
+    src = make_dicom(tmp_path / "x.dcm", BodyPartExamined="HAND")
+    fd = os.open(os.fsencode(root / "Fractured") + b"/DOE\xff_\xe9.dcm", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, src.read_bytes())
+    os.close(fd)
+    make_png(root / "Normal" / "n.png")
+    (root / "Normal" / "loop").symlink_to("..")
+    (root / "Normal" / "dangling.png").symlink_to(root / "nowhere.png")
+    table = ingest("dicom", root, out / "manifest.csv", deid_dir=out / "deid")
+    intake = table.attrs["intake"]
+    assert len(table) == 2 and table["decodes_ok"].all()
+    assert intake["seen"] == 4 and intake["skipped"] == {
+        "broken or looping symlink": 1,
+        "symlink loop (folder reached twice)": 1,
+    }
+    assert intake["notes"] == {"names not valid UTF-8 (pseudonymised)": 1}
+    assert json.loads((out / "intake.json").read_text()) == intake
+    text = (out / "manifest.csv").read_text()
+    assert "DOE" not in text and "\\udcff" not in text
+    assert "BONEFRAC_DEID_KEY is not set" in capsys.readouterr().err  # default key: warned every run
+
+
+def test_volume_walker_skips_loops_and_links_out_of_the_root(tmp_path):
+    root = tmp_path / "raw"
+    make_dicom_series(root / "fractured" / "comminuted" / "case1")
+    (root / "normal").mkdir()
+    make_nifti(root / "normal" / "case2.nii.gz")
+    (root / "normal" / "loop").symlink_to("..")
+    make_nifti(tmp_path / "elsewhere.nii")
+    (root / "normal" / "out.nii").symlink_to(tmp_path / "elsewhere.nii")
+    report = IntakeReport()
+    df = load_records("volume", root, deid_dir=tmp_path / "deid", report=report)
+    assert len(df) == 2 and not df[INTAKE_ERROR].any()
+    assert report.skipped == {"symlink loop (folder reached twice)": 1, "symlink pointing outside the data root": 1}

@@ -392,6 +392,28 @@ def _items_in_class(
         return
 
     visited: set[tuple[int, int]] = set()
+    root_real = root.resolve()
+
+    def safe(p: Path) -> bool:
+        """Hidden entries and symlinks resolving nowhere or outside the root are skipped (counted)."""
+        if p.name.startswith("."):
+            report.skip("hidden file or folder")
+            return False
+        if not _name_ok(p.name):
+            report.notes["names not valid UTF-8 (pseudonymised)"] += 1
+        if p.is_symlink():
+            try:
+                real = p.resolve(strict=True)
+            except (OSError, RuntimeError):
+                report.skip("broken or looping symlink")
+                return False
+            if not real.is_relative_to(root_real):
+                report.skip("symlink pointing outside the data root")
+                return False
+            if real.is_dir() and p.parent.resolve().is_relative_to(real):
+                report.skip("symlink loop (folder reached twice)")
+                return False
+        return True
 
     def walk(folder: Path, ftype: str, err: str) -> Iterable[tuple[Path, str, str]]:
         st = folder.stat()
@@ -399,13 +421,8 @@ def _items_in_class(
             report.skip("symlink loop (folder reached twice)")
             return
         visited.add((st.st_dev, st.st_ino))
-        entries = sorted(folder.iterdir())
-        for p in entries:
-            if p.name.startswith("."):
-                report.skip("hidden file or folder")
-            elif not _name_ok(p.name):
-                report.notes["names not valid UTF-8 (pseudonymised)"] += 1
-        files = [p for p in entries if p.is_file() and not p.name.startswith(".")]
+        entries = [p for p in sorted(folder.iterdir()) if safe(p)]
+        files = [p for p in entries if p.is_file()]
         if any(_sniff_dicom(p) for p in files):
             yield folder, ftype, err
             return
@@ -414,7 +431,7 @@ def _items_in_class(
                 yield p, ftype, err
             else:
                 report.skip("not an image file (by suffix)")
-        for d in (p for p in entries if p.is_dir() and not p.name.startswith(".")):
+        for d in (p for p in entries if p.is_dir()):
             sub_t, sub_e = ftype, err
             if folder == class_dir and label == 1 and vocab is not None:
                 holds_dicom = any(_sniff_dicom(p) for p in d.iterdir() if p.is_file())
