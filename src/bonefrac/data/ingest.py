@@ -19,7 +19,6 @@ from pathlib import Path
 import pandas as pd
 
 from bonefrac.atomic import atomic_write_csv, atomic_write_text
-from bonefrac.data.deid import warn_if_dev_key
 from bonefrac.data.metadata import build_metadata_table
 from bonefrac.data.sources import IntakeReport, load_records
 
@@ -67,12 +66,11 @@ def ingest(
 
     Every input gets a verdict, written to ``intake.json`` next to ``out_csv`` and kept in
     ``table.attrs["intake"]`` (``seen == rows + skipped``); ``table.attrs["summary"]`` is the
-    one-line summary (also logged). Warns on stderr when the development key is in use.
+    one-line summary (also logged).
     """
     t0 = time.perf_counter()
     out_csv = Path(out_csv)
     deid = Path(deid_dir) if deid_dir is not None else out_csv.parent / "deid"
-    warn_if_dev_key()
     report = IntakeReport()
     records = load_records(
         source,

@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from bonefrac.data.deid import deidentify_file, pseudonymise
+from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
 from bonefrac.data.schema import INTAKE_ERROR, INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
@@ -846,7 +846,8 @@ def load_records(
     ``deid_dir`` receives de-identified copies of every DICOM file and, for the hospital
     sources (:data:`HOSPITAL_SOURCES`, where it is required), pseudonymously named copies of
     every other image; ids there are keyed pseudonyms. A non-empty ``intake_error`` says why
-    a row was refused (no path then); ``report`` collects every input's verdict.
+    a row was refused (no path then); ``report`` collects every input's verdict. A hospital
+    source read with the development key prints a warning on stderr (every run).
     Raises :class:`SourceError` for a layout that does not match ``source``.
     """
     root = Path(root)
@@ -864,6 +865,8 @@ def load_records(
             f"source {source!r} needs deid_dir for the de-identified DICOM copies and the "
             "pseudonymously named copies of other images"
         )
+    if source in HOSPITAL_SOURCES:
+        warn_if_dev_key()  # on every run that makes pseudonyms with the public key
     if source == "phantom":
         rows = _csv_rows(manifest or root / "manifest.csv", vocab, False, rep)
     elif source == "csv":
