@@ -18,6 +18,10 @@ def guarded(fn: Callable[[], str]) -> str | State:
         summary = fn()
     except user_error_types() as err:
         return Failed(message=f"{type(err).__name__}: {err}")
+    # One line per stage on the console whatever the log level (a plain print inside a flow
+    # becomes an INFO log line, hidden at the WARNING level make sets), and in the run's log.
+    sys.stdout.write(summary + "\n")
+    sys.stdout.flush()
     print(summary)
     return summary
 

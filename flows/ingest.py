@@ -27,9 +27,10 @@ def _ingest(params_path: str) -> str:
         workers=p.data.ingest_workers,
         max_pixels=p.serving.max_pixels,
         expected_dims=p.spatial_dims,
+        fracture_types=p.data.fracture_types,
+        allow_burned_in_annotation=p.data.allow_burned_in_annotation,
     )
-    bad = int((~table["decodes_ok"].astype(bool)).sum())
-    return f"ingest: {len(table)} images from {p.data.source} ({bad} undecodable) -> {out_dir / 'manifest.csv'}"
+    return str(table.attrs["summary"])
 
 
 @flow(name="ingest", log_prints=True)

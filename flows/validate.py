@@ -24,7 +24,13 @@ def _validate(params_path: str) -> str:
         summary_json=resolve(p.paths.metrics) / "validation.json",
     )
     counts = f"{len(manifest)} rows, {len(result.clean)} clean, {len(result.quarantine)} quarantined"
-    return f"validate: {counts} -> {out_dir}"
+    by_check = (
+        result.quarantine["check"].str.split("; ").explode().value_counts().sort_index()
+        if len(result.quarantine)
+        else {}
+    )
+    why = ", ".join(f"{k} {v}" for k, v in dict(by_check).items())
+    return f"validate: {counts}" + (f" ({why})" if why else "") + f" -> {out_dir}"
 
 
 @flow(name="validate", log_prints=True)

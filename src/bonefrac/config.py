@@ -64,6 +64,11 @@ class DataParams(Strict):
     phantom: PhantomParams = PhantomParams()
     # Fracture-type labels are used when the source has them (phantom, CSV).
     use_fracture_types: bool = True
+    # The declared fracture-type vocabulary (null: bonefrac.data.schema.KNOWN_FRACTURE_TYPES). A
+    # sub-folder of the positive class or a fracture_type value outside it refuses the image at intake.
+    fracture_types: list[str] | None = None
+    # DICOM flagged BurnedInAnnotation=YES is refused at intake unless this is true.
+    allow_burned_in_annotation: bool = False
     # Optional filters, e.g. train on hands only and validate externally on legs.
     include_body_parts: list[str] | None = None
     exclude_body_parts: list[str] | None = None

@@ -22,12 +22,14 @@ from tests._factories import (
 
 from bonefrac.data.deid import pseudonymise
 from bonefrac.data.ingest import ingest
-from bonefrac.data.schema import MANIFEST_COLUMNS, RECORD_COLUMNS
-from bonefrac.data.sources import SourceError, load_records, parse_label
+from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, RECORD_COLUMNS
+from bonefrac.data.sources import IntakeReport, SourceError, load_records, parse_label
 
 
-def _by_name(df: pd.DataFrame) -> dict[str, pd.Series]:
-    return {Path(p).name: r for p, (_, r) in zip(df["path"], df.iterrows(), strict=True)}
+def _by_name(df: pd.DataFrame, root: Path) -> dict[str, pd.Series]:
+    """Rows by original file name: ids are pseudonyms of the path relative to the root."""
+    names = {pseudonymise(p.relative_to(root).as_posix(), "image"): p.name for p in root.rglob("*")}
+    return {names[i]: r for i, (_, r) in zip(df["image_id"], df.iterrows(), strict=True)}
 
 
 # ------------------------------------------------------------------ phantom
@@ -64,7 +66,7 @@ def test_phantom_manifest_paths_resolved_against_manifest(tmp_path):
     ]
     pd.DataFrame(rows, columns=RECORD_COLUMNS).to_csv(root / "manifest.csv", index=False)
     df = load_records("phantom", root)
-    assert list(df.columns) == RECORD_COLUMNS
+    assert list(df.columns) == [*RECORD_COLUMNS, INTAKE_ERROR]
     assert df["path"].tolist() == [str((root / "img" / n).resolve()) for n in ("a.png", "b.png")]
     assert df["patient_id"].tolist() == ["ph-p1", "ph-p1"]  # synthetic ids kept
     assert df["fracture_type"].tolist() == ["spiral", ""]
@@ -79,10 +81,14 @@ def test_imagefolder_class_names(tmp_path, pos, neg):
     make_jpeg(tmp_path / pos / "p2.jpg")
     make_png((tmp_path / neg).mkdir() or tmp_path / neg / "n1.png")
     (tmp_path / neg / "README.txt").write_text("not an image of the set")
-    df = load_records("imagefolder", tmp_path)
-    labels = {Path(p).name: lab for p, lab in zip(df["path"], df["label"], strict=True)}
+    report = IntakeReport()
+    df = load_records("imagefolder", tmp_path, deid_dir=tmp_path / ".deid", report=report)
+    labels = {n: r["label"] for n, r in _by_name(df, tmp_path).items()}
     assert labels == {"p1.png": 1, "p2.jpg": 1, "n1.png": 0}
-    assert df["image_id"].is_unique
+    assert df["image_id"].is_unique and df["image_id"].str.startswith("I-").all()
+    # rows point at pseudonymous copies; the README is skipped, counted
+    assert all(Path(p).parent == (tmp_path / ".deid" / "files").resolve() for p in df["path"])
+    assert report.seen == 4 and report.skipped == {"not an image file (by suffix)": 1}
 
 
 def test_imagefolder_fracture_type_subfolders(tmp_path):
@@ -93,18 +99,33 @@ def test_imagefolder_fracture_type_subfolders(tmp_path):
     (tmp_path / "x.png").unlink()
     (tmp_path / "normal").mkdir()
     make_png(tmp_path / "normal" / "n.png")
-    rows = _by_name(load_records("imagefolder", tmp_path))
+    (tmp_path / "fractured" / "DOE_JANE").mkdir()
+    make_png(tmp_path / "fractured" / "DOE_JANE" / "scan.png")
+    deid = tmp_path.parent / f"{tmp_path.name}-deid"
+    rows = _by_name(load_records("imagefolder", tmp_path, deid_dir=deid), tmp_path)
     assert rows["spiral.png"]["fracture_type"] == "spiral"
     assert rows["Transverse.png"]["fracture_type"] == "transverse"
     assert rows["loose.png"]["fracture_type"] == ""
     assert rows["n.png"]["fracture_type"] == ""
-    off = _by_name(load_records("imagefolder", tmp_path, use_fracture_types=False))
-    assert off["spiral.png"]["fracture_type"] == ""
+    # a sub-folder outside the vocabulary: refused, its name nowhere in the row
+    doe = rows["scan.png"]
+    assert doe["fracture_type"] == "" and doe["path"] == ""
+    assert doe[INTAKE_ERROR] == (
+        "refused at intake: unknown sub-folder under fractured/ (not in data.fracture_types)"
+    )
+    assert "DOE" not in "".join(str(v) for r in rows.values() for v in r.values)
+    declared = _by_name(load_records("imagefolder", tmp_path, deid_dir=deid, fracture_types=["spiral"]), tmp_path)
+    assert declared["spiral.png"]["fracture_type"] == "spiral" and declared["Transverse.png"][INTAKE_ERROR]
+    off = _by_name(load_records("imagefolder", tmp_path, deid_dir=deid, use_fracture_types=False), tmp_path)
+    assert off["spiral.png"]["fracture_type"] == "" and not off["scan.png"][INTAKE_ERROR]
 
 
 def test_imagefolder_without_class_folders_is_a_clear_error(tmp_path):
-    (tmp_path / "cats").mkdir()
-    with pytest.raises(SourceError, match="no class folders"):
+    (tmp_path / "DOE_JANE").mkdir()
+    with pytest.raises(SourceError, match="no class folders") as err:
+        load_records("imagefolder", tmp_path, deid_dir=tmp_path / ".deid")
+    assert "DOE" not in str(err.value)
+    with pytest.raises(SourceError, match="deid_dir"):
         load_records("imagefolder", tmp_path)
     with pytest.raises(SourceError, match="unknown data source"):
         load_records("s3", tmp_path)
@@ -125,10 +146,11 @@ def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
             "study_id": ["ACC-1", "ACC-2", ""],
         }
     ).to_csv(d / "labels.csv", index=False)
-    df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv")
+    df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv", deid_dir=tmp_path / "deid")
     assert len(df) == 3  # the missing file is kept, not dropped
-    assert df["path"][0] == str((d / "imgs" / "a.png").resolve())
-    assert df["path"][1] == str((d / "imgs" / "missing.png").resolve())
+    assert df["path"][0] == str((tmp_path / "deid" / "files" / f"{df['image_id'][0]}.png").resolve())
+    assert df["path"][1] == "" and df[INTAKE_ERROR][1] == "refused at intake: listed file not found"
+    assert df["image_id"][0] == pseudonymise("imgs/a.png", "image")
     assert df["label"].tolist() == [1, 0, -1]  # unreadable label kept as -1 for validation to stop on
     assert df["fracture_type"][0] == "oblique" and df["body_part"].tolist() == ["hand", "unknown", "leg"]
     assert df["patient_id"][0] == df["patient_id"][1] == pseudonymise("MRN-1", "patient")
@@ -136,7 +158,7 @@ def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
     assert df["study_id"][2] == ""
     with pytest.raises(SourceError, match="lacks required column"):
         pd.DataFrame({"file": ["a.png"]}).to_csv(d / "bad.csv", index=False)
-        load_records("csv", d / "bad.csv")
+        load_records("csv", d / "bad.csv", deid_dir=tmp_path / "deid")
 
 
 @pytest.mark.parametrize(
@@ -250,3 +272,45 @@ def test_ingest_writes_table_atomically_and_logs_one_summary(tmp_path, caplog):
     only_leg = ingest("csv", tmp_path, out, manifest_csv=tmp_path / "m.csv", include_body_parts=["LEG"])
     assert only_leg["body_part"].tolist() == ["leg"]
     assert np.isfinite(only_leg["intensity_mean"]).all()
+
+
+# ------------------------------------------------------------------ hostile names and links
+def test_non_utf8_names_links_and_loops_get_a_verdict_not_a_crash(tmp_path, capsys):
+    import os
+
+    root, out = tmp_path / "raw", tmp_path / "interim"
+    (root / "Fractured").mkdir(parents=True)
+    (root / "Normal").mkdir()
+    src = make_dicom(tmp_path / "x.dcm", BodyPartExamined="HAND")
+    fd = os.open(os.fsencode(root / "Fractured") + b"/DOE\xff_\xe9.dcm", os.O_WRONLY | os.O_CREAT)
+    os.write(fd, src.read_bytes())
+    os.close(fd)
+    make_png(root / "Normal" / "n.png")
+    (root / "Normal" / "loop").symlink_to("..")
+    (root / "Normal" / "dangling.png").symlink_to(root / "nowhere.png")
+    table = ingest("dicom", root, out / "manifest.csv", deid_dir=out / "deid")
+    intake = table.attrs["intake"]
+    assert len(table) == 2 and table["decodes_ok"].all()
+    assert intake["seen"] == 4 and intake["skipped"] == {
+        "broken or looping symlink": 1,
+        "symlink loop (folder reached twice)": 1,
+    }
+    assert intake["notes"] == {"names not valid UTF-8 (pseudonymised)": 1}
+    assert json.loads((out / "intake.json").read_text()) == intake
+    text = (out / "manifest.csv").read_text()
+    assert "DOE" not in text and "\\udcff" not in text
+    assert "BONEFRAC_DEID_KEY is not set" in capsys.readouterr().err  # default key: warned every run
+
+
+def test_volume_walker_skips_loops_and_links_out_of_the_root(tmp_path):
+    root = tmp_path / "raw"
+    make_dicom_series(root / "fractured" / "comminuted" / "case1")
+    (root / "normal").mkdir()
+    make_nifti(root / "normal" / "case2.nii.gz")
+    (root / "normal" / "loop").symlink_to("..")
+    make_nifti(tmp_path / "elsewhere.nii")
+    (root / "normal" / "out.nii").symlink_to(tmp_path / "elsewhere.nii")
+    report = IntakeReport()
+    df = load_records("volume", root, deid_dir=tmp_path / "deid", report=report)
+    assert len(df) == 2 and not df[INTAKE_ERROR].any()
+    assert report.skipped == {"symlink loop (folder reached twice)": 1, "symlink pointing outside the data root": 1}

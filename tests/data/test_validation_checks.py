@@ -180,3 +180,20 @@ def test_warn_and_off_severities(tmp_path: Path) -> None:
     assert "size_range_failures" not in res.summary
     assert res.summary["class_balance_success"] is False  # reported, does not stop the run
     assert res.summary["success_critical"] is True
+
+
+def test_class_balance_judges_what_will_train_and_a_stop_removes_stale_outputs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    ok = validate_manifest(make_manifest(30), ValidationParams(), out, tmp_path / "docs", tmp_path / "v.json")
+    assert (out / "clean.csv").exists() and ok.summary["training_rows"] == 30
+    # Every positive is unreadable: the manifest's positive fraction looks fine (1/3), but
+    # after quarantine no fracture is left to train on.
+    df = make_manifest(30)
+    pos = df["label"] == 1
+    df.loc[pos, ["decodes_ok", "decode_error", "phash"]] = [False, "truncated", ""]
+    with pytest.raises(CriticalValidationError) as err:
+        validate_manifest(df, ValidationParams(), out, tmp_path / "docs", tmp_path / "v.json")
+    assert "class_balance" in str(err.value) and "will train" in str(err.value)
+    assert not (out / "clean.csv").exists() and not (out / "quarantine.csv").exists()  # last run's gone
+    summary = json.loads((tmp_path / "v.json").read_text())
+    assert summary["training_rows"] == 20 and summary["success_critical"] is False

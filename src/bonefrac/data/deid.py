@@ -1,15 +1,15 @@
 """De-identify DICOM at ingest (DICOM PS3.15 Annex E, Basic Application Level Confidentiality Profile).
 
-Why by hand on top of pydicom: pydicom reads and writes the attributes but ships
-no de-identification profile, and the dedicated packages are not among this
-project's dependencies. The profile is implemented here as
+The profile is driven by the standard's own table: PS3.15 Table E.1-1 as shipped by
+``dicom-anonymizer`` (:data:`TABLE_PACKAGE`, edition :data:`TABLE_EDITION`), read as data,
+attribute → allowed actions. This module applies
 
-1. explicit actions for the attributes of PS3.15 Table E.1-1 that carry identity
-   (``D`` replace with a pseudonym, ``Z`` empty, ``X`` remove), then
-2. rules by value representation, so attributes the table names by the dozen are
-   not missed: every person name (PN) is emptied, every date/time (DA, DT, TM)
-   emptied, every instance UID (UI not in pydicom's registry of standard UIDs)
-   remapped with a keyed hash, recursively inside sequences,
+1. the table's action for every attribute it names, at every depth of sequences
+   (``X`` remove, ``Z`` empty, ``D`` dummy value of the VR, ``U`` keyed UID remap; where
+   several are allowed the most protective, see :func:`applied_action`),
+2. for attributes the table does not name (``K``), rules by value representation: every
+   person name (PN) emptied, every date/time (DA, DT, TM) emptied, every instance UID (UI
+   not in pydicom's registry of standard UIDs) remapped with a keyed hash,
 3. private tags, curves (50xx) and overlays (60xx) removed,
 4. a final sweep: any text element still containing one of the file's original
    identifiers (e.g. a name typed into a comment) is emptied,
@@ -38,7 +38,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
@@ -54,179 +53,62 @@ METHOD = "DICOM PS3.15 E.1 basic profile (bonefrac, HMAC pseudonyms)"  # LO: at 
 # Prefixes make pseudonyms readable in tables ("P-…" patient, "S-…" study).
 _PREFIX = {"patient": "P", "study": "S", "series": "R", "image": "I", "uid": "U"}
 
-# PS3.15 Table E.1-1, basic profile column: Z (zero length) and D (dummy) actions.
-_ZERO: tuple[str, ...] = (
-    "AccessionNumber",
-    "ContentCreatorName",
-    "FillerOrderNumberImagingServiceRequest",
-    "PatientBirthDate",
-    "PatientSex",
-    "PlacerOrderNumberImagingServiceRequest",
-    "ReferringPhysicianName",
-    "StudyID",
-    "VerifyingObserverName",
-    "StudyDate",
-    "StudyTime",
-)
-# X (remove).
-_REMOVE: tuple[str, ...] = (
-    "AcquisitionComments",
-    "AcquisitionProtocolDescription",
-    "ActualHumanPerformersSequence",
-    "AdditionalPatientHistory",
-    "AdmissionID",
-    "AdmittingDiagnosesCodeSequence",
-    "AdmittingDiagnosesDescription",
-    "Allergies",
-    "AuthorObserverSequence",
-    "BranchOfService",
-    "CassetteID",
-    "ConfidentialityConstraintOnPatientDataDescription",
-    "ContentCreatorIdentificationCodeSequence",
-    "ContributionDescription",
-    "CountryOfResidence",
-    "CurrentPatientLocation",
-    "CustodialOrganizationSequence",
-    "DataSetTrailingPadding",
-    "DerivationDescription",
-    "DetectorID",
-    "DeviceSerialNumber",
-    "DigitalSignaturesSequence",
-    "DischargeDiagnosisDescription",
-    "DistributionAddress",
-    "DistributionName",
-    "FrameComments",
-    "GantryID",
-    "GeneratorID",
-    "HumanPerformerName",
-    "HumanPerformerOrganization",
-    "IconImageSequence",
-    "IdentifyingComments",
-    "ImageComments",
-    "ImagePresentationComments",
-    "ImagingServiceRequestComments",
-    "Impressions",
-    "InstitutionAddress",
-    "InstitutionalDepartmentName",
-    "InstitutionCodeSequence",
-    "InstitutionName",
-    "InsurancePlanIdentification",
-    "IntendedRecipientsOfResultsIdentificationSequence",
-    "InterpretationApproverSequence",
-    "InterpretationAuthor",
-    "InterpretationDiagnosisDescription",
-    "InterpretationIDIssuer",
-    "InterpretationRecorder",
-    "InterpretationText",
-    "InterpretationTranscriber",
-    "IssuerOfAdmissionID",
-    "IssuerOfPatientID",
-    "IssuerOfServiceEpisodeID",
-    "MedicalAlerts",
-    "MedicalRecordLocator",
-    "MilitaryRank",
-    "ModifiedAttributesSequence",
-    "ModifiedImageDescription",
-    "ModifyingDeviceID",
-    "NameOfPhysiciansReadingStudy",
-    "NamesOfIntendedRecipientsOfResults",
-    "Occupation",
-    "OperatorIdentificationSequence",
-    "OperatorsName",
-    "OriginalAttributesSequence",
-    "OrderCallbackPhoneNumber",
-    "OrderEnteredBy",
-    "OrderEntererLocation",
-    "OtherPatientIDs",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "ParticipantSequence",
-    "PatientAddress",
-    "PatientAge",
-    "PatientBirthName",
-    "PatientBirthTime",
-    "PatientComments",
-    "PatientInstitutionResidence",
-    "PatientInsurancePlanCodeSequence",
-    "PatientMotherBirthName",
-    "PatientPrimaryLanguageCodeSequence",
-    "PatientReligiousPreference",
-    "PatientSexNeutered",
-    "PatientSize",
-    "PatientState",
-    "PatientTelephoneNumbers",
-    "PatientWeight",
-    "EthnicGroup",
-    "PerformedLocation",
-    "PerformedProcedureStepDescription",
-    "PerformedProcedureStepID",
-    "PerformedStationAETitle",
-    "PerformedStationGeographicLocationCodeSequence",
-    "PerformedStationName",
-    "PerformedStationNameCodeSequence",
-    "PerformingPhysicianIdentificationSequence",
-    "PerformingPhysicianName",
-    "PersonAddress",
-    "PersonTelephoneNumbers",
-    "PhysiciansOfRecord",
-    "PhysiciansOfRecordIdentificationSequence",
-    "PhysiciansReadingStudyIdentificationSequence",
-    "PlateID",
-    "PreMedication",
-    "PregnancyStatus",
-    "ProtocolName",
-    "ReasonForStudy",
-    "ReasonForTheImagingServiceRequest",
-    "ReferencedPatientAliasSequence",
-    "ReferencedPatientSequence",
-    "ReferencedPerformedProcedureStepSequence",
-    "ReferencedStudySequence",
-    "ReferringPhysicianAddress",
-    "ReferringPhysicianIdentificationSequence",
-    "ReferringPhysicianTelephoneNumbers",
-    "RegionOfResidence",
-    "RequestAttributesSequence",
-    "RequestedContrastAgent",
-    "RequestedProcedureComments",
-    "RequestedProcedureDescription",
-    "RequestedProcedureID",
-    "RequestedProcedureLocation",
-    "RequestingPhysician",
-    "RequestingService",
-    "ResponsibleOrganization",
-    "ResponsiblePerson",
-    "ResponsiblePersonRole",
-    "ResultsComments",
-    "ResultsDistributionListSequence",
-    "ResultsIDIssuer",
-    "ReviewerName",
-    "ScheduledHumanPerformersSequence",
-    "ScheduledPatientInstitutionResidence",
-    "ScheduledPerformingPhysicianIdentificationSequence",
-    "ScheduledProcedureStepDescription",
-    "ScheduledProcedureStepLocation",
-    "ScheduledStationAETitle",
-    "ScheduledStationName",
-    "SeriesDescription",
-    "ServiceEpisodeDescription",
-    "ServiceEpisodeID",
-    "SmokingStatus",
-    "SpecialNeeds",
-    "StationName",
-    "StudyComments",
-    "StudyDescription",
-    "StudyIDIssuer",
-    "TextComments",
-    "TextString",
-    "TopicAuthor",
-    "TopicKeywords",
-    "TopicSubject",
-    "TopicTitle",
-    "VerifyingOrganization",
-    "VisitComments",
-)
-_ZERO_TAGS = frozenset(t for t in (tag_for_keyword(k) for k in _ZERO) if t is not None)
-_REMOVE_TAGS = frozenset(t for t in (tag_for_keyword(k) for k in _REMOVE) if t is not None)
+# PS3.15 Table E.1-1 (basic profile column) as data: dicom-anonymizer ships the table, parsed
+# from the standard, per edition; this edition is pinned with the package in requirements.lock.
+TABLE_PACKAGE = "dicom-anonymizer==2.1.0"
+TABLE_EDITION = "dicomfields_2026c"
+# The package's categories → the actions the standard allows for the attribute.
+_CATEGORY_ACTIONS: dict[str, str] = {
+    "D_TAGS": "D",
+    "Z_TAGS": "Z",
+    "X_TAGS": "X",
+    "U_TAGS": "U",
+    "Z_D_TAGS": "ZD",
+    "X_Z_TAGS": "XZ",
+    "X_D_TAGS": "XD",
+    "X_Z_D_TAGS": "XZD",
+    "X_Z_U_STAR_TAGS": "XZU",
+}
+
+
+def _load_table() -> tuple[dict[int, str], list[tuple[int, int, int, int, str]]]:
+    """``{tag: allowed actions}`` and the masked entries ``(group, elem, gmask, emask, actions)``."""
+    import importlib
+
+    mod = importlib.import_module(f"dicomanonymizer.dicom_anonymization_databases.{TABLE_EDITION}")
+    table: dict[int, str] = {}
+    masked: list[tuple[int, int, int, int, str]] = []
+    for category, actions in _CATEGORY_ACTIONS.items():
+        for entry in getattr(mod, category):
+            if len(entry) == 4:
+                masked.append((*entry, actions))
+            else:
+                table[(entry[0] << 16) | entry[1]] = actions
+    return table, masked
+
+
+E1_1_ACTIONS, E1_1_MASKED = _load_table()
+
+
+def applied_action(tag: int) -> str:
+    """The one action this module applies to ``tag`` under Table E.1-1 ("" when not in the table).
+
+    Where the standard allows several, the most protective is applied: remove (X) when
+    allowed, else empty (Z), else dummy (D) or UID remap (U). PatientID (Z or D) is the
+    exception: it gets the patient pseudonym (a D) so copies of one patient stay grouped.
+    """
+    actions = E1_1_ACTIONS.get(int(tag), "")
+    if not actions:
+        for group, elem, gmask, emask, _acts in E1_1_MASKED:
+            if (tag >> 16) & gmask == group and (tag & 0xFFFF) & emask == elem:
+                return "X"  # curves (50xx) and overlays (60xx): removed whole, see _clean
+        return ""
+    for a in "XZ":
+        if a in actions:
+            return a
+    return actions[0]
+
+
 _TEXT_VRS = frozenset(
     {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT", "UR"}
 )
@@ -256,13 +138,31 @@ def _key() -> bytes:
     return os.environ.get(KEY_ENV, DEV_KEY).encode()
 
 
+def warn_if_dev_key(stream: Any = None) -> bool:
+    """Print a warning (stderr, not a log: seen whatever the log level) when the public key is in use.
+
+    Called by every ingest run; returns whether it warned.
+    """
+    if not using_dev_key():
+        return False
+    import sys
+
+    (stream or sys.stderr).write(
+        f"WARNING: {KEY_ENV} is not set: pseudonyms use the public development key; anyone can "
+        "test guesses against them. Set a secret key before ingesting hospital data.\n"
+    )
+    return True
+
+
 def using_dev_key() -> bool:
     """True when ``BONEFRAC_DEID_KEY`` is unset (pseudonyms then use the public development key)."""
     return not os.environ.get(KEY_ENV)
 
 
 def _digest(value: str, kind: str) -> str:
-    return hmac.new(_key(), f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
+    # surrogatepass: a file name that is not valid UTF-8 (os gives lone surrogates) still hashes
+    data = f"{kind}\x00{value}".encode("utf-8", "surrogatepass")
+    return hmac.new(_key(), data, hashlib.sha256).hexdigest()
 
 
 def pseudonymise(value: str, kind: str) -> str:
@@ -312,20 +212,82 @@ def _original_identifiers(ds: Dataset) -> set[str]:
     return found
 
 
+_BYTES_VRS = frozenset({"OB", "OW", "OD", "OF", "OL", "OV", "UN"})
+_NUMBER_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV", "AT"})
+_DUMMY_FIXED = {"DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y", "PN": "ANONYMOUS",
+                "IS": "0", "DS": "0", "UR": "urn:bonefrac:removed"}
+
+
+def _dummy(elem: Any) -> Any:
+    """A non-empty value of the element's VR that says nothing: D in Table E.1-1."""
+    vr = elem.VR
+    if vr == "UI":
+        vals = [v for v in _strings(elem.value) if v]
+        new = [v if _is_standard_uid(v) else remap_uid(v) for v in vals] or [remap_uid("dummy")]
+        return new[0] if len(new) == 1 else new
+    if vr in _DUMMY_FIXED:
+        return _DUMMY_FIXED[vr]
+    if vr in _BYTES_VRS:
+        return b"\x00\x00"
+    if vr in _NUMBER_VRS:
+        return 0
+    # text VRs (AE, CS, LO, LT, SH, ST, UC, UT): a keyed hash of the value, 12 chars (fits AE/CS/SH)
+    original = " ".join(_strings(elem.value))
+    return "ANON" + _digest(original, "dummy")[:8].upper()
+
+
+def _empty(elem: Any) -> Any:
+    if elem.VR == "SQ":
+        return Sequence([])
+    if elem.VR in _BYTES_VRS:
+        return b""
+    return "" if elem.VR in _TEXT_VRS or elem.VR in ("UI", "UR") else None
+
+
+def _dummy_sequence(seq: Sequence) -> None:
+    """D on a sequence: every value inside replaced by a dummy, at every depth."""
+    for item in seq:
+        item.remove_private_tags()
+        for elem in list(item):
+            if elem.VR == "SQ":
+                _dummy_sequence(elem.value or [])
+            else:
+                elem.value = _dummy(elem)
+
+
 def _clean(ds: Dataset, originals: set[str]) -> None:
-    """Apply the profile to one dataset level, recursing into sequences."""
+    """Apply the profile to one dataset level, recursing into sequences.
+
+    Table E.1-1 first (see :func:`applied_action`); attributes the table does not name are
+    kept (K) except: person names (PN) emptied, dates/times emptied, instance UIDs remapped,
+    private tags, curves (50xx) and overlays (60xx) removed, and any text still holding one
+    of the file's original identifiers emptied.
+    """
     ds.remove_private_tags()
     for elem in list(ds):
         tag = elem.tag
-        if tag in _REMOVE_TAGS or tag.group & 0xFF00 in (0x5000, 0x6000):
+        if tag.group & 0xFF00 in (0x5000, 0x6000):
             del ds[tag]
+            continue
+        action = applied_action(tag)
+        if action == "X":
+            del ds[tag]
+            continue
+        if action == "Z":
+            elem.value = _empty(elem)
+            continue
+        if action == "D" and elem.VR == "SQ":
+            _dummy_sequence(elem.value or [])
+            continue
+        if action in ("D", "U"):
+            elem.value = _dummy(elem)  # for UI, the keyed remap
             continue
         if elem.VR == "SQ":
             for item in elem.value or []:
                 _clean(item, originals)
             continue
-        # Every person name is emptied, at every level; the top-level PatientName gets its pseudonym after.
-        if tag in _ZERO_TAGS or elem.VR in _DATE_VRS or elem.VR == "PN":
+        # Not in the table (K), but never kept: person names, dates and times.
+        if elem.VR in _DATE_VRS or elem.VR == "PN":
             elem.value = ""
             continue
         if elem.VR == "UI" and elem.value:

@@ -10,15 +10,17 @@ with the reason, and validation decides what to quarantine.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
-from bonefrac.atomic import atomic_write_csv
+from bonefrac.atomic import atomic_write_csv, atomic_write_text
 from bonefrac.data.metadata import build_metadata_table
-from bonefrac.data.sources import load_records
+from bonefrac.data.sources import IntakeReport, load_records
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ def ingest(
     workers: int = 1,
     max_pixels: int | None = None,
     expected_dims: int | None = None,
+    fracture_types: Iterable[str] | None = None,
+    allow_burned_in_annotation: bool = False,
 ) -> pd.DataFrame:
     """Build the per-image metadata table of a source and write it to ``out_csv``; return it.
 
@@ -58,15 +62,30 @@ def ingest(
     (recorded as undecodable, not raised). ``expected_dims`` (default: 2 for the ``fracatlas``
     and ``dicom`` sources, 3 for ``volume``, not checked otherwise; flows pass
     ``Params.spatial_dims``) marks images of the other dimensionality undecodable.
+    ``fracture_types`` / ``allow_burned_in_annotation``: see :func:`load_records`.
+
+    Every input gets a verdict, written to ``intake.json`` next to ``out_csv`` and kept in
+    ``table.attrs["intake"]`` (``seen == rows + skipped``); ``table.attrs["summary"]`` is the
+    one-line summary (also logged).
     """
     t0 = time.perf_counter()
     out_csv = Path(out_csv)
     deid = Path(deid_dir) if deid_dir is not None else out_csv.parent / "deid"
+    report = IntakeReport()
     records = load_records(
-        source, Path(root), manifest_csv=manifest_csv, use_fracture_types=use_fracture_types, deid_dir=deid
+        source,
+        Path(root),
+        manifest_csv=manifest_csv,
+        use_fracture_types=use_fracture_types,
+        deid_dir=deid,
+        fracture_types=fracture_types,
+        allow_burned_in_annotation=allow_burned_in_annotation,
+        report=report,
     )
     n_all = len(records)
     records = filter_body_parts(records, include_body_parts, exclude_body_parts)
+    if n_all - len(records):
+        report.skipped["filtered out by body part"] += n_all - len(records)
     if expected_dims is None:
         expected_dims = _SOURCE_DIMS.get(source)
     table = build_metadata_table(records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims)
@@ -74,19 +93,23 @@ def ingest(
     dt = time.perf_counter() - t0
     n = len(table)
     bad = int((~table["decodes_ok"]).sum())
+    refused = sum(report.refused.values())
     pos = int((table["label"] == 1).sum())
-    log.info(
-        "ingest %s: %d images (%d filtered out by body part), %d fracture (%.1f%%), %d undecodable, "
-        "%d exact-duplicate files; %.1f s (%.1f img/s) -> %s",
-        source,
-        n,
-        n_all - n,
-        pos,
-        100.0 * pos / max(n, 1),
-        bad,
-        int(table["sha256"].ne("").mul(table["sha256"].duplicated(keep=False)).sum()),
-        dt,
-        n / dt if dt > 0 else 0.0,
-        out_csv,
+    skipped = sum(report.skipped.values())
+    intake = {**report.as_dict(), "rows": n, "undecodable": bad - refused, "refused_total": refused}
+    intake["skipped_total"] = skipped
+    atomic_write_text(out_csv.parent / "intake.json", json.dumps(intake, indent=2, sort_keys=True) + "\n")
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted((report.skipped + report.refused).items()))
+    notes = "".join(f"; {k}: {v}" for k, v in sorted(report.notes.items()))
+    summary = (
+        f"ingest {source}: {report.seen} inputs -> {n} images ({pos} fracture, {bad - refused} undecodable, "
+        f"{refused} refused at intake) + {skipped} skipped"
+        + (f" [{reasons}]" if reasons else "")
+        + notes
+        + f"; {int(table['sha256'].ne('').mul(table['sha256'].duplicated(keep=False)).sum())} exact-duplicate"
+        f" files; {dt:.1f} s ({n / dt if dt > 0 else 0.0:.1f} img/s) -> {out_csv}"
     )
+    log.info("%s", summary)
+    table.attrs["intake"] = intake
+    table.attrs["summary"] = summary
     return table

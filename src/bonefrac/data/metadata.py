@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
-from bonefrac.data.schema import MANIFEST_COLUMNS, METADATA_COLUMNS, RECORD_COLUMNS
+from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, METADATA_COLUMNS, RECORD_COLUMNS
 
 _STATS_MAX_PIXELS = 1_000_000  # statistics on a strided subsample: same numbers to ~1e-3, 2-4x faster
 
@@ -134,10 +134,10 @@ def describe_image(
     p = Path(path)
     try:
         if not p.exists():
-            return _empty_metadata(f"file not found: {p}")
+            return _empty_metadata("file not found")  # no name: it may identify a patient
         sha, size, data = _hash_path(p)
     except OSError as err:
-        return _empty_metadata(f"cannot read file: {err.strerror or err}")
+        return _empty_metadata(f"cannot read file: {err.strerror or type(err).__name__}")
     fmt = "dicom_series" if data is None else sniff_format(data[:1024])
     fmt = fmt if fmt not in ("empty", "text") else "unknown"
     try:
@@ -194,7 +194,8 @@ def build_metadata_table(
     """Read every image of ``records`` (RECORD_COLUMNS) and return the MANIFEST_COLUMNS table.
 
     ``expected_dims`` (2 for radiograph pipelines, 3 for volume pipelines) marks images of
-    the other kind undecodable, with their geometry still recorded.
+    the other kind undecodable, with their geometry still recorded. Rows with a non-empty
+    ``intake_error`` column (refused at intake) are not read: that text is their ``decode_error``.
     ``workers > 1`` decodes in that many processes (decoding is CPU-bound; threads would
     contend for the GIL in the numpy/imagehash parts). Row order is kept. A progress bar
     is shown on stderr.
@@ -202,7 +203,12 @@ def build_metadata_table(
     missing = [c for c in RECORD_COLUMNS if c not in records.columns]
     if missing:
         raise ValueError(f"records lack column(s) {missing}")
+    refused = (
+        records[INTAKE_ERROR].fillna("").astype(str).tolist() if INTAKE_ERROR in records.columns else []
+    )
     paths = [str(p) for p in records["path"].fillna("")]
+    if refused:
+        paths = ["" if r else p for p, r in zip(paths, refused, strict=True)]
     results: list[dict[str, Any]] = []
     with tqdm(total=len(paths), desc="reading images", unit="img", mininterval=1.0) as bar:
         if workers <= 1 or len(paths) < 2 * workers:
@@ -216,6 +222,9 @@ def build_metadata_table(
                 for out in pool.map(_describe_many, batches):
                     results.extend(out)
                     bar.update(len(out))
+    for k, reason in enumerate(refused):
+        if reason:
+            results[k] = _empty_metadata(reason)
     meta = pd.DataFrame(results, columns=METADATA_COLUMNS)
     table = pd.concat([records[RECORD_COLUMNS].reset_index(drop=True), meta], axis=1)
     for col in ("width", "height", "depth", "spatial_dims", "channels", "bit_depth", "file_size"):

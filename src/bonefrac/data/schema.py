@@ -47,3 +47,21 @@ MANIFEST_COLUMNS: list[str] = RECORD_COLUMNS + METADATA_COLUMNS
 SPLIT_COLUMN = "split"  # train | val | test, added by preprocess
 SPLITS = ("train", "val", "test")
 FRACTURE_TYPES_PHANTOM = ["transverse", "oblique", "spiral", "comminuted", "greenstick", "segmental"]
+# The declared fracture-type vocabulary (``data.fracture_types`` defaults to it): a folder or
+# manifest value outside it is never copied into a table, the row is refused at intake instead.
+KNOWN_FRACTURE_TYPES: list[str] = [
+    *FRACTURE_TYPES_PHANTOM,
+    "avulsion",
+    "compression",
+    "impacted",
+    "buckle",
+    "stress",
+    "pathologic",
+    "displaced",
+    "nondisplaced",
+]
+# Source adapters may add this column to the records: a non-empty value is why the row was
+# refused at intake (not read; ingest records it as the row's decode_error, validation
+# quarantines it). Its text names patterns and settings, never a file, folder or value.
+INTAKE_ERROR = "intake_error"
+INTAKE_REFUSED = "refused at intake: "

@@ -30,21 +30,29 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 from PIL import Image
 
-from bonefrac.data.deid import deidentify_file, pseudonymise
+from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
-from bonefrac.data.schema import RECORD_COLUMNS
+from bonefrac.data.schema import INTAKE_ERROR, INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("phantom", "imagefolder", "csv", "fracatlas", "dicom", "volume")
+# Sources that may come from a hospital: their file and folder names may be identifying, so
+# every id is a keyed pseudonym and every file is referenced through a pseudonymous copy in
+# ``deid_dir`` (phantom and FracAtlas are synthetic or public, named by their own ids).
+HOSPITAL_SOURCES = ("imagefolder", "csv", "dicom", "volume")
+VIEWS = ("frontal", "lateral", "oblique")
 
 # Folder / label names meaning "fracture" and "no fracture", compared lower-case without
 # punctuation ("Non_fractured" -> "nonfractured").
@@ -115,6 +123,49 @@ class SourceError(BonefracError, ValueError):
     """A data source that cannot be read as the chosen layout; the message says what was expected."""
 
 
+@dataclass
+class IntakeReport:
+    """Every input met gets one verdict: a manifest row (maybe refused, with its reason) or a skip.
+
+    ``seen`` counts inputs (files, series folders, CSV rows, entries at the top of the
+    layout); ``skipped`` the ones left out of the manifest, by reason; ``refused`` the
+    manifest rows refused at intake (validation quarantines them), by reason; ``notes``
+    facts that are not verdicts (e.g. names that are not valid UTF-8, pseudonymised).
+    Reasons name patterns and settings, never a file, folder or value.
+    So ``seen == rows + sum(skipped)``.
+    """
+
+    seen: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    refused: Counter[str] = field(default_factory=Counter)
+    notes: Counter[str] = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.seen += 1
+        self.skipped[reason] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seen": self.seen,
+            "skipped": dict(sorted(self.skipped.items())),
+            "refused": dict(sorted(self.refused.items())),
+            "notes": dict(sorted(self.notes.items())),
+        }
+
+
+def _refusal(reason: str) -> str:
+    return INTAKE_REFUSED + reason
+
+
+def _name_ok(name: str) -> bool:
+    """Whether a name from the file system is valid UTF-8 (else Python holds lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------ helpers
 def _norm(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", str(name).lower())
@@ -148,16 +199,19 @@ def _record(**kw: Any) -> dict[str, Any]:
         "study_id": "",
         "boxes": "[]",
         "hardware": -1,
+        INTAKE_ERROR: "",
     }
     rec.update({k: v for k, v in kw.items() if k in rec})
     return rec
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=RECORD_COLUMNS)
+    df = pd.DataFrame(rows, columns=[*RECORD_COLUMNS, INTAKE_ERROR])
     for col in ("label", "hardware"):
         df[col] = pd.to_numeric(df[col], errors="coerce").fillna(-1).astype(int)
-    for col in ("image_id", "path", "fracture_type", "body_part", "view", "patient_id", "study_id", "boxes"):
+    for col in (
+        "image_id", "path", "fracture_type", "body_part", "view", "patient_id", "study_id", "boxes", INTAKE_ERROR
+    ):
         df[col] = df[col].fillna("").astype(str)
     df.loc[df["body_part"] == "", "body_part"] = "unknown"
     df.loc[df["boxes"] == "", "boxes"] = "[]"
@@ -201,26 +255,90 @@ def _class_of(folder_name: str) -> int | None:
     return None
 
 
-def _class_folders(root: Path) -> list[tuple[Path, int]]:
+def _class_folders(root: Path, report: IntakeReport) -> list[tuple[Path, int]]:
     if not root.is_dir():
         raise SourceError(f"data root {root} is not a folder")
     out: list[tuple[Path, int]] = []
-    unknown: list[str] = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        label = _class_of(d.name)
+    unknown = 0
+    for d in sorted(root.iterdir()):
+        if d.name.startswith("."):
+            report.skip("hidden file or folder")
+            continue
+        label = _class_of(d.name) if d.is_dir() else None
         if label is None:
-            unknown.append(d.name)
+            unknown += 1
+            report.skip("outside the class folders (top-level entry naming no class)")
         else:
             out.append((d, label))
     if not out:
         raise SourceError(
             f"{root}: no class folders found (expected e.g. Fractured/ and Non_fractured/, "
-            "fracture/ and normal/, "
-            f"1/ and 0/); sub-folders seen: {unknown or 'none'}"
+            f"fracture/ and normal/, 1/ and 0/); {unknown} other top-level entr(ies), names not shown"
         )
     if unknown:
-        log.warning("ignoring %d folder(s) that name no class: %s", len(unknown), ", ".join(unknown))
+        log.warning("ignoring %d top-level entr(ies) that name no class (names not logged)", unknown)
     return out
+
+
+def _walk_files(folder: Path, data_root: Path, report: IntakeReport) -> Iterator[Path]:
+    """Image-like files under ``folder`` in name order, following symlinks safely; each skip counted.
+
+    A symlink is followed when it resolves inside ``data_root``; one that resolves nowhere,
+    outside the root, or to a folder already walked or above the current one (a loop) is
+    skipped. Hidden entries (``.DS_Store``, ``.git``) and files that are not image-like by
+    suffix (``README.txt``) are skipped too.
+    """
+    root_real = data_root.resolve()
+    visited: set[tuple[int, int]] = set()
+
+    def walk(d: Path) -> Iterator[Path]:
+        st = d.stat()
+        if (st.st_dev, st.st_ino) in visited:
+            report.skip("symlink loop (folder reached twice)")
+            return
+        visited.add((st.st_dev, st.st_ino))
+        try:
+            entries = sorted(d.iterdir())
+        except OSError:
+            report.skip("folder not readable")
+            return
+        for p in entries:
+            if p.name.startswith("."):
+                report.skip("hidden file or folder")
+                continue
+            if not _name_ok(p.name):
+                report.notes["names not valid UTF-8 (pseudonymised)"] += 1
+            if p.is_symlink():
+                try:
+                    real = p.resolve(strict=True)
+                except (OSError, RuntimeError):
+                    report.skip("broken or looping symlink")
+                    continue
+                if not real.is_relative_to(root_real):
+                    report.skip("symlink pointing outside the data root")
+                    continue
+                if real.is_dir() and d.resolve().is_relative_to(real):
+                    report.skip("symlink loop (folder reached twice)")
+                    continue
+            if p.is_dir():
+                yield from walk(p)
+            elif p.is_file():
+                if _is_candidate(p):
+                    yield p
+                else:
+                    report.skip("not an image file (by suffix)")
+            else:
+                report.skip("not a regular file")
+
+    yield from walk(folder)
+
+
+def _subfolder_type(name: str, class_dir: Path, vocab: frozenset[str]) -> tuple[str, str]:
+    """(fracture type, intake error) of a sub-folder of the positive class: a declared type or a refusal."""
+    key = name.strip().lower()
+    if key in vocab:
+        return key, ""
+    return "", _refusal(f"unknown sub-folder under {class_dir.name}/ (not in data.fracture_types)")
 
 
 def _sniff_dicom(path: Path) -> bool:
@@ -232,46 +350,96 @@ def _sniff_dicom(path: Path) -> bool:
 
 
 # ------------------------------------------------------------------ layouts
-def _imagefolder(root: Path, use_fracture_types: bool, volumes: bool = False) -> list[dict[str, Any]]:
+def _imagefolder(
+    root: Path,
+    vocab: frozenset[str] | None,
+    report: IntakeReport,
+    volumes: bool = False,
+) -> list[dict[str, Any]]:
+    """The folder layout; ``vocab`` is the fracture-type vocabulary (None: sub-folders only group)."""
     rows: list[dict[str, Any]] = []
-    for class_dir, label in _class_folders(root):
-        for item, ftype in _items_in_class(class_dir, label, volumes):
-            rel = item.relative_to(root).as_posix()
+    for class_dir, label in _class_folders(root, report):
+        for item, ftype, error in _items_in_class(class_dir, label, volumes, vocab, root, report):
             rows.append(
                 _record(
-                    image_id=rel,
-                    path=str(item.resolve()),
+                    image_id=pseudonymise(item.relative_to(root).as_posix(), "image"),
+                    path="" if error else str(item.resolve()),  # a refused file is not read
                     label=label,
-                    fracture_type=ftype if (use_fracture_types and label == 1) else "",
+                    fracture_type=ftype,
+                    intake_error=error,
                 )
             )
     return rows
 
 
-def _items_in_class(class_dir: Path, label: int, volumes: bool) -> Iterable[tuple[Path, str]]:
-    """Images (or volumes) under a class folder with their fracture type ("" when none).
+def _items_in_class(
+    class_dir: Path, label: int, volumes: bool, vocab: frozenset[str] | None, root: Path, report: IntakeReport
+) -> Iterable[tuple[Path, str, str]]:
+    """Images (or volumes) under a class folder with their fracture type and intake error ("" when none).
 
-    For volumes, a folder that directly holds DICOM files is one series; any other
-    folder only groups items (and directly under the positive class, names the type).
+    Directly under the positive class, a sub-folder names the fracture type when it is in
+    ``vocab``; any other sub-folder there refuses its images (the folder may be named after
+    a patient: its name is never copied). For volumes, a folder that directly holds DICOM
+    files is one series; any other folder only groups items.
     """
     if not volumes:
-        for f in _files_under(class_dir):
+        for f in _walk_files(class_dir, root, report):
             rel = f.relative_to(class_dir).parts
-            yield f, (rel[0].lower() if len(rel) > 1 and label == 1 else "")
+            if len(rel) > 1 and label == 1 and vocab is not None:
+                yield (f, *_subfolder_type(rel[0], class_dir, vocab))
+            else:
+                yield f, "", ""
         return
 
-    def walk(folder: Path, ftype: str) -> Iterable[tuple[Path, str]]:
-        files = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")]
+    visited: set[tuple[int, int]] = set()
+    root_real = root.resolve()
+
+    def safe(p: Path) -> bool:
+        """Hidden entries and symlinks resolving nowhere or outside the root are skipped (counted)."""
+        if p.name.startswith("."):
+            report.skip("hidden file or folder")
+            return False
+        if not _name_ok(p.name):
+            report.notes["names not valid UTF-8 (pseudonymised)"] += 1
+        if p.is_symlink():
+            try:
+                real = p.resolve(strict=True)
+            except (OSError, RuntimeError):
+                report.skip("broken or looping symlink")
+                return False
+            if not real.is_relative_to(root_real):
+                report.skip("symlink pointing outside the data root")
+                return False
+            if real.is_dir() and p.parent.resolve().is_relative_to(real):
+                report.skip("symlink loop (folder reached twice)")
+                return False
+        return True
+
+    def walk(folder: Path, ftype: str, err: str) -> Iterable[tuple[Path, str, str]]:
+        st = folder.stat()
+        if (st.st_dev, st.st_ino) in visited:
+            report.skip("symlink loop (folder reached twice)")
+            return
+        visited.add((st.st_dev, st.st_ino))
+        entries = [p for p in sorted(folder.iterdir()) if safe(p)]
+        files = [p for p in entries if p.is_file()]
         if any(_sniff_dicom(p) for p in files):
-            yield folder, ftype
+            yield folder, ftype, err
             return
         for p in files:
             if p.name.lower().endswith((".nii", ".nii.gz")):
-                yield p, ftype
-        for d in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            yield from walk(d, ftype or (d.name.lower() if folder == class_dir and label == 1 else ""))
+                yield p, ftype, err
+            else:
+                report.skip("not an image file (by suffix)")
+        for d in (p for p in entries if p.is_dir()):
+            sub_t, sub_e = ftype, err
+            if folder == class_dir and label == 1 and vocab is not None:
+                holds_dicom = any(_sniff_dicom(p) for p in d.iterdir() if p.is_file())
+                if not holds_dicom:
+                    sub_t, sub_e = _subfolder_type(d.name, class_dir, vocab)
+            yield from walk(d, sub_t, sub_e)
 
-    yield from walk(class_dir, "")
+    yield from walk(class_dir, "", "")
 
 
 def _read_csv(csv_path: Path) -> pd.DataFrame:
@@ -290,20 +458,58 @@ def _read_csv(csv_path: Path) -> pd.DataFrame:
     return df
 
 
-def _csv_rows(csv_path: Path, use_fracture_types: bool, pseudonymise_ids: bool) -> list[dict[str, Any]]:
+def _csv_view(value: Any, report: IntakeReport) -> str:
+    """The view column within its vocabulary (``frontal``, ``lateral``, ``oblique``, joined by ``+``)."""
+    text = str(value or "").strip().lower()
+    if not text:
+        return ""
+    if all(v in VIEWS for v in text.split("+")):
+        return text
+    report.notes["view values outside the vocabulary (blanked)"] += 1
+    return ""
+
+
+def _csv_rows(
+    csv_path: Path,
+    vocab: frozenset[str] | None,
+    pseudonymise_ids: bool,
+    report: IntakeReport,
+    data_root: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of a manifest CSV. With ``data_root``, a path resolving outside it is refused (never read).
+
+    ``vocab`` is the fracture-type vocabulary (None: fracture types not used); a value outside
+    it refuses the row. ``pseudonymise_ids`` turns image, patient and study ids into pseudonyms.
+    """
     df = _read_csv(csv_path)
     base = csv_path.parent
+    root_real = data_root.resolve() if data_root is not None else None
     rows: list[dict[str, Any]] = []
     bad_labels = 0
     for i, r in enumerate(df.to_dict("records")):
         raw_path = str(r.get("path", "")).strip()
-        p = Path(raw_path)
-        path = str((p if p.is_absolute() else base / p).resolve()) if raw_path else ""
+        path, error = "", ""
+        if raw_path:
+            p = Path(raw_path)
+            full = p if p.is_absolute() else base / p
+            try:
+                real = full.resolve()
+            except (OSError, RuntimeError):  # a symlink loop
+                real, error = full, _refusal("path is a symlink loop (not read)")
+            if root_real is not None and not error and not real.is_relative_to(root_real):
+                error = _refusal("path outside the data root (not read)")
+            path = "" if error else str(real)
         label = parse_label(r.get("label", ""))
         bad_labels += label == -1
         patient, study = str(r.get("patient_id", "")).strip(), str(r.get("study_id", "")).strip()
+        image_id = str(r.get("image_id", "") or "").strip() or (Path(raw_path).as_posix() if raw_path else f"row{i}")
         if pseudonymise_ids:
             patient, study = pseudonymise(patient, "patient"), pseudonymise(study, "study")
+            image_id = pseudonymise(image_id, "image")
+        ftype = str(r.get("fracture_type", "")).strip().lower() if vocab is not None and label == 1 else ""
+        if ftype and ftype not in vocab:  # type: ignore[operator]
+            ftype = ""
+            error = error or _refusal("fracture_type column value not in data.fracture_types")
         boxes = str(r.get("boxes", "") or "[]")
         try:
             json.loads(boxes)
@@ -312,23 +518,21 @@ def _csv_rows(csv_path: Path, use_fracture_types: bool, pseudonymise_ids: bool) 
         hardware = pd.to_numeric(r.get("hardware", -1), errors="coerce")
         rows.append(
             _record(
-                image_id=str(r.get("image_id", "") or "").strip()
-                or (p.as_posix() if raw_path else f"row{i}"),
+                image_id=image_id,
                 path=path,
                 label=label,
-                fracture_type=str(r.get("fracture_type", "")).strip().lower()
-                if use_fracture_types and label == 1
-                else "",
+                fracture_type=ftype,
                 body_part=str(r.get("body_part", "")).strip().lower() or "unknown",
-                view=str(r.get("view", "")).strip().lower(),
+                view=_csv_view(r.get("view", ""), report),
                 patient_id=patient,
                 study_id=study,
                 boxes=boxes,
                 hardware=-1 if pd.isna(hardware) else int(hardware),
+                intake_error=error,
             )
         )
     if bad_labels:
-        log.warning("%s: %d row(s) with an unreadable label (kept with label -1)", csv_path.name, bad_labels)
+        log.warning("manifest CSV: %d row(s) with an unreadable label (kept with label -1)", bad_labels)
     return rows
 
 
@@ -454,18 +658,30 @@ def _scaled_boxes(path: Path, entry: dict[str, Any] | None) -> list[list[float]]
 
 
 # ------------------------------------------------------------------ DICOM de-identification
-def _deid_rows(df: pd.DataFrame, deid_dir: Path | None, source: str) -> pd.DataFrame:
+BURNED_IN_REFUSAL = (
+    "BurnedInAnnotation is YES (text burned into the pixels may identify the patient; "
+    "set data.allow_burned_in_annotation: true to accept)"
+)
+
+
+def _deid_rows(
+    df: pd.DataFrame, deid_dir: Path | None, source: str, allow_burned_in: bool = False
+) -> pd.DataFrame:
     """Replace every DICOM file (or series folder) by its de-identified copy; fill ids from DICOM.
 
     Rows keep the pseudonymised SOP-instance id as image_id, and their path points into
     ``deid_dir/<patient>/…``, so neither original identifiers nor original file names
-    (which hospitals often build from names) reach the table.
+    (which hospitals often build from names) reach the table. A file that looks like DICOM
+    but cannot be de-identified, or that declares burned-in annotation (unless
+    ``allow_burned_in``), is refused: its row keeps no path and says why.
     """
     if df.empty:
         return df
     n_dicom = n_failed = 0
     written: set[Path] = set()
     for idx, row in df.iterrows():
+        if row[INTAKE_ERROR]:
+            continue
         path = Path(row["path"]) if row["path"] else None
         if path is None or not path.exists():
             continue
@@ -485,20 +701,28 @@ def _deid_rows(df: pd.DataFrame, deid_dir: Path | None, source: str) -> pd.DataF
         n_dicom += 1
         first_ids: dict[str, Any] | None = None
         series_dir: Path | None = None
+        burned_in = False
+        last_error = ""
+        copies: list[Path] = []
         for f in files:
             tmp = deid_dir / ".incoming" / f"{os.getpid()}-{pseudonymise(str(f), 'file')}.dcm"
             try:
                 ids = deidentify_file(f, tmp)
-            except DicomError:
+            except Exception as err:  # DicomError, or a header pydicom cannot write back
                 n_failed += 1
                 tmp.unlink(missing_ok=True)
+                last_error = str(err) if isinstance(err, DicomError) else type(err).__name__
                 continue
+            if ids["burned_in_annotation"] and not allow_burned_in:
+                tmp.unlink(missing_ok=True)
+                burned_in = True
+                break
             patient = ids["patient_id"] or "no-patient"
             if is_series:
                 series_dir = deid_dir / patient / (ids["series_id"] or ids["study_id"] or "series")
-                dst = series_dir / f"{ids['image_id']}.dcm"
+                dst = series_dir / f"{ids['image_id'] or row['image_id']}.dcm"
             else:
-                dst = deid_dir / patient / f"{ids['image_id']}.dcm"
+                dst = deid_dir / patient / f"{ids['image_id'] or row['image_id']}.dcm"
             k = 2
             while dst in written:  # the same SOP instance twice: keep both copies
                 dst = dst.with_name(f"{dst.stem}~{k}.dcm")
@@ -506,11 +730,19 @@ def _deid_rows(df: pd.DataFrame, deid_dir: Path | None, source: str) -> pd.DataF
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, dst)
             written.add(dst)
+            copies.append(dst)
             first_ids = first_ids or {**ids, "dst": dst}
-        if first_ids is None:
+        if burned_in or first_ids is None:
+            for c in copies:  # a series is refused whole
+                c.unlink(missing_ok=True)
+            df.at[idx, "path"] = ""
+            df.at[idx, INTAKE_ERROR] = _refusal(
+                BURNED_IN_REFUSAL if burned_in else f"looks like DICOM but cannot be de-identified ({last_error})"
+            )
             continue
         df.at[idx, "path"] = str((series_dir if is_series else first_ids["dst"]).resolve())
-        df.at[idx, "image_id"] = first_ids["series_id"] if is_series else first_ids["image_id"]
+        new_id = first_ids["series_id"] if is_series else first_ids["image_id"]
+        df.at[idx, "image_id"] = new_id or row["image_id"]
         if not row["patient_id"]:
             df.at[idx, "patient_id"] = first_ids["patient_id"]
         if not row["study_id"]:
@@ -519,12 +751,53 @@ def _deid_rows(df: pd.DataFrame, deid_dir: Path | None, source: str) -> pd.DataF
     if incoming is not None and incoming.is_dir() and not any(incoming.iterdir()):
         incoming.rmdir()
     if n_dicom:
-        log.info(
-            "de-identified %d DICOM item(s) into %s (%d file(s) unreadable as DICOM)",
-            n_dicom,
-            deid_dir,
-            n_failed,
-        )
+        log.info("de-identified %d DICOM item(s) (%d file(s) unreadable as DICOM)", n_dicom, n_failed)
+    return df
+
+
+def _pseudonymous_copies(df: pd.DataFrame, deid_dir: Path) -> pd.DataFrame:
+    """Point every other row of a hospital source at a copy named by its pseudonymous image_id.
+
+    Original file and folder names (often built from patient names) never reach the table:
+    non-DICOM files are copied to ``deid_dir/files/<image_id><suffix>``; DICOM rows already
+    point into ``deid_dir``. A row whose file is missing or unreadable keeps no path and
+    says why (no file name in the message).
+    """
+    files_dir = deid_dir / "files"
+    deid_real = deid_dir.resolve()
+    for idx, row in df.iterrows():
+        if row[INTAKE_ERROR]:
+            continue
+        if not row["path"]:
+            df.at[idx, INTAKE_ERROR] = _refusal("no path given")
+            continue
+        p = Path(row["path"])
+        if p.resolve().is_relative_to(deid_real):
+            continue  # a de-identified DICOM copy
+        error = ""
+        if not p.exists():
+            error = "listed file not found"
+        elif p.is_dir():
+            error = "a folder without DICOM files"
+        if error:
+            df.at[idx, "path"] = ""
+            df.at[idx, INTAKE_ERROR] = _refusal(error)
+            continue
+        name = p.name.lower()
+        suffix = ".nii.gz" if name.endswith(".nii.gz") else p.suffix.lower()
+        suffix = suffix if suffix in IMAGE_SUFFIXES or suffix == ".nii.gz" else ""
+        dst = files_dir / f"{row['image_id']}{suffix}"
+        tmp = files_dir / f".{row['image_id']}.tmp"
+        try:
+            files_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, tmp)
+            os.replace(tmp, dst)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            df.at[idx, "path"] = ""
+            df.at[idx, INTAKE_ERROR] = _refusal(f"file not readable ({err.strerror or type(err).__name__})")
+            continue
+        df.at[idx, "path"] = str(dst.resolve())
     return df
 
 
@@ -533,6 +806,8 @@ def _fill_from_dicom_headers(df: pd.DataFrame) -> pd.DataFrame:
     from bonefrac.data.dicom import read_dataset
 
     for idx, row in df.iterrows():
+        if not row["path"]:
+            continue
         p = Path(row["path"])
         f = next((x for x in sorted(p.glob("*.dcm"))), None) if p.is_dir() else p
         if f is None or not f.is_file() or not _sniff_dicom(f):
@@ -556,46 +831,73 @@ def load_records(
     manifest_csv: Path | None = None,
     use_fracture_types: bool = True,
     deid_dir: Path | None = None,
+    *,
+    fracture_types: Iterable[str] | None = None,
+    allow_burned_in_annotation: bool = False,
+    report: IntakeReport | None = None,
 ) -> pd.DataFrame:
-    """Read the source ``source`` at ``root`` into a DataFrame with exactly ``RECORD_COLUMNS``.
+    """Read the source ``source`` at ``root`` into a DataFrame with ``RECORD_COLUMNS`` + ``intake_error``.
 
     ``manifest_csv`` overrides the default manifest (phantom: ``root/manifest.csv``; csv: a file
     ``root`` or ``root/manifest.csv``; dicom/volume: list items instead of the class folders).
-    ``use_fracture_types=False`` blanks fracture types. ``deid_dir`` receives de-identified
-    copies of every DICOM file; it is required whenever the source holds DICOM.
+    ``use_fracture_types=False`` blanks fracture types; otherwise they come only from a
+    sub-folder of the positive class or a ``fracture_type`` column whose value is in
+    ``fracture_types`` (default :data:`KNOWN_FRACTURE_TYPES`); other values refuse the row.
+    ``deid_dir`` receives de-identified copies of every DICOM file and, for the hospital
+    sources (:data:`HOSPITAL_SOURCES`, where it is required), pseudonymously named copies of
+    every other image; ids there are keyed pseudonyms. A non-empty ``intake_error`` says why
+    a row was refused (no path then); ``report`` collects every input's verdict. A hospital
+    source read with the development key prints a warning on stderr (every run).
     Raises :class:`SourceError` for a layout that does not match ``source``.
     """
     root = Path(root)
     manifest = Path(manifest_csv) if manifest_csv else None
+    rep = report if report is not None else IntakeReport()
+    vocab = (
+        frozenset(t.strip().lower() for t in (fracture_types or KNOWN_FRACTURE_TYPES))
+        if use_fracture_types
+        else None
+    )
     if source not in SOURCES:
         raise SourceError(f"unknown data source {source!r}; choose one of {', '.join(SOURCES)}")
-    if source == "phantom":
-        rows = _csv_rows(manifest or root / "manifest.csv", use_fracture_types, pseudonymise_ids=False)
-    elif source == "csv":
-        rows = _csv_rows(
-            manifest or (root if root.is_file() else root / "manifest.csv"),
-            use_fracture_types,
-            pseudonymise_ids=True,
+    if source in HOSPITAL_SOURCES and deid_dir is None:
+        raise SourceError(
+            f"source {source!r} needs deid_dir for the de-identified DICOM copies and the "
+            "pseudonymously named copies of other images"
         )
+    if source in HOSPITAL_SOURCES:
+        warn_if_dev_key()  # on every run that makes pseudonyms with the public key
+    if source == "phantom":
+        rows = _csv_rows(manifest or root / "manifest.csv", vocab, False, rep)
+    elif source == "csv":
+        csv_path = manifest or (root if root.is_file() else root / "manifest.csv")
+        data_root = root if root.is_dir() else csv_path.parent
+        rows = _csv_rows(csv_path, vocab, True, rep, data_root=data_root)
     elif source == "imagefolder":
-        rows = _imagefolder(root, use_fracture_types)
+        rows = _imagefolder(root, vocab, rep)
     elif source == "fracatlas":
         rows = _fracatlas(root)
     elif source in ("dicom", "volume"):
-        if deid_dir is None:
-            raise SourceError(f"source {source!r} needs deid_dir for the de-identified DICOM copies")
         rows = (
-            _csv_rows(manifest, use_fracture_types, pseudonymise_ids=True)
+            _csv_rows(manifest, vocab, True, rep, data_root=root)
             if manifest
-            else _imagefolder(root, use_fracture_types, volumes=source == "volume")
+            else _imagefolder(root, vocab, rep, volumes=source == "volume")
         )
+    rep.seen += len(rows)
     df = _frame(rows)
     if source != "fracatlas":  # FracAtlas is JPEG by definition: skip sniffing 2,860 files
-        df = _deid_rows(df, Path(deid_dir) if deid_dir is not None else None, source)
-        df = _fill_from_dicom_headers(df)
+        deid = Path(deid_dir) if deid_dir is not None else None
+        df = _deid_rows(df, deid, source, allow_burned_in=allow_burned_in_annotation)
         df = _unique_ids(df)
-    missing = int((~df["path"].map(lambda p: bool(p) and Path(p).exists())).sum())
-    if missing:
+        if source in HOSPITAL_SOURCES and deid is not None:
+            df = _pseudonymous_copies(df, deid)
+        df = _fill_from_dicom_headers(df)
+    df.loc[df[INTAKE_ERROR] != "", "path"] = ""  # refused rows keep no path: it may identify
+    rep.refused.update(
+        e[len(INTAKE_REFUSED):] if e.startswith(INTAKE_REFUSED) else e for e in df[INTAKE_ERROR] if e
+    )
+    missing = int((~df["path"].map(lambda p: bool(p) and Path(p).exists())).sum()) - sum(rep.refused.values())
+    if missing > 0:
         log.warning(
             "%s: %d record(s) point to missing files (kept; marked undecodable at ingest)", source, missing
         )

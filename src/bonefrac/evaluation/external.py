@@ -114,6 +114,14 @@ def validate_external(
         deid_dir=out / "deid",
     )
     records = _filter_body_parts(records, include_body_parts, exclude_body_parts)
+    # Rows refused at intake (unknown sub-folder, burned-in annotation, path outside the root)
+    # are not read; they count as unreadable with their reason (no file name in it).
+    intake_error = records["intake_error"] if "intake_error" in records.columns else None
+    refused = [] if intake_error is None else [
+        {"path": r["image_id"], "error": r["intake_error"]} for _, r in records[intake_error != ""].iterrows()
+    ]
+    if intake_error is not None:
+        records = records[intake_error == ""]
     if max_images is not None and len(records) > max_images:
         # Stratified subsample keeps both classes; seeded for repeatability.
         records = (
@@ -126,6 +134,7 @@ def validate_external(
     cache_dir = out / "_cache"
     try:
         _, failures = build_external_cache(records.reset_index(drop=True), cache_dir, bundle)
+        failures = refused + failures
         from bonefrac.preprocess.cache import load_cache
 
         _, index = load_cache(cache_dir)
@@ -154,8 +163,8 @@ def validate_external(
     facts = {
         "source": source,
         "model": {"name": name, "version": version},
-        "n_records": len(records),
-        "n_evaluated": len(records) - len(failures),
+        "n_records": len(records) + len(refused),
+        "n_evaluated": len(records) + len(refused) - len(failures),
         "n_unreadable": len(failures),
         "unreadable": failures[:50],
         "recalibrated": False,

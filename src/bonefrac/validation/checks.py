@@ -25,22 +25,8 @@ from great_expectations import expectations as gxe
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from bonefrac.config import ValidationParams
-from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, MANIFEST_COLUMNS
+from bonefrac.data.schema import INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, MANIFEST_COLUMNS
 from bonefrac.validation.near_duplicates import clusters, near_duplicate_pairs
-
-# Fracture types the pipeline knows (phantom + common clinical descriptions);
-# "" means none/unknown. A CSV source with other names fails `fracture_type_values`.
-KNOWN_FRACTURE_TYPES: list[str] = [
-    *FRACTURE_TYPES_PHANTOM,
-    "avulsion",
-    "compression",
-    "impacted",
-    "buckle",
-    "stress",
-    "pathologic",
-    "displaced",
-    "nondisplaced",
-]
 
 # Two images are "the same picture" (a copy, resize or re-encode) when their
 # perceptual hashes are within `near_duplicate_max_distance` bits AND their
@@ -133,7 +119,10 @@ CHECKS: tuple[Check, ...] = (
         ("intensity_std", "intensity_p01", "intensity_p99"),
     ),
     Check(
-        "class_balance", "The fraction of fracture images lies within bounds.", ("label",), row_level=False
+        "class_balance",
+        "The fraction of fracture images among those that will train (after quarantine) lies within bounds.",
+        ("label",),
+        row_level=False,
     ),
 )
 CHECKS_BY_NAME: dict[str, Check] = {c.name: c for c in CHECKS}
@@ -181,6 +170,9 @@ def prepare_table(manifest: pd.DataFrame, params: ValidationParams) -> Prepared:
 
     if "label" in t.columns:
         t["dq_label_valid"] = t["label"].isin([0, 1]).astype(int)
+        # Rows the dataset-level checks judge: valid labels that will train (validate_manifest
+        # narrows it to the rows no row-level check quarantines, before the final GX run).
+        t["dq_trains"] = t["dq_label_valid"]
     if "boxes" in t.columns:
         t["dq_has_boxes"] = t["boxes"].map(_has_boxes).astype(int)
 
@@ -346,7 +338,7 @@ def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[lis
                 column="label",
                 min_value=params.min_positive_fraction,
                 max_value=params.max_positive_fraction,
-                row_condition="dq_label_valid==1",
+                row_condition="dq_trains==1",
                 condition_parser="pandas",
                 **kw,
             )
@@ -367,7 +359,8 @@ def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[lis
 def row_reason(check: str, row: pd.Series, prep: Prepared, params: ValidationParams, pos: int) -> str:
     """A one-line, human-readable reason why ``row`` fails ``check``."""
     if check == "unreadable":
-        return f"does not decode: {row.get('decode_error', '') or 'unknown error'}"
+        err = str(row.get("decode_error", "") or "")
+        return err if err.startswith(INTAKE_REFUSED) else f"does not decode: {err or 'unknown error'}"
     if check == "exact_duplicates":
         if pos in prep.duplicate_of:
             return f"byte-identical copy of {prep.duplicate_of[pos]} (kept)"
@@ -381,12 +374,12 @@ def row_reason(check: str, row: pd.Series, prep: Prepared, params: ValidationPar
     if check == "fracture_type_values":
         ft = row.get("fracture_type", "")
         if ft not in (*KNOWN_FRACTURE_TYPES, ""):
-            return f"unknown fracture type {ft!r}"
+            return "fracture type not in the known vocabulary"  # the value itself is not repeated
         if ft:
             return f"fracture type {ft!r} on an image labelled no fracture"
         return "fracture boxes on an image labelled no fracture"
     if check == "body_part_values":
-        return f"body part {row.get('body_part')!r} not in {list(params.allowed_body_parts)}"
+        return f"body part not in {list(params.allowed_body_parts)}"  # free text: not repeated
     if check == "size_range":
         return f"size {row.get('width')}x{row.get('height')} outside {params.min_side}..{params.max_side} px"
     if check == "bit_depth":

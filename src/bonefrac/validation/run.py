@@ -32,7 +32,14 @@ import pandas as pd
 from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import ValidationParams, load_params
 from bonefrac.errors import BonefracError
-from bonefrac.validation.checks import CHECKS, TEXT_COLUMNS, build_expectations, prepare_table, row_reason
+from bonefrac.validation.checks import (
+    CHECKS,
+    CHECKS_BY_NAME,
+    TEXT_COLUMNS,
+    build_expectations,
+    prepare_table,
+    row_reason,
+)
 from bonefrac.validation.expectations import Outcome, run_suite
 from bonefrac.validation.quarantine import (
     replace_dir_atomic,
@@ -69,7 +76,9 @@ def _name_files(table: pd.DataFrame, rows: list[int]) -> str:
     return f"{len(rows)} file(s): " + ", ".join(names) + more
 
 
-def _table_message(check: str, outs: list[Outcome], params: ValidationParams) -> str:
+def _table_message(check: str, outs: list[Outcome], params: ValidationParams, table: pd.DataFrame) -> str:
+    if check == "class_balance" and "dq_trains" in table.columns and not int(table["dq_trains"].sum()):
+        return "no image left to train after quarantine"
     for o in outs:
         if o.success:
             continue
@@ -79,11 +88,34 @@ def _table_message(check: str, outs: list[Outcome], params: ValidationParams) ->
             missing = (o.details or {}).get("mismatched", {}).get("missing", [])
             return f"missing column(s) {sorted(missing)}"
         if check == "class_balance":
+            n = int(table["dq_trains"].sum()) if "dq_trains" in table.columns else None
             return (
                 f"positive fraction {o.observed_value} outside "
                 f"[{params.min_positive_fraction}, {params.max_positive_fraction}]"
+                + (f" among the {n} image(s) that will train (after quarantine)" if n is not None else "")
             )
     return "failed"
+
+
+def _row_failures(
+    outcomes: list[Outcome], table: pd.DataFrame, prep: Any, params: ValidationParams, skipped: dict[str, str]
+) -> dict[str, list[int]]:
+    """check → failing row positions, for the row-level checks that are not off or skipped."""
+    severities = params.severities.model_dump()
+    out: dict[str, list[int]] = {}
+    for check in CHECKS:
+        if not check.row_level or severities[check.name] == "off" or check.name in skipped:
+            continue
+        rows = sorted({r for o in outcomes if o.check == check.name for r in o.unexpected_rows})
+        if rows:
+            out[check.name] = rows
+    return out
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """A stopped run leaves no clean list behind: nothing downstream may train on the last run's data."""
+    for name in ("clean.csv", "quarantine.csv"):
+        (out_dir / name).unlink(missing_ok=True)
 
 
 def validate_manifest(
@@ -93,12 +125,29 @@ def validate_manifest(
     data_docs_dir: Path,
     summary_json: Path,
 ) -> ValidationResult:
-    """Run every check, write ``clean.csv``/``quarantine.csv``, Data Docs and the summary metrics."""
+    """Run every check, write ``clean.csv``/``quarantine.csv``, Data Docs and the summary metrics.
+
+    Dataset-level checks (class balance) judge what will actually train: a first GX run of
+    the row-level checks finds the rows quarantine takes out (``dq_trains`` = 0), then the
+    full suite runs once more, with Data Docs. A critical stop removes any ``clean.csv`` /
+    ``quarantine.csv`` left by an earlier run.
+    """
     t0 = time.perf_counter()
     out_dir, data_docs_dir, summary_json = Path(out_dir), Path(data_docs_dir), Path(summary_json)
+    _remove_stale(out_dir)  # written again below only if the run passes
     prep = prepare_table(manifest, params)
     table = prep.table
     expectations, skipped = build_expectations(params, set(table.columns))
+    row_level = [e for e in expectations if CHECKS_BY_NAME[e.meta["check"]].row_level]
+    if "dq_trains" in table.columns and len(row_level) < len(expectations):
+        first = run_suite(table, row_level, None)
+        trains = table["dq_trains"].to_numpy(dtype=int).copy()
+        quarantining = {c for c, s in params.severities.model_dump().items() if s == "quarantine"}
+        for check, rows in _row_failures(first, table, prep, params, skipped).items():
+            if check in quarantining:
+                trains[rows] = 0
+        table["dq_trains"] = trains
+        expectations, skipped = build_expectations(params, set(table.columns))  # fresh GX objects
 
     data_docs_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{data_docs_dir.name}.new.", dir=data_docs_dir.parent))
@@ -150,7 +199,7 @@ def validate_manifest(
         else:
             summary[f"{check.name}_failures"] = 0 if ok else 1
             if not ok:
-                msg = f"{check.name}: {_table_message(check.name, outs, params)}"
+                msg = f"{check.name}: {_table_message(check.name, outs, params, table)}"
                 if sev == "critical":
                     critical.append(msg)
                 else:
@@ -161,6 +210,8 @@ def validate_manifest(
     )
     valid = labels[labels.isin([0, 1])]
     summary["positive_fraction"] = round(float(valid.mean()), 6) if len(valid) else 0.0
+    if "dq_trains" in table.columns:
+        summary["training_rows"] = int(table["dq_trains"].sum())
     summary.update(prep.facts)
     summary["checks_failed"] = sum(1 for k, v in summary.items() if k.endswith("_success") and not v)
     summary["success_critical"] = not critical
