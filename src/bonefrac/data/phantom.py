@@ -40,15 +40,13 @@ from scipy import ndimage
 
 from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import PhantomParams
+from bonefrac.data.phantom_plan import REGIONS, study_plan
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 
 Box = list[int]  # [x, y, w, h] in pixels of the stored image
 
 VIEWS: dict[str, float] = {"frontal": 0.0, "lateral": 90.0, "oblique": 45.0}
 """Beam azimuth (degrees) of each view around the limb axis."""
-
-REGIONS: tuple[str, ...] = ("forearm", "tibia", "femur", "hand")
-"""Body regions the phantom draws (values of the manifest's ``body_part``)."""
 
 # Linear attenuation coefficients (1/mm) at a typical ~60 kVp effective energy;
 # only their ratios matter for the look, their size sets the contrast.
@@ -733,33 +731,6 @@ def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
         raise
 
 
-def study_plan(params: PhantomParams) -> list[dict[str, object]]:
-    """Who has what: one row per study (patient, region, fracture type or None, bit depth).
-
-    Fracture types are dealt round-robin from a shuffled list, so every type
-    appears once there are at least six fractured studies.
-    """
-    rng = np.random.default_rng([params.seed, 1])
-    n_studies = params.n_patients * params.studies_per_patient
-    n_fx = round(params.fracture_fraction * n_studies)
-    n_fx = min(max(n_fx, 1), n_studies - 1)
-    types = list(FRACTURE_TYPES_PHANTOM)
-    rng.shuffle(types)
-    kinds: list[str | None] = [types[i % len(types)] for i in range(n_fx)] + [None] * (n_studies - n_fx)
-    kinds = [kinds[i] for i in rng.permutation(n_studies)]
-    regions = [REGIONS[i % len(REGIONS)] for i in rng.permutation(params.n_patients)]
-    plan = []
-    for p in range(params.n_patients):
-        for s in range(params.studies_per_patient):
-            j = p * params.studies_per_patient + s
-            plan.append({
-                "patient_id": f"PHP{p:05d}", "study_id": f"PHS{p:05d}{s:02d}",
-                "region": regions[p], "fracture_type": kinds[j],
-                "bit_depth": int(rng.choice(params.bit_depths)),
-            })
-    return plan
-
-
 def _views(n: int) -> list[str]:
     base = ["frontal", "lateral", "oblique"]
     return [base[i % 3] for i in range(n)]
@@ -776,6 +747,7 @@ def generate_phantom_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFra
     """
     out_dir = Path(out_dir)
     if params.spatial_dims == 3:
+        # One-way and lazy (nibabel only for volumes); phantom3d does not import this module.
         from bonefrac.data.phantom3d import generate_volume_dataset
 
         return generate_volume_dataset(out_dir, params)
