@@ -20,6 +20,7 @@ from tests._factories import (
     phi_strings,
 )
 
+from bonefrac.config import resolve
 from bonefrac.data.deid import pseudonymise
 from bonefrac.data.ingest import ingest
 from bonefrac.data.schema import MANIFEST_COLUMNS, RECORD_COLUMNS
@@ -183,7 +184,7 @@ def test_dicom_source_deidentified_everywhere(tmp_path, caplog, capsys):
         assert ds.PatientIdentityRemoved == "YES"
         assert not [e for e in ds if e.tag.is_private]
     # table points at the copies, ids are the pseudonyms, header facts filled
-    assert all(Path(p).is_relative_to((out / "deid").resolve()) for p in table["path"])
+    assert all(resolve(p).resolve().is_relative_to((out / "deid").resolve()) for p in table["path"])
     assert set(table["patient_id"]) == {pseudonymise("PHI-123456", "patient")}
     assert set(table["body_part"]) == {"hand", "leg"}  # KNEE mapped to the project vocabulary
     assert set(table["view"]) == {"frontal", "lateral"}
@@ -215,7 +216,7 @@ def test_volume_source_series_and_nifti(tmp_path, caplog):
     series = table[table["format"] == "dicom_series"]
     assert sorted(series["fracture_type"]) == ["", "comminuted"]
     for p in series["path"]:  # each series copy holds one consistently remapped series
-        dss = [pydicom.dcmread(f) for f in Path(p).glob("*.dcm")]
+        dss = [pydicom.dcmread(f) for f in resolve(p).glob("*.dcm")]
         assert len(dss) == 6
         assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({d.StudyInstanceUID for d in dss}) == 1
     text = (tmp_path / "m.csv").read_text() + caplog.text
@@ -250,3 +251,26 @@ def test_ingest_writes_table_atomically_and_logs_one_summary(tmp_path, caplog):
     only_leg = ingest("csv", tmp_path, out, manifest_csv=tmp_path / "m.csv", include_body_parts=["LEG"])
     assert only_leg["body_part"].tolist() == ["leg"]
     assert np.isfinite(only_leg["intensity_mean"]).all()
+
+
+def test_ingest_stores_paths_relative_to_the_project_root(tmp_path, monkeypatch):
+    """The manifest is a DVC output: the same bytes whichever folder the project sits in."""
+    project = tmp_path / "project"
+    (project / "data" / "raw" / "normal").mkdir(parents=True)
+    (project / "params.yaml").write_text("{}\n")
+    make_png(project / "data" / "raw" / "normal" / "a.png", array=make_array((64, 64), 8, seed=1))
+    outside = tmp_path / "elsewhere" / "fractured"
+    outside.mkdir(parents=True)
+    make_png(outside / "b.png", array=make_array((64, 64), 8, seed=2))
+    pd.DataFrame(
+        {"path": ["normal/a.png", "../../../elsewhere/fractured/b.png", "normal/missing.png"], "label": [0, 1, 0]}
+    ).to_csv(project / "data" / "raw" / "m.csv", index=False)
+    monkeypatch.chdir(project / "data")  # the project root is found from params.yaml upwards
+    out = project / "data" / "interim" / "manifest.csv"
+    table = ingest("csv", project / "data" / "raw", out, manifest_csv=project / "data" / "raw" / "m.csv")
+    paths = pd.read_csv(out, keep_default_na=False)["path"].tolist()
+    assert paths == table["path"].tolist()
+    assert paths == ["data/raw/normal/a.png", "../elsewhere/fractured/b.png", "data/raw/normal/missing.png"]
+    assert table["decodes_ok"].tolist() == [True, True, False]
+    assert table["decode_error"][2] == "file not found: data/raw/normal/missing.png"
+    assert str(tmp_path) not in out.read_text()

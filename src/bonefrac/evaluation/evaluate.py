@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from bonefrac.atomic import atomic_write_text
-from bonefrac.config import EvaluateParams
+from bonefrac.config import EvaluateParams, project_relative
 from bonefrac.errors import BonefracError
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.calibration import (
@@ -545,7 +545,7 @@ def run_evaluation(
     )
     calibrated.save(out_model_path)
     card = Path(model_card_path) if model_card_path else Path(out_model_path).parent / "MODEL_CARD.md"
-    write_model_card(card, report, report_path=str(Path(reports_dir) / "report.html"))
+    write_model_card(card, report, report_path=project_relative(Path(reports_dir) / "report.html"))
     t = report["test"]
     log.info(
         "evaluate: test AUROC %.3f (%.3f–%.3f), T=%.3f, thresholds %s",

@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from bonefrac.atomic import atomic_write_json
-from bonefrac.config import ModelParams, TrainParams
+from bonefrac.config import ModelParams, TrainParams, project_relative
 from bonefrac.inference.bundle import ModelBundle
 from bonefrac.preprocess.augment import random_transform
 from bonefrac.preprocess.cache import cache_settings, load_cache
@@ -583,8 +583,8 @@ def train_model(
         busy = wait + sum(r["compute_s"] for r in history)
         summary = {
             **asdict(result),
-            "out_dir": str(out_dir),
-            "best_model_path": str(best_path or ""),
+            "out_dir": project_relative(out_dir),
+            "best_model_path": project_relative(best_path or ""),
             "device": str(device),
             "world_size": ctx.world,
             "amp": str(amp_dtype),
