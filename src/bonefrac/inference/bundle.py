@@ -10,14 +10,15 @@ pickled modules, which is also what BentoML 1.4 with torch 2.14 needs.
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from bonefrac.atomic import atomic_write_bytes
 
 BUNDLE_FORMAT = "bonefrac-bundle/1"
 
@@ -70,17 +71,11 @@ class ModelBundle:
 
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash never leaves a half-written model behind."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(self.to_dict(), tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        # Serialised in memory, not into the temp file: torch.save names the archive's
+        # folder after the file, so a random temp name made every save different bytes.
+        buf = io.BytesIO()
+        torch.save(self.to_dict(), buf)
+        return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:

@@ -12,14 +12,15 @@ checkpoint intact. Everything is tensors and primitives, readable with
 
 from __future__ import annotations
 
-import os
+import io
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from bonefrac.atomic import atomic_write_bytes
 
 CHECKPOINT_FORMAT = "bonefrac-checkpoint/1"
 
@@ -61,17 +62,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tagged with the checkpoint format) to ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({**state, "format": CHECKPOINT_FORMAT}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    buf = io.BytesIO()  # in memory: torch.save would name the archive after the random temp file
+    torch.save({**state, "format": CHECKPOINT_FORMAT}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
