@@ -13,6 +13,7 @@ import copy
 import datetime as _dt
 import json
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,7 @@ def _evaluate(
     pp = dict(bundle.preprocess)
     report: dict[str, Any] = {
         "title": title,
-        "generated_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "generated_at": _generated_at(),
         "external": external,
         "seed": seed,
         "ci_level": ci_level,
@@ -398,6 +399,17 @@ def _evaluate(
     report = _jsonable(report)
     figures = make_figures(report, test, n_bins)
     return report, figures, gallery, bundle, test
+
+
+def _generated_at() -> str:
+    """When the report was made: ``SOURCE_DATE_EPOCH`` when set, else now.
+
+    Pipeline stages set ``SOURCE_DATE_EPOCH`` to the commit time (``flows._stage``), the
+    reproducible-builds convention, so rerunning a commit writes the same report bytes.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+    when = _dt.datetime.fromtimestamp(int(epoch), _dt.UTC) if epoch.isdigit() else _dt.datetime.now(_dt.UTC)
+    return when.strftime("%Y-%m-%d %H:%M UTC")
 
 
 def headline_metrics(report: Mapping[str, Any]) -> dict[str, float]:

@@ -561,7 +561,8 @@ def train_model(
                 "arch": mp.arch,
                 "epochs_completed": len(history),
                 "stopped_early": stopped_early,
-                "train_seconds": spent,
+                # No wall-clock time here (it is in train_summary.json): the bundle is a DVC
+                # output and must be the same bytes on every run of the same commit.
                 "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},
             },
         )
