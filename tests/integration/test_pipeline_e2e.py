@@ -52,6 +52,9 @@ def _out_hashes(project: Path) -> dict[str, str]:
     return hashes
 
 
+# Whichever test runs first also pays for the module fixture's pipeline run (setup counts
+# towards pytest-timeout); on 2 shared cores one run took over 10 minutes.
+@pytest.mark.timeout(1800)
 def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, tmp_path: Path) -> None:
     """Reproducible to the byte: no absolute path, wall-clock time or unseeded randomness in any output."""
     one, first = first_run
@@ -71,6 +74,7 @@ def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, tmp_path: Path
                 assert str(project.parent) not in (project / rel).read_text(errors="replace"), rel
 
 
+@pytest.mark.timeout(1800)
 def test_dvc_repro_end_to_end_then_nothing_changes(first_run, tmp_path: Path) -> None:
     project, first = first_run
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
