@@ -28,7 +28,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from bonefrac.atomic import atomic_write_csv
 from bonefrac.config import PhantomParams
+from bonefrac.data.phantom_plan import study_plan
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
 
@@ -366,9 +368,6 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def generate_volume_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFrame:
     """Write one NIfTI volume per study under ``out_dir/images`` and ``manifest.csv`` (written last)."""
-    from bonefrac.atomic import atomic_write_csv
-    from bonefrac.data.phantom import study_plan
-
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"
     manifest.unlink(missing_ok=True)
