@@ -25,10 +25,9 @@ differs only around the fracture.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +37,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from bonefrac.atomic import atomic_write_csv
+from bonefrac.atomic import atomic_write_bytes, atomic_write_csv
 from bonefrac.config import PhantomParams
 from bonefrac.data.phantom_plan import REGIONS, study_plan
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
@@ -724,15 +723,9 @@ def render_phantom_detail(
 
 # ----------------------------------------------------------------- dataset
 def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=6)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _views(n: int) -> list[str]:
