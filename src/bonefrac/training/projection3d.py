@@ -12,9 +12,12 @@ ImageNet-pretrained 2D EfficientNet-Lite0, and the two pooled feature vectors
 are concatenated. The 2D backbone brings what pretraining learnt to 3D data at the
 cost of two small 2D forward passes.
 
-``volume`` is an identity on the input volume: the only 3D activation in the
-net, so Grad-CAM (which needs maps in the input's dimensionality) is taken there
-(it then weights the input voxels by their gradient, i.e. a saliency map).
+``volume`` is a 1×1×1 convolution initialised to the identity: the only 3D
+activation in the net, so Grad-CAM (which needs maps in the input's
+dimensionality) is taken there (it then weights the input voxels by their
+gradient, i.e. a saliency map). A parameter-free ``nn.Identity`` would not do:
+its output needs no gradient, so the backward hook MONAI's Grad-CAM relies on
+never fires.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ class ProjectionNet3D(nn.Module):
 
     def __init__(self, net: nn.Module, num_features: int, adapter: nn.Module) -> None:
         super().__init__()
-        self.volume = nn.Identity()
+        self.volume = nn.Conv3d(1, 1, 1)
+        nn.init.ones_(self.volume.weight)
+        nn.init.zeros_(self.volume.bias)
         self.adapter = adapter  # grayscale [0, 1] -> what the 2D backbone expects
         self.net = net
         self.num_features = 2 * num_features
