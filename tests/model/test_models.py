@@ -31,6 +31,7 @@ CASES = [
     ("efficientnet_lite0", 2),
     ("monai_densenet3d", 3),
     ("monai_resnet3d", 3),
+    ("mip_efficientnet3d", 3),
 ]
 
 

@@ -30,6 +30,7 @@ from bonefrac.model.pretrained import (
     read_checkpoint_state_dict,
     torchvision_imagenet_state_dict,
 )
+from bonefrac.training.projection3d import ProjectionNet3D
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,18 @@ def _monai_resnet3d(spatial_dims: int) -> _Built:
     return _Built(net, nfeat, "backbone.layer4", _prefixed(groups), rgb=False)
 
 
+def _mip_efficientnet3d(spatial_dims: int) -> _Built:
+    import timm
+
+    if spatial_dims != 3:
+        raise ModelError("mip_efficientnet3d is a 3D network (spatial_dims=3); for radiographs use a 2D arch")
+    eff = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0)
+    net = ProjectionNet3D(eff, eff.num_features, GrayToImageNet())
+    groups = [["net.conv_stem", "net.bn1"], *([f"net.blocks.{i}"] for i in range(len(eff.blocks))),
+              ["net.conv_head", "net.bn2"]]
+    return _Built(net, net.num_features, "backbone.volume", _prefixed(groups), rgb=False)
+
+
 ARCHS: dict[str, Callable[[int], _Built]] = {
     "custom_cnn": _custom_cnn,
     "vgg16": _vgg16,
@@ -256,13 +269,14 @@ ARCHS: dict[str, Callable[[int], _Built]] = {
     "efficientnet_lite0": _efficientnet_lite0,
     "monai_densenet3d": _monai_densenet3d,
     "monai_resnet3d": _monai_resnet3d,
+    "mip_efficientnet3d": _mip_efficientnet3d,
 }
 
 
 def _load_pretrained(model: FractureNet, arch: str, pretrained: str) -> None:
     if pretrained == "none":
         return
-    if pretrained == "imagenet" and arch != "efficientnet_lite0":
+    if pretrained == "imagenet" and arch not in ("efficientnet_lite0", "mip_efficientnet3d"):
         state = torchvision_imagenet_state_dict(arch)
         # Strict on the backbone: the classifier keys are dropped, everything else must fit.
         own = model.backbone.state_dict()
@@ -277,12 +291,14 @@ def _load_pretrained(model: FractureNet, arch: str, pretrained: str) -> None:
         log.info("loaded torchvision ImageNet weights for %s", arch)
         return
     if pretrained in ("imagenet", "efficientnet_lite_offline"):
-        if arch != "efficientnet_lite0":
+        if arch not in ("efficientnet_lite0", "mip_efficientnet3d"):
             raise PretrainedWeightsError(
                 f"pretrained='efficientnet_lite_offline' is for efficientnet_lite0, not {arch!r}"
             )
-        state = efficientnet_lite0_state_dict(model.backbone.state_dict())
-        result = model.backbone.load_state_dict(state, strict=True)
+        # mip_efficientnet3d: the 2D EfficientNet inside the projection net gets the weights.
+        target = model.backbone if arch == "efficientnet_lite0" else model.backbone.net
+        state = efficientnet_lite0_state_dict(target.state_dict())
+        result = target.load_state_dict(state, strict=True)
         assert not result.missing_keys and not result.unexpected_keys
         log.info("loaded offline ImageNet EfficientNet-Lite0 weights (%d tensors)", len(state))
         return
