@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from bonefrac.inference.bundle import ModelBundle
 from sklearn.metrics import f1_score
 
 from bonefrac.config import AugmentParams, ModelParams, TrainParams
 from bonefrac.data.phantom import render_phantom
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM
-from bonefrac.inference.bundle import ModelBundle
 from bonefrac.preprocess.cache import build_cache, load_cache
 from bonefrac.training.loop import train_model
 

@@ -30,7 +30,7 @@ from bonefrac.model.pretrained import (
     read_checkpoint_state_dict,
     torchvision_imagenet_state_dict,
 )
-from bonefrac.training.projection3d import ProjectionNet3D
+from bonefrac.model.projection3d import ProjectionNet3D
 
 log = logging.getLogger(__name__)
 
