@@ -17,12 +17,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from bonefrac.inference.bundle import ModelBundle
 from sklearn.metrics import f1_score
 
 from bonefrac.config import AugmentParams, ModelParams, TrainParams
 from bonefrac.data.phantom import render_phantom
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import build_cache, load_cache
 from bonefrac.training.loop import train_model
 
@@ -56,7 +57,7 @@ def _phantom_crops(root: Path) -> pd.DataFrame:
 
 def test_type_head_learns_phantom_types(tmp_path: Path) -> None:
     torch.set_num_threads(1)
-    cache = build_cache(_phantom_crops(tmp_path), tmp_path / "cache", 2, CROP, read_fn=np.load)
+    cache = build_cache(_phantom_crops(tmp_path), tmp_path / "cache", PreprocessSpec(image_size=CROP), read_fn=np.load)
     names = sorted(FRACTURE_TYPES_PHANTOM)
     mp = ModelParams(arch="efficientnet_lite0", pretrained="efficientnet_lite_offline", dropout=0.1, multitask=True)
     tp = TrainParams(
