@@ -124,7 +124,7 @@ def target_verdicts(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         fmt = pct if as_pct else num
         if v is None or not math.isfinite(v):
             out.append({"label": label, "target": fmt(target), "value": "–", "ci": "", "status": "unknown",
-                        "by": "not measurable on this split"})
+                        "met": False, "by": "not measurable on this split"})
             return
         met = v >= target if higher else v <= target
         bound = lo if higher else hi
