@@ -5,6 +5,9 @@ CDNs and a logo from S3. In a hospital network, an air-gapped CI runner or an ar
 opened years later those requests fail: the page loses its layout and the console fills
 with errors. This rewrites every page of a Data Docs site in place:
 
+- the index page's tables (validation runs, expectation suites), which GX fills in the
+  browser with bootstrap-table from data inlined in a script, are written out as static
+  HTML tables first, with each row's link;
 - every ``<script>`` is removed (external ones fail offline; inline ones only drive the
   CDN libraries: table filters, date pickers, vega charts). The tables themselves are
   rendered server-side by GX and stay complete;
@@ -22,6 +25,8 @@ requests until clicked.
 
 from __future__ import annotations
 
+import ast
+import html as html_lib
 import os
 import re
 from pathlib import Path
@@ -33,6 +38,7 @@ _REMOTE_LINK = re.compile(r"<link\b[^>]*\bhref\s*=\s*[\"']?(?:https?:)?//[^>]*>"
 _REMOTE_IMG = re.compile(r"<img\b([^>]*?)\bsrc\s*=\s*([\"'])(?:https?:)?//[^\"']*\2([^>]*)>", re.IGNORECASE)
 _ICON_LINK = re.compile(r"<link\b[^>]*\brel\s*=\s*[\"'][^\"']*icon[^\"']*[\"'][^>]*>", re.IGNORECASE)
 _REMOTE_URL = re.compile(r"url\(\s*[\"']?(?:https?:)?//[^)]*\)", re.IGNORECASE)
+_DEAD_BUTTON = re.compile(r"<button\b[^>]*clearTableFilters[^>]*>.*?</button\s*>", re.IGNORECASE | re.DOTALL)
 _HEAD_END = re.compile(r"</head\s*>", re.IGNORECASE)
 _BODY_START = re.compile(r"<body\b[^>]*>", re.IGNORECASE)
 
@@ -68,6 +74,45 @@ a { color:#1f4e79; }
 """
 
 
+_BOOTSTRAP_TABLE = re.compile(
+    r"\$\(['\"]#(?P<id>[\w-]+)['\"]\)\.bootstrapTable\(.*?^\s*columns:\s*(?P<columns>\[.*?\]),?\s*$"
+    r".*?^\s*data:\s*(?P<data>\[.*?\]),?\s*$",
+    re.DOTALL | re.MULTILINE,
+)
+
+
+def _static_tables(page: str) -> str:
+    """Fill each empty ``<table id=...>`` that a bootstrap-table script would fill, from the script's data."""
+    for m in _BOOTSTRAP_TABLE.finditer(page):
+        try:
+            columns = ast.literal_eval(m.group("columns"))
+            rows = ast.literal_eval(m.group("data"))
+        except (ValueError, SyntaxError):
+            continue
+        cols = [c for c in columns if isinstance(c, dict) and c.get("title") and c.get("visible") != "false"]
+        head = "".join(f"<th>{html_lib.escape(str(c['title']))}</th>" for c in cols)
+        body = []
+        for row in rows:
+            link = row.get("_table_row_link_path")
+            cells = []
+            for i, c in enumerate(cols):
+                cell = str(row.get(c["field"], ""))  # GX's own rendered HTML for the cell
+                if i == 0 and link:
+                    cell = f'<a href="{html_lib.escape(str(link))}">{cell or "open"}</a>'
+                cells.append(f"<td>{cell}</td>")
+            body.append("<tr>" + "".join(cells) + "</tr>")
+        table = f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+        tid = re.escape(m.group("id"))
+        page = re.sub(
+            rf"(<table\b[^>]*\bid\s*=\s*[\"']{tid}[\"'][^>]*>)(.*?)(</table\s*>)",
+            lambda t, table=table: t.group(1) + table + t.group(3),
+            page,
+            count=1,
+            flags=re.DOTALL | re.IGNORECASE,
+        )
+    return page
+
+
 def _rel_static(page: Path, root: Path) -> str:
     return os.path.relpath(root / "static", page.parent).replace(os.sep, "/")
 
@@ -76,7 +121,8 @@ def offline_html(html: str, static_prefix: str = "static") -> str:
     """One Data Docs page → the same page without any network request."""
     if OFFLINE_MARK in html:
         return html
-    out = _SCRIPT.sub("", html)
+    out = _SCRIPT.sub("", _static_tables(html))
+    out = _DEAD_BUTTON.sub("", out)  # "Clear Filters" drives bootstrap-table: nothing to clear offline
     out = _REMOTE_LINK.sub("", out)
     # GX links the favicon one folder too high on result pages (a 404 even online): inline an empty one.
     out = _ICON_LINK.sub('<link rel="icon" href="data:,">', out)
