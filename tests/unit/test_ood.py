@@ -129,3 +129,26 @@ def test_saved_detector_scores_the_same_and_skips_missing_groups(fitted, tmp_pat
         OODDetector.load(tmp_path / "missing.json")
     with pytest.raises(OODError):
         OODDetector.fit(pd.DataFrame({c: [0.1, 0.2] for c in IMAGE_STAT_COLUMNS}), pd.DataFrame({"x": [1]}))
+
+
+def test_build_ood_detector_from_a_cache(tmp_path, model):
+    """The pipeline's way: train rows of the preprocessed cache fit, val rows set the thresholds."""
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.ood import build_ood_detector
+
+    paths = _phantoms(tmp_path / "raw", 36, seed=11)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    arrays = [read_image(str(p)).array for p in paths]
+    np.save(cache / "images.npy", np.stack([SPEC.apply(a).numpy() for a in arrays]).astype(np.float16))
+    split = ["train"] * 24 + ["val"] * 12
+    pd.DataFrame({"path": [str(p) for p in paths], "split": split, "cache_row": range(36), "label": 0}).to_csv(
+        cache / "index.csv", index=False
+    )
+    bundle = ModelBundle(
+        arch="custom_cnn", state_dict=model.state_dict(), preprocess_spec=SPEC, type_names=["a", "b", "c"]
+    )
+    _, emb = _embed(model, paths[:24])
+    det = build_ood_detector(cache, tmp_path / "ood.json", bundle=bundle, reducer=EmbeddingReducer.fit(emb, 4))
+    assert set(det.groups) == {"image", "embedding"} and det.meta["n_train"] == 24 and det.meta["n_heldout"] == 12
+    assert OODDetector.load(tmp_path / "ood.json").groups["image"].threshold == det.groups["image"].threshold

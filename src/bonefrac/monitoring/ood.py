@@ -251,3 +251,64 @@ def texture(array: np.ndarray, side: int = 128) -> float:
     )
     gy, gx = np.gradient(small)
     return float(np.mean(np.hypot(gx, gy)))
+
+
+def _feature_frame(decoded: Sequence[Any], embeddings: np.ndarray | None, reducer: Any | None) -> pd.DataFrame:
+    rows = []
+    for i, d in enumerate(decoded):
+        if d is None:
+            rows.append({c: np.nan for c in IMAGE_STAT_COLUMNS})
+            continue
+        emb = embeddings[i] if embeddings is not None and len(embeddings) > i else None
+        rows.append(image_ood_features(d[0], d[1], d[2], emb, reducer))
+    return pd.DataFrame(rows)
+
+
+def build_ood_detector(
+    cache_dir: str | Path,
+    out_path: str | Path,
+    *,
+    bundle: Any,
+    reducer: Any | None = None,
+    max_rows: int = 1000,
+    seed: int = 0,
+    read_fn: Any | None = None,
+    quantile: float = 0.99,
+    margin: float = 1.25,
+) -> OODDetector:
+    """Fit on the cache's ``train`` rows, threshold on its ``val`` rows; write ``out_path`` (JSON).
+
+    As the drift reference does: image statistics from the original files, the embedding
+    from the model run on the cached tensors, projected with the reference's PCA
+    (``reducer``; without one the detector has the image group only).
+    """
+    from bonefrac.monitoring.features import model_outputs
+    from bonefrac.monitoring.reference import decode_all
+    from bonefrac.preprocess.cache import load_cache
+
+    images, index = load_cache(Path(cache_dir))
+    if "split" not in index.columns:
+        raise OODError(f"{cache_dir}: the cache index has no 'split' column")
+    model = bundle.build_model() if reducer is not None else None
+    frames = {}
+    for split in ("train", "val"):
+        rows = index[index["split"] == split]
+        if rows.empty:
+            raise OODError(f"the cache at {cache_dir} has no {split!r} rows")
+        if len(rows) > max_rows:
+            rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
+        decoded, _ = decode_all([str(p) for p in rows["path"]], read_fn)
+        emb = None
+        if model is not None:
+            tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+            _, emb = model_outputs(bundle, tensors, model=model)
+        frames[split] = _feature_frame(decoded, emb, reducer)
+    det = OODDetector.fit(
+        frames["train"],
+        frames["val"],
+        quantile=quantile,
+        margin=margin,
+        meta={"cache_dir": str(cache_dir), "model": getattr(bundle, "arch", None)},
+    )
+    det.save(out_path)
+    return det
