@@ -248,6 +248,7 @@ def test_viewer_caveats_fracture_types_by_macro_f1(server, browser, tmp_path):
     assert "macro-F1 0.31" in caveat.text
     perf = browser.find_element(By.ID, "perf")
     assert perf.is_displayed() and "93.0 % (88 %–97 %)" in perf.text
+    browser.execute_script("document.getElementById('types-card').scrollIntoView()")
     _shot(browser, tmp_path, "viewer-types-caveat")
     # A good one (0.72): bars shown openly, no caveat.
     meta["metrics"]["type_macro_f1"] = 0.72
@@ -268,3 +269,32 @@ def test_viewer_accepts_dicom_and_explains_bad_files(server, browser, tmp_path):
     assert "truncated JPEG" in err.text and "HTTP 422" in err.text
     assert not browser.find_element(By.ID, "result").is_displayed()  # no stale result next to an error
     _shot(browser, tmp_path, "viewer-error")
+
+
+def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
+    """The contract for the service's per-image OOD signal (bonefrac.monitoring.ood's JSON under "ood").
+
+    Today's service does not send it yet; the response is extended in the page to check the
+    viewer's side: a warning above the image, announced first.
+    """
+    img = make_png(tmp_path / "odd.png", size=(240, 240), seed=11)
+    browser.get(server.url + "/")
+    browser.execute_script(
+        """const f = window.fetch;
+        window.fetch = async (u, o) => {
+          const r = await f(u, o);
+          if (!String(u).includes('/explain') || !r.ok) return r;
+          const b = await r.json();
+          b.ood = {flag: true, score: 3.2, threshold: 1.0, group: 'image',
+                   reason: 'image statistics unlike the training images (log10_pixels +50.0 SD)'};
+          return new Response(JSON.stringify(b), {status: 200, headers: {'Content-Type': 'application/json'}});
+        };"""
+    )
+    _upload(browser, img)
+    _wait_drawn(browser)
+    box = browser.find_element(By.ID, "ood")
+    assert box.is_displayed() and "Unusual image for this model" in box.text and "score 3.20" in box.text
+    live = browser.find_element(By.ID, "announce")
+    WebDriverWait(browser, 30).until(lambda d: "complete" in (live.get_attribute("textContent") or ""))
+    assert live.get_attribute("textContent").startswith("Warning: unusual image")
+    _shot(browser, tmp_path, "viewer-ood")
