@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+import torch
 from prefect import flow
 from prefect.states import State
 
@@ -15,6 +16,8 @@ from flows._stage import guarded, run_stage
 
 def _evaluate(params_path: str) -> str:
     p = load_params(params_path)
+    if p.train.threads > 0:  # forward passes depend on the thread count too (efficientnet: yes)
+        torch.set_num_threads(p.train.threads)
     cache_dir = resolve(p.paths.processed)
     summary = run_evaluation(
         model_path=resolve(p.paths.models) / "train" / "best_model.pt",

@@ -370,3 +370,22 @@ def resolve(path: str | Path, root: Path | None = None) -> Path:
     """Resolve a params path against the project root (absolute paths pass through)."""
     p = Path(path)
     return p if p.is_absolute() else (root or project_root()) / p
+
+
+def project_relative(path: str | Path, root: Path | None = None) -> str:
+    """``path`` as a POSIX path relative to the project root: what tables and reports store.
+
+    Outputs that DVC tracks must not depend on where the project is checked out, so
+    they never hold absolute paths; readers turn them back with :func:`resolve`.
+    A relative path passes through; ``""`` stays ``""``; a path outside the project
+    becomes ``../…``; only a path on another drive (Windows) stays absolute.
+    """
+    if path == "" or path is None:
+        return ""
+    p = Path(path)
+    if not p.is_absolute():
+        return p.as_posix()
+    try:
+        return Path(os.path.relpath(p, root or project_root())).as_posix()
+    except ValueError:  # no relative path between drives
+        return p.as_posix()

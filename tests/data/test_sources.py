@@ -20,6 +20,7 @@ from tests._factories import (
     phi_strings,
 )
 
+from bonefrac.config import resolve
 from bonefrac.data.deid import pseudonymise
 from bonefrac.data.ingest import ingest
 from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, RECORD_COLUMNS
@@ -205,7 +206,7 @@ def test_dicom_source_deidentified_everywhere(tmp_path, caplog, capsys):
         assert ds.PatientIdentityRemoved == "YES"
         assert not [e for e in ds if e.tag.is_private]
     # table points at the copies, ids are the pseudonyms, header facts filled
-    assert all(Path(p).is_relative_to((out / "deid").resolve()) for p in table["path"])
+    assert all(resolve(p).resolve().is_relative_to((out / "deid").resolve()) for p in table["path"])
     assert set(table["patient_id"]) == {pseudonymise("PHI-123456", "patient")}
     assert set(table["body_part"]) == {"hand", "leg"}  # KNEE mapped to the project vocabulary
     assert set(table["view"]) == {"frontal", "lateral"}
@@ -237,7 +238,7 @@ def test_volume_source_series_and_nifti(tmp_path, caplog):
     series = table[table["format"] == "dicom_series"]
     assert sorted(series["fracture_type"]) == ["", "comminuted"]
     for p in series["path"]:  # each series copy holds one consistently remapped series
-        dss = [pydicom.dcmread(f) for f in Path(p).glob("*.dcm")]
+        dss = [pydicom.dcmread(f) for f in resolve(p).glob("*.dcm")]
         assert len(dss) == 6
         assert len({d.SeriesInstanceUID for d in dss}) == 1 and len({d.StudyInstanceUID for d in dss}) == 1
     text = (tmp_path / "m.csv").read_text() + caplog.text
@@ -314,3 +315,24 @@ def test_volume_walker_skips_loops_and_links_out_of_the_root(tmp_path):
     df = load_records("volume", root, deid_dir=tmp_path / "deid", report=report)
     assert len(df) == 2 and not df[INTAKE_ERROR].any()
     assert report.skipped == {"symlink loop (folder reached twice)": 1, "symlink pointing outside the data root": 1}
+def test_ingest_stores_paths_relative_to_the_project_root(tmp_path, monkeypatch):
+    """The manifest is a DVC output: the same bytes whichever folder the project sits in."""
+    project = tmp_path / "project"
+    (project / "data" / "raw" / "normal").mkdir(parents=True)
+    (project / "params.yaml").write_text("{}\n")
+    make_png(project / "data" / "raw" / "normal" / "a.png", array=make_array((64, 64), 8, seed=1))
+    make_png(project / "data" / "raw" / "normal" / "b.png", array=make_array((64, 64), 8, seed=2))
+    pd.DataFrame({"path": ["normal/a.png", "normal/b.png"], "label": [0, 1]}).to_csv(
+        project / "data" / "raw" / "m.csv", index=False
+    )
+    monkeypatch.chdir(project / "data")  # the project root is found from params.yaml upwards
+    out = project / "data" / "interim" / "manifest.csv"
+    table = ingest(
+        "csv", project / "data" / "raw", out, manifest_csv=project / "data" / "raw" / "m.csv",
+        deid_dir=project / "data" / "interim" / "deid",
+    )  # fmt: skip
+    paths = pd.read_csv(out, keep_default_na=False)["path"].tolist()
+    assert paths == table["path"].tolist() and len(paths) == 2
+    assert all(not p.startswith("/") and p.startswith("data/interim/deid/") for p in paths)
+    assert all((project / p).is_file() for p in paths) and table["decodes_ok"].all()
+    assert str(tmp_path) not in out.read_text()

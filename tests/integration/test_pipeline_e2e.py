@@ -1,24 +1,23 @@
 """The whole DVC pipeline, end to end, on a small phantom set in a copy of the repo.
 
 Proves: `dvc repro` runs every stage through its Prefect flow; outputs, metrics
-and plots exist; `dvc metrics show` / `dvc plots show --json` work; and a second
-`dvc repro` reruns nothing.
+and plots exist; `dvc metrics show` / `dvc plots show --json` work; a second
+`dvc repro` reruns nothing; and a second checkout at another absolute path
+writes the same dvc.lock and outputs byte for byte (docs/reproducibility.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+from tests.integration._pipeline import dvc as _dvc
+from tests.integration._pipeline import make_project, prefect_server
 
 pytestmark = pytest.mark.integration
 
@@ -29,54 +28,55 @@ SMALL = {
     "train": {"epochs": 2, "batch_size": 16, "threads": 1},
     "evaluate": {"bootstrap_samples": 50, "gradcam_gallery": 2},
 }
+# Both checkouts hold a commit of this time: the stages date their reports from it.
+COMMIT_DATE = "2026-01-02T03:04:05Z"
 
 
-def _merge(base: dict, over: dict) -> dict:
-    for k, v in over.items():
-        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) else v
-    return base
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`dvc repro` in a fresh copy, each stage with its own ephemeral Prefect server (as `make run`)."""
+    project = make_project(tmp_path_factory.mktemp("one") / "bonefrac", SMALL, COMMIT_DATE)
+    return project, _dvc(project, "repro")
 
 
-def _copy_project(dst: Path) -> None:
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, check=True, capture_output=True, text=True,
-    ).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dst / rel)
+def _out_hashes(project: Path) -> dict[str, str]:
+    """md5 of every file of every output (metrics and plots included) that dvc.lock names."""
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    hashes: dict[str, str] = {}
+    for stage in lock["stages"].values():
+        for out in stage.get("outs", []):
+            root = project / out["path"]
+            files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+            for f in files:
+                hashes[f.relative_to(project).as_posix()] = hashlib.md5(f.read_bytes()).hexdigest()
+    return hashes
 
 
-def _env(project: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PATH"] = f"{BIN}{os.pathsep}{env['PATH']}"
-    env["PYTHONPATH"] = f"{project / 'src'}{os.pathsep}{project}"
-    env["PREFECT_HOME"] = str(project / ".prefect")
-    env["BENTOML_HOME"] = str(project / ".bentoml")
-    env.pop("PREFECT_API_URL", None)
-    return env
+# Whichever test runs first also pays for the module fixture's pipeline run (setup counts
+# towards pytest-timeout); on 2 shared cores one run took over 10 minutes.
+@pytest.mark.timeout(1800)
+def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, tmp_path: Path) -> None:
+    """Reproducible to the byte: no absolute path, wall-clock time or unseeded randomness in any output."""
+    one, first = first_run
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    other = make_project(tmp_path / "elsewhere" / "with a longer name" / "bonefrac", SMALL, COMMIT_DATE)
+    with prefect_server(tmp_path / "prefect") as api:  # one server for all stages: faster
+        run = _dvc(other, "repro", api_url=api)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+    a, b = _out_hashes(one), _out_hashes(other)
+    assert a.keys() == b.keys()
+    assert not [k for k in a if a[k] != b[k]], "outputs differ between the two checkouts"
+    assert (one / "dvc.lock").read_bytes() == (other / "dvc.lock").read_bytes()
+    for project in (one, other):  # no output names the folder it was made in
+        for rel in a:
+            if rel.endswith((".csv", ".json", ".md", ".html")):
+                assert str(project.parent) not in (project / rel).read_text(errors="replace"), rel
 
 
-def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "dvc"), *args], cwd=project, env=_env(project), capture_output=True, text=True, timeout=1200
-    )
-
-
-def test_dvc_repro_end_to_end_then_nothing_changes(tmp_path: Path) -> None:
-    project = tmp_path / "bonefrac"
-    project.mkdir()
-    _copy_project(project)
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    (project / "params.yaml").write_text(yaml.safe_dump(_merge(params, SMALL), sort_keys=False))
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
-    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=project, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=project, check=True)
-
-    first = _dvc(project, "repro")
+@pytest.mark.timeout(1800)
+def test_dvc_repro_end_to_end_then_nothing_changes(first_run, tmp_path: Path) -> None:
+    project, first = first_run
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     for stage in ("generate", "ingest", "validate", "preprocess", "train", "evaluate"):
         assert f"Running stage '{stage}'" in first.stdout

@@ -101,3 +101,10 @@ def test_foreign_files_are_clear_errors(tmp_path: Path, content: object, message
         ModelBundle.load(path)
     with pytest.raises(BundleError, match="not found"):
         ModelBundle.load(tmp_path / "missing.pt")
+
+
+def test_saving_twice_gives_the_same_bytes(tmp_path: Path) -> None:
+    """A DVC output: the same contents must be the same file, whatever the file is called."""
+    a = _bundle().save(tmp_path / "a.pt").read_bytes()
+    b = _bundle().save(tmp_path / "sub" / "other_name.pt").read_bytes()
+    assert a == b

@@ -49,6 +49,14 @@ def test_nifti_round_trip_keeps_array_and_spacing(tmp_path: Path) -> None:
     assert np.allclose(np.abs(np.diag(affine)[:3]), img.header.get_zooms())
 
 
+def test_saved_volume_bytes_do_not_depend_on_file_name_or_time(tmp_path: Path) -> None:
+    """DVC output: gzip must not record the (temp) file name or the clock."""
+    vol = generate_volume(np.random.default_rng(1), SHAPE, "oblique")
+    save_volume(vol, tmp_path / "a.nii.gz")
+    save_volume(vol, tmp_path / "sub" / "b.nii.gz")
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "sub" / "b.nii.gz").read_bytes()
+
+
 @pytest.mark.parametrize("kind", FRACTURE_TYPES_PHANTOM)
 def test_fracture_changes_lie_inside_the_box(kind: str) -> None:
     """Fractured (pieces kept in place) minus intact twin: every strongly changed voxel is boxed."""

@@ -8,15 +8,15 @@ deterministic; matplotlib would add fonts and timestamps for nothing.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
+from bonefrac.atomic import atomic_write_bytes
 from bonefrac.errors import BonefracError
 
 
@@ -117,14 +117,6 @@ def make_contact_sheet(
         color = (255, 120, 120) if label == 1 else (150, 220, 150)
         draw.text((x0 + 3, y0 + tile + 2), line1, fill=color, font=font)
         draw.text((x0 + 3, y0 + tile + 14), f"{line2} {bits}".strip(), fill=(200, 200, 200), font=font)
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".sheet.", suffix=".png", dir=out_png.parent)
-    os.close(fd)
-    try:
-        sheet.save(tmp, format="PNG")
-        os.replace(tmp, out_png)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return out_png
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    return atomic_write_bytes(out_png, buf.getvalue())

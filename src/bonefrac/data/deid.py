@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import UID_dictionary
 
+from bonefrac.atomic import atomic_write_bytes
 from bonefrac.data.dicom import read_dataset
 
 log = logging.getLogger(__name__)
@@ -353,17 +354,11 @@ def deidentify_file(src: str | Path, dst: str | Path) -> dict[str, Any]:
         "burned_in_annotation": str(ds.get("BurnedInAnnotation", "")).upper() == "YES",
     }
     deidentify_dataset(ds)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".deid-", suffix=".dcm")
-    os.close(fd)
+    buf = io.BytesIO()
     try:
-        try:
-            ds.save_as(tmp, enforce_file_format=True)  # Part-10 file: preamble + file meta
-        except (AttributeError, ValueError):
-            ds.save_as(tmp, enforce_file_format=False)  # e.g. a preamble-less source without SOP UIDs
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        ds.save_as(buf, enforce_file_format=True)  # Part-10 file: preamble + file meta
+    except (AttributeError, ValueError):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=False)  # e.g. a preamble-less source without SOP UIDs
+    atomic_write_bytes(dst, buf.getvalue())
     return ids

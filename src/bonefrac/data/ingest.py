@@ -19,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from bonefrac.atomic import atomic_write_csv, atomic_write_text
+from bonefrac.config import project_relative
 from bonefrac.data.metadata import build_metadata_table
 from bonefrac.data.sources import IntakeReport, load_records
 
@@ -57,6 +58,9 @@ def ingest(
 ) -> pd.DataFrame:
     """Build the per-image metadata table of a source and write it to ``out_csv``; return it.
 
+    ``path`` in the table is relative to the project root (:func:`bonefrac.config.project_relative`;
+    :func:`bonefrac.config.resolve` turns it back into a file).
+
     ``deid_dir`` defaults to ``out_csv``'s folder ``/deid`` (used only when DICOM is met).
     ``workers`` processes decode in parallel. ``max_pixels`` refuses larger images
     (recorded as undecodable, not raised). ``expected_dims`` (default: 2 for the ``fracatlas``
@@ -86,6 +90,9 @@ def ingest(
     records = filter_body_parts(records, include_body_parts, exclude_body_parts)
     if n_all - len(records):
         report.skipped["filtered out by body part"] += n_all - len(records)
+    # The table stores paths relative to the project root (readers resolve them back), so it
+    # is the same file whichever folder the project is checked out in.
+    records["path"] = records["path"].map(project_relative)
     if expected_dims is None:
         expected_dims = _SOURCE_DIMS.get(source)
     table = build_metadata_table(records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims)

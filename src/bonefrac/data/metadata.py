@@ -30,6 +30,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from bonefrac.config import resolve
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
 from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, METADATA_COLUMNS, RECORD_COLUMNS
 
@@ -126,12 +127,14 @@ def describe_image(
 ) -> dict[str, Any]:
     """The METADATA_COLUMNS of one file or series folder; never raises (errors become ``decode_error``).
 
+    A relative ``path`` is relative to the project root (as the ingest table stores it).
+
     With ``expected_dims``, an image of the other dimensionality is described in full but
     marked ``decodes_ok=False`` ("a 3D volume where a 2D image is expected").
     """
     if not path:
         return _empty_metadata("no path given")
-    p = Path(path)
+    p = resolve(path)  # a relative path is relative to the project root
     try:
         if not p.exists():
             return _empty_metadata("file not found")  # no name: it may identify a patient

@@ -25,10 +25,9 @@ differs only around the fracture.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,8 +37,9 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from bonefrac.atomic import atomic_write_csv
+from bonefrac.atomic import atomic_write_bytes, atomic_write_csv
 from bonefrac.config import PhantomParams
+from bonefrac.data.phantom_plan import REGIONS, study_plan
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
 
@@ -47,9 +47,6 @@ Box = list[int]  # [x, y, w, h] in pixels of the stored image
 
 VIEWS: dict[str, float] = {"frontal": 0.0, "lateral": 90.0, "oblique": 45.0}
 """Beam azimuth (degrees) of each view around the limb axis."""
-
-REGIONS: tuple[str, ...] = ("forearm", "tibia", "femur", "hand")
-"""Body regions the phantom draws (values of the manifest's ``body_part``)."""
 
 # Linear attenuation coefficients (1/mm) at a typical ~60 kVp effective energy;
 # only their ratios matter for the look, their size sets the contrast.
@@ -488,7 +485,7 @@ def _make_texture(
     """Trabecular texture in (t mm, s normalised) coordinates: struts along the bone axis."""
     nt = int(2 * t_range / res) + 8
     ns = 48
-    noise = rng.standard_normal((nt, ns)).astype(np.float32)
+    noise = rng.standard_normal((nt, ns))
     tex = ndimage.gaussian_filter(noise, (2.2, 1.0), mode="wrap")
     tex = tex / (tex.std() + 1e-6)
     tex = 1.0 + 0.55 * np.tanh(1.5 * tex)
@@ -531,7 +528,10 @@ def render_view(
     beta = math.radians(VIEWS[view])
     H, W, k = acq.height, acq.width, acq.px_per_mm
     tex_rng, z_rng = noise_rng.spawn(2)
-    ys, xs = np.mgrid[0:H, 0:W].astype(np.float32)
+    # float64 throughout, float32 only at the end: numpy's float32 exp/log/sin/tanh/power take
+    # CPU-specific SIMD paths (AVX2 vs AVX-512 give results a few ULP apart, enough to change
+    # stored pixels); in float64 such differences stay far below the quantisation step.
+    ys, xs = np.mgrid[0:H, 0:W].astype(np.float64)
     dx, dy = xs - acq.site_x, ys - acq.site_y
     cr, sr = math.cos(acq.rotation), math.sin(acq.rotation)
     fl = -1.0 if acq.flip else 1.0
@@ -542,7 +542,7 @@ def render_view(
     # Soft tissue: an elliptic cylinder with a fat layer, slowly tapering and bulging.
     _, ws, hs = _proj(anatomy.limb_rx, anatomy.limb_ry, 0.0, 0.0, beta)
     srng = np.random.default_rng(acq.soft_seed)
-    coarse = ndimage.zoom(srng.standard_normal((6, 6)).astype(np.float32), (H / 6, W / 6), order=3)[:H, :W]
+    coarse = ndimage.zoom(srng.standard_normal((6, 6)), (H / 6, W / 6), order=3)[:H, :W]
     bulge = 1.0 + anatomy.taper * U / 100.0 + 0.04 * np.sin(U / (0.35 * anatomy.fov_mm) + acq.soft_seed % 7)
     limb_c = 0.03 * ws * np.sin(U / (0.5 * anatomy.fov_mm) + acq.soft_seed % 5)
     soft = _chord(hs * bulge, ws * bulge, V - limb_c)
@@ -578,7 +578,7 @@ def render_view(
         if not sel.any():
             continue
         ts, ds = t[sel], d[sel]
-        acc = np.zeros(ts.shape, np.float32)
+        acc = np.zeros(ts.shape, np.float64)
         for fg in frags:
             ti, di = fg.inverse(ts, ds)
             m = fg.region(ti, di / w0)
@@ -621,7 +621,7 @@ def render_view(
     flat = acq.counts * (1.0 + acq.heel[0] * xx + acq.heel[1] * yy)
     counts = flat * np.exp(-P)
     counts = ndimage.gaussian_filter(counts, acq.blur)
-    z = z_rng.standard_normal((H, W)).astype(np.float32)
+    z = z_rng.standard_normal((H, W))
     # Gaussian approximation of Poisson noise (variance = mean): with a shared
     # noise field the intact twin of a fractured image differs only near the fracture.
     noisy = np.maximum(counts + np.sqrt(counts + 4.0) * z, 0.5)
@@ -655,11 +655,11 @@ def _marker_mask(letter: str, corner: int, H: int, W: int) -> np.ndarray:
     except TypeError:  # Pillow without FreeType: bitmap font
         font = ImageFont.load_default()
     draw.text((side * 0.15, 0), letter, fill=255, font=font)
-    mask = np.zeros((H, W), np.float32)
+    mask = np.zeros((H, W), np.float64)
     pad = max(4, H // 25)
     y0 = pad if corner in (0, 1) else H - side - pad
     x0 = pad if corner in (0, 2) else W - side - pad
-    mask[y0:y0 + side, x0:x0 + side] = np.asarray(tile, np.float32) / 255.0
+    mask[y0:y0 + side, x0:x0 + side] = np.asarray(tile, np.float64) / 255.0
     return mask
 
 
@@ -723,42 +723,9 @@ def render_phantom_detail(
 
 # ----------------------------------------------------------------- dataset
 def _atomic_write_png(arr: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(arr).save(tmp, format="PNG", compress_level=6)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def study_plan(params: PhantomParams) -> list[dict[str, object]]:
-    """Who has what: one row per study (patient, region, fracture type or None, bit depth).
-
-    Fracture types are dealt round-robin from a shuffled list, so every type
-    appears once there are at least six fractured studies.
-    """
-    rng = np.random.default_rng([params.seed, 1])
-    n_studies = params.n_patients * params.studies_per_patient
-    n_fx = round(params.fracture_fraction * n_studies)
-    n_fx = min(max(n_fx, 1), n_studies - 1)
-    types = list(FRACTURE_TYPES_PHANTOM)
-    rng.shuffle(types)
-    kinds: list[str | None] = [types[i % len(types)] for i in range(n_fx)] + [None] * (n_studies - n_fx)
-    kinds = [kinds[i] for i in rng.permutation(n_studies)]
-    regions = [REGIONS[i % len(REGIONS)] for i in rng.permutation(params.n_patients)]
-    plan = []
-    for p in range(params.n_patients):
-        for s in range(params.studies_per_patient):
-            j = p * params.studies_per_patient + s
-            plan.append({
-                "patient_id": f"PHP{p:05d}", "study_id": f"PHS{p:05d}{s:02d}",
-                "region": regions[p], "fracture_type": kinds[j],
-                "bit_depth": int(rng.choice(params.bit_depths)),
-            })
-    return plan
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG", compress_level=6)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _views(n: int) -> list[str]:
@@ -777,6 +744,7 @@ def generate_phantom_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFra
     """
     out_dir = Path(out_dir)
     if params.spatial_dims == 3:
+        # One-way and lazy (nibabel only for volumes); phantom3d does not import this module.
         from bonefrac.data.phantom3d import generate_volume_dataset
 
         return generate_volume_dataset(out_dir, params)

@@ -16,10 +16,9 @@ in voxels (x indexes W, y indexes H, z indexes D).
 
 from __future__ import annotations
 
+import gzip
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +27,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
+from bonefrac.atomic import atomic_write_bytes, atomic_write_csv
 from bonefrac.config import PhantomParams
+from bonefrac.data.phantom_plan import study_plan
 from bonefrac.data.schema import FRACTURE_TYPES_PHANTOM, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
 
@@ -343,19 +344,13 @@ def _zone_box(m: np.ndarray, margin: int = 2) -> list[Box3D]:
 
 def save_volume(vol: PhantomVolume, path: Path) -> None:
     """Write ``vol`` as NIfTI (int16, x/y/z order, mm units) atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.ascontiguousarray(vol.array.transpose(2, 1, 0)), vol.affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(vol.affine, code=1)
     img.set_sform(vol.affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # In memory and gzipped without a name or time stamp: gzip's header would otherwise
+    # hold the temp file's name and the clock, and the same volume would differ in bytes.
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6, mtime=0))
 
 
 def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -366,9 +361,6 @@ def load_volume(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def generate_volume_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFrame:
     """Write one NIfTI volume per study under ``out_dir/images`` and ``manifest.csv`` (written last)."""
-    from bonefrac.atomic import atomic_write_csv
-    from bonefrac.data.phantom import study_plan
-
     out_dir = Path(out_dir)
     manifest = out_dir / "manifest.csv"
     manifest.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 # Written by the data source adapters (what each image *is*).
 RECORD_COLUMNS: list[str] = [
     "image_id",       # unique, stable id (pseudonymised for DICOM)
-    "path",           # absolute path of the file (or of the series folder for DICOM series)
+    "path",           # path of the file (or DICOM series folder); in tables: relative to the project root
     "label",          # 1 = fracture, 0 = no fracture
     "fracture_type",  # "" when none / unknown
     "body_part",      # "unknown" when not known

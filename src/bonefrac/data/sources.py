@@ -40,6 +40,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
+from bonefrac.atomic import atomic_path
 from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
 from bonefrac.data.schema import INTAKE_ERROR, INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, RECORD_COLUMNS
@@ -787,13 +788,10 @@ def _pseudonymous_copies(df: pd.DataFrame, deid_dir: Path) -> pd.DataFrame:
         suffix = ".nii.gz" if name.endswith(".nii.gz") else p.suffix.lower()
         suffix = suffix if suffix in IMAGE_SUFFIXES or suffix == ".nii.gz" else ""
         dst = files_dir / f"{row['image_id']}{suffix}"
-        tmp = files_dir / f".{row['image_id']}.tmp"
         try:
-            files_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, tmp)
-            os.replace(tmp, dst)
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(p, tmp)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             df.at[idx, "path"] = ""
             df.at[idx, INTAKE_ERROR] = _refusal(f"file not readable ({err.strerror or type(err).__name__})")
             continue

@@ -16,6 +16,7 @@ can read it: no pickled modules, which is also what BentoML 1.4 with torch 2.14 
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from bonefrac.atomic import atomic_path
+from bonefrac.atomic import atomic_write_bytes
 from bonefrac.errors import BonefracError
 from bonefrac.model.calibrate import CalibrationMap, Prediction, calibrate, decide
 from bonefrac.model.transforms import PreprocessSpec
@@ -163,10 +164,14 @@ class ModelBundle:
         )
 
     def save(self, path: str | Path) -> Path:
-        """Write atomically: a crash never leaves a half-written model behind."""
-        with atomic_path(path) as tmp:
-            torch.save(self.to_dict(), tmp)
-        return Path(path)
+        """Write atomically: a crash never leaves a half-written model behind.
+
+        Serialised in memory, not into the temp file: ``torch.save`` names the archive's
+        folder after the file it writes, so a random temp name made every save different bytes.
+        """
+        buf = io.BytesIO()
+        torch.save(self.to_dict(), buf)
+        return atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
     def load(cls, path: str | Path) -> ModelBundle:

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bonefrac.config import resolve
 from bonefrac.errors import BonefracError
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.features import (
@@ -117,7 +118,7 @@ def build_reference(
         raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
     if len(rows) > max_rows:
         rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
-    img_frame, skipped = image_feature_rows([str(p) for p in rows["path"]], read_fn)
+    img_frame, skipped = image_feature_rows([str(resolve(p)) for p in rows["path"]], read_fn)
     tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
     model = bundle.build_model()
     _, emb = model_feature_frame(bundle, tensors, None, model)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from bonefrac.atomic import atomic_path, atomic_write_text
+from bonefrac.config import resolve
 from bonefrac.errors import BonefracError
 from bonefrac.model.transforms import PreprocessSpec
 
@@ -51,7 +52,7 @@ def _default_read(source: str) -> Any:
     # Imported lazily: the decoder lives in another area and pulls in pydicom/nibabel.
     from bonefrac.data.imageio import read_image
 
-    return read_image(source)
+    return read_image(resolve(source))  # table paths are relative to the project root
 
 
 def _as_array(decoded: Any) -> np.ndarray:

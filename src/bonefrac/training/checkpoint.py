@@ -12,6 +12,7 @@ checkpoint intact. Everything is tensors and primitives, readable with
 
 from __future__ import annotations
 
+import io
 import random
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bonefrac.atomic import atomic_path
+from bonefrac.atomic import atomic_write_bytes
 from bonefrac.errors import BonefracError
 
 CHECKPOINT_FORMAT = "bonefrac-checkpoint/1"
@@ -62,9 +63,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Atomically write ``state`` (tagged with the checkpoint format) to ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save({**state, "format": CHECKPOINT_FORMAT}, tmp)
-    return Path(path)
+    buf = io.BytesIO()  # in memory: torch.save would name the archive after the random temp file
+    torch.save({**state, "format": CHECKPOINT_FORMAT}, buf)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

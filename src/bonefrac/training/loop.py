@@ -39,7 +39,7 @@ from torch.utils.data import Subset
 from tqdm.auto import tqdm
 
 from bonefrac.atomic import atomic_write_json
-from bonefrac.config import ModelParams, TrainParams
+from bonefrac.config import ModelParams, TrainParams, project_relative
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import sigmoid
 from bonefrac.model.networks import FractureNet, build_model
@@ -658,8 +658,8 @@ def _write_summary(
     busy = wait + sum(r["compute_s"] for r in result.history)
     summary = {
         **asdict(result),
-        "out_dir": str(out_dir),
-        "best_model_path": str(result.best_model_path or ""),
+        "out_dir": project_relative(out_dir),
+        "best_model_path": project_relative(result.best_model_path or ""),
         "device": str(device),
         "world_size": ctx.world,
         "amp": str(amp_dtype),
