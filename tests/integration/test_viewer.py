@@ -86,6 +86,24 @@ def _upload(driver, path: Path) -> None:
     driver.find_element(By.ID, "file-input").send_keys(str(path))
 
 
+def _canvas_digest(driver) -> tuple[float, float]:
+    """(mean, spread) of the viewer canvas pixels: changes whenever what is drawn changes."""
+    return tuple(
+        driver.execute_script(
+            """const c=document.getElementById('view-canvas');
+            const d=c.getContext('2d').getImageData(0,0,c.width,c.height).data;
+            let s=0,s2=0,n=0;for(let i=0;i<d.length;i+=4){const v=(d[i]+d[i+1]+d[i+2])/3;s+=v;s2+=v*v;n++;}
+            const m=s/n;return [m, Math.sqrt(Math.max(0,s2/n-m*m))];"""
+        )
+    )
+
+
+def _wait_drawn(driver, timeout: float = 60) -> None:
+    WebDriverWait(driver, timeout).until(
+        lambda d: d.execute_script("return window.bonefracViewer && window.bonefracViewer.view.loaded")
+    )
+
+
 def test_viewer_shows_prediction_overlay_and_decisions(server, browser, tmp_path):
     img = make_png(tmp_path / "wrist.png", size=(400, 300), seed=3)
     with httpx.Client(base_url=server.url, timeout=60) as c:  # auth off: no key needed
@@ -94,8 +112,12 @@ def test_viewer_shows_prediction_overlay_and_decisions(server, browser, tmp_path
     assert "bonefrac" in browser.title
     wait = WebDriverWait(browser, 60)
     wait.until(lambda d: "version t0" in d.find_element(By.ID, "model-info").text)
+    assert "Model model" not in browser.find_element(By.ID, "model-info").text
+    # The favicon is inline: no request, no 404.
+    assert browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href").startswith("data:")
     _upload(browser, img)
     wait.until(EC.visibility_of_element_located((By.ID, "result")))
+    _wait_drawn(browser)
     # The probability shown is the service's, as a percentage with one decimal.
     shown = browser.find_element(By.ID, "probability").text
     assert shown == f"{100 * api['probability']:.1f} %"
@@ -105,22 +127,134 @@ def test_viewer_shows_prediction_overlay_and_decisions(server, browser, tmp_path
     for op, label in (("high_sensitivity", "(high-sensitivity)"), ("high_specificity", "(high-specificity)")):
         expected = "Fracture suspected" if api["decisions"][op] else "No fracture detected"
         assert expected in texts[op] and label in texts[op]
-    # The overlay is on screen: base image and heatmap loaded, same displayed size.
+    # The image is read at the resolution the service sent (300 x 400 here), on a canvas.
     base = browser.find_element(By.ID, "base-image")
-    heat = browser.find_element(By.ID, "heatmap")
     assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", base) == 300
-    assert heat.is_displayed() and heat.size == base.size and base.size["height"] >= 300
+    view = browser.execute_script("const v=window.bonefracViewer.view; return [v.w, v.h, v.contours.length]")
+    assert view[:2] == [300, 400] and view[2] > 0  # the evidence outline exists
+    assert "full resolution" in browser.find_element(By.ID, "res-note").text
     assert "t0" in browser.find_element(By.ID, "details").text
-    assert "transverse" in browser.find_element(By.ID, "types").text
+    # Trust context is on screen: the model and what is (not) known about its performance.
+    trust = browser.find_element(By.ID, "trust").text
+    assert "bonefrac-test" in trust and "version t0" in trust and "AUROC 0.500" in trust
     _shot(browser, tmp_path, "viewer-result")
-    # Toggle and opacity change the heatmap layer.
+    # Toggle and opacity change the heatmap layer, i.e. the drawn pixels.
+    with_heat = _canvas_digest(browser)
     browser.find_element(By.ID, "heat-toggle").click()
-    assert not heat.is_displayed()
+    browser.execute_script("window.bonefracViewer.redraw()")
+    assert _canvas_digest(browser) != with_heat
     browser.find_element(By.ID, "heat-toggle").click()
     browser.execute_script(
         "const s=document.getElementById('heat-opacity'); s.value=20;s.dispatchEvent(new Event('input'));"
     )
-    WebDriverWait(browser, 5).until(lambda d: abs(float(heat.value_of_css_property("opacity")) - 0.2) < 0.01)
+    WebDriverWait(browser, 5).until(lambda d: d.find_element(By.ID, "stage").get_attribute("data-opacity") == "0.2")
+
+
+def test_viewer_keyboard_only_upload_is_announced(server, browser, tmp_path):
+    """Tab reaches the upload control (not display:none); the result is read out by a live region."""
+    img = make_png(tmp_path / "kbd.png", size=(200, 260), seed=5)
+    browser.get(server.url + "/")
+    WebDriverWait(browser, 60).until(lambda d: "version" in d.find_element(By.ID, "model-info").text)
+    from selenium.webdriver.common.keys import Keys
+
+    body = browser.find_element(By.TAG_NAME, "body")
+    body.send_keys(Keys.TAB)
+    focused = browser.switch_to.active_element
+    for _ in range(10):
+        if focused.get_attribute("id") == "file-input":
+            break
+        focused.send_keys(Keys.TAB)
+        focused = browser.switch_to.active_element
+    assert focused.get_attribute("id") == "file-input", "the upload control is not reachable with Tab"
+    assert browser.execute_script(
+        "const r=document.getElementById('dropzone'); return getComputedStyle(r).outlineStyle"
+    ) != "none"  # the focus is visible on the drop zone
+    _shot(browser, tmp_path, "viewer-focus")
+    focused.send_keys(str(img))  # what the OS file dialog does once chosen with the keyboard
+    live = browser.find_element(By.ID, "announce")
+    assert live.get_attribute("aria-live") == "polite"
+    WebDriverWait(browser, 60).until(lambda d: "complete" in (live.get_attribute("textContent") or ""))
+    text = live.get_attribute("textContent")
+    assert "Fracture probability" in text and "high-sensitivity" in text and "kbd.png" in text
+
+
+def test_viewer_zoom_and_window_level_change_pixels(server, browser, tmp_path):
+    img = make_png(tmp_path / "zoom.png", size=(320, 240), seed=7)
+    browser.get(server.url + "/")
+    _upload(browser, img)
+    _wait_drawn(browser)
+    stage = browser.find_element(By.ID, "stage")
+    browser.find_element(By.ID, "heat-toggle").click()  # judge the image itself
+    browser.find_element(By.ID, "contour-toggle").click()
+    browser.execute_script("window.bonefracViewer.redraw()")
+    fit_scale = float(stage.get_attribute("data-scale"))
+    before = _canvas_digest(browser)
+    # Keyboard zoom (+) then wheel zoom at a point: scale grows, pixels change.
+    stage.click()
+    stage.send_keys("+")
+    browser.execute_script(
+        "const s=document.getElementById('stage'),r=s.getBoundingClientRect();"
+        "s.dispatchEvent(new WheelEvent('wheel',{deltaY:-400,clientX:r.left+r.width/2,"
+        "clientY:r.top+r.height/3,bubbles:true,cancelable:true}));"
+    )
+    browser.execute_script("window.bonefracViewer.redraw()")
+    zoomed = _canvas_digest(browser)
+    assert float(stage.get_attribute("data-scale")) > 1.5 * fit_scale
+    assert zoomed != before
+    _shot(browser, tmp_path, "viewer-zoomed")
+    # Shift-drag changes window and level: the rendered pixels change, not just a number.
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    (
+        ActionChains(browser)
+        .move_to_element(stage)
+        .key_down(Keys.SHIFT)
+        .click_and_hold()
+        .move_by_offset(-150, -60)
+        .release()
+        .key_up(Keys.SHIFT)
+        .perform()
+    )
+    browser.execute_script("window.bonefracViewer.redraw()")
+    assert int(stage.get_attribute("data-window")) < 200 and int(stage.get_attribute("data-level")) > 150
+    windowed = _canvas_digest(browser)
+    assert windowed != zoomed
+    _shot(browser, tmp_path, "viewer-window-level")
+    # A preset and the reset key.
+    browser.find_element(By.CSS_SELECTOR, "#wl-presets button[data-key='2']").click()
+    assert stage.get_attribute("data-window") == "140"
+    stage.send_keys("0")
+    browser.execute_script("window.bonefracViewer.redraw()")
+    assert abs(float(stage.get_attribute("data-scale")) - fit_scale) < 1e-3
+    assert stage.get_attribute("data-window") == "256"
+    assert _canvas_digest(browser) == before
+
+
+def test_viewer_caveats_fracture_types_by_macro_f1(server, browser, tmp_path):
+    img = make_png(tmp_path / "types.png", size=(200, 200), seed=9)
+    browser.get(server.url + "/")
+    _upload(browser, img)
+    _wait_drawn(browser)
+    # The test bundle records no type macro-F1: the types are caveated and folded away.
+    caveat = browser.find_element(By.ID, "types-caveat")
+    assert caveat.is_displayed() and "Types unreliable" in caveat.text and "not reported" in caveat.text
+    assert not browser.find_element(By.ID, "types").is_displayed()
+    # A model whose type macro-F1 is 0.31: still caveated, with the number.
+    meta = httpx.get(server.url + "/metadata", timeout=30).json()
+    meta["metrics"] = {**meta["metrics"], "type_macro_f1": 0.31, "high_sensitivity.sensitivity": 0.93,
+                       "high_sensitivity.sensitivity_ci_low": 0.88, "high_sensitivity.sensitivity_ci_high": 0.97}
+    browser.execute_script("window.bonefracViewer.applyMetadata(arguments[0])", meta)
+    assert "macro-F1 0.31" in caveat.text
+    perf = browser.find_element(By.ID, "perf")
+    assert perf.is_displayed() and "93.0 % (88 %–97 %)" in perf.text
+    browser.execute_script("document.getElementById('types-card').scrollIntoView()")
+    _shot(browser, tmp_path, "viewer-types-caveat")
+    # A good one (0.72): bars shown openly, no caveat.
+    meta["metrics"]["type_macro_f1"] = 0.72
+    browser.execute_script("window.bonefracViewer.applyMetadata(arguments[0])", meta)
+    assert not caveat.is_displayed()
+    assert "transverse" in browser.find_element(By.ID, "types").text
 
 
 def test_viewer_accepts_dicom_and_explains_bad_files(server, browser, tmp_path):
@@ -128,9 +262,39 @@ def test_viewer_accepts_dicom_and_explains_bad_files(server, browser, tmp_path):
     wait = WebDriverWait(browser, 60)
     _upload(browser, make_dicom(tmp_path / "study.dcm"))
     wait.until(EC.visibility_of_element_located((By.ID, "result")))
+    _wait_drawn(browser)
     assert "DICOM" in browser.find_element(By.ID, "details").text
     _upload(browser, make_truncated_jpeg(tmp_path / "broken.jpg"))
     err = wait.until(EC.visibility_of_element_located((By.ID, "error")))
     assert "truncated JPEG" in err.text and "HTTP 422" in err.text
     assert not browser.find_element(By.ID, "result").is_displayed()  # no stale result next to an error
     _shot(browser, tmp_path, "viewer-error")
+
+
+def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
+    """The contract for the service's per-image OOD signal (bonefrac.monitoring.ood's JSON under "ood").
+
+    Today's service does not send it yet; the response is extended in the page to check the
+    viewer's side: a warning above the image, announced first.
+    """
+    img = make_png(tmp_path / "odd.png", size=(240, 240), seed=11)
+    browser.get(server.url + "/")
+    browser.execute_script(
+        """const f = window.fetch;
+        window.fetch = async (u, o) => {
+          const r = await f(u, o);
+          if (!String(u).includes('/explain') || !r.ok) return r;
+          const b = await r.json();
+          b.ood = {flag: true, score: 3.2, threshold: 1.0, group: 'image',
+                   reason: 'image statistics unlike the training images (log10_pixels +50.0 SD)'};
+          return new Response(JSON.stringify(b), {status: 200, headers: {'Content-Type': 'application/json'}});
+        };"""
+    )
+    _upload(browser, img)
+    _wait_drawn(browser)
+    box = browser.find_element(By.ID, "ood")
+    assert box.is_displayed() and "Unusual image for this model" in box.text and "score 3.20" in box.text
+    live = browser.find_element(By.ID, "announce")
+    WebDriverWait(browser, 30).until(lambda d: "complete" in (live.get_attribute("textContent") or ""))
+    assert live.get_attribute("textContent").startswith("Warning: unusual image")
+    _shot(browser, tmp_path, "viewer-ood")

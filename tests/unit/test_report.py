@@ -219,6 +219,10 @@ def test_report_is_self_contained_and_shows_the_numbers(evaluated: dict) -> None
         assert pct(op["sensitivity"]["value"]) in html and pct(op["specificity"]["value"]) in html
     assert r["calibration"]["label"] in html and r["calibration"]["label"].startswith("Platt (a = ")
     assert "v-test-123" in html and "quarantined" in html and "bootstrap_samples" in html
+    # The verdict comes first: one row per target, met or missed and by how much.
+    assert html.index('<section id="verdict"') < html.index('class="summary"') < html.index('<section id="ops"')
+    assert "targets met" in html and ("points below" in html or "points above" in html)
+    assert "Model version" in html and "0123456789abcdef" in html
     assert html.count("data:image/png;base64,") >= 8
     assert not re.search(
         r"<script|<link|@import|(src|href)\s*=\s*[\"']?(https?:)?//|url\((https?:)?//", html, re.IGNORECASE
@@ -251,8 +255,23 @@ def test_published_report_has_the_numbers_and_no_patient_image(evaluated: dict, 
 def test_model_card(evaluated: dict) -> None:
     card = (evaluated["out_model"].parent / "MODEL_CARD.md").read_text()
     t = evaluated["report"]["test"]
-    for heading in ("## Intended use", "## Data", "## Metrics", "## Operating points", "## Limitations"):
+    for heading in (
+        "## Model details",
+        "## Intended use",
+        "## Training data",
+        "## Evaluation data",
+        "## Metrics",
+        "## Operating points",
+        "## Quantitative analyses: subgroups",
+        "## Ethical considerations",
+        "## Caveats and recommendations",
+    ):
         assert heading in card
+    # Data facts from the actual splits; patient grouping claimed because the index has patient ids.
+    assert "| train | 70 |" in card and "Splits are grouped by patient" in card
+    assert "](../reports/evaluation/report.html)" in card  # a relative link
+    assert "Targets: Sensitivity at the high sensitivity point" in card
+    assert "http://" not in card and "https://" not in card
     assert f"{t['auroc']['value']:.3f}" in card and f"{t['auroc']['ci_high']:.3f}" in card
     assert "&lt;" not in card and "&#" not in card  # markdown, not HTML-escaped
 
@@ -290,3 +309,61 @@ def test_prefect_artifacts_inside_a_flow(evaluated: dict) -> None:
     with prefect_test_harness(server_startup_timeout=120):
         ids = publish()
     assert len(ids) == 3  # headline markdown, operating points, subgroups
+
+
+def _mini_report() -> dict:
+    def est(v, lo, hi):
+        return {"value": v, "ci_low": lo, "ci_high": hi}
+
+    def op(sens, spec):
+        return {"sensitivity": est(sens, sens - 0.05, sens + 0.03), "specificity": est(spec, spec - 0.04, spec + 0.02)}
+
+    return {
+        "targets": {"high_sensitivity": 0.95, "high_specificity": 0.9, "auroc": 0.8, "ece": 0.05},
+        "test": {
+            "auroc": est(0.85, 0.8, 0.9),
+            "ece": 0.08,
+            "operating_points": {"high_sensitivity": op(0.96, 0.5), "high_specificity": op(0.6, 0.86)},
+        },
+        "by_body_part": {
+            "hand": {"n": 40, "n_positive": 20, "auroc": est(0.9, 0.8, 0.95),
+                     "operating_points": {"high_sensitivity": op(0.95, 0.55), "high_specificity": op(0.6, 0.9)}},
+            "hip": {"n": 30, "n_positive": 10, "auroc": est(0.65, 0.5, 0.8),
+                    "operating_points": {"high_sensitivity": op(0.8, 0.4), "high_specificity": op(0.5, 0.85)}},
+        },
+        "by_view": {},
+    }
+
+
+def test_target_verdicts_and_weak_subgroups() -> None:
+    from bonefrac.evaluation.report import target_verdicts, weak_subgroups
+
+    v = {row["label"]: row for row in target_verdicts(_mini_report())}
+    sens = v["Sensitivity at the high sensitivity point"]
+    assert sens["status"] == "met (interval crosses the target)" and sens["by"] == "1.0 points above"
+    spec = v["Specificity at the high specificity point"]
+    assert spec["status"] == "missed" and spec["by"] == "4.0 points below"
+    assert v["AUROC"]["status"] == "met" and v["AUROC"]["target"] == "≥ 0.800"
+    assert v["Calibration error (ECE)"]["status"] == "missed" and "over the limit" in v["Calibration error (ECE)"]["by"]
+    weak = weak_subgroups(_mini_report())
+    assert [w["group"] for w in weak] == ["body part = hip"]
+    reasons = " ".join(weak[0]["reasons"])
+    assert "AUROC 0.650" in reasons and "sensitivity 80.0%" in reasons
+
+
+def test_validation_table_lists_failed_checks_first() -> None:
+    from bonefrac.evaluation.report import validation_table
+
+    summary = {
+        "rows": 10,
+        "bit_depth_success": True,
+        "bit_depth_failures": 0,
+        "label_values_success": False,
+        "label_values_failures": 3,
+        "min_side_skipped": True,
+        "checks_failed": 1,
+    }
+    rows, facts = validation_table(summary, {"validation": {"severities": {"label_values": "quarantine"}}})
+    assert [r["check"] for r in rows] == ["label_values", "min_side", "bit_depth"]
+    assert rows[0]["severity"] == "quarantine" and rows[0]["failures"] == 3 and rows[2]["severity"] == "–"
+    assert ("rows", "10") in facts and ("checks_failed", "1") in facts

@@ -106,6 +106,31 @@ def _split_counts(df: pd.DataFrame) -> dict[str, int]:
     return {"n": len(df), "n_positive": int(df["label"].astype(int).sum())}
 
 
+def _data_facts(index: pd.DataFrame, params_snapshot: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the model card says about the data: source, subset filters, per-split counts, patient ids."""
+    data = dict((params_snapshot or {}).get("data") or {})
+    facts: dict[str, Any] = {
+        "source": data.get("source"),
+        "include_body_parts": data.get("include_body_parts"),
+        "exclude_body_parts": data.get("exclude_body_parts"),
+        "use_fracture_types": data.get("use_fracture_types"),
+    }
+    pid = index["patient_id"].fillna("").astype(str).str.strip() if "patient_id" in index.columns else None
+    facts["has_patient_ids"] = bool(pid is not None and (pid != "").any())
+    splits: dict[str, Any] = {}
+    for name, df in index.groupby("split", sort=False):
+        row: dict[str, Any] = _split_counts(df)
+        if facts["has_patient_ids"] and pid is not None:
+            row["n_patients"] = int(pid.loc[df.index][pid.loc[df.index] != ""].nunique())
+        for col in ("body_part", "view"):
+            if col in df.columns:
+                counts = df[col].fillna("unknown").astype(str).value_counts()
+                row[col] = {str(k): int(v) for k, v in counts.items()}
+        splits[str(name)] = row
+    facts["splits"] = splits
+    return facts
+
+
 def _preprocess_text(pp: Mapping[str, Any], spatial_dims: int) -> str:
     if spatial_dims == 3:
         size = "×".join(str(v) for v in pp["volume_size"])
@@ -381,6 +406,8 @@ def _evaluate(
             "preprocess": pp,
             "preprocess_text": _preprocess_text(pp, bundle.spatial_dims),
             "git_commit": str(bundle.metadata.get("git_commit", "") or ""),
+            "name": str(bundle.metadata.get("model_name") or bundle.metadata.get("name") or ""),
+            "version": str(bundle.metadata.get("version") or bundle.metadata.get("model_version") or ""),
         },
         "splits": ({"val": _split_counts(val_df)} if val_df is not None else {})
         | {("external" if external else "test"): _split_counts(test_df)},
@@ -544,6 +571,7 @@ def run_evaluation(
         params_snapshot=params_snapshot,
         validation_summary=summary,
     )
+    report["data"] = _data_facts(index, params_snapshot)
     calibrated.metadata = {
         **dict(calibrated.metadata),
         "data_version": data_version,

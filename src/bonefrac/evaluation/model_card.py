@@ -13,14 +13,20 @@ from typing import Any
 
 from bonefrac.atomic import atomic_write_text
 from bonefrac.evaluation.plots import op_label
-from bonefrac.evaluation.report import _env, num, pct
+from bonefrac.evaluation.report import _env, num, pct, target_verdicts, weak_subgroups
 
 
 def render_model_card(report: Mapping[str, Any], report_path: str = "reports/evaluation/report.html") -> str:
     env = _env()
     env.autoescape = False  # markdown, not HTML
     return env.get_template("model_card.md.j2").render(
-        r=report, report_path=report_path, pct=pct, num=num, op_label=op_label
+        r=report,
+        report_path=report_path,
+        pct=pct,
+        num=num,
+        op_label=op_label,
+        verdicts=target_verdicts(report),
+        weak=weak_subgroups(report),
     )
 
 

@@ -224,7 +224,8 @@ def reliability_png(
 def confusion_png(cm: Sequence[Sequence[int]], names: Sequence[str], title: str) -> bytes:
     m = np.asarray(cm, dtype=float)
     k = len(names)
-    size = max(3.6, 0.7 * k + 2.2)
+    size = max(3.6, 0.95 * k + 2.6)  # type matrices (many classes) stay readable
+    font = 11 if k > 2 else 9
     fig, ax = plt.subplots(figsize=(size, size * 0.9))
     rows = m.sum(1, keepdims=True)
     frac = np.divide(m, rows, out=np.zeros_like(m), where=rows > 0)
@@ -234,17 +235,18 @@ def confusion_png(cm: Sequence[Sequence[int]], names: Sequence[str], title: str)
             ax.text(
                 j,
                 i,
-                f"{int(m[i, j])}\n{frac[i, j]:.0%}",
+                f"{int(m[i, j])}\n{frac[i, j]:.0%}" if rows[i, 0] > 0 else "n/a",  # no test image of the class
                 ha="center",
                 va="center",
-                fontsize=9,
-                color="white" if frac[i, j] > 0.55 else "#222",
+                fontsize=font,
+                color="white" if frac[i, j] > 0.55 else ("#222" if rows[i, 0] > 0 else "#999"),
             )
-    ax.set_xticks(range(k), names, rotation=30 if k > 2 else 0, ha="right" if k > 2 else "center")
-    ax.set_yticks(range(k), names)
-    ax.set_xlabel("Predicted")
-    ax.set_ylabel("Actual")
-    ax.set_title(title, fontsize=10, loc="left", fontweight="bold")
+    rot = 30 if k > 2 else 0
+    ax.set_xticks(range(k), names, rotation=rot, ha="right" if k > 2 else "center", fontsize=font)
+    ax.set_yticks(range(k), [n if rows[i, 0] > 0 else f"{n} (none)" for i, n in enumerate(names)], fontsize=font)
+    ax.set_xlabel("Predicted", fontsize=font)
+    ax.set_ylabel("Actual", fontsize=font)
+    ax.set_title(title, fontsize=font + 1, loc="left", fontweight="bold")
     return _fig_png(fig)
 
 

@@ -95,6 +95,110 @@ def _validation_rows(summary: Mapping[str, Any] | None, limit: int = 60) -> list
     return rows
 
 
+WEAK_AUROC = 0.7
+WEAK_GAP = 0.10  # a subgroup's sensitivity/specificity this far below the overall value is flagged
+_OP_METRIC = {"high_sensitivity": "sensitivity", "high_specificity": "specificity"}
+
+
+def _estimate(v: Any) -> tuple[float | None, float | None, float | None]:
+    if isinstance(v, Mapping):
+        return v.get("value"), v.get("ci_low"), v.get("ci_high")
+    return (v if isinstance(v, int | float) else None), None, None
+
+
+def target_verdicts(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Each target of the run → met / missed and by how much, first thing in the report.
+
+    Operating-point targets (``targets.high_sensitivity`` = minimum sensitivity at that
+    point, ``targets.high_specificity`` = minimum specificity at that one) are judged on the
+    test split; ``auroc`` (minimum) and ``ece`` (maximum) when the targets have them.
+    A target met by the point estimate but not by the interval's bound is flagged.
+    """
+    t = report["test"]
+    targets = report.get("targets") or {}
+    ops = t.get("operating_points") or {}
+    out: list[dict[str, Any]] = []
+
+    def add(label: str, value: Any, target: float, higher: bool, as_pct: bool) -> None:
+        v, lo, hi = _estimate(value)
+        fmt = pct if as_pct else num
+        if v is None or not math.isfinite(v):
+            out.append({"label": label, "target": fmt(target), "value": "–", "ci": "", "status": "unknown",
+                        "met": False, "by": "not measurable on this split"})
+            return
+        met = v >= target if higher else v <= target
+        bound = lo if higher else hi
+        sure = bound is not None and (bound >= target if higher else bound <= target)
+        diff = (v - target) if higher else (target - v)
+        by = (f"{100 * abs(diff):.1f} points" if as_pct else f"{abs(diff):.3f}") + (" above" if diff >= 0 else " below")
+        if not higher:
+            by = by.replace("above", "under the limit").replace("below", "over the limit")
+        status = "met" if met and sure else ("met (interval crosses the target)" if met else "missed")
+        ci = f"{fmt(lo)}–{fmt(hi)}" if lo is not None and hi is not None else ""
+        out.append({"label": label, "target": ("≥ " if higher else "≤ ") + fmt(target), "value": fmt(v), "ci": ci,
+                    "status": status, "met": met, "by": by})
+
+    for name, metric in _OP_METRIC.items():
+        if name in targets and name in ops:
+            add(f"{metric.capitalize()} at the {op_label(name).lower()} point", ops[name][metric],
+                float(targets[name]), True, True)
+    for key, label, higher in (("auroc", "AUROC", True), ("ece", "Calibration error (ECE)", False)):
+        tk = next((k for k in (key, f"{key}_min", f"{key}_max") if k in targets), None)
+        if tk is not None and key in t:
+            add(label, t[key], float(targets[tk]), higher, False)
+    return out
+
+
+def weak_subgroups(report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Body parts / views with AUROC < 0.7, or sensitivity/specificity far below the overall value."""
+    t = report["test"]
+    overall = {
+        name: (op or {}).get(metric, {}).get("value")
+        for name, op in (t.get("operating_points") or {}).items()
+        for metric in (_OP_METRIC.get(name),)
+        if metric
+    }
+    flagged = []
+    for key, label in (("by_body_part", "body part"), ("by_view", "view")):
+        for g, m in (report.get(key) or {}).items():
+            reasons = []
+            au = (m.get("auroc") or {}).get("value")
+            if isinstance(au, int | float) and au < WEAK_AUROC:
+                reasons.append(f"AUROC {num(au)} < {WEAK_AUROC}")
+            for name, ref in overall.items():
+                metric = _OP_METRIC[name]
+                v = ((m.get("operating_points") or {}).get(name) or {}).get(metric, {}).get("value")
+                if isinstance(v, int | float) and isinstance(ref, int | float) and v < ref - WEAK_GAP:
+                    reasons.append(f"{metric} {pct(v)} at the {op_label(name).lower()} point vs {pct(ref)} overall")
+            if reasons:
+                flagged.append({"group": f"{label} = {g}", "n": m.get("n"), "n_positive": m.get("n_positive"),
+                                "reasons": reasons})
+    return flagged
+
+
+def validation_table(
+    summary: Mapping[str, Any] | None, params: Mapping[str, Any] | None = None
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """(checks, facts): one row per data check (failed first) and the remaining summary facts."""
+    if not summary:
+        return [], []
+    sev = ((params or {}).get("validation") or {}).get("severities") or {}
+    checks: dict[str, dict[str, Any]] = {}
+    facts: dict[str, Any] = {}
+    for k, v in summary.items():
+        for suffix in ("_success", "_failures", "_errors", "_skipped"):
+            if k.endswith(suffix) and k not in ("checks_failed",):
+                name = k[: -len(suffix)]
+                row = checks.setdefault(name, {"check": name, "success": None, "failures": 0, "errors": 0,
+                                               "skipped": False, "severity": sev.get(name, "–")})
+                row[suffix[1:]] = v
+                break
+        else:
+            facts[k] = v
+    rows = sorted(checks.values(), key=lambda r: (r["success"] is not False and not r["skipped"], r["check"]))
+    return rows, _validation_rows(facts)
+
+
 def _env() -> jinja2.Environment:
     loader = jinja2.FunctionLoader(
         lambda name: resources.files("bonefrac.evaluation").joinpath("templates", name).read_text("utf-8")
@@ -131,7 +235,10 @@ def render_report_html(
         gallery=list(gallery),
         gallery_note=gallery_note,
         categories=CATEGORIES,
-        validation_rows=_validation_rows(report.get("validation_summary")),
+        validation_rows=validation_table(report.get("validation_summary"), report.get("params"))[1],
+        validation_checks=validation_table(report.get("validation_summary"), report.get("params"))[0],
+        verdicts=target_verdicts(report),
+        weak=weak_subgroups(report),
         params_text=yaml.safe_dump(report.get("params") or {}, sort_keys=False) or "(none given)",
         img=img,
         has_img=lambda name: name in figures,

@@ -41,6 +41,7 @@ from bonefrac.validation.checks import (
     row_reason,
 )
 from bonefrac.validation.expectations import Outcome, run_suite
+from bonefrac.validation.offline_docs import make_offline
 from bonefrac.validation.quarantine import (
     replace_dir_atomic,
     split_clean_quarantine,
@@ -153,6 +154,7 @@ def validate_manifest(
     staging = Path(tempfile.mkdtemp(prefix=f".{data_docs_dir.name}.new.", dir=data_docs_dir.parent))
     try:
         outcomes = run_suite(table, expectations, staging)
+        make_offline(staging)  # no CDN request: the docs open in an air-gapped network or an archive
         replace_dir_atomic(staging, data_docs_dir)
     finally:
         if staging.exists():
