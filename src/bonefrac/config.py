@@ -230,7 +230,7 @@ class ServingParams(Strict):
     # On SIGTERM the model worker keeps answering until it has been idle this long (at most
     # drain_max_s), so requests the front end accepted before the signal still complete.
     drain_idle_s: float = Field(2.0, ge=0.0)
-    drain_max_s: float = Field(30.0, ge=0.0)
+    drain_max_s: float = Field(20.0, ge=0.0)  # below circus' 30-s stop timeout
 
     @field_validator("max_batch_size")
     @classmethod

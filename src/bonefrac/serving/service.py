@@ -52,7 +52,7 @@ from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device, select_backend
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.registry.resolve import resolve_model
-from bonefrac.serving.auth import APIKeyMiddleware, require_api_key
+from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.prediction_log import append_prediction, image_statistics
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
@@ -66,14 +66,39 @@ _HAS_GPU = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------- model
+def _sibling_workers() -> list[Any]:
+    """The other worker processes of this ``bentoml serve`` (the front ends), by the common parent."""
+    try:
+        import psutil  # a BentoML dependency
+
+        me = os.getpid()
+        return [p for p in psutil.Process(os.getppid()).children() if p.pid != me]
+    except Exception:
+        return []
+
+
+def _alive(procs: list[Any]) -> bool:
+    import psutil
+
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
 def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
-    """On SIGTERM, keep serving until no call for ``idle_s`` (at most ``max_s``), then shut down.
+    """On SIGTERM, keep serving until the front ends have exited (at most ``max_s``), then shut down.
 
     Every process of ``bentoml serve`` gets SIGTERM at once (a process-group kill,
     ``docker stop``, circus stopping its watchers). The front end drains its in-flight
     requests (uvicorn finishes them), but they still need this process: were it to stop
-    at once they would end as 503 "model busy". Called from ``__init__``, which runs in
-    the main thread after uvicorn installed its handler; that handler is called later.
+    at once they would end as 503 "model busy". So this worker waits until its sibling
+    workers (the front ends) are gone; where they cannot be seen, until no call came
+    for ``idle_s``. Installed from ``__init__``, which runs in the main thread after
+    uvicorn installed its own handler; that handler is called at the end.
     """
     if threading.current_thread() is not threading.main_thread() or max_s <= 0:
         return
@@ -84,10 +109,12 @@ def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
 
     def wait_then_exit(sig: int, frame: Any) -> None:
         t0 = time.monotonic()
+        siblings = _sibling_workers()
         while time.monotonic() - t0 < max_s:
-            if time.monotonic() - max(last_call(), t0) >= idle_s:
+            idle = time.monotonic() - max(last_call(), t0) >= idle_s
+            if (siblings and not _alive(siblings)) or (not siblings and idle):
                 break
-            time.sleep(0.05)
+            time.sleep(0.1)
         logger.info("model worker drained in %.1f s; shutting down", time.monotonic() - t0)
         previous(sig, frame)  # uvicorn's handler only sets a flag: safe from this thread
 
@@ -199,6 +226,32 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, ConnectionError) or type(err).__name__ in names
 
 
+#: The model worker's readiness as this front-end process last probed it (None: not probed yet).
+_MODEL_READY: dict[str, bool | None] = {"ready": None}
+
+
+class FastReadyzMiddleware:
+    """Answer ``GET /readyz`` from the last probe of the model worker, without waiting on it.
+
+    Until the first probe (started by BentoML's own ``/readyz`` through
+    ``FractureService.__is_ready__``) the request goes to BentoML.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        ready = _MODEL_READY["ready"]
+        if scope.get("type") != "http" or scope.get("path") != "/readyz" or ready is None:
+            await self.app(scope, receive, send)
+            return
+        if ready:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"\n"})
+        else:
+            await send_json_error(send, 503, "not ready: the model worker is not answering (starting or restarting)")
+
+
 def _error(exc: InputRejected) -> JSONResponse:
     return JSONResponse(exc.to_json(), status_code=exc.status, headers={"x-bonefrac-error": "1"})
 
@@ -255,21 +308,34 @@ class FractureService:
         # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50).
         slots = SETTINGS.decode_slots or (os.cpu_count() or 1)
         self._cpu_slots = asyncio.Semaphore(slots)
+        self._probe_task: asyncio.Task[None] | None = None
 
     async def __is_ready__(self) -> bool:
-        """Ready when the model worker answers its own /readyz within a second.
+        """Ready when the model worker answered its own /readyz within half a second, lately.
 
         BentoML's own dependency probe waits up to 5 s per try, and a worker being
         restarted accepts connections it answers only once the model is loaded (~25 s
-        seen): an orchestrator must get its 503 at once instead.
+        seen): an orchestrator must get its 503 at once instead. A background task
+        probes the model worker every half second; this answers from its last result.
         """
-        is_ready = getattr(self.model, "is_ready", None)
-        if is_ready is None:  # the model runs in this process (tests, bentoml.importing)
+        if getattr(self.model, "is_ready", None) is None:  # the model runs in this process
             return True
+        if self._probe_task is None or self._probe_task.done():
+            _MODEL_READY["ready"] = await self._probe_model()
+            self._probe_task = asyncio.create_task(self._probe_loop())
+        return bool(_MODEL_READY["ready"])
+
+    async def _probe_model(self) -> bool:
         try:
-            return bool(await asyncio.wait_for(is_ready(1), timeout=0.8))
+            # Half a second: the answer must reach the prober within one even on a loaded machine.
+            return bool(await asyncio.wait_for(self.model.is_ready(0.5), timeout=0.5))
         except Exception:  # timeout, refused, reset: not ready
             return False
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            _MODEL_READY["ready"] = await self._probe_model()
 
     async def __metrics__(self, content: str) -> str:
         return bounded_metrics(content)
@@ -477,10 +543,11 @@ class FractureService:
         }
 
 
-# Outermost first: error shape (JSON, never a 500), API key (401 before anything is read),
+# Outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before anything is read),
 # the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form), the viewer route.
 _MAX_BODY = int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
 FractureService.add_asgi_middleware(ErrorShapeMiddleware)
+FractureService.add_asgi_middleware(FastReadyzMiddleware)
 FractureService.add_asgi_middleware(APIKeyMiddleware, api_key=SETTINGS.api_key)
 FractureService.add_asgi_middleware(UploadLimitMiddleware, max_bytes=_MAX_BODY)
 FractureService.add_asgi_middleware(UploadFormMiddleware, max_bytes=_MAX_BODY)
