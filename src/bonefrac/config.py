@@ -222,9 +222,9 @@ class ServingParams(Strict):
     api_key: str | None = Field(None, repr=False)
     # Without a key the service refuses to start unless this is on (a laptop, tests, `make serve`).
     insecure_local: bool = False
-    # Decode budget per upload, checked from the header before decoding: the raster the
-    # decoder must allocate (pixels x channels x bytes per sample). 16-bit RGBA bombs stop here.
-    max_decoded_mb: float = Field(256.0, gt=0.0)
+    # Decode budget per upload, checked from the header before decoding: the working memory of
+    # decoding + preprocessing (pixels x (stored bytes + float32 copies)). Colour/16-bit bombs stop here.
+    max_decoded_mb: float = Field(1024.0, gt=0.0)
     # Uploads decoded at once per front-end process; 0 = one per core.
     decode_slots: int = Field(0, ge=0, le=256)
     # On SIGTERM the model worker keeps answering until it has been idle this long (at most

@@ -14,7 +14,7 @@ from bonefrac.inference.intake import (
     InputRejected,
     SafetyLimits,
     classify_decode_error,
-    declared_decoded_bytes,
+    decode_memory_estimate,
     decode_upload,
 )
 from bonefrac.inference.intake import _fmt_mb as _fmt_mb
@@ -26,7 +26,7 @@ __all__ = [
     "SafetyLimits",
     "UploadLimitMiddleware",
     "classify_decode_error",
-    "declared_decoded_bytes",
+    "decode_memory_estimate",
     "decode_upload",
 ]
 
