@@ -305,5 +305,6 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
             t.join(timeout=90)
         srv.proc.wait(timeout=40)
         took = time.perf_counter() - t_sig
-    assert results == [200] * 4, (results, srv.log_text()[-3000:])
+    notes = [ln[:240] for ln in srv.log_text().splitlines() if "WARNING" in ln or "ERROR" in ln or "status=" in ln]
+    assert results == [200] * 4, (results, notes[-30:])
     print(f"one request {one:.2f} s; 4 in-flight requests drained; server exited {took:.1f} s after SIGTERM")

@@ -110,12 +110,13 @@ def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
     def wait_then_exit(sig: int, frame: Any) -> None:
         t0 = time.monotonic()
         siblings = _sibling_workers()
+        logger.warning("SIGTERM: model worker draining (waiting for %d front-end process(es))", len(siblings))
         while time.monotonic() - t0 < max_s:
             idle = time.monotonic() - max(last_call(), t0) >= idle_s
             if (siblings and not _alive(siblings)) or (not siblings and idle):
                 break
             time.sleep(0.1)
-        logger.info("model worker drained in %.1f s; shutting down", time.monotonic() - t0)
+        logger.warning("model worker drained in %.1f s; shutting down", time.monotonic() - t0)
         previous(sig, frame)  # uvicorn's handler only sets a flag: safe from this thread
 
     def on_sigterm(sig: int, frame: Any) -> None:
