@@ -305,6 +305,8 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
             t.join(timeout=90)
         srv.proc.wait(timeout=40)
         took = time.perf_counter() - t_sig
-    notes = [ln[:240] for ln in srv.log_text().splitlines() if "WARNING" in ln or "ERROR" in ln or "status=" in ln]
-    assert results == [200] * 4, (results, notes[-30:])
+    if results != [200] * 4:
+        notes = [ln[:300] for ln in srv.log_text().splitlines() if "WARNING" in ln or "ERROR" in ln or "status=" in ln]
+        print("\n".join(notes[-30:]))
+    assert results == [200] * 4, results
     print(f"one request {one:.2f} s; 4 in-flight requests drained; server exited {took:.1f} s after SIGTERM")
