@@ -309,4 +309,5 @@ def test_sigterm_lets_in_flight_requests_finish(tmp_path):
         notes = [ln[:300] for ln in srv.log_text().splitlines() if "WARNING" in ln or "ERROR" in ln or "status=" in ln]
         print("\n".join(notes[-30:]))
     assert results == [200] * 4, results
+    assert "draining (waiting for 1 front-end" in srv.log_text()  # it saw the front end it waits for
     print(f"one request {one:.2f} s; 4 in-flight requests drained; server exited {took:.1f} s after SIGTERM")

@@ -66,15 +66,39 @@ _HAS_GPU = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------- model
-def _sibling_workers() -> list[Any]:
-    """The other worker processes of this ``bentoml serve`` (the front ends), by the common parent."""
-    try:
-        import psutil  # a BentoML dependency
+class _Siblings:
+    """The other worker processes of this ``bentoml serve`` (the front ends), kept up to date.
 
-        me = os.getpid()
-        return [p for p in psutil.Process(os.getppid()).children() if p.pid != me]
-    except Exception:
-        return []
+    circus starts each worker in its own session, so they share only their parent,
+    ``bentoml serve``; at SIGTERM that parent may already be gone (its orphans are
+    re-parented). So a daemon thread notes the parent's other children every 2 s.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, name="bonefrac-siblings", daemon=True).start()
+
+    def _scan(self) -> None:
+        try:
+            import psutil  # a BentoML dependency
+
+            found = [p for p in psutil.Process(os.getppid()).children() if p.pid != os.getpid()]
+        except Exception:
+            return
+        with self._lock:
+            for p in found:
+                self.seen.setdefault(p.pid, p)
+
+    def _watch(self) -> None:
+        while True:
+            self._scan()
+            time.sleep(2.0)
+
+    def current(self) -> list[Any]:
+        self._scan()
+        with self._lock:
+            return list(self.seen.values())
 
 
 def _alive(procs: list[Any]) -> bool:
@@ -92,8 +116,8 @@ def _alive(procs: list[Any]) -> bool:
 def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
     """On SIGTERM, keep serving until the front ends have exited (at most ``max_s``), then shut down.
 
-    Every process of ``bentoml serve`` gets SIGTERM at once (a process-group kill,
-    ``docker stop``, circus stopping its watchers). The front end drains its in-flight
+    Stopping ``bentoml serve`` (SIGTERM to it, ``docker stop``) makes circus send
+    SIGTERM to every worker at once. The front end drains its in-flight
     requests (uvicorn finishes them), but they still need this process: were it to stop
     at once they would end as 503 "model busy". So this worker waits until its sibling
     workers (the front ends) are gone; where they cannot be seen, until no call came
@@ -106,10 +130,11 @@ def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
     if not callable(previous):
         return
     state = {"draining": False}
+    watcher = _Siblings()
 
     def wait_then_exit(sig: int, frame: Any) -> None:
         t0 = time.monotonic()
-        siblings = _sibling_workers()
+        siblings = [p for p in watcher.current() if _alive([p])]
         logger.warning("SIGTERM: model worker draining (waiting for %d front-end process(es))", len(siblings))
         while time.monotonic() - t0 < max_s:
             idle = time.monotonic() - max(last_call(), t0) >= idle_s
