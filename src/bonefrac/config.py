@@ -230,7 +230,8 @@ class ServingParams(Strict):
     # On SIGTERM the model worker keeps answering until it has been idle this long (at most
     # drain_max_s), so requests the front end accepted before the signal still complete.
     drain_idle_s: float = Field(2.0, ge=0.0)
-    drain_max_s: float = Field(20.0, ge=0.0)  # below circus' 30-s stop timeout
+    drain_max_s: float = Field(20.0, ge=0.0)
+    debug: bool = False  # DEBUG logging of bonefrac.serving  # below circus' 30-s stop timeout
 
     @field_validator("max_batch_size")
     @classmethod
@@ -256,6 +257,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEFRAC_DECODE_SLOTS": ("serving", "decode_slots"),
     "BONEFRAC_DRAIN_IDLE_S": ("serving", "drain_idle_s"),
     "BONEFRAC_DRAIN_MAX_S": ("serving", "drain_max_s"),
+    "BONEFRAC_SERVICE_DEBUG": ("serving", "debug"),
 }
 
 

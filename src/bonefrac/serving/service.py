@@ -579,5 +579,5 @@ FractureService.add_asgi_middleware(UploadLimitMiddleware, max_bytes=_MAX_BODY)
 FractureService.add_asgi_middleware(UploadFormMiddleware, max_bytes=_MAX_BODY)
 FractureService.add_asgi_middleware(ViewerAtRootMiddleware)
 
-if os.environ.get("BONEFRAC_SERVICE_DEBUG"):
+if SETTINGS.debug:
     logger.setLevel(logging.DEBUG)
