@@ -227,8 +227,8 @@ class ServingParams(Strict):
     max_decoded_mb: float = Field(1024.0, gt=0.0)
     # Uploads decoded at once per front-end process; 0 = one per core.
     decode_slots: int = Field(0, ge=0, le=256)
-    # On SIGTERM the model worker keeps answering until it has been idle this long (at most
-    # drain_max_s), so requests the front end accepted before the signal still complete.
+    # On SIGTERM the model worker keeps answering until the front ends have exited (at most
+    # drain_max_s; idle this long where it cannot see them), so accepted requests still complete.
     drain_idle_s: float = Field(2.0, ge=0.0)
     drain_max_s: float = Field(20.0, ge=0.0)
     debug: bool = False  # DEBUG logging of bonefrac.serving  # below circus' 30-s stop timeout
