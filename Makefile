@@ -48,5 +48,6 @@ lint: install
 bench: install
 	$(BIN)/python -m benchmarks.run_all
 
+# Local use: no API key needed (BONEFRAC_INSECURE_LOCAL=1); set BONEFRAC_API_KEY to require one.
 serve: install
-	$(BIN)/bentoml serve bonefrac.serving.service:FractureService --port 3000
+	BONEFRAC_INSECURE_LOCAL=$${BONEFRAC_INSECURE_LOCAL:-1} $(BIN)/bentoml serve bonefrac.serving.service:FractureService --port 3000

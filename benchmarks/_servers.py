@@ -61,7 +61,7 @@ def serve(
     argv: Sequence[str], work: Path, env_extra: Mapping[str, str], port: int, timeout: float = 300.0
 ) -> Iterator[Server]:
     """Run ``argv`` in ``work``, wait for ``GET /readyz`` = 200, yield, then stop it."""
-    env = child_env(REPO_ROOT, {"BENTOML_HOME": str(work / "bentoml"), **env_extra})
+    env = child_env(REPO_ROOT, {"BENTOML_HOME": str(work / "bentoml"), "BONEFRAC_INSECURE_LOCAL": "1", **env_extra})
     env.pop("BONEFRAC_API_KEY", None)
     log_path = work / f"server-{port}.log"
     url = f"http://127.0.0.1:{port}"

@@ -225,6 +225,18 @@ class ServingParams(Strict):
     onnx_cache_dir: str | None = None
     # A secret: never written in params.yaml; set BONEFRAC_API_KEY.
     api_key: str | None = Field(None, repr=False)
+    # Without a key the service refuses to start unless this is on (a laptop, tests, `make serve`).
+    insecure_local: bool = False
+    # Decode budget per upload, checked from the header before decoding: the working memory of
+    # decoding + preprocessing (pixels x (stored bytes + float32 copies)). Colour/16-bit bombs stop here.
+    max_decoded_mb: float = Field(1024.0, gt=0.0)
+    # Uploads decoded at once per front-end process; 0 = one per core.
+    decode_slots: int = Field(0, ge=0, le=256)
+    # On SIGTERM the model worker keeps answering until the front ends have exited (at most
+    # drain_max_s; idle this long where it cannot see them), so accepted requests still complete.
+    drain_idle_s: float = Field(2.0, ge=0.0)
+    drain_max_s: float = Field(20.0, ge=0.0)
+    debug: bool = False  # DEBUG logging of bonefrac.serving  # below circus' 30-s stop timeout
 
     @field_validator("max_batch_size")
     @classmethod
@@ -245,6 +257,12 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEFRAC_PREDICTION_LOG_DIR": ("paths", "predictions_log"),
     "BONEFRAC_ONNX_CACHE": ("serving", "onnx_cache_dir"),
     "BONEFRAC_API_KEY": ("serving", "api_key"),
+    "BONEFRAC_INSECURE_LOCAL": ("serving", "insecure_local"),
+    "BONEFRAC_MAX_DECODED_MB": ("serving", "max_decoded_mb"),
+    "BONEFRAC_DECODE_SLOTS": ("serving", "decode_slots"),
+    "BONEFRAC_DRAIN_IDLE_S": ("serving", "drain_idle_s"),
+    "BONEFRAC_DRAIN_MAX_S": ("serving", "drain_max_s"),
+    "BONEFRAC_SERVICE_DEBUG": ("serving", "debug"),
 }
 
 

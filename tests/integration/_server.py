@@ -97,6 +97,8 @@ def server_env(model_path: Path, workdir: Path, **extra: str) -> dict[str, str]:
             "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{env.get('PYTHONPATH', '')}",
             "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "1"),
             "BONEFRAC_PARAMS": str(workdir / "no-params.yaml"),  # defaults + env only: tests are explicit
+            # No key unless a test sets one: say so explicitly (without either, the service refuses to start).
+            "BONEFRAC_INSECURE_LOCAL": "1",
         }
     )
     env.pop("BONEFRAC_API_KEY", None)

@@ -156,4 +156,5 @@ def test_volumes_for_a_3d_model(tmp_path):
     assert (s.n_ok, s.n_failed) == (2, 0)
     s2 = predict_to_file(root / "flat.png", vol, tmp_path / "f.csv", backend="torch", progress=False)
     assert s2.n_failed == 1
-    assert "2D image where a 3D volume is expected" in pd.read_csv(tmp_path / "f.csv")["error"][0]
+    # the service's verdict for the same file (one intake for both): PNG is not a volume format
+    assert "unsupported format PNG" in pd.read_csv(tmp_path / "f.csv")["error"][0]

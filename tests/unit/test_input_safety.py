@@ -211,3 +211,31 @@ def test_prediction_log_round_trip_without_phi(tmp_path):
 def test_read_empty_log_dir(tmp_path):
     df = read_prediction_log(tmp_path / "none")
     assert df.empty and list(df.columns) == LOG_COLUMNS
+
+
+# ------------------------------------------------------------------ decode budget (issue 16)
+def test_decode_budget_is_checked_from_the_header_before_decoding(tmp_path):
+    import struct
+    import zlib
+
+    from bonefrac.serving.input_safety import decode_memory_estimate
+
+    def header_only_png(w: int, h: int, depth: int, colour: int) -> bytes:
+        def chunk(tag: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + tag + body + struct.pack(">I", zlib.crc32(tag + body))
+
+        ihdr = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, 0)
+        idat = chunk(b"IDAT", zlib.compress(b"\x00"))
+        return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
+
+    rgba16 = header_only_png(6000, 6000, 16, 6)  # 36 Mpx: under max_pixels, 8 bytes per stored pixel
+    assert decode_memory_estimate(rgba16, "png") == 6000 * 6000 * (8 + 16 + 8)
+    assert decode_memory_estimate(header_only_png(100, 100, 8, 0), "png") == 100 * 100 * (1 + 4 + 8)
+    err = _reject(rgba16, limits=SafetyLimits(max_pixels=60_000_000))  # default budget: 1024 MB
+    assert err.status == 413 and "decode budget" in err.message
+    gray = make_png(tmp_path / "g.png", size=(64, 64)).read_bytes()
+    assert _reject(gray, limits=SafetyLimits(max_decoded_bytes=1000)).status == 413
+    decode_upload(gray, 2, SafetyLimits())
+    dcm = make_dicom(tmp_path / "d.dcm").read_bytes()
+    assert decode_memory_estimate(dcm, "dicom") == 64 * 64 * (2 + 4 + 16)
+    assert decode_memory_estimate(b"\x89PNG\r\n\x1a\nbroken", "png") is None  # the decoder names the problem

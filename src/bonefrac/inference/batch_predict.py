@@ -4,7 +4,12 @@ Images are streamed: paths are discovered lazily, decoded and preprocessed one
 batch at a time, and each batch's rows are written before the next is read, so
 memory stays flat on a folder of 100,000 images. A file that cannot be read gets
 an ``error`` in its row and the run goes on; the caller turns "some failed" into
-exit code 2.
+exit code 2. Every file given gets a row: in a folder, every file but hidden ones
+and sidecar metadata (CSV, JSON, text...), so a GIF, WebP, PDF, ZIP or NIfTI among
+radiographs is reported as unsupported instead of silently left out. Each file goes
+through the service's own intake (:func:`bonefrac.inference.intake.decode_upload`:
+accepted formats, pixel and decode budgets, the strict decoder), so a file gets the
+same verdict here as from ``POST /predict``.
 
 Preprocessing, calibration and decisions are the model bundle's own
 (:meth:`ModelBundle.preprocess`, :meth:`ModelBundle.calibrate`), the same code the
@@ -29,6 +34,7 @@ import torch
 from bonefrac.atomic import atomic_path
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
 from bonefrac.errors import BonefracError
+from bonefrac.inference.intake import InputRejected, SafetyLimits, decode_upload
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.transforms import PreprocessError
 
@@ -36,7 +42,8 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".bmp"}
 VOLUME_SUFFIXES = {".nii", ".gz", ".dcm", ".dicom"}
-SKIP_SUFFIXES = {".csv", ".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".xml", ".html", ".py", ".zip"}
+#: Sidecar metadata next to images in a folder: not given to the model, no row. Anything else gets a row.
+SKIP_SUFFIXES = {".csv", ".tsv", ".json", ".jsonl", ".txt", ".md", ".yaml", ".yml", ".xml", ".html", ".py"}
 PATH_COLUMNS = ("path", "image_path", "file", "filename")
 EXIT_SOME_FAILED = 2
 
@@ -66,11 +73,7 @@ def _wanted_file(path: Path, spatial_dims: int) -> bool:
     suffix = path.suffix.lower()
     if spatial_dims == 3:
         return name.endswith((".nii", ".nii.gz"))
-    if suffix in IMAGE_SUFFIXES:
-        return True
-    if suffix in SKIP_SUFFIXES:
-        return False
-    return suffix == "" and _is_extensionless_dicom(path)
+    return suffix not in SKIP_SUFFIXES
 
 
 def _walk_sorted(root: Path) -> Iterator[tuple[Path, list[str]]]:
@@ -214,8 +217,23 @@ def _load(
     path: str, bundle: ModelBundle, max_pixels: int | None
 ) -> tuple[DecodedImage | None, torch.Tensor | None, str]:
     try:
-        img = read_image(path, max_pixels=max_pixels, expected_dims=bundle.spatial_dims)
+        if Path(path).is_dir():  # a DICOM series (3D models)
+            img = read_image(path, max_pixels=max_pixels, expected_dims=bundle.spatial_dims)
+        else:
+            try:
+                data = Path(path).read_bytes()
+            except FileNotFoundError:
+                return None, None, f"file not found: {path}"
+            except OSError as err:
+                return None, None, f"cannot read file: {err.strerror or type(err).__name__}"
+            limits = SafetyLimits(
+                max_upload_bytes=max(len(data), 1),  # local files: no upload limit
+                max_pixels=max_pixels if max_pixels is not None else 2**62,
+            )
+            img = decode_upload(data, bundle.spatial_dims, limits)
         return img, bundle.preprocess(img.array), ""
+    except InputRejected as err:
+        return None, None, err.message
     except ImageDecodeError as err:
         return None, None, str(err)
     except PreprocessError as err:  # preprocessing refused the array (e.g. a degenerate shape)

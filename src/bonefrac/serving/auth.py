@@ -1,11 +1,15 @@
-"""Optional API-key authentication for the service, as ASGI middleware.
+"""API-key authentication for the service, as ASGI middleware.
 
-When ``BONEFRAC_API_KEY`` is set, the model endpoints need
+The service requires ``BONEFRAC_API_KEY`` unless ``serving.insecure_local``
+(``BONEFRAC_INSECURE_LOCAL=1``) says it runs on a trusted machine (see
+:func:`require_api_key`). With a key, the model endpoints and ``/metrics`` need
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``; without it they answer
-401. Probes (``/livez``, ``/readyz``, ``/healthz``, ``/metrics``) and the viewer's
-static files stay open so orchestrators and browsers can load them; the viewer
-asks for the key when the API answers 401. Middleware (rather than a check in each
-endpoint) rejects the request before its body is read or parsed.
+401. Credentials that contradict each other (two ``Authorization`` headers, two
+``X-API-Key`` headers, or both kinds with different values) are a 400: which one
+counts would otherwise depend on header order. Probes (``/livez``, ``/readyz``,
+``/healthz``) and the viewer's static files stay open so orchestrators and browsers
+can load them; the viewer asks for the key when the API answers 401. Middleware
+(rather than a check in each endpoint) rejects the request before its body is read.
 """
 
 from __future__ import annotations
@@ -20,7 +24,45 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PROTECTED_PREFIXES: tuple[str, ...] = ("/predict", "/explain", "/metadata", "/infer", "/cam")
+PROTECTED_PREFIXES: tuple[str, ...] = ("/predict", "/explain", "/metadata", "/infer", "/cam", "/metrics")
+
+INSECURE_HINT = (
+    "BONEFRAC_API_KEY is not set: the service requires an API key. Set BONEFRAC_API_KEY to a secret, "
+    "or set BONEFRAC_INSECURE_LOCAL=1 (params.yaml serving.insecure_local: true) to run without "
+    "authentication on a trusted machine (a laptop, tests, `make serve`)."
+)
+
+
+class ConflictingCredentials(ValueError):
+    """The request carries more than one credential, and they differ or repeat a header."""
+
+
+def require_api_key(api_key: str | None, insecure_local: bool) -> None:
+    """Refuse to serve without a key unless running without one was asked for explicitly."""
+    if not api_key and not insecure_local:
+        raise RuntimeError(INSECURE_HINT)
+
+
+def sent_credentials(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    """The one key the request sends, or ``None``; :class:`ConflictingCredentials` if ambiguous.
+
+    Two ``Authorization`` or two ``X-API-Key`` headers are ambiguous even when equal;
+    one of each must carry the same key.
+    """
+    auth = [v for k, v in headers if k.lower() == b"authorization"]
+    xkey = [v for k, v in headers if k.lower() == b"x-api-key"]
+    if len(auth) > 1 or len(xkey) > 1:
+        raise ConflictingCredentials("more than one Authorization or X-API-Key header")
+    sent: list[str] = []
+    if auth:
+        scheme, _, token = auth[0].decode("latin-1").partition(" ")
+        # A non-Bearer Authorization is a credential too: it cannot silently lose to X-API-Key.
+        sent.append(token.strip() if scheme.lower() == "bearer" and token.strip() else "\0" + auth[0].decode("latin-1"))
+    if xkey:
+        sent.append(xkey[0].decode("latin-1").strip())
+    if len(sent) == 2 and not hmac.compare_digest(sent[0].encode(), sent[1].encode()):
+        raise ConflictingCredentials("Authorization and X-API-Key carry different keys")
+    return sent[0] if sent else None
 
 
 def extract_key(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
@@ -44,7 +86,7 @@ def key_is_valid(sent: str | None, expected: str) -> bool:
 async def send_json_error(
     send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": message, "status": int(status)}).encode()
     await send(
         {
             "type": "http.response.start",
@@ -52,6 +94,7 @@ async def send_json_error(
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                (b"x-bonefrac-error", b"1"),  # already {"error", "status"}: ErrorShapeMiddleware passes it on
                 *(headers or []),
             ],
         }
@@ -78,8 +121,15 @@ class APIKeyMiddleware:
             and scope.get("type") == "http"
             and scope.get("path", "").startswith(self.protected_prefixes)
             and scope.get("method") != "OPTIONS"
-            and not key_is_valid(extract_key(scope.get("headers", [])), self.api_key)
         ):
+            try:
+                sent = sent_credentials(scope.get("headers", []))
+            except ConflictingCredentials as err:
+                await send_json_error(send, 400, f"conflicting credentials: {err}; send exactly one key")
+                return
+            if key_is_valid(sent, self.api_key):
+                await self.app(scope, receive, send)
+                return
             await send_json_error(
                 send,
                 401,

@@ -1,114 +1,34 @@
-"""Turn an untrusted upload into a decoded image, or into a 4xx with a clear message.
+"""The service's upload checks: the intake policy (:mod:`bonefrac.inference.intake`) and the body-size limit.
 
-The service must never answer 500 to a bad file and must stay healthy afterwards.
-Every check that can be done cheaply is done before decoding: the body size (an
-ASGI middleware rejects an oversized upload before it is parsed), the format from
-the magic bytes, and the declared pixel count from the header (decompression
-bombs; :func:`bonefrac.data.imageio.read_image` checks it before decoding). What
-remains (truncated or corrupt data, DICOM without pixels, a volume sent to a 2D
-model) comes back from the decoder as an :class:`ImageDecodeError` whose message
-is safe to return: it names the problem, never a patient identifier.
-
-Status codes: 413 too large (bytes or pixels), 415 not a supported format,
-422 a supported format that cannot be used, 400 an empty or missing upload.
+The decision about a file (accepted formats, pixel and decode budgets, the
+decoder's verdict, the status and message) is :mod:`bonefrac.inference.intake`'s,
+shared with ``bonefrac predict``; it is re-exported here for the service. This
+module adds the ASGI middleware that refuses an oversized body before anything
+parses it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from http import HTTPStatus
-
-from bonefrac.config import ServingParams
-from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
+from bonefrac.inference.intake import (
+    ACCEPTED_FORMATS,
+    InputRejected,
+    SafetyLimits,
+    classify_decode_error,
+    decode_memory_estimate,
+    decode_upload,
+)
+from bonefrac.inference.intake import _fmt_mb as _fmt_mb
 from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, send_json_error
 
-#: Formats the service accepts, by spatial dims of the model. TIFF/BMP/GIF/WebP decode
-#: fine but are not clinical exchange formats; refusing them keeps the contract small.
-ACCEPTED_FORMATS: dict[int, frozenset[str]] = {
-    2: frozenset({"png", "jpeg", "dicom"}),
-    3: frozenset({"dicom", "nifti"}),
-}
-
-
-class InputRejected(Exception):
-    """An upload the service refuses; ``status`` is the HTTP status, the message is for the user."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = int(status)
-        self.message = message
-
-    def to_json(self) -> dict[str, str | int]:
-        return {"error": self.message, "status": self.status}
-
-
-@dataclass(frozen=True)
-class SafetyLimits:
-    """Upload limits; the service builds them from ``Params.serving`` (``max_upload_mb``, ``max_pixels``)."""
-
-    max_upload_bytes: int
-    max_pixels: int
-
-    @classmethod
-    def from_params(cls, serving: ServingParams) -> SafetyLimits:
-        return cls(max_upload_bytes=int(serving.max_upload_mb * 1024 * 1024), max_pixels=serving.max_pixels)
-
-
-def _fmt_mb(n: int) -> str:
-    return f"{n / (1024 * 1024):.1f} MB"
-
-
-def classify_decode_error(message: str) -> int:
-    """HTTP status for an :class:`ImageDecodeError` message from the decoder."""
-    m = message.lower()
-    if "decompression bomb" in m or "more than max_pixels" in m:
-        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    if m.startswith(("unrecognised content", "not an image", "unsupported")):
-        return HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-    if m.startswith("empty file"):
-        return HTTPStatus.BAD_REQUEST
-    return HTTPStatus.UNPROCESSABLE_ENTITY
-
-
-def decode_upload(data: bytes, spatial_dims: int, limits: SafetyLimits) -> DecodedImage:
-    """Decode an uploaded file for a model of ``spatial_dims``; raise :class:`InputRejected` if unusable."""
-    if not data:
-        raise InputRejected(HTTPStatus.BAD_REQUEST, "empty upload: the file has 0 bytes")
-    if len(data) > limits.max_upload_bytes:
-        raise InputRejected(
-            HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            f"upload too large: {_fmt_mb(len(data))}, the limit is {_fmt_mb(limits.max_upload_bytes)}",
-        )
-    fmt = sniff_format(data[:1024])
-    accepted = ACCEPTED_FORMATS[spatial_dims]
-    if fmt in ("text", "unknown"):
-        what = "text" if fmt == "text" else "not a recognised image"
-        raise InputRejected(
-            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-            f"unsupported file: {what}; send {', '.join(sorted(f.upper() for f in accepted))}",
-        )
-    if fmt not in accepted:
-        if spatial_dims == 2 and fmt == "nifti":
-            raise InputRejected(
-                HTTPStatus.UNPROCESSABLE_ENTITY,
-                "a NIfTI volume was sent to a 2D radiograph model; send a 2D PNG, JPEG or DICOM image",
-            )
-        raise InputRejected(
-            HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
-            f"unsupported format {fmt.upper()}: this model accepts "
-            f"{', '.join(sorted(f.upper() for f in accepted))}",
-        )
-    try:
-        img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims)
-    except ImageDecodeError as err:
-        raise InputRejected(classify_decode_error(str(err)), str(err)) from None
-    except MemoryError:
-        raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to decode") from None
-    if img.array.size == 0 or min(img.array.shape) < 2:
-        raise InputRejected(
-            HTTPStatus.UNPROCESSABLE_ENTITY, f"image too small: shape {tuple(img.array.shape)}"
-        )
-    return img
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "InputRejected",
+    "SafetyLimits",
+    "UploadLimitMiddleware",
+    "classify_decode_error",
+    "decode_memory_estimate",
+    "decode_upload",
+]
 
 
 class UploadLimitMiddleware:

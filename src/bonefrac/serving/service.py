@@ -16,6 +16,13 @@ per-request work (decoding, preprocessing, safety checks):
   :meth:`ModelBundle.calibrate`, rebuilt from the model service's description),
   and logs PHI-free prediction records for drift monitoring.
 
+Safety (issue 16): uploads are read by :class:`UploadFormMiddleware` (strict
+multipart or a raw body, no URL fetching, canonical form for BentoML); every error
+answer is ``{"error", "status"}`` JSON and never a 500 (:class:`ErrorShapeMiddleware`);
+an API key is required unless ``serving.insecure_local``; ``/readyz`` answers 503
+within a second while the model worker is down; on SIGTERM the model worker keeps
+answering until the front end's in-flight requests are done.
+
 Run: ``bentoml serve bonefrac.serving.service:FractureService`` (see README).
 """
 
@@ -25,6 +32,8 @@ import asyncio
 import copy
 import logging
 import os
+import re
+import signal
 import threading
 import time
 from http import HTTPStatus
@@ -43,9 +52,10 @@ from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device, select_backend
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.registry.resolve import resolve_model
-from bonefrac.serving.auth import APIKeyMiddleware
+from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.prediction_log import append_prediction, image_statistics
+from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
 logger = logging.getLogger("bonefrac.serving")
 
@@ -56,6 +66,93 @@ _HAS_GPU = torch.cuda.is_available()
 
 
 # --------------------------------------------------------------------------- model
+class _Siblings:
+    """The other worker processes of this ``bentoml serve`` (the front ends), kept up to date.
+
+    circus starts each worker in its own session, so they share only their parent,
+    ``bentoml serve``; at SIGTERM that parent may already be gone (its orphans are
+    re-parented). So a daemon thread notes the parent's other children every 2 s.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[int, Any] = {}
+        self._lock = threading.Lock()
+        threading.Thread(target=self._watch, name="bonefrac-siblings", daemon=True).start()
+
+    def _scan(self) -> None:
+        try:
+            import psutil  # a BentoML dependency
+
+            found = [p for p in psutil.Process(os.getppid()).children() if p.pid != os.getpid()]
+        except Exception:
+            return
+        with self._lock:
+            for p in found:
+                self.seen.setdefault(p.pid, p)
+
+    def _watch(self) -> None:
+        while True:
+            self._scan()
+            time.sleep(2.0)
+
+    def current(self) -> list[Any]:
+        self._scan()
+        with self._lock:
+            return list(self.seen.values())
+
+
+def _alive(procs: list[Any]) -> bool:
+    import psutil
+
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.Error:
+            continue
+    return False
+
+
+def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
+    """On SIGTERM, keep serving until the front ends have exited (at most ``max_s``), then shut down.
+
+    Stopping ``bentoml serve`` (SIGTERM to it, ``docker stop``) makes circus send
+    SIGTERM to every worker at once. The front end drains its in-flight
+    requests (uvicorn finishes them), but they still need this process: were it to stop
+    at once they would end as 503 "model busy". So this worker waits until its sibling
+    workers (the front ends) are gone; where they cannot be seen, until no call came
+    for ``idle_s``. Installed from ``__init__``, which runs in the main thread after
+    uvicorn installed its own handler; that handler is called at the end.
+    """
+    if threading.current_thread() is not threading.main_thread() or max_s <= 0:
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous):
+        return
+    state = {"draining": False}
+    watcher = _Siblings()
+
+    def wait_then_exit(sig: int, frame: Any) -> None:
+        t0 = time.monotonic()
+        siblings = [p for p in watcher.current() if _alive([p])]
+        logger.warning("SIGTERM: model worker draining (waiting for %d front-end process(es))", len(siblings))
+        while time.monotonic() - t0 < max_s:
+            idle = time.monotonic() - max(last_call(), t0) >= idle_s
+            if (siblings and not _alive(siblings)) or (not siblings and idle):
+                break
+            time.sleep(0.1)
+        logger.warning("model worker drained in %.1f s; shutting down", time.monotonic() - t0)
+        previous(sig, frame)  # uvicorn's handler only sets a flag: safe from this thread
+
+    def on_sigterm(sig: int, frame: Any) -> None:
+        if state["draining"]:
+            return
+        state["draining"] = True
+        threading.Thread(target=wait_then_exit, args=(sig, None), name="bonefrac-drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 @bentoml.service(
     name="bonefrac_model",
     workers=1,
@@ -80,6 +177,8 @@ class FractureModel:
         # Grad-CAM puts hooks on a module: give it its own copy so it never races the batch path.
         self.cam_model = copy.deepcopy(model).to(self.device).eval()
         self.cam_lock = threading.Lock()
+        self._last_call = time.monotonic()
+        _drain_on_sigterm(lambda: self._last_call, SETTINGS.drain_idle_s, SETTINGS.drain_max_s)
         logger.info(
             "model %s:%s ready on %s (%s)",
             self.loaded.name,
@@ -96,14 +195,22 @@ class FractureModel:
     )
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Preprocessed batch ``(N, 1, ...)`` on [0, 1] → logits ``(N, 1 + T)``."""
-        return self.choice.runner(np.asarray(x, dtype=np.float32))
+        self._last_call = time.monotonic()
+        try:
+            return self.choice.runner(np.asarray(x, dtype=np.float32))
+        finally:
+            self._last_call = time.monotonic()
 
     @bentoml.api
     def cam(self, x: np.ndarray) -> np.ndarray:
         """Grad-CAM of the fracture logit for one preprocessed image ``(1, 1, ...)`` → ``(...)``."""
+        self._last_call = time.monotonic()
         t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
-        with self.cam_lock:
-            return visual.compute_cam(self.cam_model, t)[0]
+        try:
+            with self.cam_lock:
+                return visual.compute_cam(self.cam_model, t)[0]
+        finally:
+            self._last_call = time.monotonic()
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
@@ -145,8 +252,58 @@ def _transient(err: BaseException) -> bool:
     return isinstance(err, ConnectionError) or type(err).__name__ in names
 
 
+#: The model worker's readiness as this front-end process last probed it (None: not probed yet).
+_MODEL_READY: dict[str, bool | None] = {"ready": None}
+
+
+class FastReadyzMiddleware:
+    """Answer ``GET /readyz`` from the last probe of the model worker, without waiting on it.
+
+    Until the first probe (started by BentoML's own ``/readyz`` through
+    ``FractureService.__is_ready__``) the request goes to BentoML.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        ready = _MODEL_READY["ready"]
+        if scope.get("type") != "http" or scope.get("path") != "/readyz" or ready is None:
+            await self.app(scope, receive, send)
+            return
+        if ready:
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"\n"})
+        else:
+            await send_json_error(send, 503, "not ready: the model worker is not answering (starting or restarting)")
+
+
 def _error(exc: InputRejected) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.status)
+    return JSONResponse(exc.to_json(), status_code=exc.status, headers={"x-bonefrac-error": "1"})
+
+
+def _unavailable(what: str, err: BaseException) -> InputRejected:
+    """A failure of the service (not of the upload): 503, logged by type only (messages may quote input)."""
+    logger.warning("%s failed: %s", what, type(err).__name__)
+    return InputRejected(HTTPStatus.SERVICE_UNAVAILABLE, f"{what} failed, retry shortly ({type(err).__name__})")
+
+
+#: Endpoints whose request metrics /metrics shows; BentoML labels every path it sees, 404s included.
+_STATIC_FILES = {f"/ui/{p.name}" for p in STATIC_DIR.iterdir() if p.is_file()}
+METRIC_ENDPOINTS = frozenset(
+    {"/predict", "/explain", "/metadata", "/", "/index.html", "/ui/", "/livez", "/readyz", "/healthz", *_STATIC_FILES}
+)
+_ENDPOINT_LABEL = re.compile(r'endpoint="((?:[^"\\]|\\.)*)"')
+
+
+def bounded_metrics(text: str) -> str:
+    """Prometheus text without the series of paths that are not endpoints (404 probes, scanners)."""
+    keep = []
+    for line in text.splitlines():
+        m = _ENDPOINT_LABEL.search(line) if not line.startswith("#") else None
+        if m is None or m.group(1) in METRIC_ENDPOINTS:
+            keep.append(line)
+    return "\n".join(keep) + "\n"
 
 
 @bentoml.asgi_app(web, path="/")
@@ -155,6 +312,13 @@ class FractureService:
     """Public API and viewer; the network runs in :class:`FractureModel`."""
 
     model = bentoml.depends(FractureModel)
+
+    @bentoml.on_deployment
+    def _refuse_to_serve_without_a_key() -> None:
+        """Runs once in ``bentoml serve`` before any worker starts (not in ``bentoml build``)."""
+        require_api_key(SETTINGS.api_key, SETTINGS.insecure_local)
+        if not SETTINGS.api_key:
+            logger.warning("serving WITHOUT authentication (serving.insecure_local): trusted machines only")
 
     def __init__(self) -> None:
         # Requests are decoded and preprocessed in parallel threads; intra-op threads on top
@@ -168,8 +332,39 @@ class FractureService:
         # Decode + preprocess at most one job per core at a time: more only interleaves
         # them (every request finishes later) and starves the model process. Requests wait
         # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50).
-        slots = int(os.environ.get("BONEFRAC_DECODE_SLOTS", "0") or 0) or (os.cpu_count() or 1)
+        slots = SETTINGS.decode_slots or (os.cpu_count() or 1)
         self._cpu_slots = asyncio.Semaphore(slots)
+        self._probe_task: asyncio.Task[None] | None = None
+
+    async def __is_ready__(self) -> bool:
+        """Ready when the model worker answered its own /readyz within half a second, lately.
+
+        BentoML's own dependency probe waits up to 5 s per try, and a worker being
+        restarted accepts connections it answers only once the model is loaded (~25 s
+        seen): an orchestrator must get its 503 at once instead. A background task
+        probes the model worker every half second; this answers from its last result.
+        """
+        if getattr(self.model, "is_ready", None) is None:  # the model runs in this process
+            return True
+        if self._probe_task is None or self._probe_task.done():
+            _MODEL_READY["ready"] = await self._probe_model()
+            self._probe_task = asyncio.create_task(self._probe_loop())
+        return bool(_MODEL_READY["ready"])
+
+    async def _probe_model(self) -> bool:
+        try:
+            # Half a second: the answer must reach the prober within one even on a loaded machine.
+            return bool(await asyncio.wait_for(self.model.is_ready(0.5), timeout=0.5))
+        except Exception:  # timeout, refused, reset: not ready
+            return False
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            _MODEL_READY["ready"] = await self._probe_model()
+
+    async def __metrics__(self, content: str) -> str:
+        return bounded_metrics(content)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -208,17 +403,32 @@ class FractureService:
         t_wait = time.perf_counter()
         async with self._cpu_slots:
             t0 = time.perf_counter()
-            data = await asyncio.to_thread(file.read_bytes)
+            try:
+                data = await asyncio.to_thread(file.read_bytes)
+            except OSError as err:
+                raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
             img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits)
+            del data
             t1 = time.perf_counter()
-            x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
+            try:
+                x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
+            except MemoryError:
+                raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
+            except Exception as err:  # the contract refused this image: the input's fault, not ours
+                logger.warning("preprocessing raised %s", type(err).__name__)
+                raise InputRejected(
+                    HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
+                ) from None
             t2 = time.perf_counter()
         timings = {"queue": (t0 - t_wait) * 1000, "decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
         return img, x.numpy()[None], timings
 
     async def _predict_one(self, file: Path) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
         t_start = time.perf_counter()
-        info = await self._model_info()
+        try:
+            info = await self._model_info()
+        except Exception as err:
+            raise _unavailable("reading the model description", err) from None
         img, x, timings = await self._prepare(file, info)
         t0 = time.perf_counter()
         try:
@@ -285,6 +495,8 @@ class FractureService:
             result, *_ = await self._predict_one(file)
         except InputRejected as exc:
             return _error(exc)  # type: ignore[return-value]
+        except Exception as err:  # never a 500: a failure here is the service's
+            return _error(_unavailable("prediction", err))  # type: ignore[return-value]
         return result
 
     @bentoml.api
@@ -294,19 +506,27 @@ class FractureService:
             result, img, x, info = await self._predict_one(file)
         except InputRejected as exc:
             return _error(exc)  # type: ignore[return-value]
+        except Exception as err:
+            return _error(_unavailable("prediction", err))  # type: ignore[return-value]
         t0 = time.perf_counter()
-        cam = np.asarray(await self._call_model("cam", x))
+        try:
+            cam = np.asarray(await self._call_model("cam", x))
+        except Exception as err:
+            return _error(_unavailable("the Grad-CAM call to the model", err))  # type: ignore[return-value]
         size = int(info["preprocess"]["image_size"])
-        pics = await asyncio.to_thread(
-            visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
-        )
-        result["explanation"] = {
-            "method": "gradcam",
-            "overlay_png": await asyncio.to_thread(visual.b64_png, pics["overlay"]),
-            "heatmap_png": await asyncio.to_thread(visual.b64_png, pics["heatmap"]),
-            "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),
-            "heatmap": visual.small_heatmap(pics["cam"]),
-        }
+        try:
+            pics = await asyncio.to_thread(
+                visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
+            )
+            result["explanation"] = {
+                "method": "gradcam",
+                "overlay_png": await asyncio.to_thread(visual.b64_png, pics["overlay"]),
+                "heatmap_png": await asyncio.to_thread(visual.b64_png, pics["heatmap"]),
+                "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),
+                "heatmap": visual.small_heatmap(pics["cam"]),
+            }
+        except Exception as err:
+            return _error(_unavailable("rendering the explanation", err))  # type: ignore[return-value]
         result["timing_ms"]["explain"] = round((time.perf_counter() - t0) * 1000, 2)
         return result
 
@@ -349,12 +569,15 @@ class FractureService:
         }
 
 
-# Outermost first: API key (401 before anything is read), then the size limit (413), then the viewer route.
+# Outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before anything is read),
+# the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form), the viewer route.
+_MAX_BODY = int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
+FractureService.add_asgi_middleware(ErrorShapeMiddleware)
+FractureService.add_asgi_middleware(FastReadyzMiddleware)
 FractureService.add_asgi_middleware(APIKeyMiddleware, api_key=SETTINGS.api_key)
-FractureService.add_asgi_middleware(
-    UploadLimitMiddleware, max_bytes=int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
-)
+FractureService.add_asgi_middleware(UploadLimitMiddleware, max_bytes=_MAX_BODY)
+FractureService.add_asgi_middleware(UploadFormMiddleware, max_bytes=_MAX_BODY)
 FractureService.add_asgi_middleware(ViewerAtRootMiddleware)
 
-if os.environ.get("BONEFRAC_SERVICE_DEBUG"):
+if SETTINGS.debug:
     logger.setLevel(logging.DEBUG)
