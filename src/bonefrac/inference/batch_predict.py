@@ -7,7 +7,7 @@ an ``error`` in its row and the run goes on; the caller turns "some failed" into
 exit code 2. Every file given gets a row: in a folder, every file but hidden ones
 and sidecar metadata (CSV, JSON, text...), so a GIF, WebP, PDF, ZIP or NIfTI among
 radiographs is reported as unsupported instead of silently left out. Each file goes
-through the service's own intake (:func:`bonefrac.inference.intake.decode_upload`:
+through the service's own intake (:func:`bonefrac.inference.upload_policy.decode_upload`:
 accepted formats, pixel and decode budgets, the strict decoder), so a file gets the
 same verdict here as from ``POST /predict``.
 
@@ -34,7 +34,7 @@ import torch
 from bonefrac.atomic import atomic_path
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
 from bonefrac.errors import BonefracError
-from bonefrac.inference.intake import InputRejected, SafetyLimits, decode_upload
+from bonefrac.inference.upload_policy import InputRejected, SafetyLimits, decode_upload
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.transforms import PreprocessError
 

@@ -1,7 +1,7 @@
-"""The service's upload checks: the intake policy (:mod:`bonefrac.inference.intake`) and the body-size limit.
+"""The service's upload checks: the intake policy (:mod:`bonefrac.inference.upload_policy`) and the body-size limit.
 
 The decision about a file (accepted formats, pixel and decode budgets, the
-decoder's verdict, the status and message) is :mod:`bonefrac.inference.intake`'s,
+decoder's verdict, the status and message) is :mod:`bonefrac.inference.upload_policy`'s,
 shared with ``bonefrac predict``; it is re-exported here for the service. This
 module adds the ASGI middleware that refuses an oversized body before anything
 parses it.
@@ -9,7 +9,7 @@ parses it.
 
 from __future__ import annotations
 
-from bonefrac.inference.intake import (
+from bonefrac.inference.upload_policy import (
     ACCEPTED_FORMATS,
     InputRejected,
     SafetyLimits,
@@ -17,7 +17,7 @@ from bonefrac.inference.intake import (
     decode_memory_estimate,
     decode_upload,
 )
-from bonefrac.inference.intake import _fmt_mb as _fmt_mb
+from bonefrac.inference.upload_policy import _fmt_mb as _fmt_mb
 from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, send_json_error
 
 __all__ = [
