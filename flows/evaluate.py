@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 from prefect import flow
@@ -10,6 +11,9 @@ from prefect.states import State
 
 from bonefrac.config import load_params, project_root, resolve
 from bonefrac.evaluation.evaluate import publish_prefect_artifacts, run_evaluation
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.monitoring.ood import build_ood_detector
+from bonefrac.preprocess.cache import load_cache
 from bonefrac.provenance import data_version
 from flows._stage import guarded, run_stage
 
@@ -32,9 +36,23 @@ def _evaluate(params_path: str) -> str:
         data_version=data_version(project_root(), p.paths.processed),
         seed=p.seed,
     )
+    _attach_serving_facts(resolve(p.paths.models) / "model.pt", cache_dir, p.data.source)
     publish_prefect_artifacts(summary)
     report = resolve(p.paths.reports) / "evaluation" / "report.html"
     return f"evaluate: test AUROC {summary.get('auroc')} -> {report}"
+
+
+def _attach_serving_facts(model_path: Path, cache_dir: Path, source: str) -> None:
+    """What the viewer shows beside a prediction: what the model was trained on, and the
+    per-image out-of-distribution reference (image statistics of the training split,
+    thresholds from the validation split), stored in the bundle so the served model
+    carries its own reference."""
+    bundle = ModelBundle.load(model_path)
+    detector = build_ood_detector(cache_dir, model_path.with_name("ood.json"), bundle=bundle)
+    counts = load_cache(cache_dir)[1]["split"].value_counts()
+    bundle.metadata["training_data"] = {"source": source, **{f"n_{k}": int(v) for k, v in sorted(counts.items())}}
+    bundle.metadata["ood"] = detector.to_dict()
+    bundle.save(model_path)
 
 
 @flow(name="evaluate", log_prints=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -42,14 +43,33 @@ from bonefrac.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.integration
 
+ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-8c1f"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def _phantom(seed: int, size: int = 256) -> np.ndarray:
+    from bonefrac.data.phantom import render_phantom
+
+    kind = ("transverse", None, "oblique")[seed % 3]
+    return render_phantom(np.random.default_rng(seed), size, kind, ("frontal", "lateral")[seed % 2], 8)[0]
+
+
+def _with_phantom_ood_reference(path):
+    """The evaluate stage stores a per-image OOD reference in the bundle; here one fitted on phantoms."""
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.ood import OODDetector, image_ood_features
+
+    frame = lambda seeds: pd.DataFrame([image_ood_features(_phantom(s), 8) for s in seeds])  # noqa: E731
+    bundle = ModelBundle.load(path)
+    bundle.metadata["ood"] = OODDetector.fit(frame(range(40)), frame(range(100, 120))).to_dict()
+    return bundle.save(path)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("svc")
-    model = make_tiny_bundle(work / "model.pt")
+    model = _with_phantom_ood_reference(make_tiny_bundle(work / "model.pt"))
     with running_server(
         model,
         work,
@@ -297,3 +317,16 @@ def test_bentoml_build_from_bentofile(tmp_path):
     assert (bento / "src" / "src" / "bonefrac" / "serving" / "static" / "index.html").exists()
     dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
     assert "nvidia/cuda" in dockerfile and "PYTHONPATH=/home/bentoml/bento/src/src" in dockerfile
+
+
+def test_out_of_distribution_warning_per_image(client, tmp_path):
+    """A phantom like the training images answers without a warning; a real radiograph warns."""
+    phantom = make_png(tmp_path / "phantom.png", array=_phantom(500))
+    r = _post(client, phantom)
+    assert r.status_code == 200 and r.json()["ood"]["flag"] is False, r.json().get("ood")
+    fracatlas = sorted((ROOT.parent / "shared" / "data" / "fracatlas" / "images" / "Fractured").glob("*.jpg"))
+    if not fracatlas:
+        pytest.skip("FracAtlas not present at ../shared/data/fracatlas")
+    body = _post(client, fracatlas[0]).json()
+    assert body["ood"]["flag"] is True and body["ood"]["score"] > 1.0 and body["ood"]["reason"]
+    assert 0.0 <= body["probability"] <= 1.0  # still answered: the warning informs, it does not refuse

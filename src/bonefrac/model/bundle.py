@@ -103,6 +103,9 @@ class ModelBundle:
             "trained_at": md.get("created_at") or md.get("trained_at"),
             "data_version": md.get("data_version"),
             "git_commit": md.get("git_commit"),
+            "training_data": md.get("training_data"),
+            # the per-image out-of-distribution reference fitted at evaluation (JSON), if any
+            "ood": md.get("ood"),
         }
 
     @classmethod

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bonefrac.config import project_relative
 from bonefrac.errors import BonefracError
 from bonefrac.monitoring.features import EMBEDDING_PREFIX, image_features
 
@@ -200,12 +201,15 @@ class OODDetector:
         return atomic_write_text(Path(path), json.dumps(self.to_dict(), default=str))
 
     @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> OODDetector:
+        return cls({k: GaussianGroup.from_dict(g) for k, g in d["groups"].items()}, dict(d.get("meta") or {}))
+
+    @classmethod
     def load(cls, path: str | Path) -> OODDetector:
         path = Path(path)
         if not path.is_file():
             raise OODError(f"no OOD detector at {path}: fit one on the drift reference first")
-        d = json.loads(path.read_text())
-        return cls({k: GaussianGroup.from_dict(g) for k, g in d["groups"].items()}, dict(d.get("meta") or {}))
+        return cls.from_dict(json.loads(path.read_text()))
 
 
 def image_ood_features(
@@ -308,7 +312,7 @@ def build_ood_detector(
         frames["val"],
         quantile=quantile,
         margin=margin,
-        meta={"cache_dir": str(cache_dir), "model": getattr(bundle, "arch", None)},
+        meta={"cache_dir": project_relative(cache_dir), "model": getattr(bundle, "arch", None)},
     )
     det.save(out_path)
     return det

@@ -51,6 +51,7 @@ from bonefrac.config import load_settings, resolve
 from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device, select_backend
 from bonefrac.model.bundle import ModelBundle
+from bonefrac.monitoring.ood import OODDetector, image_ood_features
 from bonefrac.registry.resolve import resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
@@ -328,6 +329,7 @@ class FractureService:
         self.limits = SafetyLimits.from_params(SETTINGS)
         self._info: dict[str, Any] | None = None
         self._contract: ModelBundle | None = None
+        self._ood: OODDetector | None = None
         self._info_lock = asyncio.Lock()
         # Decode + preprocess at most one job per core at a time: more only interleaves
         # them (every request finishes later) and starves the model process. Requests wait
@@ -372,6 +374,7 @@ class FractureService:
                 if self._info is None:
                     info = await self.model.to_async.info()
                     self._contract = ModelBundle.from_description(info)
+                    self._ood = OODDetector.from_dict(info["ood"]) if info.get("ood") else None
                     self._info = info
         return self._info
 
@@ -457,8 +460,26 @@ class FractureService:
         }
         if "fracture_type_probabilities" in row:
             result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
+        ood = self._ood_check(img)
+        if ood is not None:
+            result["ood"] = ood
         self._log(result, img, row)
         return result, img, x, info
+
+    def _ood_check(self, img: Any) -> dict[str, Any] | None:
+        """Is this image like the training images? (image statistics against the model's own reference)
+
+        A warning for the reader, never a reason to fail the answer: any error here is logged
+        and the prediction goes out without it.
+        """
+        if self._ood is None or img.array.ndim != 2:
+            return None
+        try:
+            feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
+            return self._ood.score(feats)
+        except (ValueError, KeyError, TypeError, FloatingPointError) as err:
+            logger.warning("OOD check skipped: %s", type(err).__name__)
+            return None
 
     def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
         try:
@@ -546,6 +567,7 @@ class FractureService:
                     "trained_at",
                     "data_version",
                     "git_commit",
+                    "training_data",
                 )
                 if k in info
             },
