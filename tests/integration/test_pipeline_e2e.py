@@ -28,7 +28,7 @@ SMALL = {
     "train": {"epochs": 2, "batch_size": 16, "threads": 1},
     "evaluate": {"bootstrap_samples": 50, "gradcam_gallery": 2},
 }
-# Both checkouts hold a commit of this time: the stages date their reports from it.
+# Both checkouts hold a commit of this time (nothing in the outputs may depend on it: they carry no date).
 COMMIT_DATE = "2026-01-02T03:04:05Z"
 
 
