@@ -31,7 +31,11 @@ def _train(params_path: str) -> str:
         dvclive_dir=resolve("dvclive"),
         resume=False,
     )
-    return f"train: {p.model.arch} -> {result}"
+    return (
+        f"train: {p.model.arch}, {result.epochs_completed} epochs"
+        f"{' (stopped early)' if result.stopped_early else ''}, best val AUROC {result.best_val_auroc:.3f} "
+        f"at epoch {result.best_epoch + 1}, {result.train_seconds / 60:.1f} min -> {result.best_model_path}"
+    )
 
 
 @flow(name="train", log_prints=True)
