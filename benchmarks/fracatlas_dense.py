@@ -200,6 +200,38 @@ def shortcut_floor(cache, sp: pd.DataFrame) -> dict:
     return out
 
 
+def end_to_end_check(head: torch.nn.Module, kw: dict, cache, rows: np.ndarray, cached_logits: np.ndarray) -> dict:
+    """Full network (frozen trunk through blocks.6 + trained head) from pixels, saved and reloaded.
+
+    The state_dict of :class:`DenseFractureNet` is what a model bundle would hold; the logits
+    from decoded pixels must match the cached-feature path (float16 storage is the only gap).
+    """
+    from bonefrac.data.imageio import read_image
+    from bonefrac.model.dense import DenseFractureNet, FrozenTrunk, build_head
+    from bonefrac.model.transforms import PreprocessSpec
+
+    net = DenseFractureNet(FrozenTrunk(last_block=6), head).eval()
+    path = REPO / "tmp" / "dense_net_state.pt"
+    torch.save(net.state_dict(), path)
+    fresh = DenseFractureNet(FrozenTrunk(pretrained="none", last_block=6), build_head("dense", pretrained="none", **kw))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    fresh.eval()
+    spec = PreprocessSpec(image_size=cache.image_size)
+    x = torch.stack(
+        [spec.apply(read_image(cache.records["path"].iat[i], max_side_hint=spec.image_size).array) for i in rows]
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        z = fresh(x)[:, 0].numpy()
+    ms = (time.perf_counter() - t0) / len(rows) * 1000
+    return {
+        "n": len(rows),
+        "state_dict_mb": path.stat().st_size / 1e6,
+        "max_abs_logit_diff_vs_cache": float(np.abs(z - cached_logits).max()),
+        "ms_per_image_from_pixels": ms,
+    }
+
+
 def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int) -> dict:
     from bonefrac.model.dense import build_head
     from bonefrac.training.dense import HeadTrainConfig, predict, train_head
@@ -262,6 +294,12 @@ def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: lis
         )
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=2))
+        if v["kind"] == "dense" and "end_to_end" not in result:
+            rows8 = idx["test"][:8]
+            z8, _ = predict(head, data, rows8)
+            result["end_to_end"] = {"variant": name, **end_to_end_check(head, v["kw"], cache, rows8, z8)}
+            log(f"    end to end from pixels: {result['end_to_end']}")
+            out_path.write_text(json.dumps(result, indent=2))
     print_table(result)
     return result
 
