@@ -34,7 +34,7 @@ import torch
 from bonefrac.data.sources import load_records
 from bonefrac.explain.localisation import map_boxes_to_cache, parse_boxes
 from bonefrac.preprocess.splits import assign_splits
-from bonefrac.training.feature_cache import build_feature_cache, open_feature_cache
+from bonefrac.training.feature_cache import UNDECODABLE, build_feature_cache, open_feature_cache
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path("/work/shared/data/fracatlas")
@@ -125,7 +125,7 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
     for i, row in enumerate(df.itertuples()):
         bx = parse_boxes(row.boxes)
         r = cache.records.iloc[i]
-        mapped = map_boxes_to_cache(bx, (int(r.orig_h), int(r.orig_w)), size) if bx else []
+        mapped = map_boxes_to_cache(bx, (int(r.orig_h), int(r.orig_w)), size) if bx and r.orig_h > 0 else []
         boxes_cache.append(mapped)
         targets[i] = box_target_map(mapped, size, grid)
     has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
@@ -187,9 +187,11 @@ def shortcut_floor(cache, sp: pd.DataFrame) -> dict:
     from sklearn.metrics import roc_auc_score
 
     r = cache.records
-    feats = pd.DataFrame({"width": r["orig_w"], "height": r["orig_h"], "aspect": r["orig_w"] / r["orig_h"]})
+    ok = (r["orig_h"] > 0).to_numpy()
+    h, w = r["orig_h"].clip(lower=1).astype(float), r["orig_w"].clip(lower=1).astype(float)
+    feats = pd.DataFrame({"width": w, "height": h, "aspect": w / h})
     y = sp["label"].to_numpy()
-    tr, te = (sp["split"] == "train").to_numpy(), (sp["split"] == "test").to_numpy()
+    tr, te = (sp["split"] == "train").to_numpy() & ok, (sp["split"] == "test").to_numpy() & ok
     out = {}
     for c in feats:
         a = roc_auc_score(y[te], feats[c].to_numpy()[te])
@@ -241,7 +243,9 @@ def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: lis
         raise SystemExit(f"cache incomplete: {int(cache.done[0].sum())}/{len(df)}; run --stage cache")
     sp = split_frame(df, cache.records)
     size = cache.image_size
-    idx = {s: np.flatnonzero((sp["split"] == s).to_numpy()) for s in ("train", "val", "test")}
+    ok = ~cache.records["decode_error"].str.startswith(UNDECODABLE).to_numpy()
+    log(f"excluded {int((~ok).sum())} undecodable image(s): {cache.records['image_id'][~ok].tolist()}")
+    idx = {s: np.flatnonzero((sp["split"] == s).to_numpy() & ok) for s in ("train", "val", "test")}
     counts = {s: {"n": len(v), "pos": int(sp["label"].to_numpy()[v].sum())} for s, v in idx.items()}
     log(f"split (grouped, all body parts): {counts}")
     data, boxes = load_cached_set(cache, df)

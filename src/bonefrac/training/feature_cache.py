@@ -41,6 +41,8 @@ from bonefrac.model.transforms import PreprocessSpec
 log = logging.getLogger(__name__)
 
 VIEWS = ("orig", "flip")
+#: decode_error prefix of images that could not be decoded at all (stored as zeros; exclude them).
+UNDECODABLE = "undecodable"
 
 
 @dataclass
@@ -91,7 +93,12 @@ def _decode(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor, dict]:
         img = read_image(path, expected_dims=2, max_side_hint=spec.image_size)
     except ImageDecodeError as e:  # e.g. a content check: keep the image, note why
         err = str(e)[:200]
-        img = read_image(path, expected_dims=2, content_limits=None, max_side_hint=spec.image_size)
+        try:
+            img = read_image(path, expected_dims=2, content_limits=None, max_side_hint=spec.image_size)
+        except ImageDecodeError as e2:  # truncated / corrupt: the pipeline's validation drops these
+            info = {"decode_error": f"{UNDECODABLE}: {e2}"[:200], "orig_h": 0, "orig_w": 0, "phash": ""}
+            info["decode_ms"] = (time.perf_counter() - t0) * 1000
+            return torch.zeros(1, spec.image_size, spec.image_size), info
     # Reduced-scale JPEG decode (DCT domain, both sides still >= image_size): 3-5× faster; the stored
     # size is the header's, so boxes map exactly. The phash of the reduced image (phash looks at
     # a 32×32 DCT of a ~128 px copy anyway) stands in for the ingest stage's full-size phash.
