@@ -308,6 +308,66 @@ def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: lis
     return result
 
 
+def stage_cv(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5) -> dict:
+    """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
+    test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from bonefrac.model.dense import build_head
+    from bonefrac.training.dense import HeadTrainConfig, predict, train_head
+
+    cache = open_feature_cache(cache_dir)
+    sp = split_frame(df, cache.records)
+    ok = ~cache.records["decode_error"].str.startswith(UNDECODABLE).to_numpy()
+    rows = np.flatnonzero(ok)
+    strata = (sp["label"].astype(str) + "_" + sp["body_part"].astype(str)).to_numpy()[rows]
+    skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=42)
+    folds = [rows[te] for _, te in skf.split(rows, strata, sp["group_id"].to_numpy()[rows])]
+    data, boxes = load_cached_set(cache, df)
+    y = data.labels.numpy().astype(int)
+    size = cache.image_size
+    result = {"name": "fracatlas_dense_cv", "k": k, "epochs": epochs, "n": len(rows), "rows": []}
+    for name in variants:
+        v = VARIANTS[name]
+        per_fold, pooled_z, pooled_y = [], [], []
+        for f in range(k):
+            te, va = folds[f], folds[(f + 1) % k]
+            tr = np.concatenate([folds[j] for j in range(k) if j not in (f, (f + 1) % k)])
+            torch.manual_seed(f)
+            head = build_head(v["kind"], **v["kw"])
+            info = train_head(
+                head,
+                data,
+                tr,
+                va,
+                HeadTrainConfig(epochs=epochs, box_weight=v["box_weight"], seed=f),
+                progress=lambda _m: None,
+            )
+            zv, _ = predict(head, data, va)
+            zt, mt = predict(head, data, te)
+            m = evaluate(v["kind"], zv, zt, mt, y[va], y[te], [boxes[i] if y[i] else [] for i in te], size, n_boot=200)
+            m.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
+            per_fold.append(m)
+            pooled_z.append(zt)
+            pooled_y.append(y[te])
+            log(
+                f"  {name} fold {f + 1}/{k}: AUROC {m['auroc']:.3f}  ECE {m['ece_platt']:.3f}  "
+                f"spec@hs90 {m['spec_at_val_hs90']:.3f}  pointing {m['pointing']:.3f}  "
+                f"energy {m['energy_ratio']:.1f}x  "
+                f"{info['train_minutes']:.1f} min"
+            )
+        keys = ("auroc", "ece_platt", "spec_at_val_hs90", "sens_at_val_hs90", "pointing", "energy_ratio")
+        summ = {
+            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))] for kk in keys
+        }
+        summ["pooled_auroc_uncalibrated"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_z)))
+        result["rows"].append({"variant": name, "mean_std": summ, "folds": per_fold})
+        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in keys))
+        out_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
 def print_table(result: dict) -> None:
     sp = result["split"]
     print(
@@ -331,7 +391,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["cache", "train", "all"], default="all")
+    ap.add_argument("--stage", choices=["cache", "train", "cv", "all"], default="all")
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--cache-dir", type=Path, default=REPO / "tmp" / "dense_cache")
     ap.add_argument("--cache-budget-s", type=float, default=None)
@@ -346,6 +406,9 @@ def main() -> None:
         stage_cache(cache_dir, args.size, args.cache_budget_s)
     if args.stage in ("train", "all"):
         stage_train(cache_dir, records(), args.out, args.variants.split(","), args.epochs)
+    if args.stage == "cv":
+        out = args.out.with_name(args.out.stem + "_cv.json")
+        stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs)
 
 
 if __name__ == "__main__":
