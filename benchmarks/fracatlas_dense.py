@@ -1,0 +1,415 @@
+"""FracAtlas: a box-supervised dense fracture head on frozen high-resolution features (issue 14).
+
+One command::
+
+    PYTHONPATH=$PWD/src:$PWD python benchmarks/fracatlas_dense.py            # cache (resumes) + train + table
+    PYTHONPATH=$PWD/src:$PWD python benchmarks/fracatlas_dense.py --stage cache
+
+1. Feature cache (:mod:`bonefrac.training.feature_cache`): EfficientNet-Lite0's frozen
+   stem + blocks.0..5 run once per image at ``--size`` px (original and mirrored view),
+   float16 memmaps of the stride-16 (blocks.4) and stride-32 (blocks.5) maps.
+2. The project's grouped split (``assign_splits`` with params.yaml's fractions and seed,
+   perceptual-hash near-duplicate groups), all body parts (legs included).
+3. Heads trained on the cache (:mod:`bonefrac.model.dense`): the plain Lite0 tail (blocks.6 →
+   conv_head → GAP → linear) vs the dense FPN head with image loss only vs image + box loss,
+   log-sum-exp vs top-k pooling. Metrics on test: AUROC (+ 95 % bootstrap CI), ECE after
+   Platt scaling on val, specificity at the val high-sensitivity (>= 0.90) threshold,
+   pointing game and energy-in-box (vs uniform) on boxed test fractures, with and without flip TTA.
+4. Shortcut floor: AUROC of image width / height / aspect alone.
+
+Writes ``benchmarks/results/fracatlas_dense.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bonefrac.data.sources import load_records
+from bonefrac.explain.localisation import map_boxes_to_cache, parse_boxes
+from bonefrac.preprocess.splits import assign_splits
+from bonefrac.training.feature_cache import UNDECODABLE, build_feature_cache, open_feature_cache
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path("/work/shared/data/fracatlas")
+RESULTS = REPO / "benchmarks" / "results" / "fracatlas_dense.json"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def records() -> pd.DataFrame:
+    df = load_records("fracatlas", DATA, use_fracture_types=False)
+    return df[df["label"].isin([0, 1])].reset_index(drop=True)
+
+
+def split_frame(df: pd.DataFrame, cache_records: pd.DataFrame) -> pd.DataFrame:
+    """The project's grouped split (params.yaml: val 0.15, test 0.25, seed 42, phash distance 4)."""
+    d = df.copy()
+    d["phash"] = cache_records["phash"].to_numpy()
+    return assign_splits(d, val_fraction=0.15, test_fraction=0.25, seed=42, near_duplicate_max_distance=4)
+
+
+def stage_cache(cache_dir: Path, size: int, budget_s: float | None) -> None:
+    df = records()
+    paths, ids = df["path"].tolist(), df["image_id"].tolist()
+    n = len(df)
+    build_feature_cache(
+        paths, ids, cache_dir, size, order=[(0, i) for i in range(n)], progress=log, time_budget_s=budget_s
+    )
+    cache = open_feature_cache(cache_dir)
+    if not cache.done[0].all():
+        return
+    sp = split_frame(df, cache.records)
+    rank = {"train": 0, "test": 1, "val": 2}  # mirrors: train (augmentation) first, then test (TTA)
+    order = sorted(range(n), key=lambda i: (rank[sp["split"].iat[i]], i))
+    build_feature_cache(
+        paths,
+        ids,
+        cache_dir,
+        size,
+        order=[(1, i) for i in order],
+        progress=log,
+        time_budget_s=None if budget_s is None else budget_s,
+    )
+
+
+# ------------------------------------------------------------------ training and evaluation
+VARIANTS: dict[str, dict] = {
+    # name: head kind, head kwargs, box-loss weight
+    "gap_plain": {"kind": "gap", "kw": {}, "box_weight": 0.0},
+    "dense_lse_imgonly": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 0.0},
+    "dense_lse_box": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0},
+    "dense_topk_box": {"kind": "dense", "kw": {"pool": "topk", "topk": 4}, "box_weight": 1.0},
+}
+
+
+def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
+    """Cache memmaps → in-memory float16 tensors, with frozen blocks.6 applied to the stride-32 maps."""
+    from bonefrac.model.dense import box_target_map
+    from bonefrac.training.dense import CachedSet
+
+    size = cache.image_size
+    grid = size // 16
+    t0 = time.perf_counter()
+    s16 = torch.from_numpy(np.ascontiguousarray(cache.s16[0]))
+    s32_raw = np.ascontiguousarray(cache.s32[0])
+    from bonefrac.model.networks import build_model
+
+    b6 = build_model("efficientnet_lite0", 0, pretrained="efficientnet_lite_offline").backbone.blocks[6].eval()
+
+    def run_b6(raw: np.ndarray) -> torch.Tensor:
+        out = []
+        with torch.inference_mode():
+            for b in range(0, len(raw), 128):
+                out.append(b6(torch.from_numpy(raw[b : b + 128]).float()).half())
+        return torch.cat(out)
+
+    s32 = run_b6(s32_raw)
+    log(f"loaded cache + frozen blocks.6 on {len(s32)} images in {(time.perf_counter() - t0) / 60:.1f} min")
+    flip_ok = torch.from_numpy(cache.done[1].copy()) if use_exact_flips else torch.zeros(len(df), dtype=torch.bool)
+    s16f = s32f = None
+    if bool(flip_ok.any()):
+        s16f = torch.from_numpy(np.ascontiguousarray(cache.s16[1]))
+        s32f = run_b6(np.ascontiguousarray(cache.s32[1]))
+    labels = torch.tensor(df["label"].to_numpy(), dtype=torch.float32)
+    targets = torch.zeros(len(df), grid, grid)
+    boxes_cache = []
+    for i, row in enumerate(df.itertuples()):
+        bx = parse_boxes(row.boxes)
+        r = cache.records.iloc[i]
+        mapped = map_boxes_to_cache(bx, (int(r.orig_h), int(r.orig_w)), size) if bx and r.orig_h > 0 else []
+        boxes_cache.append(mapped)
+        targets[i] = box_target_map(mapped, size, grid)
+    has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
+    has_map = (labels == 0) | has_boxes
+    data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
+    return data, boxes_cache
+
+
+def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(maps[:, None].astype(np.float32))
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
+
+
+def evaluate(kind: str, z_val, z_test, maps_test, y_val, y_test, boxes_test, size: int, n_boot: int = 1000) -> dict:
+    from sklearn.metrics import roc_auc_score
+
+    from bonefrac.evaluation.bootstrap import auroc_replicates, percentile_interval, stratified_indices
+    from bonefrac.evaluation.calibration import expected_calibration_error
+    from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, choose_thresholds
+    from bonefrac.explain.localisation import localisation_summary
+    from bonefrac.model.calibrate import fit_calibration
+
+    auc = float(roc_auc_score(y_test, z_test))
+    reps = auroc_replicates(y_test, z_test, stratified_indices(y_test, n_boot, seed=0))
+    lo, hi = percentile_interval(reps, 0.95)
+    cal = fit_calibration(z_val, y_val, "platt")
+    p_val, p_test = cal.probability(z_val), cal.probability(z_test)
+    ece = expected_calibration_error(p_test, y_test)
+    ece_raw = expected_calibration_error(1 / (1 + np.exp(-z_test)), y_test)
+    thr = choose_thresholds(p_val, y_val, high_sensitivity_target=0.90)[HIGH_SENSITIVITY]
+    pred = p_test >= thr
+    sens = float(pred[y_test == 1].mean())
+    spec = float((~pred[y_test == 0]).mean())
+    # Evidence maps → heat (non-negative) at input resolution: dense map = sigmoid(logits); CAM = ReLU (Grad-CAM).
+    heat = 1 / (1 + np.exp(-maps_test)) if kind == "dense" else np.clip(maps_test, 0, None)
+    heat = _upsample(heat, size)
+    loc = localisation_summary(list(heat), boxes_test)
+    loc_tol = localisation_summary(list(heat), boxes_test, tolerance=size / 24)
+    return {
+        "auroc": auc,
+        "auroc_ci95": [lo, hi],
+        "ece_platt": ece,
+        "ece_raw": ece_raw,
+        "sens_at_val_hs90": sens,
+        "spec_at_val_hs90": spec,
+        "threshold_hs90": float(thr),
+        "pointing": loc["pointing_hit_rate"],
+        "pointing_tol16px": loc_tol["pointing_hit_rate"],
+        "energy_in_box": loc["energy_in_box"],
+        "uniform_energy": loc["baseline_box_area_share"],
+        "energy_ratio": loc["energy_in_box"] / loc["baseline_box_area_share"],
+        "centre_pointing": loc["baseline_centre_hit_rate"],
+        "n_boxed": loc["n"],
+    }
+
+
+def shortcut_floor(cache, sp: pd.DataFrame) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    r = cache.records
+    ok = (r["orig_h"] > 0).to_numpy()
+    h, w = r["orig_h"].clip(lower=1).astype(float), r["orig_w"].clip(lower=1).astype(float)
+    feats = pd.DataFrame({"width": w, "height": h, "aspect": w / h})
+    y = sp["label"].to_numpy()
+    tr, te = (sp["split"] == "train").to_numpy() & ok, (sp["split"] == "test").to_numpy() & ok
+    out = {}
+    for c in feats:
+        a = roc_auc_score(y[te], feats[c].to_numpy()[te])
+        out[c] = float(max(a, 1 - a))
+    x = np.log(feats.to_numpy(dtype=float))
+    lr = LogisticRegression(max_iter=1000).fit(x[tr], y[tr])
+    out["logreg_w_h_aspect"] = float(roc_auc_score(y[te], lr.decision_function(x[te])))
+    return out
+
+
+def end_to_end_check(head: torch.nn.Module, kw: dict, cache, rows: np.ndarray, cached_logits: np.ndarray) -> dict:
+    """Full network (frozen trunk through blocks.6 + trained head) from pixels, saved and reloaded.
+
+    The state_dict of :class:`DenseFractureNet` is what a model bundle would hold; the logits
+    from decoded pixels must match the cached-feature path (float16 storage is the only gap).
+    """
+    from bonefrac.data.imageio import read_image
+    from bonefrac.model.dense import DenseFractureNet, FrozenTrunk, build_head
+    from bonefrac.model.transforms import PreprocessSpec
+
+    net = DenseFractureNet(FrozenTrunk(last_block=6), head).eval()
+    path = REPO / "tmp" / "dense_net_state.pt"
+    torch.save(net.state_dict(), path)
+    fresh = DenseFractureNet(FrozenTrunk(pretrained="none", last_block=6), build_head("dense", pretrained="none", **kw))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    fresh.eval()
+    spec = PreprocessSpec(image_size=cache.image_size)
+    x = torch.stack(
+        [spec.apply(read_image(cache.records["path"].iat[i], max_side_hint=spec.image_size).array) for i in rows]
+    )
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        z = fresh(x)[:, 0].numpy()
+    ms = (time.perf_counter() - t0) / len(rows) * 1000
+    return {
+        "n": len(rows),
+        "state_dict_mb": path.stat().st_size / 1e6,
+        "max_abs_logit_diff_vs_cache": float(np.abs(z - cached_logits).max()),
+        "ms_per_image_from_pixels": ms,
+    }
+
+
+def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int) -> dict:
+    from bonefrac.model.dense import build_head
+    from bonefrac.training.dense import HeadTrainConfig, predict, train_head
+
+    cache = open_feature_cache(cache_dir)
+    if not cache.done[0].all():
+        raise SystemExit(f"cache incomplete: {int(cache.done[0].sum())}/{len(df)}; run --stage cache")
+    sp = split_frame(df, cache.records)
+    size = cache.image_size
+    ok = ~cache.records["decode_error"].str.startswith(UNDECODABLE).to_numpy()
+    log(f"excluded {int((~ok).sum())} undecodable image(s): {cache.records['image_id'][~ok].tolist()}")
+    idx = {s: np.flatnonzero((sp["split"] == s).to_numpy() & ok) for s in ("train", "val", "test")}
+    counts = {s: {"n": len(v), "pos": int(sp["label"].to_numpy()[v].sum())} for s, v in idx.items()}
+    log(f"split (grouped, all body parts): {counts}")
+    data, boxes = load_cached_set(cache, df)
+    y = data.labels.numpy().astype(int)
+    boxes_test = [boxes[i] if y[i] == 1 else [] for i in idx["test"]]
+    result = {
+        "name": "fracatlas_dense",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "image_size": size,
+        "cache": {k: cache.meta.get(k) for k in ("build_s", "bytes", "trunk", "taps")},
+        "exact_flip_views": int(cache.done[1].sum()),
+        "split": counts,
+        "shortcut_floor_auroc": shortcut_floor(cache, sp),
+        "rows": [],
+    }
+    log(f"shortcut floor (test AUROC): {result['shortcut_floor_auroc']}")
+    for name in variants:
+        v = VARIANTS[name]
+        torch.manual_seed(0)
+        head = build_head(v["kind"], **v["kw"])
+        n_par = sum(p.numel() for p in head.parameters() if p.requires_grad)
+        log(f"--- {name}: {v['kind']} head {v['kw']}, box weight {v['box_weight']}, {n_par / 1e3:.0f}k params")
+        cfg = HeadTrainConfig(epochs=epochs, box_weight=v["box_weight"])
+        info = train_head(head, data, idx["train"], idx["val"], cfg, progress=log)
+        row = {
+            "variant": name,
+            "head": v["kind"],
+            **v["kw"],
+            "box_weight": v["box_weight"],
+            "trainable_params": n_par,
+            **{k: info[k] for k in ("train_minutes", "best_epoch", "best_val_auroc")},
+        }
+        for tta in (False, True):
+            zv, _ = predict(head, data, idx["val"])
+            zt, mt = predict(head, data, idx["test"])
+            if tta:
+                zv2, _ = predict(head, data, idx["val"], flip=True)
+                zt2, mt2 = predict(head, data, idx["test"], flip=True)
+                zv, zt, mt = (zv + zv2) / 2, (zt + zt2) / 2, (mt + mt2) / 2
+            m = evaluate(v["kind"], zv, zt, mt, y[idx["val"]], y[idx["test"]], boxes_test, size)
+            row["tta" if tta else "single"] = m
+        row["history"] = info["history"]
+        result["rows"].append(row)
+        s, t = row["single"], row["tta"]
+        log(
+            f"    test AUROC {s['auroc']:.3f} [{s['auroc_ci95'][0]:.3f}, {s['auroc_ci95'][1]:.3f}]  "
+            f"TTA {t['auroc']:.3f}  "
+            f"ECE {s['ece_platt']:.3f}  spec@hs90 {s['spec_at_val_hs90']:.3f}  pointing {s['pointing']:.3f}  "
+            f"energy {s['energy_ratio']:.1f}x uniform"
+        )
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(result, indent=2))
+        if v["kind"] == "dense" and "end_to_end" not in result:
+            rows8 = idx["test"][:8]
+            z8, _ = predict(head, data, rows8)
+            result["end_to_end"] = {"variant": name, **end_to_end_check(head, v["kw"], cache, rows8, z8)}
+            log(f"    end to end from pixels: {result['end_to_end']}")
+            out_path.write_text(json.dumps(result, indent=2))
+    print_table(result)
+    return result
+
+
+def stage_cv(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5) -> dict:
+    """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
+    test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from bonefrac.model.dense import build_head
+    from bonefrac.training.dense import HeadTrainConfig, predict, train_head
+
+    cache = open_feature_cache(cache_dir)
+    sp = split_frame(df, cache.records)
+    ok = ~cache.records["decode_error"].str.startswith(UNDECODABLE).to_numpy()
+    rows = np.flatnonzero(ok)
+    strata = (sp["label"].astype(str) + "_" + sp["body_part"].astype(str)).to_numpy()[rows]
+    skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=42)
+    folds = [rows[te] for _, te in skf.split(rows, strata, sp["group_id"].to_numpy()[rows])]
+    data, boxes = load_cached_set(cache, df)
+    y = data.labels.numpy().astype(int)
+    size = cache.image_size
+    result = {"name": "fracatlas_dense_cv", "k": k, "epochs": epochs, "n": len(rows), "rows": []}
+    for name in variants:
+        v = VARIANTS[name]
+        per_fold, pooled_z, pooled_y = [], [], []
+        for f in range(k):
+            te, va = folds[f], folds[(f + 1) % k]
+            tr = np.concatenate([folds[j] for j in range(k) if j not in (f, (f + 1) % k)])
+            torch.manual_seed(f)
+            head = build_head(v["kind"], **v["kw"])
+            info = train_head(
+                head,
+                data,
+                tr,
+                va,
+                HeadTrainConfig(epochs=epochs, box_weight=v["box_weight"], seed=f),
+                progress=lambda _m: None,
+            )
+            zv, _ = predict(head, data, va)
+            zt, mt = predict(head, data, te)
+            m = evaluate(v["kind"], zv, zt, mt, y[va], y[te], [boxes[i] if y[i] else [] for i in te], size, n_boot=200)
+            m.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
+            per_fold.append(m)
+            pooled_z.append(zt)
+            pooled_y.append(y[te])
+            log(
+                f"  {name} fold {f + 1}/{k}: AUROC {m['auroc']:.3f}  ECE {m['ece_platt']:.3f}  "
+                f"spec@hs90 {m['spec_at_val_hs90']:.3f}  pointing {m['pointing']:.3f}  "
+                f"energy {m['energy_ratio']:.1f}x  "
+                f"{info['train_minutes']:.1f} min"
+            )
+        keys = ("auroc", "ece_platt", "spec_at_val_hs90", "sens_at_val_hs90", "pointing", "energy_ratio")
+        summ = {
+            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))] for kk in keys
+        }
+        summ["pooled_auroc_uncalibrated"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_z)))
+        result["rows"].append({"variant": name, "mean_std": summ, "folds": per_fold})
+        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in keys))
+        out_path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_table(result: dict) -> None:
+    sp = result["split"]
+    print(
+        f"\nFracAtlas dev part, grouped split seed 42 (train {sp['train']}, val {sp['val']}, test {sp['test']}), "
+        f"{result['image_size']} px, frozen Lite0 stem..blocks.6"
+    )
+    hdr = (
+        f"{'variant':20s} {'AUROC [95% CI]':24s} {'TTA':>6s} {'ECE':>6s} {'spec@hs':>7s} {'sens':>5s} "
+        f"{'point':>6s} {'pt±16':>6s} {'energy':>7s} {'min':>5s}"
+    )
+    print(hdr)
+    for r in result["rows"]:
+        s, t = r["single"], r["tta"]
+        print(
+            f"{r['variant']:20s} {s['auroc']:.3f} [{s['auroc_ci95'][0]:.3f}, {s['auroc_ci95'][1]:.3f}]   "
+            f"{t['auroc']:6.3f} {s['ece_platt']:6.3f} {s['spec_at_val_hs90']:7.3f} {s['sens_at_val_hs90']:5.2f} "
+            f"{s['pointing']:6.3f} {s['pointing_tol16px']:6.3f} {s['energy_ratio']:6.1f}x {r['train_minutes']:5.1f}"
+        )
+    print(f"shortcut floor (test AUROC of size alone): {result['shortcut_floor_auroc']}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=["cache", "train", "cv", "all"], default="all")
+    ap.add_argument("--size", type=int, default=384)
+    ap.add_argument("--cache-dir", type=Path, default=REPO / "tmp" / "dense_cache")
+    ap.add_argument("--cache-budget-s", type=float, default=None)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache_dir = args.cache_dir / f"s{args.size}"
+    if args.stage in ("cache", "all"):
+        stage_cache(cache_dir, args.size, args.cache_budget_s)
+    if args.stage in ("train", "all"):
+        stage_train(cache_dir, records(), args.out, args.variants.split(","), args.epochs)
+    if args.stage == "cv":
+        out = args.out.with_name(args.out.stem + "_cv.json")
+        stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs)
+
+
+if __name__ == "__main__":
+    main()
