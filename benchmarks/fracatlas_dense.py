@@ -146,7 +146,7 @@ def evaluate(kind: str, z_val, z_test, maps_test, y_val, y_test, boxes_test, siz
     from bonefrac.evaluation.calibration import expected_calibration_error
     from bonefrac.evaluation.operating_points import HIGH_SENSITIVITY, choose_thresholds
     from bonefrac.explain.localisation import localisation_summary
-    from bonefrac.model.calibrate import fit_calibration
+    from bonefrac.model.calibrate import fit_calibration, sigmoid
 
     auc = float(roc_auc_score(y_test, z_test))
     reps = auroc_replicates(y_test, z_test, stratified_indices(y_test, n_boot, seed=0))
@@ -154,13 +154,13 @@ def evaluate(kind: str, z_val, z_test, maps_test, y_val, y_test, boxes_test, siz
     cal = fit_calibration(z_val, y_val, "platt")
     p_val, p_test = cal.probability(z_val), cal.probability(z_test)
     ece = expected_calibration_error(p_test, y_test)
-    ece_raw = expected_calibration_error(1 / (1 + np.exp(-z_test)), y_test)
+    ece_raw = expected_calibration_error(sigmoid(z_test), y_test)
     thr = choose_thresholds(p_val, y_val, high_sensitivity_target=0.90)[HIGH_SENSITIVITY]
     pred = p_test >= thr
     sens = float(pred[y_test == 1].mean())
     spec = float((~pred[y_test == 0]).mean())
     # Evidence maps → heat (non-negative) at input resolution: dense map = sigmoid(logits); CAM = ReLU (Grad-CAM).
-    heat = 1 / (1 + np.exp(-maps_test)) if kind == "dense" else np.clip(maps_test, 0, None)
+    heat = sigmoid(maps_test) if kind == "dense" else np.clip(maps_test, 0, None)
     heat = _upsample(heat, size)
     loc = localisation_summary(list(heat), boxes_test)
     loc_tol = localisation_summary(list(heat), boxes_test, tolerance=size / 24)

@@ -258,7 +258,7 @@ def dense_loss(
     bce_pos = F.binary_cross_entropy_with_logits(z, torch.ones_like(z), reduction="none")
     bce_neg = F.binary_cross_entropy_with_logits(z, torch.zeros_like(z), reduction="none")
     if gamma > 0:
-        p = torch.sigmoid(z)
+        p = torch.exp(-bce_pos)  # the probability of the positive class (exp of minus its log-loss)
         bce_pos = bce_pos * (1 - p).pow(gamma)
         bce_neg = bce_neg * p.pow(gamma)
     wpos, wneg = t, 1.0 - t
