@@ -219,9 +219,11 @@ def test_viewer_zoom_and_window_level_change_pixels(server, browser, tmp_path):
     windowed = _canvas_digest(browser)
     assert windowed != zoomed
     _shot(browser, tmp_path, "viewer-window-level")
-    # A preset and the reset key.
-    browser.find_element(By.CSS_SELECTOR, "#wl-presets button[data-key='2']").click()
-    assert stage.get_attribute("data-window") == "140"
+    # A preset and the reset key. The click goes through the DOM (a synthetic pointer click can land
+    # while the drag's pointer release is still being handled), and the attribute is awaited.
+    preset = browser.find_element(By.CSS_SELECTOR, "#wl-presets button[data-key='2']")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", preset)
+    WebDriverWait(browser, 10).until(lambda _: stage.get_attribute("data-window") == "140")
     stage.send_keys("0")
     browser.execute_script("window.bonefracViewer.redraw()")
     assert abs(float(stage.get_attribute("data-scale")) - fit_scale) < 1e-3
