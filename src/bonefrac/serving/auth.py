@@ -138,3 +138,22 @@ class APIKeyMiddleware:
             )
             return
         await self.app(scope, receive, send)
+
+
+async def read_body_bounded(receive: Receive, send: Send, max_bytes: int, too_large: str) -> bytes | None:
+    """The whole request body, or ``None`` when the client left or it passed ``max_bytes`` (then a 413
+    has been sent). Both upload middlewares read through this, so the bound is enforced one way."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        body = message.get("body", b"")
+        total += len(body)
+        if total > max_bytes:
+            await send_json_error(send, 413, too_large)
+            return None
+        chunks.append(body)
+        if not message.get("more_body", False):
+            return b"".join(chunks)

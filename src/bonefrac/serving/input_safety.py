@@ -18,7 +18,7 @@ from bonefrac.inference.upload_policy import (
     decode_upload,
 )
 from bonefrac.inference.upload_policy import _fmt_mb as _fmt_mb
-from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, send_json_error
+from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, read_body_bounded, send_json_error
 
 __all__ = [
     "ACCEPTED_FORMATS",
@@ -68,27 +68,16 @@ class UploadLimitMiddleware:
             await self.app(scope, receive, send)
             return
         # Chunked body: buffer (bounded by the limit), then replay.
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            total += len(body)
-            if total > self.max_bytes:
-                await send_json_error(send, 413, too_large)
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        raw = await read_body_bounded(receive, send, self.max_bytes, too_large)
+        if raw is None:
+            return
         replayed = False
 
         async def replay() -> dict:
             nonlocal replayed
             if not replayed:
                 replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                return {"type": "http.request", "body": raw, "more_body": False}
             return await receive()
 
         await self.app(scope, replay, send)

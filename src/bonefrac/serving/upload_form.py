@@ -36,7 +36,7 @@ from urllib.parse import parse_qs
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, send_json_error
+from bonefrac.serving.auth import ASGIApp, Receive, Scope, Send, read_body_bounded, send_json_error
 from bonefrac.serving.input_safety import InputRejected
 
 logger = logging.getLogger("bonefrac.serving")
@@ -197,28 +197,19 @@ class UploadFormMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body = message.get("body", b"")
-            total += len(body)
-            if total > self.max_bytes:
-                await send_json_error(send, 413, f"upload too large: the limit is {self.max_bytes} bytes")
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
+        raw = await read_body_bounded(
+            receive, send, self.max_bytes, f"upload too large: the limit is {self.max_bytes} bytes"
+        )
+        if raw is None:
+            return
         headers = [(k.lower(), v) for k, v in scope.get("headers", [])]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         try:
-            data, opacity = read_upload(content_type, b"".join(chunks), scope.get("query_string", b""))
+            data, opacity = read_upload(content_type, raw, scope.get("query_string", b""))
         except InputRejected as exc:
             await send_json_error(send, exc.status, exc.message)
             return
-        del chunks
+        del raw
         canonical, ctype = canonical_multipart(data, opacity)
         del data
         kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length", b"transfer-encoding")]
