@@ -215,19 +215,24 @@ def test_viewer_zoom_and_window_level_change_pixels(server, browser, tmp_path):
         .perform()
     )
     browser.execute_script("window.bonefracViewer.redraw()")
-    assert int(stage.get_attribute("data-window")) < 200 and int(stage.get_attribute("data-level")) > 150
+    default = browser.execute_script("const w=window.bonefracViewer.view.defaultWindow; return [w.w, w.l]")
+    # Left narrows the window, up raises the level (one screen px = 1/256 of the Auto window).
+    assert float(stage.get_attribute("data-window")) < default[0] - 50
+    assert float(stage.get_attribute("data-level")) > default[1] + 20
     windowed = _canvas_digest(browser)
     assert windowed != zoomed
     _shot(browser, tmp_path, "viewer-window-level")
     # A preset and the reset key. The click goes through the DOM (a synthetic pointer click can land
     # while the drag's pointer release is still being handled), and the attribute is awaited.
+    # (An 8-bit PNG: preset 2 is its full stored range, 0-255.)
     preset = browser.find_element(By.CSS_SELECTOR, "#wl-presets button[data-key='2']")
+    assert preset.text.startswith("Full range")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", preset)
-    WebDriverWait(browser, 10).until(lambda _: stage.get_attribute("data-window") == "140")
+    WebDriverWait(browser, 10).until(lambda _: stage.get_attribute("data-window") == "255")
     stage.send_keys("0")
     browser.execute_script("window.bonefracViewer.redraw()")
     assert abs(float(stage.get_attribute("data-scale")) - fit_scale) < 1e-3
-    assert stage.get_attribute("data-window") == "256"
+    assert stage.get_attribute("data-window") == str(round(default[0]))
     assert _canvas_digest(browser) == before
 
 
@@ -298,3 +303,111 @@ def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
     WebDriverWait(browser, 30).until(lambda d: "complete" in (live.get_attribute("textContent") or ""))
     assert live.get_attribute("textContent").startswith("Warning: unusual image")
     _shot(browser, tmp_path, "viewer-ood")
+
+
+def _base_row(driver, y: int, xs: list[int]) -> list[int]:
+    """Gray values the viewer rendered (W/L applied, before zoom) at image pixels ``(x, y)``."""
+    return driver.execute_script(
+        "const v=window.bonefracViewer.view, d=v.baseCanvas.getContext('2d').getImageData(0,arguments[0],v.w,1).data;"
+        "return arguments[1].map((x) => d[4*x]);",
+        y,
+        xs,
+    )
+
+
+def _click_preset(driver, name: str) -> None:
+    button = next(b for b in driver.find_elements(By.CSS_SELECTOR, "#wl-presets button") if b.text.startswith(name))
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", button)
+
+
+def test_window_level_on_a_12bit_dicom_follows_its_window(server, browser, tmp_path):
+    """The DICOM's VOI window is the default; other windows reach values the VOI window clipped."""
+    import numpy as np
+
+    w = 400
+    ramp = np.round(np.arange(w) / (w - 1) * 4095)  # stored value of column x
+    arr = np.tile(ramp, (96, 1)).astype(np.uint16)
+    img = make_dicom(tmp_path / "ramp.dcm", arr, bits_stored=12, window=(1000.0, 800.0))
+    browser.get(server.url + "/")
+    _upload(browser, img)
+    _wait_drawn(browser)
+    stage = browser.find_element(By.ID, "stage")
+    assert stage.get_attribute("data-pixels") == "400x96"
+    assert (stage.get_attribute("data-window"), stage.get_attribute("data-level")) == ("800", "1000")
+    assert browser.find_element(By.CSS_SELECTOR, "#wl-presets button[aria-pressed='true']").text.startswith("DICOM")
+    xs = list(range(0, w, 7))
+
+    def expected(centre: float, width: float) -> list[int]:
+        return [int(np.clip(np.round((ramp[x] - (centre - width / 2)) / width * 255), 0, 255)) for x in xs]
+
+    got = _base_row(browser, 50, xs)
+    assert max(abs(a - b) for a, b in zip(got, expected(1000, 800), strict=True)) <= 1
+    assert got[-1] == 255 and got[0] == 0  # outside the window: clipped on screen, not in the data
+    before = _canvas_digest(browser)
+    _click_preset(browser, "Full range")  # 0-4095: the values above 1400 come back
+    WebDriverWait(browser, 10).until(lambda _: stage.get_attribute("data-window") == "4095")
+    got = _base_row(browser, 50, xs)
+    assert max(abs(a - b) for a, b in zip(got, expected(4095 / 2, 4095), strict=True)) <= 1
+    assert len({g for g, x in zip(got, xs, strict=True) if ramp[x] > 1400}) > 20  # distinct grays, not one white
+    browser.execute_script("window.bonefracViewer.redraw()")
+    assert _canvas_digest(browser) != before
+    browser.execute_script("window.bonefracViewer.setWindow(300, 3000)")  # a narrow window high up
+    got = _base_row(browser, 50, xs)
+    assert max(abs(a - b) for a, b in zip(got, expected(3000, 300), strict=True)) <= 1
+    _shot(browser, tmp_path, "viewer-dicom-window")
+
+
+def test_zoom_shows_the_native_pixels_of_a_2304x2880_radiograph(server, browser, tmp_path):
+    """Not a 1024-px copy: at 8x, one image pixel is an 8x8 block and a 1-px checkerboard stays one."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = 2880, 2304
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = (30 + 120 * (xx + yy) / (h + w)).astype(np.uint8)
+    y0, x0 = 1500, 1000
+    arr[y0 : y0 + 32, x0 : x0 + 32] = np.where((yy[:32, :32] + xx[:32, :32]) % 2 == 0, 40, 220)
+    path = tmp_path / "large.png"
+    Image.fromarray(arr).save(path)
+    browser.get(server.url + "/")
+    _upload(browser, path)
+    _wait_drawn(browser, timeout=120)
+    stage = browser.find_element(By.ID, "stage")
+    assert stage.get_attribute("data-pixels") == "2304x2880"
+    assert "full resolution (2304×2880" in browser.find_element(By.ID, "res-note").text
+    browser.find_element(By.ID, "heat-toggle").click()
+    browser.find_element(By.ID, "contour-toggle").click()
+    # Wheel-zoom at the checkerboard until 8 screen px per image px (the point under the cursor stays put).
+    cx, cy = x0 + 16, y0 + 16
+    for _ in range(12):
+        if float(stage.get_attribute("data-scale")) >= 8:
+            break
+        browser.execute_script(
+            """const v=window.bonefracViewer.view, s=document.getElementById('stage'), r=s.getBoundingClientRect();
+            s.dispatchEvent(new WheelEvent('wheel',{deltaY:-400,clientX:r.left+v.tx+v.scale*arguments[0],
+              clientY:r.top+v.ty+v.scale*arguments[1],bubbles:true,cancelable:true}));
+            window.bonefracViewer.redraw();""",
+            cx,
+            cy,
+        )
+    scale, tx, ty, win, lev, dpr = browser.execute_script(
+        "const v=window.bonefracViewer.view; return [v.scale, v.tx, v.ty, v.win, v.lev, window.devicePixelRatio||1]"
+    )
+    assert scale >= 8
+    _shot(browser, tmp_path, "viewer-native-pixels")
+
+    def screen(x: int, y: int) -> int:  # the on-screen canvas at the centre of image pixel (x, y)
+        return browser.execute_script(
+            "return document.getElementById('view-canvas').getContext('2d')"
+            ".getImageData(Math.floor(arguments[0]), Math.floor(arguments[1]), 1, 1).data[0]",
+            dpr * (tx + scale * (x + 0.5)),
+            dpr * (ty + scale * (y + 0.5)),
+        )
+
+    def windowed(v: int) -> int:
+        return int(np.clip(np.round((v - (lev - win / 2)) / win * 255), 0, 255))
+
+    for dy, dx in ((10, 10), (10, 11), (11, 11), (12, 13), (20, 17)):
+        x, y = cx + dx - 16, cy + dy - 16
+        assert abs(screen(x, y) - windowed(int(arr[y, x]))) <= 2, (x, y)
+    assert abs(screen(cx, cy) - screen(cx + 1, cy)) > 100  # neighbours stay apart: native pixels, no blur

@@ -5,14 +5,23 @@ the image as it was taken. So the heatmap is computed on the network's grid, the
 padding is cropped off, and the rest is resized onto the original aspect ratio
 (longest side capped for the browser). The heatmap is also given alone, as RGBA
 with alpha following the CAM, so the viewer can toggle it and change its opacity.
+
+For reading, the viewer also gets the image's own values at full resolution
+(:func:`display_pixels`): integer codes of up to 16 bits that map linearly back to the
+stored units, so window/level acts on what the detector recorded, not on an 8-bit copy
+already windowed by percentiles. A DICOM's own VOI window is the default preset: the
+pixels are decoded again without it (pydicom's windowing clips everything outside it).
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import zlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +29,10 @@ from PIL import Image
 from torch import nn
 
 DISPLAY_MAX_SIDE = 1024
+#: Native pixels up to this many (a 4096 x 4096 detector); beyond, the smallest integer
+#: reduction that fits. 16.8 M pixels cost the browser ~170 MB (codes, RGBA canvas, ImageData).
+DISPLAY_MAX_PIXELS = 4096 * 4096
+AUTO_PERCENTILES = (0.5, 99.5)
 
 
 def compute_cam(
@@ -180,3 +193,124 @@ def overlay_writer(
             (out / gradcam_name(path, root)).write_bytes(png_bytes(pics["overlay"]))
 
     return write
+
+
+# ------------------------------------------------------------------ full-resolution values for W/L
+@dataclass
+class DisplayPixels:
+    """The image as integer codes for the viewer: ``stored value = offset + scale * code``.
+
+    ``windows`` are presets in stored units, the first is the default: the DICOM's own VOI
+    window(s) when it has them, then the percentile window the pipeline uses, then the full range.
+    ``reduction`` is 1 when the codes are the native pixels (else one code per r x r block).
+    """
+
+    codes: np.ndarray
+    offset: float
+    scale: float
+    reduction: int = 1
+    windows: list[dict[str, Any]] = field(default_factory=list)
+    value_range: tuple[float, float] = (0.0, 255.0)
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON for the viewer: codes row-differenced (mod 2**bits), zlib'd, base64.
+
+        Differencing along a row is PNG's "Sub" filter: it turns smooth radiographs into small
+        numbers that zlib packs ~15 % tighter; the client undoes it with a running sum per row.
+        """
+        codes = np.ascontiguousarray(self.codes)
+        if codes.dtype != np.uint8:
+            codes = codes.astype("<u2")  # little-endian on the wire, whatever this machine is
+        delta = codes.copy()
+        delta[:, 1:] = np.diff(codes, axis=1)  # unsigned: wraps modulo 2**bits, undone the same way
+        return {
+            "encoding": "zlib+base64,row-delta",
+            "dtype": "uint8" if codes.dtype == np.uint8 else "uint16le",
+            "width": int(codes.shape[1]),
+            "height": int(codes.shape[0]),
+            "offset": float(self.offset),
+            "scale": float(self.scale),
+            "reduction": int(self.reduction),
+            "windows": self.windows,
+            "value_range": [float(self.value_range[0]), float(self.value_range[1])],
+            "data": base64.b64encode(zlib.compress(delta.tobytes(), 1)).decode("ascii"),
+        }
+
+
+def _reduce(arr: np.ndarray, max_pixels: int) -> tuple[np.ndarray, int]:
+    """Block-mean by the smallest integer factor that brings ``arr`` under ``max_pixels``."""
+    h, w = arr.shape
+    r = 1
+    while (h // r) * (w // r) > max_pixels:
+        r += 1
+    if r == 1:
+        return arr, 1
+    hh, ww = (h // r) * r, (w // r) * r
+    return arr[:hh, :ww].reshape(hh // r, r, ww // r, r).mean(axis=(1, 3), dtype=np.float64), r
+
+
+def _quantise(arr: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Codes, offset, scale: exact for integer data spanning <= 16 bits, else 65,536 even steps."""
+    lo, hi = float(arr.min()), float(arr.max())
+    span = hi - lo
+    if span <= 65535 and np.array_equal(arr, np.round(arr)):
+        dtype = np.uint8 if span <= 255 else np.uint16
+        return (arr - lo).astype(dtype), lo, 1.0
+    scale = max(span, 1e-12) / 65535.0
+    return np.round((arr - lo) / scale).astype(np.uint16), lo, scale
+
+
+def _dicom_windows(meta: dict[str, Any], value_range: tuple[float, float], inverted: bool) -> list[dict[str, Any]]:
+    """The header's window centre/width pairs (multi-valued: one preset each), in the array's units."""
+    centres, widths = meta.get("WindowCenter"), meta.get("WindowWidth")
+    if centres is None or widths is None:
+        return []
+    centres = centres if isinstance(centres, list) else [centres]
+    widths = widths if isinstance(widths, list) else [widths]
+    out = []
+    for i, (c, w) in enumerate(zip(centres, widths, strict=False)):
+        try:
+            c, w = float(c), float(w)
+        except (TypeError, ValueError):
+            continue
+        if not (np.isfinite(c) and np.isfinite(w)) or w < 1:
+            continue
+        if inverted:  # MONOCHROME1 values were flipped within the nominal range: so is the centre
+            c = value_range[0] + value_range[1] - c
+        out.append({"name": "DICOM" if i == 0 else f"DICOM {i + 1}", "center": c, "width": w, "source": "dicom"})
+    return out
+
+
+def display_pixels(
+    img: Any, reread: Callable[[], bytes] | None = None, max_pixels: int = DISPLAY_MAX_PIXELS
+) -> DisplayPixels | None:
+    """Full-resolution codes of a 2D :class:`~bonefrac.data.imageio.DecodedImage` and its W/L presets.
+
+    ``reread`` returns the file's bytes: a DICOM whose VOI window was applied at decoding is
+    read again without it, so values outside the window are not lost. ``None`` for volumes.
+    """
+    arr = np.asarray(img.array)
+    if arr.ndim != 2:
+        return None
+    meta = dict(img.meta or {})
+    windows: list[dict[str, Any]] = []
+    nominal = meta.get("value_range")
+    if img.format == "dicom" and meta.get("voi_applied") == "window" and reread is not None:
+        from bonefrac.data.dicom import DicomError, read_dataset, to_display_array
+
+        try:
+            px = to_display_array(read_dataset(reread()), apply_voi=False)
+            if px.array.shape == arr.shape:
+                arr, nominal = px.array, list(px.value_range)
+                windows = _dicom_windows(meta, px.value_range, bool(px.meta.get("inverted_monochrome1")))
+        except (DicomError, OSError):  # keep the decoded (windowed) values; no DICOM preset then
+            windows = []
+    arr, reduction = _reduce(np.asarray(arr, dtype=np.float64), max_pixels)
+    step = max(1, int(np.ceil(np.sqrt(arr.size / 1_000_000))))  # percentiles on <= 1 M samples
+    p_lo, p_hi = np.percentile(arr[::step, ::step], AUTO_PERCENTILES)
+    auto = {"center": float(p_lo + p_hi) / 2, "width": max(float(p_hi - p_lo), 1e-6)}
+    windows.append({"name": "Auto", **auto, "source": "percentiles"})
+    lo, hi = (float(nominal[0]), float(nominal[1])) if nominal else (float(arr.min()), float(arr.max()))
+    windows.append({"name": "Full range", "center": (lo + hi) / 2, "width": max(hi - lo, 1e-6), "source": "range"})
+    codes, offset, scale = _quantise(arr)
+    return DisplayPixels(codes, offset, scale, reduction, windows, (lo, hi))

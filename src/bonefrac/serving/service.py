@@ -522,7 +522,8 @@ class FractureService:
 
     @bentoml.api
     async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
-        """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px CAM."""
+        """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, a 32-px CAM,
+        and (2D) the full-resolution pixel values with window presets for the viewer's W/L."""
         try:
             result, img, x, info = await self._predict_one(file)
         except InputRejected as exc:
@@ -546,6 +547,10 @@ class FractureService:
                 "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),
                 "heatmap": visual.small_heatmap(pics["cam"]),
             }
+            # The viewer's reading copy: full resolution, stored units, the DICOM's own window first.
+            pixels = await asyncio.to_thread(visual.display_pixels, img, file.read_bytes)
+            if pixels is not None:
+                result["explanation"]["pixels"] = await asyncio.to_thread(pixels.to_json)
         except Exception as err:
             return _error(_unavailable("rendering the explanation", err))  # type: ignore[return-value]
         result["timing_ms"]["explain"] = round((time.perf_counter() - t0) * 1000, 2)

@@ -12,14 +12,16 @@
     high_sensitivity: "misses few fractures; more false alarms",
     high_specificity: "few false alarms; may miss subtle fractures",
   };
-  // Window/level presets on the 0–255 display values the service sends (it has already mapped
-  // the stored values to 8 bits with a 0.5–99.5 percentile window).
-  const PRESETS = [
-    { key: "1", name: "Full", w: 256, l: 128 },
-    { key: "2", name: "Bone", w: 140, l: 165 },
-    { key: "3", name: "Soft", w: 150, l: 85 },
-    { key: "4", name: "Contrast", w: 100, l: 128 },
+  // Window/level acts on the image's stored values (12–16-bit DICOM, 8/16-bit PNG), sent at full
+  // resolution by /explain. The service lists presets in stored units: the DICOM's own VOI
+  // window(s) first, then "Auto" (0.5–99.5 percentiles), then the full range; these are added,
+  // relative to the Auto window (fractions of its width, measured from its lower end):
+  const RELATIVE_PRESETS = [
+    { name: "Bone", at: 0.645, width: 0.547 },
+    { name: "Soft", at: 0.332, width: 0.586 },
+    { name: "Contrast", at: 0.5, width: 0.39 },
   ];
+  let PRESETS = [];
   const TYPE_F1_MIN = 0.5;
   const CONTOUR_LEVEL = 0.5; // fraction of the heatmap's maximum
   let apiKey = sessionStorage.getItem("bonefrac-api-key") || "";
@@ -31,13 +33,18 @@
   const view = {
     loaded: false,
     w: 0, h: 0,               // display image size (pixels the service sent)
-    gray: null,               // Uint8ClampedArray of the gray values (w*h)
+    codes: null,              // Uint8Array | Uint16Array (w*h): stored value = vOff + vScale * code
+    vOff: 0, vScale: 1,       // code → stored units
+    range: [0, 255],          // nominal value range (stored units)
+    wlUnit: 1,                // stored units per screen pixel of a W/L drag
+    reduction: 1,             // 1: native pixels; r: one pixel per r×r block of the original
     baseCanvas: null,         // W/L-applied image, image resolution
     heatCanvas: null,         // heatmap RGBA, image resolution
     contours: [],             // line segments [x1, y1, x2, y2] in image pixels
     scale: 1, tx: 0, ty: 0,   // image → canvas CSS px: x' = scale * x + tx
     fitScale: 1,
     win: 256, lev: 128, invert: false,
+    defaultWindow: null,
     heat: true, contour: true, opacity: 0.6,
   };
 
@@ -266,34 +273,103 @@
     });
   }
 
+  // /explain's "pixels": row-differenced integer codes, zlib'd, base64 (see bonefrac.explain.display).
+  async function decodePixels(px) {
+    const packed = await (await fetch("data:application/octet-stream;base64," + px.data)).blob();
+    const buf = await new Response(packed.stream().pipeThrough(new DecompressionStream("deflate"))).arrayBuffer();
+    const n = px.width * px.height;
+    let codes;
+    if (px.dtype === "uint8") {
+      codes = new Uint8Array(buf, 0, n);
+    } else if (new Uint8Array(new Uint16Array([1]).buffer)[0] === 1) {
+      codes = new Uint16Array(buf, 0, n); // little-endian machine: the wire order
+    } else {
+      const dv = new DataView(buf);
+      codes = new Uint16Array(n);
+      for (let i = 0; i < n; i++) codes[i] = dv.getUint16(2 * i, true);
+    }
+    if (buf.byteLength < n * codes.BYTES_PER_ELEMENT) throw new Error("pixel data too short");
+    for (let y = 0, i = 0; y < px.height; y++) { // running sum along each row (wraps like the encoder)
+      i = y * px.width + 1;
+      for (let x = 1; x < px.width; x++, i++) codes[i] = codes[i] + codes[i - 1];
+    }
+    return codes;
+  }
+
+  function buildPresets(windows) {
+    const auto = windows.find((w) => w.source === "percentiles") || windows[0];
+    const lo = auto.center - auto.width / 2;
+    const list = windows.map((w) => ({ name: w.name, w: w.width, l: w.center, source: w.source }));
+    for (const r of RELATIVE_PRESETS) list.push({ name: r.name, w: r.width * auto.width, l: lo + r.at * auto.width, source: "relative" });
+    PRESETS = list.slice(0, 9).map((p, i) => ({ ...p, key: String(i + 1) }));
+    const pbox = $("wl-presets");
+    pbox.innerHTML = "";
+    for (const p of PRESETS) {
+      const b = document.createElement("button");
+      b.type = "button"; b.className = "ghost"; b.dataset.key = p.key; b.dataset.source = p.source;
+      b.textContent = p.name + " ";
+      const kb = document.createElement("kbd"); kb.textContent = p.key; b.appendChild(kb);
+      b.title = "window " + fmtUnits(p.w) + ", level " + fmtUnits(p.l);
+      b.addEventListener("click", () => usePreset(p));
+      pbox.appendChild(b);
+    }
+    view.wlUnit = Math.max(auto.width / 256, 1e-6);
+    view.defaultWindow = PRESETS[0];
+  }
+
+  function fmtUnits(v) { return Math.abs(v) >= 100 ? String(Math.round(v)) : v.toFixed(1); }
+
   async function loadImages(ex, im) {
     view.loaded = false;
     const [okBase, okHeat] = await Promise.all([loadImg($("base-image"), ex.image_png), loadImg($("heatmap"), ex.heatmap_png)]);
-    if (!okBase) { $("view-status").textContent = "image not available"; return; }
-    const img = $("base-image");
-    view.w = img.naturalWidth; view.h = img.naturalHeight;
+    const px = ex.pixels;
+    let codes = null;
+    if (px && px.data) {
+      try { codes = await decodePixels(px); } catch (e) { codes = null; }
+    }
+    if (codes) {
+      view.w = px.width; view.h = px.height;
+      view.codes = codes; view.vOff = px.offset; view.vScale = px.scale;
+      view.range = px.value_range; view.reduction = px.reduction || 1;
+      buildPresets(px.windows);
+    } else if (okBase) { // no full-resolution values (a volume's slice): the 8-bit display copy
+      const img = $("base-image");
+      view.w = img.naturalWidth; view.h = img.naturalHeight;
+      const c = document.createElement("canvas");
+      c.width = view.w; c.height = view.h;
+      const cx = c.getContext("2d");
+      cx.drawImage(img, 0, 0);
+      const data = cx.getImageData(0, 0, view.w, view.h).data;
+      view.codes = new Uint8Array(view.w * view.h);
+      for (let i = 0, j = 0; i < view.codes.length; i++, j += 4) view.codes[i] = data[j];
+      view.vOff = 0; view.vScale = 1; view.range = [0, 255]; view.reduction = 0;
+      buildPresets([{ name: "Display", center: 128, width: 256, source: "display" }]);
+    } else {
+      $("view-status").textContent = "image not available"; return;
+    }
     const c = document.createElement("canvas");
     c.width = view.w; c.height = view.h;
-    const cx = c.getContext("2d");
-    cx.drawImage(img, 0, 0);
-    const data = cx.getImageData(0, 0, view.w, view.h).data;
-    view.gray = new Uint8ClampedArray(view.w * view.h);
-    for (let i = 0, j = 0; i < view.gray.length; i++, j += 4) view.gray[i] = data[j];
     view.baseCanvas = c;
     view.heatCanvas = null;
     view.contours = [];
     if (okHeat) {
-      const hc = document.createElement("canvas");
-      hc.width = view.w; hc.height = view.h;
-      hc.getContext("2d").drawImage($("heatmap"), 0, 0, view.w, view.h);
+      const h = $("heatmap");
+      const hc = document.createElement("canvas"); // the heatmap at its own (capped) size, stretched when drawn
+      hc.width = h.naturalWidth; hc.height = h.naturalHeight;
+      hc.getContext("2d").drawImage(h, 0, 0);
       view.heatCanvas = hc;
     }
     if (Array.isArray(ex.heatmap) && ex.heatmap.length) view.contours = contourSegments(ex.heatmap, view.w, view.h, CONTOUR_LEVEL);
     const note = $("res-note");
-    const full = im && im.width && im.height && (im.width !== view.w || im.height !== view.h);
-    note.textContent = full
-      ? "Shown at " + view.w + "×" + view.h + ": the service sends a copy with its longest side capped (original " + im.width + "×" + im.height + ")."
-      : "Shown at full resolution (" + view.w + "×" + view.h + ").";
+    const bits = im && im.bit_depth ? im.bit_depth + "-bit values" : "stored values";
+    if (view.reduction === 1) {
+      note.textContent = "Shown at full resolution (" + view.w + "×" + view.h + ", " + bits + "; window/level in stored units).";
+    } else if (view.reduction > 1) {
+      note.textContent = "Shown at 1/" + view.reduction + " resolution (" + view.w + "×" + view.h + "; original " +
+        im.width + "×" + im.height + ", over the viewer's pixel budget), " + bits + ".";
+    } else {
+      note.textContent = "Shown at " + view.w + "×" + view.h + " from an 8-bit display copy (original " + im.width + "×" + im.height + ").";
+    }
     view.loaded = true;
     resetView();
   }
@@ -333,21 +409,23 @@
     return segs;
   }
 
+  // Linear window on stored values: gray = 255 · (v − (L − W/2)) / W, clipped; one LUT entry per code.
   function applyWindow() {
-    if (!view.gray) return;
+    if (!view.codes) return;
     const cx = view.baseCanvas.getContext("2d");
     const out = cx.createImageData(view.w, view.h);
-    const lut = new Uint8ClampedArray(256);
-    const lo = view.lev - view.win / 2;
-    for (let v = 0; v < 256; v++) {
-      let g = ((v - lo) / Math.max(1, view.win)) * 255;
-      g = Math.max(0, Math.min(255, g));
-      lut[v] = view.invert ? 255 - g : g;
+    const nCodes = view.codes instanceof Uint8Array ? 256 : 65536;
+    const lut = new Uint8ClampedArray(nCodes);
+    const lo = view.lev - view.win / 2, win = Math.max(view.win, 1e-9);
+    for (let u = 0; u < nCodes; u++) {
+      const g = Math.round(((view.vOff + view.vScale * u - lo) / win) * 255);
+      const c = g < 0 ? 0 : g > 255 ? 255 : g;
+      lut[u] = view.invert ? 255 - c : c;
     }
-    const d = out.data, gray = view.gray;
-    for (let i = 0, j = 0; i < gray.length; i++, j += 4) {
-      const g = lut[gray[i]];
-      d[j] = g; d[j + 1] = g; d[j + 2] = g; d[j + 3] = 255;
+    const d32 = new Uint32Array(out.data.buffer), codes = view.codes;
+    for (let i = 0; i < codes.length; i++) {
+      const g = lut[codes[i]];
+      d32[i] = 0xff000000 | (g << 16) | (g << 8) | g; // RGBA bytes on a little-endian machine
     }
     cx.putImageData(out, 0, 0);
   }
@@ -376,7 +454,8 @@
     cx.drawImage(view.baseCanvas, 0, 0);
     if (view.heat && view.heatCanvas) {
       cx.globalAlpha = view.opacity;
-      cx.drawImage(view.heatCanvas, 0, 0);
+      cx.imageSmoothingEnabled = true; // the heatmap is coarse: always smooth
+      cx.drawImage(view.heatCanvas, 0, 0, view.w, view.h);
       cx.globalAlpha = 1;
     }
     if (view.contour && view.contours.length) {
@@ -392,12 +471,13 @@
     }
     $("view-status").textContent = "Zoom " + Math.round(100 * view.scale) + " %" +
       (view.scale >= 1 ? " (" + view.scale.toFixed(1) + " screen px per image px)" : "") +
-      " · W " + Math.round(view.win) + " L " + Math.round(view.lev) + (view.invert ? " · inverted" : "") +
+      " · W " + fmtUnits(view.win) + " L " + fmtUnits(view.lev) + (view.invert ? " · inverted" : "") +
       " · " + view.w + "×" + view.h + " px";
     const st = $("stage");
     st.dataset.scale = view.scale.toFixed(4);
     st.dataset.window = String(Math.round(view.win));
     st.dataset.level = String(Math.round(view.lev));
+    st.dataset.pixels = view.w + "x" + view.h;
   }
 
   let pending = false;
@@ -413,7 +493,7 @@
     view.scale = view.fitScale;
     view.tx = (w - view.w * view.scale) / 2;
     view.ty = (h - view.h * view.scale) / 2;
-    view.win = 256; view.lev = 128; view.invert = false;
+    view.win = view.defaultWindow.w; view.lev = view.defaultWindow.l; view.invert = false;
     $("invert-toggle").checked = false;
     markPreset(PRESETS[0]);
     applyWindow();
@@ -434,8 +514,9 @@
   }
 
   function setWindow(win, lev) {
-    view.win = Math.max(1, Math.min(512, win));
-    view.lev = Math.max(-128, Math.min(383, lev));
+    const span = Math.max(view.range[1] - view.range[0], view.wlUnit);
+    view.win = Math.max(view.wlUnit, Math.min(2 * span, win));
+    view.lev = Math.max(view.range[0] - span, Math.min(view.range[1] + span, lev));
     applyWindow();
     redraw();
   }
@@ -464,7 +545,7 @@
     st.addEventListener("pointermove", (e) => {
       if (!drag) return;
       const dx = e.clientX - drag.x, dy = e.clientY - drag.y;
-      if (drag.wl) { markPreset(null); setWindow(drag.win + dx, drag.lev - dy); } else {
+      if (drag.wl) { markPreset(null); setWindow(drag.win + dx * view.wlUnit, drag.lev - dy * view.wlUnit); } else {
         view.tx = drag.tx + dx; view.ty = drag.ty + dy; redraw();
       }
     });
@@ -549,16 +630,6 @@
     $("invert-toggle").addEventListener("change", (e) => setInvert(e.target.checked));
     $("heat-opacity").addEventListener("input", (e) => { view.opacity = e.target.value / 100; $("stage").dataset.opacity = String(view.opacity); redraw(); });
     view.opacity = $("heat-opacity").value / 100;
-    const pbox = $("wl-presets");
-    for (const p of PRESETS) {
-      const b = document.createElement("button");
-      b.type = "button"; b.className = "ghost"; b.dataset.key = p.key;
-      b.textContent = p.name + " ";
-      const kb = document.createElement("kbd"); kb.textContent = p.key; b.appendChild(kb);
-      b.title = "window " + p.w + ", level " + p.l;
-      b.addEventListener("click", () => usePreset(p));
-      pbox.appendChild(b);
-    }
     $("reset-view").addEventListener("click", () => { if (view.loaded) resetView(); });
     bindStage();
     document.addEventListener("keydown", onKey);
@@ -572,6 +643,9 @@
     loadMetadata();
   }
   // For tests and embedding: read-only access to what is drawn, and the metadata hook.
-  window.bonefracViewer = { view, applyMetadata, redraw: draw, contourSegments };
+  window.bonefracViewer = {
+    view, applyMetadata, redraw: draw, contourSegments, zoomAt,
+    setWindow: (win, lev) => { markPreset(null); setWindow(win, lev); },
+  };
   document.addEventListener("DOMContentLoaded", init);
 })();
