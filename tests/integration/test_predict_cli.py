@@ -68,6 +68,14 @@ def test_folder_with_broken_files_exits_2_and_keeps_going(model, tmp_path):
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
     assert "2 could not be read" in r.stdout and "broken.jpg" in r.stderr
+    # It talks: what it loads and where it decides first, then the total (the bar's ETA needs it)...
+    err = r.stderr.splitlines()
+    assert err[0].startswith("bonefrac predict: loading")
+    assert err[1].startswith("model bonefrac-test:t0 (custom_cnn, 64 px); operating points: high-sensitivity p >= ")
+    assert f"5 images to read in {d}" in r.stderr and "/5 [" in r.stderr  # tqdm: n/total [elapsed<remaining]
+    # ...and the positives per operating point at the end.
+    assert "high-sensitivity at p >= " in r.stdout and "high-specificity at p >= " in r.stdout
+    assert " of 3 positive" in r.stdout
     df = pd.read_csv(out, keep_default_na=False)
     assert len(df) == 5 and (df["error"] != "").sum() == 2
     ok = df[df["error"] == ""]

@@ -97,8 +97,10 @@ def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
     cams_writer = overlay_writer(
         model.bundle.build_model(), model.bundle.preprocess_spec.image_size, tmp_path / "cams", None
     )
-    s = predict_to_file(img, model, out, explainer=cams_writer, backend="torch", progress=False)
+    said: list[str] = []
+    s = predict_to_file(img, model, out, explainer=cams_writer, backend="torch", progress=False, notify=said.append)
     assert s.exit_code == 0 and s.n_ok == 1
+    assert said == ["backend: torch on cpu", f"1 image to read in {img}"]
     row = json.loads(out.read_text().splitlines()[0])
     assert row["error"] == "" and 0 <= row["probability"] <= 1
     assert abs(sum(row[f"type_prob_{t}"] for t in model.bundle.type_names) - 1) < 1e-6
@@ -106,8 +108,47 @@ def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
     assert [c.name for c in cams] == ["x.png"]
     from PIL import Image
 
-    with Image.open(cams[0]) as im:
-        assert im.size == (48, 64) and im.mode == "RGB"  # original aspect, colour overlay
+    with Image.open(cams[0]) as im:  # the 48 x 64 image, centred above a panel (name, decisions, colour bar)
+        assert im.mode == "RGB" and im.size[0] >= 48 and im.size[1] > 64 + 80
+
+
+def test_summary_counts_positives_per_operating_point(folder, model, tmp_path):
+    out = tmp_path / "p.csv"
+    s = predict_to_file(folder, model, out, backend="torch", progress=False, batch_size=2)
+    df = pd.read_csv(out, keep_default_na=False)
+    ok = df[df["error"] == ""]
+    for op in model.bundle.operating_points:
+        assert s.positives[op] == (ok[f"decision_{op}"].astype(str) == "True").sum()
+    assert sum(s.positives.values()) > 0  # the test bundle decides some images positive
+    lines = s.counts_lines(dict(model.bundle.operating_points))
+    thr = model.bundle.operating_points["high_sensitivity"]
+    assert lines[0] == (
+        f"high-sensitivity at p >= {thr:.3f}: {s.positives['high_sensitivity']} of {s.n_ok} positive "
+        f"({100 * s.positives['high_sensitivity'] / s.n_ok:.1f} %)"
+    )
+
+
+def test_annotated_overlay_tints_only_above_the_floor_and_carries_a_panel():
+    from bonefrac.explain.display import annotated_overlay
+
+    gray = np.tile(np.linspace(40, 200, 80).astype(np.uint8), (60, 1))
+    cam = np.zeros((60, 80), np.float32)
+    cam[10:30, 10:30] = 1.0
+    cam[40:50, 50:70] = 0.1  # under the 0.2 floor
+    args = {"name": "x.png", "decisions": {"high_sensitivity": True, "high_specificity": False}}
+    pic = annotated_overlay(gray, cam, probability=0.73, **args, thresholds={"high_sensitivity": 0.3})
+    h, w = pic.shape[:2]
+    assert h > 60 + 80 and w >= 80
+    x0 = (w - 80) // 2
+    image = pic[:60, x0 : x0 + 80].astype(int)
+    plain = np.repeat(gray[..., None], 3, axis=2).astype(int)
+    assert np.array_equal(image[40:50, 50:70], plain[40:50, 50:70])  # weak CAM: left untouched
+    assert np.array_equal(image[:, 75:], plain[:, 75:])
+    assert np.abs(image[15:25, 15:25] - plain[15:25, 15:25]).max() > 30  # strong CAM: tinted
+    panel = pic[60:]
+    assert (panel[..., 0] > 200).any() and (panel[..., 2] > 200).any()  # the bar runs blue to red
+    other = annotated_overlay(gray, cam, probability=0.12, **args)
+    assert not np.array_equal(other[60:], panel)  # the probability is drawn, not a fixed caption
 
 
 def test_csv_manifest_with_relative_paths(tmp_path, model):

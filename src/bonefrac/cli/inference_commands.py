@@ -9,7 +9,7 @@ traceback. ``predict`` exits 2 when some images could not be read (each has its
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -27,6 +27,19 @@ ModelOpt = Annotated[
 def _fail(message: str, code: int = 1) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
+
+
+def _note(message: str) -> None:
+    """A start-up or progress message: on stderr, so stdout keeps only the summary."""
+    typer.echo(message, err=True)
+
+
+def _model_line(loaded: Any) -> str:
+    """Which model answers and where it decides: name, version, network, operating points."""
+    b = loaded.bundle
+    ops = ", ".join(f"{k.replace('_', '-')} p >= {v:.3f}" for k, v in sorted(b.operating_points.items()))
+    what = f"{loaded.name}:{loaded.version} ({b.arch}, {b.preprocess_spec.image_size} px)"
+    return f"model {what}; operating points: {ops or 'none stored'}"
 
 
 def predict(
@@ -47,14 +60,17 @@ def predict(
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
 ) -> None:
     """Predict fractures for every image in INPUT; one row per image (exit 2 if some could not be read)."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise _fail(f"--backend must be auto, torch or onnx, got {backend!r}")
+    # Said before the heavy imports (torch, BentoML's store): the first seconds are not silent.
+    _note(f"bonefrac predict: loading {model or 'the model'} (torch start-up takes a few seconds)...")
     from bonefrac.errors import user_error_types
     from bonefrac.inference.batch_predict import PredictInputError, predict_to_file
     from bonefrac.registry.resolve import resolve_model
 
-    if backend not in ("auto", "torch", "onnx"):
-        raise _fail(f"--backend must be auto, torch or onnx, got {backend!r}")
     try:
         loaded = resolve_model(model)
+        _note(_model_line(loaded))
         explainer = None
         if gradcam is not None:
             from bonefrac.explain.display import overlay_writer
@@ -66,6 +82,7 @@ def predict(
                 gradcam,
                 input if input.is_dir() else None,
                 device or default_device(),
+                thresholds=dict(loaded.bundle.operating_points),
             )
         summary = predict_to_file(
             input,
@@ -76,6 +93,7 @@ def predict(
             backend=backend,
             device=device,
             progress=progress,
+            notify=_note,
         )  # type: ignore[arg-type]
     except (PredictInputError, *user_error_types()) as err:
         raise _fail(str(err)) from None
@@ -84,6 +102,8 @@ def predict(
         f"({summary.backend}) -> {summary.out}"
         + (f"; {summary.n_failed} could not be read (see the 'error' column)" if summary.n_failed else "")
     )
+    for line in summary.counts_lines(dict(loaded.bundle.operating_points)):
+        typer.echo(f"  {line}")
     for path, err in summary.failures[:5]:
         typer.echo(f"  unreadable: {path}: {err}", err=True)
     if summary.exit_code:

@@ -113,11 +113,13 @@ def heatmap_rgba(cam: np.ndarray, max_alpha: float = 0.85) -> np.ndarray:
     return np.dstack([rgb, alpha])
 
 
-def overlay_rgb(gray: np.ndarray, cam: np.ndarray, opacity: float = 0.5) -> np.ndarray:
-    """Alpha-blend the heatmap over the gray image (same size)."""
+def overlay_rgb(gray: np.ndarray, cam: np.ndarray, opacity: float = 0.5, floor: float = 0.0) -> np.ndarray:
+    """Alpha-blend the heatmap over the gray image (same size); no tint where the CAM is below ``floor``."""
     base = np.repeat(gray[..., None].astype(np.float32), 3, axis=2)
     rgba = heatmap_rgba(cam).astype(np.float32)
     a = rgba[..., 3:4] / 255.0 * opacity / 0.85
+    if floor > 0:
+        a = np.where(np.asarray(cam)[..., None] >= floor, a, 0.0)
     return np.clip(base * (1 - a) + rgba[..., :3] * a, 0, 255).astype(np.uint8)
 
 
@@ -178,19 +180,105 @@ def gradcam_name(path: str, root: Path | None) -> str:
     return f"{stem}.png"
 
 
+OVERLAY_FLOOR = 0.2  # CAM below 20 % of its maximum: no tint (the whole image blue said nothing)
+_PANEL_MIN_WIDTH = 560
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # Pillow's bundled scalable font (needs FreeType)
+    except (TypeError, OSError):
+        return ImageFont.load_default()
+
+
+def _op_label(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def annotated_overlay(
+    gray: np.ndarray,
+    cam: np.ndarray,
+    *,
+    name: str,
+    probability: float,
+    decisions: dict[str, bool],
+    thresholds: dict[str, float] | None = None,
+    floor: float = OVERLAY_FLOOR,
+    opacity: float = 0.5,
+) -> np.ndarray:
+    """The overlay a reader can file: heatmap only above ``floor``, and a panel below the image with
+    the file name, the calibrated probability, the decision at each operating point and a labelled
+    colour bar of the heatmap scale."""
+    from PIL import ImageDraw
+
+    over = overlay_rgb(gray, cam, opacity, floor)
+    h, w = over.shape[:2]
+    width = max(w, _PANEL_MIN_WIDTH)
+    panel_h = 112
+    canvas = Image.new("RGB", (width, h + panel_h), (16, 20, 26))
+    canvas.paste(Image.fromarray(over), ((width - w) // 2, 0))
+    draw = ImageDraw.Draw(canvas)
+    big, small = _font(16), _font(12)
+    y = h + 8
+    draw.text((10, y), name, fill=(235, 235, 235), font=big)
+    y += 22
+    thresholds = thresholds or {}
+    parts = []
+    for op in sorted(decisions):
+        thr = f" (p >= {100 * thresholds[op]:.1f} %)" if op in thresholds else ""
+        parts.append(f"{_op_label(op)}: {'POSITIVE' if decisions[op] else 'negative'}{thr}")
+    draw.text((10, y), f"fracture probability {100 * probability:.1f} %", fill=(255, 255, 255), font=big)
+    y += 22
+    draw.text((10, y), " · ".join(parts), fill=(200, 200, 200), font=small)
+    y += 22
+    bar_w, bar_h = min(256, width - 20), 12
+    ramp = np.linspace(0.0, 1.0, bar_w)[None, :].repeat(bar_h, axis=0)
+    bar = _jet(ramp)
+    bar[:, : round(floor * bar_w)] = (60, 60, 60)  # below the floor: not drawn on the image
+    canvas.paste(Image.fromarray(bar), (10, y))
+    draw.rectangle((10, y, 10 + bar_w - 1, y + bar_h - 1), outline=(200, 200, 200))
+    draw.text(
+        (20 + bar_w, y - 1),
+        f"Grad-CAM, relative to its maximum (not shown below {100 * floor:.0f} %)",
+        fill=(200, 200, 200),
+        font=small,
+    )
+    draw.text((10, y + bar_h + 1), "low", fill=(170, 170, 170), font=small)
+    draw.text((10 + bar_w - 24, y + bar_h + 1), "high", fill=(170, 170, 170), font=small)
+    return np.asarray(canvas)
+
+
 def overlay_writer(
-    model: nn.Module, image_size: int, out_dir: str | Path, root: Path | None, device: str = "cpu"
-) -> Callable[[list, torch.Tensor, list[str]], None]:
-    """An explainer for ``predict_to_file``: one Grad-CAM overlay PNG per image into ``out_dir``."""
+    model: nn.Module,
+    image_size: int,
+    out_dir: str | Path,
+    root: Path | None,
+    device: str = "cpu",
+    thresholds: dict[str, float] | None = None,
+) -> Callable[[list, torch.Tensor, list[str], list[dict[str, Any]]], None]:
+    """An explainer for ``predict_to_file``: one annotated Grad-CAM overlay PNG per image into ``out_dir``.
+
+    ``rows`` are the images' calibrated answers (``Prediction.row``): probability and decisions.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cam_model = model.to(device).eval()
 
-    def write(images: list, x: torch.Tensor, paths: list[str]) -> None:
+    def write(images: list, x: torch.Tensor, paths: list[str], rows: list[dict[str, Any]]) -> None:
         cams = compute_cam(cam_model, x.to(device))
-        for j, (img, path) in enumerate(zip(images, paths, strict=True)):
+        for j, (img, path, row) in enumerate(zip(images, paths, rows, strict=True)):
             pics = explain_pictures(img.array, x[j, 0].numpy(), cams[j], image_size)
-            (out / gradcam_name(path, root)).write_bytes(png_bytes(pics["overlay"]))
+            picture = annotated_overlay(
+                pics["image"],
+                pics["cam"],
+                name=Path(path).name,
+                probability=float(row["probability"]),
+                decisions=dict(row["decisions"]),
+                thresholds=thresholds,
+            )
+            (out / gradcam_name(path, root)).write_bytes(png_bytes(picture))
 
     return write
 
