@@ -26,13 +26,15 @@ $(STAMP): requirements.lock pyproject.toml
 
 install: $(STAMP)
 
+# `bonefrac metrics`: the DVC metrics one value per line (`dvc metrics show` puts them all in one
+# ~130-column row). The evaluate stage ends with the drift report of the test split (reports/drift/pipeline).
 run: install
 	$(BIN)/dvc repro
-	$(BIN)/dvc metrics show
+	$(BIN)/bonefrac metrics
 
 run-fracatlas: install
 	$(BIN)/bonefrac exp-run params/fracatlas.yaml
-	$(BIN)/dvc metrics show
+	$(BIN)/bonefrac metrics
 
 test: install
 	bash scripts/test_setup.sh

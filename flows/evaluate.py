@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -9,10 +10,12 @@ import torch
 from prefect import flow
 from prefect.states import State
 
-from bonefrac.config import load_params, project_root, resolve
+from bonefrac.atomic import atomic_write_text
+from bonefrac.config import Params, load_params, project_root, resolve
 from bonefrac.evaluation.evaluate import publish_prefect_artifacts, run_evaluation
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import build_ood_detector
+from bonefrac.monitoring.split_drift import split_drift, verdict_line
 from bonefrac.preprocess.cache import load_cache
 from bonefrac.provenance import data_version
 from flows._stage import guarded, run_stage
@@ -39,7 +42,20 @@ def _evaluate(params_path: str) -> str:
     _attach_serving_facts(resolve(p.paths.models) / "model.pt", cache_dir, p.data.source)
     publish_prefect_artifacts(summary)
     report = resolve(p.paths.reports) / "evaluation" / "report.html"
-    return f"evaluate: test AUROC {summary.get('auroc')} -> {report}"
+    drift = _drift_report(p, resolve(p.paths.models) / "model.pt", cache_dir)
+    return f"evaluate: test AUROC {summary.get('auroc')} -> {report}\n{drift}"
+
+
+def _drift_report(p: Params, model_path: Path, cache_dir: Path) -> str:
+    """The run ends with a drift report of its test split against its training split (no drift expected).
+
+    Evidently's HTML goes to reports/drift/pipeline (not a DVC output: random ids, a timestamp);
+    the verdict and counts to metrics/drift.json (a DVC metric: deterministic).
+    """
+    out = resolve(p.paths.reports) / "drift" / "pipeline"
+    metrics, result = split_drift(cache_dir, ModelBundle.load(model_path), p.drift, out, seed=p.seed)
+    atomic_write_text(resolve(p.paths.metrics) / "drift.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    return verdict_line(metrics) + (f" -> {out / 'drift_report.html'}" if result is not None else "")
 
 
 def _attach_serving_facts(model_path: Path, cache_dir: Path, source: str) -> None:

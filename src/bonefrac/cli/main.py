@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from bonefrac.cli import inference_commands, registry_commands
+from bonefrac.cli import inference_commands, monitoring_commands, registry_commands
 from bonefrac.config import ConfigError, load_params, project_root
 
 app = typer.Typer(
@@ -142,6 +142,8 @@ def publish_report(
 
 app.command("predict")(inference_commands.predict)
 app.command("validate-external")(inference_commands.validate_external)
+app.command("drift")(monitoring_commands.drift)
+app.command("metrics")(monitoring_commands.metrics)
 app.command("promote")(registry_commands.promote)
 app.command("rollback")(registry_commands.rollback)
 app.command("models")(registry_commands.models)

@@ -93,6 +93,42 @@ def _image_frame(decoded: list[Any]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
 
 
+def split_features(
+    cache_dir: str | Path,
+    bundle: ModelBundle,
+    *,
+    split: str,
+    reducer: EmbeddingReducer | None = None,
+    embedding_dims: int = 0,
+    max_rows: int = 1000,
+    seed: int = 0,
+    read_fn: ReadFn | None = None,
+) -> tuple[pd.DataFrame, EmbeddingReducer | None, list[str]]:
+    """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache, the PCA used, skipped files.
+
+    Image statistics from the original files, score and embedding from the model on the cached
+    tensors. Without a ``reducer``, one of ``embedding_dims`` axes is fitted on these rows (the
+    reference's own); the test split of a run is projected with the reference's.
+    """
+    from bonefrac.preprocess.cache import load_cache
+
+    images, index = load_cache(Path(cache_dir))
+    rows = index[index["split"] == split] if "split" in index.columns else index
+    if rows.empty:
+        raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
+    if len(rows) > max_rows:
+        rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
+    img_frame, skipped = image_feature_rows([str(resolve(p)) for p in rows["path"]], read_fn)
+    tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+    model = bundle.build_model()
+    if reducer is None and embedding_dims > 0:
+        _, emb = model_feature_frame(bundle, tensors, None, model)
+        reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
+    model_frame, _ = model_feature_frame(bundle, tensors, reducer, model)
+    table = pd.concat([img_frame.reset_index(drop=True), model_frame.reset_index(drop=True)], axis=1)
+    return table, reducer, skipped
+
+
 def build_reference(
     cache_dir: str | Path,
     out_dir: str | Path,
@@ -110,21 +146,9 @@ def build_reference(
     ``bundle`` is the champion's, so reference scores are the calibrated
     probabilities the service logs.
     """
-    from bonefrac.preprocess.cache import load_cache
-
-    images, index = load_cache(Path(cache_dir))
-    rows = index[index["split"] == split] if "split" in index.columns else index
-    if rows.empty:
-        raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
-    if len(rows) > max_rows:
-        rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
-    img_frame, skipped = image_feature_rows([str(resolve(p)) for p in rows["path"]], read_fn)
-    tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
-    model = bundle.build_model()
-    _, emb = model_feature_frame(bundle, tensors, None, model)
-    reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
-    model_frame, _ = model_feature_frame(bundle, tensors, reducer, model)
-    table = pd.concat([img_frame.reset_index(drop=True), model_frame.reset_index(drop=True)], axis=1)
+    table, reducer, skipped = split_features(
+        cache_dir, bundle, split=split, embedding_dims=embedding_dims, max_rows=max_rows, seed=seed, read_fn=read_fn
+    )
     meta = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "cache_dir": str(cache_dir),
