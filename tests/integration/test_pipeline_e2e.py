@@ -93,8 +93,14 @@ def test_dvc_repro_end_to_end_then_nothing_changes(first_run, tmp_path: Path) ->
         "reports/plots/roc.csv",
         "metrics/evaluate.json",
         "metrics/validation.json",
+        "metrics/drift.json",
     ):
         assert (project / out).exists(), out
+    # The run ends with its drift report (test split vs training split); a split too small to test says so.
+    drift = json.loads((project / "metrics/drift.json").read_text())
+    assert "skipped" in drift or (
+        drift["n_current"] > 0 and (project / "reports/drift/pipeline/drift_report.html").exists()
+    ), drift
 
     metrics = json.loads((project / "metrics/evaluate.json").read_text())
     auroc = metrics["auroc"]
