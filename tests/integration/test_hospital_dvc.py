@@ -72,6 +72,7 @@ def _env(home: Path) -> dict[str, str]:
         GIT_COMMITTER_NAME="Hospital ML",
         GIT_COMMITTER_EMAIL="ml@hospital.invalid",
         GIT_CONFIG_NOSYSTEM="1",
+        DVC_SITE_CACHE_DIR=str(home / "dvc-site-cache"),  # not /var/tmp/dvc
     )
     env.pop("PYTHONPATH", None)
     return env
@@ -101,7 +102,9 @@ def test_readme_hospital_dvc_steps_work_as_written(tmp_path):
     export, remote, home = tmp_path / "pacs-export", tmp_path / "remote", tmp_path / "home"
     home.mkdir()
     files = make_export(export)
-    repo = tmp_path / "hospital-checkout"
+    repo = tmp_path / "site" / "bonefrac"  # named as the README's clone URL ends
+    teammate = tmp_path / "teammate"
+    teammate.mkdir()
     env = _env(home)
     subprocess.run(["git", "clone", "-q", str(ROOT), str(repo)], check=True, env=env, timeout=120)
     subs = {
@@ -131,8 +134,8 @@ def test_readme_hospital_dvc_steps_work_as_written(tmp_path):
     assert sum(1 for p in remote.rglob("*") if p.is_file()) == len(files) + 1  # + the folder's .dir listing
 
     # a teammate's fresh clone gets the same files, and no link
-    out = run_block(pull, tmp_path, env, subs)
-    got_root = tmp_path / "bonefrac" / "data" / "raw" / "hospital"
+    out = run_block(pull, teammate, env, subs)
+    got_root = teammate / "bonefrac" / "data" / "raw" / "hospital"
     got = {p.relative_to(got_root).as_posix(): p for p in sorted(got_root.rglob("*")) if not p.is_dir()}
     assert sorted(got) == sorted(files), out
     assert all(got[k].read_bytes() == v for k, v in files.items())
