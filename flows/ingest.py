@@ -29,6 +29,7 @@ def _ingest(params_path: str) -> str:
         expected_dims=p.spatial_dims,
         fracture_types=p.data.fracture_types,
         allow_burned_in_annotation=p.data.allow_burned_in_annotation,
+        cache_dir=resolve(p.paths.cache) / "ingest",
     )
     return str(table.attrs["summary"])
 

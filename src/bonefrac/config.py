@@ -38,6 +38,9 @@ class Paths(Strict):
     reports: str = "reports"
     metrics: str = "metrics"
     predictions_log: str = "data/predictions"
+    # Per-file ingest cache (bonefrac.data.ingest_cache): deliberately no DVC output (DVC would
+    # delete it before each ingest run and hash it into the stage); safe to delete.
+    cache: str = "data/cache"
 
 
 # ---------------------------------------------------------------------- data

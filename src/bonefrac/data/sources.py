@@ -43,6 +43,7 @@ from PIL import Image
 from bonefrac.atomic import atomic_path
 from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
+from bonefrac.data.ingest_cache import IngestCache, content_sha256
 from bonefrac.data.schema import INTAKE_ERROR, INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, RECORD_COLUMNS
 from bonefrac.errors import BonefracError
 
@@ -665,8 +666,43 @@ BURNED_IN_REFUSAL = (
 )
 
 
+def _deidentify(src: Path, dst: Path, cache: IngestCache | None, allow_burned_in: bool) -> dict[str, Any]:
+    """:func:`deidentify_file`, or its stored result when the same bytes were de-identified before.
+
+    The cache keeps the de-identified bytes and the pseudonyms, or the error; a file flagged
+    with burned-in annotation keeps no pixel copy (its pixels may show a name), so it is
+    de-identified again only when burned-in files are accepted.
+    """
+    if cache is None:
+        return deidentify_file(src, dst)
+    key = content_sha256(src)
+    hit = cache.get("deid", key)
+    stored = cache.file("deid", key, ".dcm")
+    if hit is not None and "error" in hit:
+        raise DicomError(str(hit["error"]))
+    if hit is not None and hit["ids"]["burned_in_annotation"] and not allow_burned_in:
+        return dict(hit["ids"])  # refused by the caller: nothing to write
+    if hit is not None and stored.is_file():
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(stored, tmp)
+        return dict(hit["ids"])
+    try:
+        ids = deidentify_file(src, dst)
+    except Exception as err:
+        cache.put("deid", key, {"error": str(err) if isinstance(err, DicomError) else type(err).__name__})
+        raise
+    if not ids["burned_in_annotation"]:
+        cache.put_file("deid", key, ".dcm", dst)
+    cache.put("deid", key, {"ids": ids})
+    return ids
+
+
 def _deid_rows(
-    df: pd.DataFrame, deid_dir: Path | None, source: str, allow_burned_in: bool = False
+    df: pd.DataFrame,
+    deid_dir: Path | None,
+    source: str,
+    allow_burned_in: bool = False,
+    cache: IngestCache | None = None,
 ) -> pd.DataFrame:
     """Replace every DICOM file (or series folder) by its de-identified copy; fill ids from DICOM.
 
@@ -674,7 +710,8 @@ def _deid_rows(
     ``deid_dir/<patient>/…``, so neither original identifiers nor original file names
     (which hospitals often build from names) reach the table. A file that looks like DICOM
     but cannot be de-identified, or that declares burned-in annotation (unless
-    ``allow_burned_in``), is refused: its row keeps no path and says why.
+    ``allow_burned_in``), is refused: its row keeps no path and says why. With a ``cache``,
+    a file de-identified before is not parsed again (:func:`_deidentify`).
     """
     if df.empty:
         return df
@@ -708,7 +745,7 @@ def _deid_rows(
         for f in files:
             tmp = deid_dir / ".incoming" / f"{os.getpid()}-{pseudonymise(str(f), 'file')}.dcm"
             try:
-                ids = deidentify_file(f, tmp)
+                ids = _deidentify(f, tmp, cache, allow_burned_in)
             except Exception as err:  # DicomError, or a header pydicom cannot write back
                 n_failed += 1
                 tmp.unlink(missing_ok=True)
@@ -833,6 +870,7 @@ def load_records(
     fracture_types: Iterable[str] | None = None,
     allow_burned_in_annotation: bool = False,
     report: IntakeReport | None = None,
+    cache: IngestCache | None = None,
 ) -> pd.DataFrame:
     """Read the source ``source`` at ``root`` into a DataFrame with ``RECORD_COLUMNS`` + ``intake_error``.
 
@@ -845,7 +883,8 @@ def load_records(
     sources (:data:`HOSPITAL_SOURCES`, where it is required), pseudonymously named copies of
     every other image; ids there are keyed pseudonyms. A non-empty ``intake_error`` says why
     a row was refused (no path then); ``report`` collects every input's verdict. A hospital
-    source read with the development key prints a warning on stderr (every run).
+    source read with the development key prints a warning on stderr (every run). ``cache``
+    keeps de-identified DICOM per content (:mod:`bonefrac.data.ingest_cache`).
     Raises :class:`SourceError` for a layout that does not match ``source``.
     """
     root = Path(root)
@@ -885,7 +924,7 @@ def load_records(
     df = _frame(rows)
     if source != "fracatlas":  # FracAtlas is JPEG by definition: skip sniffing 2,860 files
         deid = Path(deid_dir) if deid_dir is not None else None
-        df = _deid_rows(df, deid, source, allow_burned_in=allow_burned_in_annotation)
+        df = _deid_rows(df, deid, source, allow_burned_in=allow_burned_in_annotation, cache=cache)
         df = _unique_ids(df)
         if source in HOSPITAL_SOURCES and deid is not None:
             df = _pseudonymous_copies(df, deid)
