@@ -19,7 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from bonefrac.atomic import atomic_write_csv, atomic_write_text
-from bonefrac.config import project_relative
+from bonefrac.config import project_relative, project_root
 from bonefrac.data.deid import pseudonymise
 from bonefrac.data.ingest_cache import IngestCache
 from bonefrac.data.metadata import build_metadata_table
@@ -106,7 +106,8 @@ def ingest(
         report.skipped["filtered out by body part"] += n_all - len(records)
     # The table stores paths relative to the project root (readers resolve them back), so it
     # is the same file whichever folder the project is checked out in.
-    records["path"] = records["path"].map(project_relative)
+    root_dir = project_root()
+    records["path"] = records["path"].map(lambda p: project_relative(p, root_dir))
     table = build_metadata_table(
         records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims, cache=cache
     )

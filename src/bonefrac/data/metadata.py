@@ -30,7 +30,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from bonefrac.config import resolve
+from bonefrac.config import project_root, resolve
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, accepted_modalities, read_image, sniff_format
 from bonefrac.data.ingest_cache import IngestCache, content_sha256
 from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, METADATA_COLUMNS, RECORD_COLUMNS
@@ -219,11 +219,11 @@ def _describe_many(args: tuple[list[str], int | None, int | None]) -> list[dict[
     return [describe_image(p, max_pixels, expected_dims) for p in paths]
 
 
-def _content_key(path: str) -> str | None:
+def _content_key(path: str, root: Path) -> str | None:
     """The cache key of a table path: SHA-256 of the file (or series folder); None when unreadable."""
     if not path:
         return None
-    p = resolve(path)
+    p = resolve(path, root)
     try:
         if p.is_dir():
             return _hash_path(p)[0]
@@ -262,8 +262,9 @@ def build_metadata_table(
     results: list[dict[str, Any] | None] = [None] * len(paths)
     keys: list[str | None] = [None] * len(paths)
     if cache is not None:
+        root = project_root()
         for k, p in enumerate(paths):
-            keys[k] = _content_key(p)
+            keys[k] = _content_key(p, root)
             results[k] = cache.get("meta", keys[k]) if keys[k] else None
     todo = [k for k, r in enumerate(results) if r is None]
     new = _describe_all([paths[k] for k in todo], max_pixels, workers, expected_dims)

@@ -717,7 +717,7 @@ def _deid_rows(
         return df
     n_dicom = n_failed = 0
     written: set[Path] = set()
-    for idx, row in df.iterrows():
+    for idx, row in zip(df.index, df.to_dict("records"), strict=True):  # iterrows: ~1 ms a row
         if row[INTAKE_ERROR]:
             continue
         path = Path(row["path"]) if row["path"] else None
@@ -803,7 +803,7 @@ def _pseudonymous_copies(df: pd.DataFrame, deid_dir: Path) -> pd.DataFrame:
     """
     files_dir = deid_dir / "files"
     deid_real = deid_dir.resolve()
-    for idx, row in df.iterrows():
+    for idx, row in zip(df.index, df.to_dict("records"), strict=True):  # iterrows: ~1 ms a row
         if row[INTAKE_ERROR]:
             continue
         if not row["path"]:
@@ -840,7 +840,7 @@ def _fill_from_dicom_headers(df: pd.DataFrame) -> pd.DataFrame:
     """Body part and view from the (de-identified) DICOM headers when the source did not give them."""
     from bonefrac.data.dicom import read_dataset
 
-    for idx, row in df.iterrows():
+    for idx, row in zip(df.index, df.to_dict("records"), strict=True):  # iterrows: ~1 ms a row
         if not row["path"]:
             continue
         p = Path(row["path"])
