@@ -58,6 +58,7 @@ def ingest(
     fracture_types: Iterable[str] | None = None,
     allow_burned_in_annotation: bool = False,
     cache_dir: Path | None = None,
+    body_parts: Iterable[str] | None = None,
 ) -> pd.DataFrame:
     """Build the per-image metadata table of a source and write it to ``out_csv``; return it.
 
@@ -69,7 +70,7 @@ def ingest(
     (recorded as undecodable, not raised). ``expected_dims`` (default: 2 for the ``fracatlas``
     and ``dicom`` sources, 3 for ``volume``, not checked otherwise; flows pass
     ``Params.spatial_dims``) marks images of the other dimensionality undecodable.
-    ``fracture_types`` / ``allow_burned_in_annotation``: see :func:`load_records`.
+    ``fracture_types`` / ``body_parts`` / ``allow_burned_in_annotation``: see :func:`load_records`.
     ``cache_dir``: keep per-file results there (:mod:`bonefrac.data.ingest_cache`), so a
     rerun decodes and de-identifies only files whose bytes changed; the table is the same.
 
@@ -96,6 +97,7 @@ def ingest(
         use_fracture_types=use_fracture_types,
         deid_dir=deid,
         fracture_types=fracture_types,
+        body_parts=body_parts,
         allow_burned_in_annotation=allow_burned_in_annotation,
         report=report,
         cache=cache,

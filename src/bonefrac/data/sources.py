@@ -44,7 +44,14 @@ from bonefrac.atomic import atomic_path
 from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
 from bonefrac.data.ingest_cache import IngestCache, content_sha256
-from bonefrac.data.schema import INTAKE_ERROR, INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, RECORD_COLUMNS
+from bonefrac.data.schema import (
+    INTAKE_ERROR,
+    INTAKE_REFUSED,
+    KNOWN_BODY_PARTS,
+    KNOWN_FRACTURE_TYPES,
+    RECORD_COLUMNS,
+    UNKNOWN_BODY_PART,
+)
 from bonefrac.errors import BonefracError
 
 log = logging.getLogger(__name__)
@@ -98,8 +105,8 @@ IMAGE_SUFFIXES = frozenset(
 )
 FRACATLAS_BODY_PARTS = ("hand", "leg", "hip", "shoulder", "mixed")
 FRACATLAS_VIEWS = ("frontal", "lateral", "oblique")
-# DICOM BodyPartExamined (CID 4031 terms) -> the project's body-part vocabulary; unlisted terms
-# pass through lower-cased, so validation flags them instead of this module guessing.
+# DICOM BodyPartExamined (CID 4031 terms) -> the project's body-part vocabulary; an unlisted term
+# passes through lower-cased and is then refused at intake unless data.body_parts declares it.
 BODY_PART_TERMS = {
     "HAND": "hand", "FINGER": "hand", "THUMB": "hand", "WRIST": "hand",
     "FOREARM": "forearm", "RADIUS": "forearm", "ULNA": "forearm",
@@ -859,6 +866,33 @@ def _fill_from_dicom_headers(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+BODY_PART_REFUSAL = "body part not in data.body_parts (a body_part column value or DICOM BodyPartExamined term)"
+
+
+def _declared_body_parts(df: pd.DataFrame, vocab: frozenset[str], deid_dir: Path | None) -> pd.DataFrame:
+    """Refuse rows whose body part is outside ``vocab``; their value is replaced by "unknown".
+
+    A value outside the declared vocabulary may be free text (a CSV column) and is never
+    copied into a table; the reason names the setting, not the value. A copy already made
+    in ``deid_dir`` for such a row is removed with its path.
+    """
+    parts = df["body_part"].str.strip().str.lower()
+    outside = ~parts.isin(vocab | {UNKNOWN_BODY_PART})
+    df["body_part"] = parts.where(~outside, UNKNOWN_BODY_PART)
+    refuse = outside & (df[INTAKE_ERROR] == "")
+    deid_real = deid_dir.resolve() if deid_dir is not None else None
+    for path in df.loc[refuse, "path"]:
+        p = Path(path) if path else None
+        if deid_real is None or p is None or not p.resolve().is_relative_to(deid_real):
+            continue  # only our own copies are removed, never a source file
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)  # a de-identified series
+        else:
+            p.unlink(missing_ok=True)
+    df.loc[refuse, INTAKE_ERROR] = _refusal(BODY_PART_REFUSAL)
+    return df
+
+
 # ------------------------------------------------------------------ entry point
 def load_records(
     source: str,
@@ -868,6 +902,7 @@ def load_records(
     deid_dir: Path | None = None,
     *,
     fracture_types: Iterable[str] | None = None,
+    body_parts: Iterable[str] | None = None,
     allow_burned_in_annotation: bool = False,
     report: IntakeReport | None = None,
     cache: IngestCache | None = None,
@@ -879,6 +914,9 @@ def load_records(
     ``use_fracture_types=False`` blanks fracture types; otherwise they come only from a
     sub-folder of the positive class or a ``fracture_type`` column whose value is in
     ``fracture_types`` (default :data:`KNOWN_FRACTURE_TYPES`); other values refuse the row.
+    Body parts (a ``body_part`` column, FracAtlas's flags, a DICOM ``BodyPartExamined`` term)
+    must be in ``body_parts`` (default :data:`KNOWN_BODY_PARTS`; ``unknown`` = not given);
+    others refuse the row and are not copied.
     ``deid_dir`` receives de-identified copies of every DICOM file and, for the hospital
     sources (:data:`HOSPITAL_SOURCES`, where it is required), pseudonymously named copies of
     every other image; ids there are keyed pseudonyms. A non-empty ``intake_error`` says why
@@ -929,6 +967,8 @@ def load_records(
         if source in HOSPITAL_SOURCES and deid is not None:
             df = _pseudonymous_copies(df, deid)
         df = _fill_from_dicom_headers(df)
+    body_vocab = frozenset(b.strip().lower() for b in (body_parts or KNOWN_BODY_PARTS))
+    df = _declared_body_parts(df, body_vocab, Path(deid_dir) if deid_dir is not None else None)
     df.loc[df[INTAKE_ERROR] != "", "path"] = ""  # refused rows keep no path: it may identify
     rep.refused.update(
         e[len(INTAKE_REFUSED):] if e.startswith(INTAKE_REFUSED) else e for e in df[INTAKE_ERROR] if e
