@@ -150,6 +150,7 @@ def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
     df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv", deid_dir=tmp_path / "deid")
     assert len(df) == 3  # the missing file is kept, not dropped
     assert df["path"][0] == str((tmp_path / "deid" / "files" / f"{df['image_id'][0]}.png").resolve())
+    assert Path(df["path"][0]).stat().st_ino == (d / "imgs" / "a.png").stat().st_ino  # a hard link, not a copy
     assert df["path"][1] == "" and df[INTAKE_ERROR][1] == "refused at intake: listed file not found"
     assert df["image_id"][0] == pseudonymise("imgs/a.png", "image")
     assert df["label"].tolist() == [1, 0, -1]  # unreadable label kept as -1 for validation to stop on

@@ -31,7 +31,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
 
-from bonefrac.atomic import atomic_path, atomic_write_text
+from bonefrac.atomic import atomic_link_or_copy, atomic_write_text
 
 # Modules whose code decides a cached result: a change to any of them starts a new cache.
 _CODE_MODULES = ("imageio.py", "dicom.py", "metadata.py", "deid.py", "ingest_cache.py")
@@ -112,8 +112,7 @@ class IngestCache:
         return self._path(kind, key, ext)
 
     def put_file(self, kind: str, key: str, ext: str, src: Path) -> None:
-        with atomic_path(self._path(kind, key, ext)) as tmp:
-            shutil.copyfile(src, tmp)
+        atomic_link_or_copy(src, self._path(kind, key, ext))  # a link: no second copy on disk
 
     def touch(self) -> None:
         """Mark this fingerprint as used now and remove all but the :data:`KEEP_FINGERPRINTS` newest."""

@@ -40,7 +40,7 @@ from typing import Any
 import pandas as pd
 from PIL import Image
 
-from bonefrac.atomic import atomic_path
+from bonefrac.atomic import atomic_link_or_copy
 from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
 from bonefrac.data.ingest_cache import IngestCache, content_sha256
@@ -690,8 +690,7 @@ def _deidentify(src: Path, dst: Path, cache: IngestCache | None, allow_burned_in
     if hit is not None and hit["ids"]["burned_in_annotation"] and not allow_burned_in:
         return dict(hit["ids"])  # refused by the caller: nothing to write
     if hit is not None and stored.is_file():
-        with atomic_path(dst) as tmp:
-            shutil.copyfile(stored, tmp)
+        atomic_link_or_copy(stored, dst)
         return dict(hit["ids"])
     try:
         ids = deidentify_file(src, dst)
@@ -804,7 +803,8 @@ def _pseudonymous_copies(df: pd.DataFrame, deid_dir: Path) -> pd.DataFrame:
     """Point every other row of a hospital source at a copy named by its pseudonymous image_id.
 
     Original file and folder names (often built from patient names) never reach the table:
-    non-DICOM files are copied to ``deid_dir/files/<image_id><suffix>``; DICOM rows already
+    non-DICOM files are hard-linked (copied across file systems) to
+    ``deid_dir/files/<image_id><suffix>``; DICOM rows already
     point into ``deid_dir``. A row whose file is missing or unreadable keeps no path and
     says why (no file name in the message).
     """
@@ -833,8 +833,7 @@ def _pseudonymous_copies(df: pd.DataFrame, deid_dir: Path) -> pd.DataFrame:
         suffix = suffix if suffix in IMAGE_SUFFIXES or suffix == ".nii.gz" else ""
         dst = files_dir / f"{row['image_id']}{suffix}"
         try:
-            with atomic_path(dst) as tmp:
-                shutil.copyfile(p, tmp)
+            atomic_link_or_copy(p, dst)  # a hard link where possible: the image is not stored twice
         except OSError as err:
             df.at[idx, "path"] = ""
             df.at[idx, INTAKE_ERROR] = _refusal(f"file not readable ({err.strerror or type(err).__name__})")
