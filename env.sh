@@ -6,4 +6,5 @@ while IFS=' :=' read -r key value; do
   export "$key=$value"
 done < <(grep -E '^[A-Z_]+ :=' "$_here/env.mk" | sed 's/ := /=/' | tr '=' ' ')
 export PYTHONPATH="$_here/src${PYTHONPATH:+:$PYTHONPATH}"
+export PATH="$_here/.venv/bin:$PATH"  # as make: the project's python, dvc, prefect first
 unset _here key value

@@ -94,6 +94,13 @@ BENCHES: tuple[Bench, ...] = (
     ),
     Bench("drift", "drift_detector", "Drift detector", ("drift_detector", "drift"), "the drift detector"),
     Bench(
+        "ingest_incremental",
+        "ingest_incremental",
+        "Incremental ingest: one changed image in 1,000",
+        ("ingest_incremental",),
+        "ingest rerun after one of 1,000 phantom images changed: no cache vs cold vs warm per-file cache",
+    ),
+    Bench(
         "fracatlas_training",
         "",
         "FracAtlas training (filled by the lead)",

@@ -28,7 +28,9 @@ def _ingest(params_path: str) -> str:
         max_pixels=p.serving.max_pixels,
         expected_dims=p.spatial_dims,
         fracture_types=p.data.fracture_types,
+        body_parts=p.data.body_parts,
         allow_burned_in_annotation=p.data.allow_burned_in_annotation,
+        cache_dir=resolve(p.paths.cache) / "ingest",
     )
     return str(table.attrs["summary"])
 

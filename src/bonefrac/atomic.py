@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -67,3 +68,28 @@ def atomic_write_csv(df: pd.DataFrame, path: str | Path) -> Path:
 
 def atomic_write_json(path: str | Path, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def atomic_link_or_copy(src: str | Path, dst: str | Path) -> bool:
+    """Make ``dst`` hold ``src``'s bytes: a hard link when the file system allows, else a copy.
+
+    A hard link costs no second copy on disk (a hospital's images are not stored twice). The
+    source is never modified: no chmod (it would change the shared inode), no write. The new
+    name appears atomically (temp name, then ``os.replace``). Returns whether it linked.
+    """
+    src, dst = Path(src), Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(src, tmp)
+            linked = True
+        except OSError:  # another file system, or links not allowed: copy
+            shutil.copyfile(src, tmp)
+            os.chmod(tmp, _FILE_MODE)
+            linked = False
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)  # left when dst already was this very file (rename does nothing)
+    return linked

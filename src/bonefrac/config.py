@@ -38,6 +38,9 @@ class Paths(Strict):
     reports: str = "reports"
     metrics: str = "metrics"
     predictions_log: str = "data/predictions"
+    # Per-file ingest cache (bonefrac.data.ingest_cache): deliberately no DVC output (DVC would
+    # delete it before each ingest run and hash it into the stage); safe to delete.
+    cache: str = "data/cache"
 
 
 # ---------------------------------------------------------------------- data
@@ -67,6 +70,9 @@ class DataParams(Strict):
     # The declared fracture-type vocabulary (null: bonefrac.data.schema.KNOWN_FRACTURE_TYPES). A
     # sub-folder of the positive class or a fracture_type value outside it refuses the image at intake.
     fracture_types: list[str] | None = None
+    # The declared body-part vocabulary (null: bonefrac.data.schema.KNOWN_BODY_PARTS). A body_part
+    # column value or DICOM BodyPartExamined term outside it refuses the image at intake.
+    body_parts: list[str] | None = None
     # DICOM flagged BurnedInAnnotation=YES is refused at intake unless this is true.
     allow_burned_in_annotation: bool = False
     # Optional filters, e.g. train on hands only and validate externally on legs.
@@ -105,7 +111,8 @@ class ValidationParams(Strict):
         0.005, ge=0.0, le=1.0,
         description="same picture: |Δmean| and |Δstd| of [0,1] intensities at most this, besides the phash distance",
     )
-    allowed_body_parts: list[str] = ["hand", "leg", "hip", "shoulder", "mixed", "forearm", "femur", "tibia", "unknown"]
+    # null: the project's vocabulary (bonefrac.data.schema.KNOWN_BODY_PARTS) and "unknown"; a list narrows it.
+    allowed_body_parts: list[str] | None = None
 
 
 # ------------------------------------------------------------------ splits

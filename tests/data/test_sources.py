@@ -150,6 +150,7 @@ def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
     df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv", deid_dir=tmp_path / "deid")
     assert len(df) == 3  # the missing file is kept, not dropped
     assert df["path"][0] == str((tmp_path / "deid" / "files" / f"{df['image_id'][0]}.png").resolve())
+    assert Path(df["path"][0]).stat().st_ino == (d / "imgs" / "a.png").stat().st_ino  # a hard link, not a copy
     assert df["path"][1] == "" and df[INTAKE_ERROR][1] == "refused at intake: listed file not found"
     assert df["image_id"][0] == pseudonymise("imgs/a.png", "image")
     assert df["label"].tolist() == [1, 0, -1]  # unreadable label kept as -1 for validation to stop on
@@ -336,3 +337,35 @@ def test_ingest_stores_paths_relative_to_the_project_root(tmp_path, monkeypatch)
     assert all(not p.startswith("/") and p.startswith("data/interim/deid/") for p in paths)
     assert all((project / p).is_file() for p in paths) and table["decodes_ok"].all()
     assert str(tmp_path) not in out.read_text()
+
+
+def test_body_parts_outside_the_declared_vocabulary_are_refused_without_their_value(tmp_path):
+    d = tmp_path / "site"
+    d.mkdir()
+    for name in ("a", "b", "c", "d"):
+        make_png(d / f"{name}.png", seed=ord(name))
+    make_dicom(d / "skull.dcm", BodyPartExamined="SKULL")  # a CID 4031 term the project does not map
+    pd.DataFrame(
+        {
+            "path": ["a.png", "b.png", "c.png", "d.png", "skull.dcm"],
+            "label": [1, 0, 0, 1, 0],
+            "body_part": ["Hand", "elbow of DOE^JANE", "", "KNEE", ""],
+        }
+    ).to_csv(d / "labels.csv", index=False)
+    deid = tmp_path / "deid"
+    rep = IntakeReport()
+    df = load_records("csv", d, manifest_csv=d / "labels.csv", deid_dir=deid, report=rep)
+    refusal = "refused at intake: body part not in data.body_parts"
+    assert df["body_part"].tolist() == ["hand", "unknown", "unknown", "unknown", "unknown"]
+    assert [e.startswith(refusal) for e in df[INTAKE_ERROR]] == [False, True, False, True, True]
+    assert (df.loc[df[INTAKE_ERROR] != "", "path"] == "").all()  # refused: not read, no path
+    assert "DOE" not in df.to_csv() and "skull" not in df.to_csv().lower() and "knee" not in df.to_csv().lower()
+    assert sum(n for r, n in rep.refused.items() if r.startswith("body part")) == 3
+    assert len(list((deid / "files").iterdir())) == 2 and not list(deid.rglob("*.dcm"))  # refused copies removed
+    # a declared vocabulary accepts its own terms (DICOM terms arrive lower-cased)
+    df = load_records(
+        "csv", d, manifest_csv=d / "labels.csv", deid_dir=tmp_path / "deid2", body_parts=["hand", "knee", "skull"]
+    )
+    assert df["body_part"].tolist() == ["hand", "unknown", "unknown", "knee", "skull"]
+    assert [bool(e) for e in df[INTAKE_ERROR]] == [False, True, False, False, False]
+

@@ -197,3 +197,12 @@ def test_class_balance_judges_what_will_train_and_a_stop_removes_stale_outputs(t
     assert not (out / "clean.csv").exists() and not (out / "quarantine.csv").exists()  # last run's gone
     summary = json.loads((tmp_path / "v.json").read_text())
     assert summary["training_rows"] == 20 and summary["success_critical"] is False
+
+
+def test_validation_body_part_values_default_to_the_project_vocabulary():
+    from bonefrac.config import ValidationParams
+    from bonefrac.data.schema import KNOWN_BODY_PARTS
+    from bonefrac.validation.checks import allowed_body_parts
+
+    assert allowed_body_parts(ValidationParams()) == [*KNOWN_BODY_PARTS, "unknown"]
+    assert allowed_body_parts(ValidationParams(allowed_body_parts=["hand"])) == ["hand"]

@@ -133,7 +133,12 @@ def _hostile_tree(raw: Path, outside: Path) -> None:
 def _params(path: Path, out: Path, **data) -> Path:
     doc = {
         "data": {"ingest_workers": 1, **data},
-        "paths": {"interim": str(out / "interim"), "reports": str(out / "reports"), "metrics": str(out / "metrics")},
+        "paths": {
+            "interim": str(out / "interim"),
+            "reports": str(out / "reports"),
+            "metrics": str(out / "metrics"),
+            "cache": str(out / "cache"),  # the ingest cache is searched with the rest
+        },
     }
     path.write_text(yaml.safe_dump(doc))
     return path
@@ -260,6 +265,7 @@ def test_hostile_export_leaves_no_identifier_and_every_input_has_a_verdict(tmp_p
     assert summary_b["clean"] == 3 and summary_b["quarantined"] == 4
     assert "root:x:0:0" not in (out_b / "interim" / "ingest" / "manifest.csv").read_text()
 
+    assert any((out_a / "cache").rglob("*.json"))  # the ingest cache was written (and is searched)
     hits = _all_hits([out_a, out_b, tmp_path / ".prefect"], texts)
     assert not hits, "\n".join(hits[:30])
     # the search does find identifiers where they are, and Prefect's database holds the runs' logs

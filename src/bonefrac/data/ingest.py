@@ -19,7 +19,9 @@ from pathlib import Path
 import pandas as pd
 
 from bonefrac.atomic import atomic_write_csv, atomic_write_text
-from bonefrac.config import project_relative
+from bonefrac.config import project_relative, project_root
+from bonefrac.data.deid import pseudonymise
+from bonefrac.data.ingest_cache import IngestCache
 from bonefrac.data.metadata import build_metadata_table
 from bonefrac.data.sources import IntakeReport, load_records
 
@@ -55,6 +57,8 @@ def ingest(
     expected_dims: int | None = None,
     fracture_types: Iterable[str] | None = None,
     allow_burned_in_annotation: bool = False,
+    cache_dir: Path | None = None,
+    body_parts: Iterable[str] | None = None,
 ) -> pd.DataFrame:
     """Build the per-image metadata table of a source and write it to ``out_csv``; return it.
 
@@ -66,7 +70,9 @@ def ingest(
     (recorded as undecodable, not raised). ``expected_dims`` (default: 2 for the ``fracatlas``
     and ``dicom`` sources, 3 for ``volume``, not checked otherwise; flows pass
     ``Params.spatial_dims``) marks images of the other dimensionality undecodable.
-    ``fracture_types`` / ``allow_burned_in_annotation``: see :func:`load_records`.
+    ``fracture_types`` / ``body_parts`` / ``allow_burned_in_annotation``: see :func:`load_records`.
+    ``cache_dir``: keep per-file results there (:mod:`bonefrac.data.ingest_cache`), so a
+    rerun decodes and de-identifies only files whose bytes changed; the table is the same.
 
     Every input gets a verdict, written to ``intake.json`` next to ``out_csv`` and kept in
     ``table.attrs["intake"]`` (``seen == rows + skipped``); ``table.attrs["summary"]`` is the
@@ -76,6 +82,14 @@ def ingest(
     out_csv = Path(out_csv)
     deid = Path(deid_dir) if deid_dir is not None else out_csv.parent / "deid"
     report = IntakeReport()
+    if expected_dims is None:
+        expected_dims = _SOURCE_DIMS.get(source)
+    cache = None
+    if cache_dir is not None:
+        # Everything besides a file's bytes that decides its row or its de-identified copy
+        # (the code and library versions are added by the cache itself).
+        settings = {"max_pixels": max_pixels, "expected_dims": expected_dims, "key": pseudonymise("cache", "key")}
+        cache = IngestCache(cache_dir, settings)
     records = load_records(
         source,
         Path(root),
@@ -83,8 +97,10 @@ def ingest(
         use_fracture_types=use_fracture_types,
         deid_dir=deid,
         fracture_types=fracture_types,
+        body_parts=body_parts,
         allow_burned_in_annotation=allow_burned_in_annotation,
         report=report,
+        cache=cache,
     )
     n_all = len(records)
     records = filter_body_parts(records, include_body_parts, exclude_body_parts)
@@ -92,10 +108,13 @@ def ingest(
         report.skipped["filtered out by body part"] += n_all - len(records)
     # The table stores paths relative to the project root (readers resolve them back), so it
     # is the same file whichever folder the project is checked out in.
-    records["path"] = records["path"].map(project_relative)
-    if expected_dims is None:
-        expected_dims = _SOURCE_DIMS.get(source)
-    table = build_metadata_table(records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims)
+    root_dir = project_root()
+    records["path"] = records["path"].map(lambda p: project_relative(p, root_dir))
+    table = build_metadata_table(
+        records, max_pixels=max_pixels, workers=workers, expected_dims=expected_dims, cache=cache
+    )
+    if cache is not None:
+        cache.touch()
     atomic_write_csv(table, out_csv)
     dt = time.perf_counter() - t0
     n = len(table)
@@ -113,10 +132,12 @@ def ingest(
         f"{refused} refused at intake) + {skipped} skipped"
         + (f" [{reasons}]" if reasons else "")
         + notes
+        + (f"; cache: {cache.stats()}" if cache is not None else "")
         + f"; {int(table['sha256'].ne('').mul(table['sha256'].duplicated(keep=False)).sum())} exact-duplicate"
         f" files; {dt:.1f} s ({n / dt if dt > 0 else 0.0:.1f} img/s) -> {out_csv}"
     )
     log.info("%s", summary)
     table.attrs["intake"] = intake
     table.attrs["summary"] = summary
+    table.attrs["cache"] = {"hits": dict(cache.hits), "misses": dict(cache.misses)} if cache else {}
     return table

@@ -30,8 +30,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from bonefrac.config import resolve
-from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
+from bonefrac.config import project_root, resolve
+from bonefrac.data.imageio import DecodedImage, ImageDecodeError, accepted_modalities, read_image, sniff_format
+from bonefrac.data.ingest_cache import IngestCache, content_sha256
 from bonefrac.data.schema import INTAKE_ERROR, MANIFEST_COLUMNS, METADATA_COLUMNS, RECORD_COLUMNS
 
 _STATS_MAX_PIXELS = 1_000_000  # statistics on a strided subsample: same numbers to ~1e-3, 2-4x faster
@@ -130,7 +131,10 @@ def describe_image(
     A relative ``path`` is relative to the project root (as the ingest table stores it).
 
     With ``expected_dims``, an image of the other dimensionality is described in full but
-    marked ``decodes_ok=False`` ("a 3D volume where a 2D image is expected").
+    marked ``decodes_ok=False`` ("a 3D volume where a 2D image is expected"), and DICOM of a
+    modality the model of that dimensionality cannot use is refused naming the modality
+    (:func:`bonefrac.data.imageio.accepted_modalities`: the same policy as ``bonefrac predict``
+    and the service, so a file gets the same verdict at ingest and at inference).
     """
     if not path:
         return _empty_metadata("no path given")
@@ -144,7 +148,11 @@ def describe_image(
     fmt = "dicom_series" if data is None else sniff_format(data[:1024])
     fmt = fmt if fmt not in ("empty", "text") else "unknown"
     try:
-        img = read_image(data if data is not None else p, max_pixels=max_pixels)
+        img = read_image(
+            data if data is not None else p,
+            max_pixels=max_pixels,
+            modalities=accepted_modalities(None, expected_dims),
+        )
     except ImageDecodeError as err:
         return _empty_metadata(str(err), sha, size, fmt)
     except MemoryError:
@@ -186,32 +194,10 @@ def describe_image(
     }
 
 
-def _describe_many(args: tuple[list[str], int | None, int | None]) -> list[dict[str, Any]]:
-    paths, max_pixels, expected_dims = args
-    return [describe_image(p, max_pixels, expected_dims) for p in paths]
-
-
-def build_metadata_table(
-    records: pd.DataFrame, max_pixels: int | None = None, workers: int = 1, expected_dims: int | None = None
-) -> pd.DataFrame:
-    """Read every image of ``records`` (RECORD_COLUMNS) and return the MANIFEST_COLUMNS table.
-
-    ``expected_dims`` (2 for radiograph pipelines, 3 for volume pipelines) marks images of
-    the other kind undecodable, with their geometry still recorded. Rows with a non-empty
-    ``intake_error`` column (refused at intake) are not read: that text is their ``decode_error``.
-    ``workers > 1`` decodes in that many processes (decoding is CPU-bound; threads would
-    contend for the GIL in the numpy/imagehash parts). Row order is kept. A progress bar
-    is shown on stderr.
-    """
-    missing = [c for c in RECORD_COLUMNS if c not in records.columns]
-    if missing:
-        raise ValueError(f"records lack column(s) {missing}")
-    refused = (
-        records[INTAKE_ERROR].fillna("").astype(str).tolist() if INTAKE_ERROR in records.columns else []
-    )
-    paths = [str(p) for p in records["path"].fillna("")]
-    if refused:
-        paths = ["" if r else p for p, r in zip(paths, refused, strict=True)]
+def _describe_all(
+    paths: list[str], max_pixels: int | None, workers: int, expected_dims: int | None
+) -> list[dict[str, Any]]:
+    """describe_image of every path, in order; ``workers`` processes when there is enough work."""
     results: list[dict[str, Any]] = []
     with tqdm(total=len(paths), desc="reading images", unit="img", mininterval=1.0) as bar:
         if workers <= 1 or len(paths) < 2 * workers:
@@ -225,6 +211,67 @@ def build_metadata_table(
                 for out in pool.map(_describe_many, batches):
                     results.extend(out)
                     bar.update(len(out))
+    return results
+
+
+def _describe_many(args: tuple[list[str], int | None, int | None]) -> list[dict[str, Any]]:
+    paths, max_pixels, expected_dims = args
+    return [describe_image(p, max_pixels, expected_dims) for p in paths]
+
+
+def _content_key(path: str, root: Path) -> str | None:
+    """The cache key of a table path: SHA-256 of the file (or series folder); None when unreadable."""
+    if not path:
+        return None
+    p = resolve(path, root)
+    try:
+        if p.is_dir():
+            return _hash_path(p)[0]
+        return content_sha256(p) if p.is_file() else None
+    except OSError:
+        return None
+
+
+def build_metadata_table(
+    records: pd.DataFrame,
+    max_pixels: int | None = None,
+    workers: int = 1,
+    expected_dims: int | None = None,
+    cache: IngestCache | None = None,
+) -> pd.DataFrame:
+    """Read every image of ``records`` (RECORD_COLUMNS) and return the MANIFEST_COLUMNS table.
+
+    ``expected_dims`` (2 for radiograph pipelines, 3 for volume pipelines) marks images of
+    the other kind undecodable, with their geometry still recorded. Rows with a non-empty
+    ``intake_error`` column (refused at intake) are not read: that text is their ``decode_error``.
+    ``workers > 1`` decodes in that many processes (decoding is CPU-bound; threads would
+    contend for the GIL in the numpy/imagehash parts). Row order is kept. A progress bar
+    is shown on stderr. With a ``cache`` (built with the same ``max_pixels`` and
+    ``expected_dims``), a file whose content was described before is only hashed, not decoded:
+    its row comes from the cache, identical to a fresh one.
+    """
+    missing = [c for c in RECORD_COLUMNS if c not in records.columns]
+    if missing:
+        raise ValueError(f"records lack column(s) {missing}")
+    refused = (
+        records[INTAKE_ERROR].fillna("").astype(str).tolist() if INTAKE_ERROR in records.columns else []
+    )
+    paths = [str(p) for p in records["path"].fillna("")]
+    if refused:
+        paths = ["" if r else p for p, r in zip(paths, refused, strict=True)]
+    results: list[dict[str, Any] | None] = [None] * len(paths)
+    keys: list[str | None] = [None] * len(paths)
+    if cache is not None:
+        root = project_root()
+        for k, p in enumerate(paths):
+            keys[k] = _content_key(p, root)
+            results[k] = cache.get("meta", keys[k]) if keys[k] else None
+    todo = [k for k, r in enumerate(results) if r is None]
+    new = _describe_all([paths[k] for k in todo], max_pixels, workers, expected_dims)
+    for k, row in zip(todo, new, strict=True):
+        results[k] = row
+        if cache is not None and keys[k] is not None and row["sha256"] == keys[k]:  # the bytes that were read
+            cache.put("meta", str(keys[k]), row)
     for k, reason in enumerate(refused):
         if reason:
             results[k] = _empty_metadata(reason)

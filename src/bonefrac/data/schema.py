@@ -60,6 +60,12 @@ KNOWN_FRACTURE_TYPES: list[str] = [
     "displaced",
     "nondisplaced",
 ]
+# The declared body-part vocabulary (``data.body_parts`` defaults to it): what the project's
+# sources produce (FracAtlas's regions, the phantom's, DICOM BodyPartExamined terms mapped by
+# bonefrac.data.sources.BODY_PART_TERMS). A value outside it is never copied into a table: the
+# row is refused at intake and its body part left "unknown" (the marker of "not given", always allowed).
+KNOWN_BODY_PARTS: list[str] = ["hand", "forearm", "shoulder", "hip", "femur", "tibia", "leg", "mixed"]
+UNKNOWN_BODY_PART = "unknown"
 # Source adapters may add this column to the records: a non-empty value is why the row was
 # refused at intake (not read; ingest records it as the row's decode_error, validation
 # quarantines it). Its text names patterns and settings, never a file, folder or value.

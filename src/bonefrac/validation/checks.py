@@ -25,7 +25,13 @@ from great_expectations import expectations as gxe
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from bonefrac.config import ValidationParams
-from bonefrac.data.schema import INTAKE_REFUSED, KNOWN_FRACTURE_TYPES, MANIFEST_COLUMNS
+from bonefrac.data.schema import (
+    INTAKE_REFUSED,
+    KNOWN_BODY_PARTS,
+    KNOWN_FRACTURE_TYPES,
+    MANIFEST_COLUMNS,
+    UNKNOWN_BODY_PART,
+)
 from bonefrac.validation.near_duplicates import clusters, near_duplicate_pairs
 
 # Two images are "the same picture" (a copy, resize or re-encode) when their
@@ -258,6 +264,13 @@ def _decodable(columns: set[str]) -> dict[str, Any]:
     return {"row_condition": DECODABLE, "condition_parser": "pandas"} if "decodes_ok" in columns else {}
 
 
+def allowed_body_parts(params: ValidationParams) -> list[str]:
+    """The body parts validation accepts: ``validation.allowed_body_parts`` or the project's vocabulary."""
+    if params.allowed_body_parts is not None:
+        return list(params.allowed_body_parts)
+    return [*KNOWN_BODY_PARTS, UNKNOWN_BODY_PART]
+
+
 def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[list[Any], dict[str, str]]:
     """The GX expectations for every check that is not ``off``.
 
@@ -307,7 +320,7 @@ def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[lis
         ],
         "body_part_values": lambda kw: [
             gxe.ExpectColumnValuesToBeInSet(
-                column="body_part", value_set=list(params.allowed_body_parts), **kw
+                column="body_part", value_set=allowed_body_parts(params), **kw
             )
         ],
         "size_range": lambda kw: (
@@ -379,7 +392,7 @@ def row_reason(check: str, row: pd.Series, prep: Prepared, params: ValidationPar
             return f"fracture type {ft!r} on an image labelled no fracture"
         return "fracture boxes on an image labelled no fracture"
     if check == "body_part_values":
-        return f"body part not in {list(params.allowed_body_parts)}"  # free text: not repeated
+        return f"body part not in {allowed_body_parts(params)}"  # free text: not repeated
     if check == "size_range":
         return f"size {row.get('width')}x{row.get('height')} outside {params.min_side}..{params.max_side} px"
     if check == "bit_depth":
