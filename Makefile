@@ -36,9 +36,12 @@ run-fracatlas: install
 	$(BIN)/bonefrac exp-run params/fracatlas.yaml
 	$(BIN)/bonefrac metrics
 
+# Two pytest-xdist workers, one test file each at a time (module fixtures stay whole):
+# most tests use one core, and the ones that start servers mostly wait.
+TEST_WORKERS ?= 2
 test: install
 	bash scripts/test_setup.sh
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-all: install
 	bash scripts/test_setup.sh
