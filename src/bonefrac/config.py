@@ -202,6 +202,10 @@ class EvaluateParams(Strict):
 class PromotionParams(Strict):
     auroc_margin: float = Field(0.02, ge=0.0, le=0.5, description="non-inferiority margin")
     min_sensitivity: float = Field(0.90, ge=0.0, le=1.0)
+    # Absolute floor for every promotion, the first one included (an empty store has nothing to be
+    # non-inferior to): the one-sided (1 - alpha) lower bound of the challenger's test AUROC must
+    # exceed it, so a chance-level model that calls everything positive never becomes champion.
+    min_auroc_lower: float = Field(0.70, ge=0.0, le=1.0)
     bootstrap_samples: int = Field(1000, ge=10)
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
 
