@@ -18,7 +18,10 @@ PLUGINS = {"pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg", "pyjpegls", "
 
 def _module_file(name: str) -> Path | None:
     p = SRC / Path(*name.split("."))
-    return p / "__init__.py" if (p / "__init__.py").exists() else (p.with_suffix(".py") if p.with_suffix(".py").exists() else None)
+    for candidate in (p / "__init__.py", p.with_suffix(".py")):
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def service_imports() -> set[str]:

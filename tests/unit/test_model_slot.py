@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tests.integration._server import make_tiny_bundle
 
 from bonefrac.config import ServingParams
 from bonefrac.registry import store
 from bonefrac.registry.resolve import load_tag
 from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
-from tests.integration._server import make_tiny_bundle
 
 SETTINGS = ServingParams(backend="torch", registry_poll_s=0.05)
 
