@@ -78,7 +78,9 @@ def test_gpu_variant_differs_only_in_the_cuda_image_and_the_switch() -> None:
 
     cpu, gpu = _load("bentofile.yaml"), _load("bentofile.gpu.yaml")
     assert "cuda_version" not in cpu["docker"] and gpu["docker"].pop("cuda_version") == "12.8"
-    assert cpu["docker"]["env"].pop("BONEFRAC_GPU") == "off" and gpu["docker"]["env"].pop("BONEFRAC_GPU") == "on"
+    switch = {"name": "BONEFRAC_GPU", "value": "off"}
+    cpu["envs"].remove(switch)
+    gpu["envs"].remove({**switch, "value": "on"})
     assert cpu == gpu
     assert model_resources("on", has_gpu=False) == {"gpu": 1, "cpu": "2"}
     assert model_resources("off", has_gpu=True) == {"cpu": "2"}
