@@ -9,7 +9,7 @@ traceback. ``predict`` exits 2 when some images could not be read (each has its
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -29,6 +29,30 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _prediction_logger(loaded: Any) -> Any:
+    """Append each prediction to the prediction log the service writes (same records, same folder)."""
+    from bonefrac.config import load_settings, resolve
+    from bonefrac.serving.prediction_log import append_prediction, prediction_record
+
+    log_dir = resolve(load_settings().paths.predictions_log)
+
+    def log(img: Any, result: dict[str, Any]) -> None:
+        append_prediction(
+            log_dir,
+            prediction_record(
+                img,
+                model_name=loaded.name,
+                model_version=loaded.version,
+                probability=result["probability"],
+                logit=result["logit"],
+                decisions=result["decisions"],
+                latency_ms=result["latency_ms"],
+            ),
+        )
+
+    return log
+
+
 def predict(
     input: Annotated[
         Path,
@@ -45,6 +69,14 @@ def predict(
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if available)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+    log_predictions: Annotated[
+        bool,
+        typer.Option(
+            "--log-predictions",
+            help="also append each prediction to the service's prediction log (paths.predictions_log or "
+            "$BONEFRAC_PREDICTION_LOG_DIR; same PHI-free schema), which the drift check reads",
+        ),
+    ] = False,
 ) -> None:
     """Predict fractures for every image in INPUT; one row per image (exit 2 if some could not be read)."""
     from bonefrac.errors import user_error_types
@@ -76,6 +108,7 @@ def predict(
             backend=backend,
             device=device,
             progress=progress,
+            on_prediction=_prediction_logger(loaded) if log_predictions else None,
         )  # type: ignore[arg-type]
     except (PredictInputError, *user_error_types()) as err:
         raise _fail(str(err)) from None

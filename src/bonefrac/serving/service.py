@@ -55,7 +55,7 @@ from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag,
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
-from bonefrac.serving.prediction_log import append_prediction, image_statistics
+from bonefrac.serving.prediction_log import append_prediction, prediction_record
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
 logger = logging.getLogger("bonefrac.serving")
@@ -535,27 +535,17 @@ class FractureService:
 
     def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
         try:
-            stats = image_statistics(img)
-            decisions = row["decisions"]
             append_prediction(
                 resolve(PARAMS.paths.predictions_log),
-                {
-                    "model_name": result["model"]["name"],
-                    "model_version": result["model"]["version"],
-                    "probability": row["probability"],
-                    "logit": row["logit"],
-                    "decision_high_sensitivity": decisions.get("high_sensitivity"),
-                    "decision_high_specificity": decisions.get("high_specificity"),
-                    "width": result["image"]["width"],
-                    "height": result["image"]["height"],
-                    "depth": result["image"]["depth"],
-                    "bit_depth": img.bit_depth,
-                    "channels": img.channels,
-                    "format": img.format,
-                    "modality": img.modality,
-                    "latency_ms": result["timing_ms"]["total"],
-                    **stats,
-                },
+                prediction_record(
+                    img,
+                    model_name=result["model"]["name"],
+                    model_version=result["model"]["version"],
+                    probability=row["probability"],
+                    logit=row["logit"],
+                    decisions=row["decisions"],
+                    latency_ms=result["timing_ms"]["total"],
+                ),
             )
         except OSError as err:  # logging must never fail a clinical answer
             logger.warning("prediction log not written: %s", err)
