@@ -125,7 +125,8 @@ def test_log_predictions_writes_the_service_log_schema_without_identifiers(model
     preds = pd.read_csv(out).set_index("path")
     png = log[log["format"] == "png"].iloc[0]
     assert png["probability"] == pytest.approx(preds.loc[str(folder / "DOE_JANE.png"), "probability"])
-    assert (png["width"], png["height"], png["bit_depth"], png["model_version"]) == (60, 80, 16, "t0")  # size=(rows, cols)
+    # make_png's size is (rows, cols)
+    assert (png["width"], png["height"], png["bit_depth"], png["model_version"]) == (60, 80, 16, "t0")
     assert 0 <= png["intensity_p01"] <= png["intensity_mean"] <= png["intensity_p99"] <= 1
     raw = "".join(p.read_text() for p in log_dir.glob("*.jsonl"))
     for s in [*phi_strings(), "DOE_JANE", "scan.dcm", str(tmp_path)]:
