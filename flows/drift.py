@@ -34,8 +34,8 @@ def load_current(
 ) -> tuple[Any, list[str]]:
     """Feature table of the current batch (retried: a log file may be mid-rotation)."""
     from bonefrac.monitoring.features import features_from_prediction_log
+    from bonefrac.monitoring.prediction_log import read_prediction_log
     from bonefrac.monitoring.reference import current_from_images, list_images, load_reference
-    from bonefrac.serving.prediction_log import read_prediction_log
 
     if current and Path(current).is_dir() and not list(Path(current).glob("predictions-*.jsonl")):
         bundle = None

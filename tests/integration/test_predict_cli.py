@@ -107,7 +107,7 @@ def test_single_file_jsonl_exit_0(model, tmp_path):
 def test_log_predictions_writes_the_service_log_schema_without_identifiers(model, tmp_path, monkeypatch):
     from tests._factories import phi_strings
 
-    from bonefrac.serving.prediction_log import LOG_COLUMNS, read_prediction_log
+    from bonefrac.monitoring.prediction_log import LOG_COLUMNS, read_prediction_log
 
     log_dir = tmp_path / "predictions"
     monkeypatch.setenv("BONEFRAC_PREDICTION_LOG_DIR", str(log_dir))  # the service's own override

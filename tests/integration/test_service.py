@@ -35,11 +35,11 @@ from bonefrac.data.imageio import read_image
 from bonefrac.evaluation.evaluate import predict_rows
 from bonefrac.inference.batch_predict import predict_to_file
 from bonefrac.inference.predictor import Predictor
+from bonefrac.monitoring.prediction_log import read_prediction_log
 from bonefrac.monitoring.reference import current_from_images
 from bonefrac.preprocess.cache import build_cache, load_cache
 from bonefrac.registry.resolve import load_file
 from bonefrac.registry.scoring import score_split
-from bonefrac.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.integration
 

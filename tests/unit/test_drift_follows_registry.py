@@ -128,7 +128,7 @@ def test_promote_and_rollback_rebuild_the_reference_for_another_embedding_width(
 
 def test_an_empty_window_is_recorded_as_no_traffic(tmp_path: Path) -> None:
     from bonefrac.monitoring.features import features_from_prediction_log
-    from bonefrac.serving.prediction_log import read_prediction_log
+    from bonefrac.monitoring.prediction_log import read_prediction_log
 
     empty = features_from_prediction_log(read_prediction_log(tmp_path / "no-log-yet"))
     assert not has_traffic(empty)

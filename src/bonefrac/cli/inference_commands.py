@@ -32,7 +32,7 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
 def _prediction_logger(loaded: Any) -> Any:
     """Append each prediction to the prediction log the service writes (same records, same folder)."""
     from bonefrac.config import load_settings, resolve
-    from bonefrac.serving.prediction_log import append_prediction, prediction_record
+    from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
 
     log_dir = resolve(load_settings().paths.predictions_log)
 

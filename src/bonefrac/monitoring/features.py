@@ -68,7 +68,7 @@ def image_features(
     Intensities are scaled by the decoder's *nominal* value range (the
     ``value_range`` in ``DecodedImage.meta``; by default the range of the stored
     bit depth) with ingest's scaling, as
-    :func:`bonefrac.serving.prediction_log.image_statistics` does, so rows from the
+    :func:`bonefrac.monitoring.prediction_log.image_statistics` does, so rows from the
     service's log and rows computed here are comparable; p50 is added here.
     """
     arr = np.asarray(array, dtype=np.float32)

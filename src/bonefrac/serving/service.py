@@ -51,11 +51,11 @@ from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector, image_ood_features
+from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
 from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag, load_embedded, resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
-from bonefrac.serving.prediction_log import append_prediction, prediction_record
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
 logger = logging.getLogger("bonefrac.serving")
