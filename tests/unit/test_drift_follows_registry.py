@@ -155,3 +155,27 @@ def test_drift_alarm_retrains_only_with_new_labelled_data() -> None:
     # DVC sees changed data inputs not yet run through the pipeline: retrain whatever dvc.lock says
     assert retrain_decision(**base, data_version="aaa", pending_data_change=True).action == "retrain"
     assert retrain_decision(**base, data_version="unknown").action == "cannot_act"
+
+
+def test_dvc_reports_new_data_but_not_new_code(tmp_path: Path) -> None:
+    """``pending_data_change`` reads DVC's status: changed data deps or params count, ``.py`` deps do not."""
+    from dvc.repo import Repo
+
+    from bonefrac.monitoring.trigger import pending_data_change
+
+    assert pending_data_change(tmp_path) is None  # not a DVC project: cannot tell
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.png").write_bytes(b"one")
+    (tmp_path / "ingest.py").write_text("x = 1\n")
+    (tmp_path / "params.yaml").write_text("data:\n  root: data\n")
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  ingest:\n    cmd: 'true'\n    deps: [ingest.py, data]\n    params: [data.root]\n"
+    )
+    Repo.init(str(tmp_path), no_scm=True).close()
+    with Repo(str(tmp_path)) as repo:
+        repo.reproduce(targets=[f"{tmp_path / 'dvc.yaml'}:ingest"])
+    assert pending_data_change(tmp_path, ["ingest"]) is False
+    (tmp_path / "ingest.py").write_text("x = 2\n")  # new code is not new data
+    assert pending_data_change(tmp_path, ["ingest"]) is False
+    (tmp_path / "data" / "b.png").write_bytes(b"two")  # a labelled image added
+    assert pending_data_change(tmp_path, ["ingest"]) is True

@@ -96,8 +96,9 @@ def pending_data_change(root: str | Path, stages: Iterable[str] = DATA_STAGES) -
     try:
         from dvc.repo import Repo
 
+        dvc_yaml = Path(root).resolve() / "dvc.yaml"  # `file:stage`: DVC resolves bare names from the cwd
         with Repo(str(root)) as repo:
-            status = repo.status(targets=list(stages))
+            status = repo.status(targets=[f"{dvc_yaml}:{stage}" for stage in stages])
     except Exception as err:  # DVC's errors are many; any of them means "cannot tell"
         logger.warning("could not ask DVC for changed data inputs: %s", type(err).__name__)
         return None
