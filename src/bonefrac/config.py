@@ -209,6 +209,10 @@ class EvaluateParams(Strict):
 class PromotionParams(Strict):
     auroc_margin: float = Field(0.02, ge=0.0, le=0.5, description="non-inferiority margin")
     min_sensitivity: float = Field(0.90, ge=0.0, le=1.0)
+    # Absolute floor for every promotion, the first one included (an empty store has nothing to be
+    # non-inferior to): the one-sided (1 - alpha) lower bound of the challenger's test AUROC must
+    # exceed it, so a chance-level model that calls everything positive never becomes champion.
+    min_auroc_lower: float = Field(0.70, ge=0.0, le=1.0)
     bootstrap_samples: int = Field(1000, ge=10)
     alpha: float = Field(0.05, gt=0.0, lt=0.5)
 
@@ -244,6 +248,12 @@ class ServingParams(Strict):
     drain_idle_s: float = Field(2.0, ge=0.0)
     drain_max_s: float = Field(20.0, ge=0.0)
     debug: bool = False  # DEBUG logging of bonefrac.serving  # below circus' 30-s stop timeout
+    # The model worker checks the registry's champion pointer this often and swaps to a newly
+    # promoted or rolled-back champion without a restart; 0 = never (a model pinned by file never follows).
+    registry_poll_s: float = Field(2.0, ge=0.0)
+    # Resources the Bento declares: "on" = one GPU for the model worker (build it with
+    # bentofile.gpu.yaml, a CUDA base image); "off" = CPU only; "auto" = whatever this machine has.
+    gpu: Literal["auto", "on", "off"] = "auto"
 
     @field_validator("max_batch_size")
     @classmethod
@@ -270,6 +280,8 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "BONEFRAC_DRAIN_IDLE_S": ("serving", "drain_idle_s"),
     "BONEFRAC_DRAIN_MAX_S": ("serving", "drain_max_s"),
     "BONEFRAC_SERVICE_DEBUG": ("serving", "debug"),
+    "BONEFRAC_REGISTRY_POLL_S": ("serving", "registry_poll_s"),
+    "BONEFRAC_GPU": ("serving", "gpu"),
 }
 
 

@@ -84,7 +84,7 @@ class Server:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def server_env(model_path: Path, workdir: Path, **extra: str) -> dict[str, str]:
+def server_env(model_path: Path | None, workdir: Path, **extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         {
@@ -102,20 +102,25 @@ def server_env(model_path: Path, workdir: Path, **extra: str) -> dict[str, str]:
         }
     )
     env.pop("BONEFRAC_API_KEY", None)
+    if model_path is None:  # no pinned file: the service loads the Bento's model or the registry's champion
+        env.pop("BONEFRAC_MODEL_PATH")
     env.update(extra)
     return env
 
 
 @contextlib.contextmanager
 def running_server(
-    model_path: Path, workdir: Path, timeout: float = 180.0, **extra_env: str
+    model_path: Path | None, workdir: Path, timeout: float = 180.0, target: str = SERVICE, **extra_env: str
 ) -> Iterator[Server]:
-    """``bentoml serve`` on a free 127.0.0.1 port; yields once ``/readyz`` answers 200."""
+    """``bentoml serve <target>`` on a free 127.0.0.1 port; yields once ``/readyz`` answers 200.
+
+    ``target`` is the service import path or a built Bento's tag (``bonefrac:latest``).
+    """
     port = free_port()
     workdir.mkdir(parents=True, exist_ok=True)
     log_path = workdir / f"server-{port}.log"
     log = log_path.open("wb")
-    cmd = [sys.executable, "-m", "bentoml", "serve", SERVICE, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [sys.executable, "-m", "bentoml", "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     proc = subprocess.Popen(
         cmd,
         cwd=workdir,

@@ -112,6 +112,35 @@ def test_single_file_jsonl_exit_0(model, tmp_path):
     assert set(row) >= {"decision_high_sensitivity", "decision_high_specificity", "type_prob_oblique"}
 
 
+def test_log_predictions_writes_the_service_log_schema_without_identifiers(model, tmp_path, monkeypatch):
+    from tests._factories import phi_strings
+
+    from bonefrac.monitoring.prediction_log import LOG_COLUMNS, read_prediction_log
+
+    log_dir = tmp_path / "predictions"
+    monkeypatch.setenv("BONEFRAC_PREDICTION_LOG_DIR", str(log_dir))  # the service's own override
+    folder = tmp_path / "DOE_JANE_study"
+    folder.mkdir()
+    make_png(folder / "DOE_JANE.png", size=(80, 60), bit_depth=16)
+    make_dicom(folder / "scan.dcm", phi=True)
+    out = tmp_path / "p.csv"
+    args = ["predict", str(folder), "--model", str(model), "--out", str(out), "--no-progress", "--backend", "torch"]
+    assert _invoke(*args).exit_code == 0 and not log_dir.exists()  # off unless asked
+    r = _invoke(*args, "--log-predictions")
+    assert r.exit_code == 0, r.output
+    log = read_prediction_log(log_dir)
+    assert list(log.columns) == LOG_COLUMNS and len(log) == 2
+    preds = pd.read_csv(out).set_index("path")
+    png = log[log["format"] == "png"].iloc[0]
+    assert png["probability"] == pytest.approx(preds.loc[str(folder / "DOE_JANE.png"), "probability"])
+    # make_png's size is (rows, cols)
+    assert (png["width"], png["height"], png["bit_depth"], png["model_version"]) == (60, 80, 16, "t0")
+    assert 0 <= png["intensity_p01"] <= png["intensity_mean"] <= png["intensity_p99"] <= 1
+    raw = "".join(p.read_text() for p in log_dir.glob("*.jsonl"))
+    for s in [*phi_strings(), "DOE_JANE", "scan.dcm", str(tmp_path)]:
+        assert s not in raw, s
+
+
 def test_user_errors_exit_1_without_traceback(model, tmp_path):
     r = _invoke("predict", str(tmp_path / "missing"), "--model", str(model), "--out", str(tmp_path / "o.csv"))
     assert r.exit_code == 1 and "input not found" in r.output and "Traceback" not in r.output

@@ -35,11 +35,11 @@ from bonefrac.data.imageio import read_image
 from bonefrac.evaluation.evaluate import predict_rows
 from bonefrac.inference.batch_predict import predict_to_file
 from bonefrac.inference.predictor import Predictor
+from bonefrac.monitoring.prediction_log import read_prediction_log
 from bonefrac.monitoring.reference import current_from_images
 from bonefrac.preprocess.cache import build_cache, load_cache
 from bonefrac.registry.resolve import load_file
 from bonefrac.registry.scoring import score_split
-from bonefrac.serving.prediction_log import read_prediction_log
 
 pytestmark = pytest.mark.integration
 
@@ -281,42 +281,6 @@ def test_bounded_load_has_zero_errors(served, tmp_path):
     assert res["errors"] == 0, res
     assert res["ok"] >= 8, res
     print("load 8 clients / 10 s:", res)
-
-
-def test_bentoml_build_from_bentofile(tmp_path):
-    """``bentoml build`` packages the service offline (needs ``uv`` and ``lock_packages: false``)."""
-    import shutil
-    import subprocess
-    import sys
-
-    import yaml
-    from tests.integration._server import ROOT
-
-    bindir = os.path.dirname(sys.executable)
-    if not (shutil.which("uv") or os.path.exists(os.path.join(bindir, "uv"))):
-        pytest.skip("`uv` is not installed: bentoml build needs it offline (pip install uv)")
-    env = {
-        **os.environ,
-        "BENTOML_HOME": str(tmp_path / "home"),
-        "PATH": f"{bindir}{os.pathsep}{os.environ['PATH']}",
-        "BONEFRAC_MODEL_PATH": str(make_tiny_bundle(tmp_path / "m.pt")),
-    }
-    r = subprocess.run(
-        [sys.executable, "-m", "bentoml", "build", "-f", "bentofile.yaml", "."],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    (bento,) = [p for p in (tmp_path / "home" / "bentos" / "bonefrac").iterdir() if p.name != "latest"]
-    meta = yaml.safe_load((bento / "bento.yaml").read_text())
-    assert meta["service"] == "bonefrac.serving.service:FractureService"
-    assert {s["name"] for s in meta["services"]} == {"bonefrac", "bonefrac_model"}
-    assert (bento / "src" / "src" / "bonefrac" / "serving" / "static" / "index.html").exists()
-    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
-    assert "nvidia/cuda" in dockerfile and "PYTHONPATH=/home/bentoml/bento/src/src" in dockerfile
 
 
 def test_out_of_distribution_warning_per_image(client, tmp_path):

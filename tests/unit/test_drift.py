@@ -19,7 +19,7 @@ from bonefrac.monitoring.features import (
     image_features,
     model_outputs,
 )
-from bonefrac.serving.prediction_log import image_statistics
+from bonefrac.monitoring.prediction_log import image_statistics
 
 PARAMS = DriftParams(stattest_threshold=0.05, drift_share=0.5, embedding_dims=2)
 

@@ -26,6 +26,12 @@ from tests._factories import (
     phi_strings,
 )
 
+from bonefrac.monitoring.prediction_log import (
+    LOG_COLUMNS,
+    append_prediction,
+    image_statistics,
+    read_prediction_log,
+)
 from bonefrac.serving.auth import APIKeyMiddleware, extract_key
 from bonefrac.serving.input_safety import (
     InputRejected,
@@ -33,12 +39,6 @@ from bonefrac.serving.input_safety import (
     UploadLimitMiddleware,
     classify_decode_error,
     decode_upload,
-)
-from bonefrac.serving.prediction_log import (
-    LOG_COLUMNS,
-    append_prediction,
-    image_statistics,
-    read_prediction_log,
 )
 
 LIMITS = SafetyLimits(max_upload_bytes=2 * 1024 * 1024, max_pixels=4_000_000)

@@ -102,3 +102,40 @@ def test_bad_inputs_are_clear_errors(labels: np.ndarray) -> None:
     with pytest.raises(PromotionError, match="high_sensitivity"):
         high_sensitivity_threshold({"youden": 0.4})
     assert high_sensitivity_threshold({"high_sensitivity": 0.25}) == 0.25
+
+
+def test_chance_level_first_model_is_rejected_by_the_auroc_floor(labels: np.ndarray) -> None:
+    """An empty store used to need only sensitivity: a model that calls everything positive got in."""
+    chance = np.random.default_rng(12).uniform(size=labels.size)  # AUROC ~0.5
+    d = evaluate_gate(labels, chance, 0.0, PARAMS, champion_probs=None)  # threshold 0: sensitivity 1.0
+    assert d.stats["sensitivity"] == 1.0 and abs(d.stats["auroc_challenger"] - 0.5) < 0.1
+    assert not d.promote
+    floor = [r for r in d.reasons if "floor" in r]
+    assert len(floor) == 1 and "not above the floor 0.700" in floor[0], d.reasons
+    assert d.stats["auroc_challenger_lower"] < PARAMS.min_auroc_lower
+    # the floor, and only the floor, rejected it
+    assert evaluate_gate(labels, chance, 0.0, PARAMS.model_copy(update={"min_auroc_lower": 0.0})).promote
+
+
+def test_floor_is_a_bootstrap_lower_bound_not_the_point_estimate(labels: np.ndarray) -> None:
+    probs = _scores(labels, 1.2, 13)  # AUROC ~0.8 with a CI of a few points
+    point = roc_auc_score(labels, probs)
+    floor = point - 0.01  # under the point estimate, above its lower bound
+    params = PARAMS.model_copy(update={"min_auroc_lower": floor, "bootstrap_samples": 60})
+    d = evaluate_gate(labels, probs, float(np.quantile(probs[labels == 1], 0.05)), params)
+    assert not d.promote and d.stats["auroc_challenger_lower"] < floor < point
+    direct = np.quantile(
+        [roc_auc_score(labels[i], probs[i]) for i in stratified_indices(labels, 60, 0)], PARAMS.alpha
+    )
+    assert d.stats["auroc_challenger_lower"] == pytest.approx(direct)
+
+
+def test_presets_set_the_floor() -> None:
+    from pathlib import Path
+
+    from bonefrac.config import load_params
+
+    root = Path(__file__).resolve().parents[2]
+    assert load_params(root / "params.yaml").promotion.min_auroc_lower == 0.70
+    fracatlas = __import__("yaml").safe_load((root / "params" / "fracatlas.yaml").read_text())
+    assert fracatlas["promotion"]["min_auroc_lower"] == 0.75

@@ -75,10 +75,13 @@ def test_promote_rollback_round_trip(home: Path) -> None:
     b = store.register_model(_bundle(home / "b.pt", 2), name="bonefrac")
     c = store.register_model(_bundle(home / "c.pt", 3), name="bonefrac")
 
+    assert store.read_champion_pointer("bonefrac") is None
     assert store.promote(a) == ""
+    assert store.read_champion_pointer("bonefrac") == a  # what a running service watches
     tag, bundle = store.get_champion("bonefrac")
     assert tag == a and bundle.metadata["metrics"]["auroc"] == pytest.approx(0.81)
     assert store.promote(b) == a
+    assert store.read_champion_pointer("bonefrac") == b
     assert store.get_record(a).stage == "archived"
     assert store.get_champion("bonefrac")[0] == b
     store.reject(c, ["sensitivity too low"])
@@ -88,6 +91,7 @@ def test_promote_rollback_round_trip(home: Path) -> None:
 
     restored, retired = store.rollback("bonefrac")
     assert (restored, retired) == (a, b)
+    assert store.read_champion_pointer("bonefrac") == a
     assert store.get_champion("bonefrac")[0] == a
     assert store.get_record(b).stage == "archived"
     # b was rolled back: it is never the target of a later rollback; a is the only promoted one left

@@ -42,6 +42,30 @@ def _model_line(loaded: Any) -> str:
     return f"model {what}; operating points: {ops or 'none stored'}"
 
 
+def _prediction_logger(loaded: Any) -> Any:
+    """Append each prediction to the prediction log the service writes (same records, same folder)."""
+    from bonefrac.config import load_settings, resolve
+    from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
+
+    log_dir = resolve(load_settings().paths.predictions_log)
+
+    def log(img: Any, result: dict[str, Any]) -> None:
+        append_prediction(
+            log_dir,
+            prediction_record(
+                img,
+                model_name=loaded.name,
+                model_version=loaded.version,
+                probability=result["probability"],
+                logit=result["logit"],
+                decisions=result["decisions"],
+                latency_ms=result["latency_ms"],
+            ),
+        )
+
+    return log
+
+
 def predict(
     input: Annotated[
         Path,
@@ -58,6 +82,14 @@ def predict(
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",
     device: Annotated[str | None, typer.Option(help="cpu | cuda (default: cuda if available)")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")] = True,
+    log_predictions: Annotated[
+        bool,
+        typer.Option(
+            "--log-predictions",
+            help="also append each prediction to the service's prediction log (paths.predictions_log or "
+            "$BONEFRAC_PREDICTION_LOG_DIR; same PHI-free schema), which the drift check reads",
+        ),
+    ] = False,
 ) -> None:
     """Predict fractures for every image in INPUT; one row per image (exit 2 if some could not be read)."""
     if backend not in ("auto", "torch", "onnx"):
@@ -94,6 +126,9 @@ def predict(
             device=device,
             progress=progress,
             notify=_note,
+
+
+            on_prediction=_prediction_logger(loaded) if log_predictions else None,
         )  # type: ignore[arg-type]
     except (PredictInputError, *user_error_types()) as err:
         raise _fail(str(err)) from None

@@ -21,6 +21,18 @@ def _fail(msg: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+def _follow(params_path: Path, name: str) -> None:
+    """After a change of champion: the drift reference is rebuilt for it (a failure warns, the change stands)."""
+    from bonefrac.registry.lifecycle import refresh_drift_reference
+
+    try:
+        typer.echo(refresh_drift_reference(load_params(params_path), name=name, force=True))
+    except (BonefracError, ConfigError, OSError) as err:
+        typer.echo(
+            f"warning: the drift reference was not rebuilt ({err}); the next drift check rebuilds it", err=True
+        )
+
+
 def promote(
     tag: Annotated[str, typer.Argument(help="model tag, e.g. bonefrac:abc123 (see `bonefrac models`)")],
     force: Annotated[
@@ -38,19 +50,23 @@ def promote(
         if force:
             previous = store.promote(tag, reason="manual promotion with --force (gate skipped)")
             typer.echo(f"promoted {tag} without the gate" + (f"; archived {previous}" if previous else ""))
-            return
-        decision = gate.judge(tag, resolve(p.paths.processed), p.promotion, seed=p.seed)
-        for reason in decision.reasons:
-            typer.echo(f"  - {reason}")
-        if not decision.promote:
-            _fail(f"{tag} did not pass the promotion gate (use --force to override)")
-        typer.echo(gate.apply(decision, tag))
+        else:
+            decision = gate.judge(tag, resolve(p.paths.processed), p.promotion, seed=p.seed)
+            for reason in decision.reasons:
+                typer.echo(f"  - {reason}")
+            if not decision.promote:
+                _fail(f"{tag} did not pass the promotion gate (use --force to override)")
+            typer.echo(gate.apply(decision, tag))
     except (BonefracError, ConfigError, FileNotFoundError) as err:
         _fail(str(err))
+    _follow(params, tag.partition(":")[0])
 
 
 def rollback(
     name: Annotated[str, typer.Argument(help="model name in the registry")] = "bonefrac",
+    params: Annotated[Path, typer.Option(help="params file (where the drift reference and cache are)")] = Path(
+        "params.yaml"
+    ),
 ) -> None:
     """Put the previous champion back; the current champion is archived."""
     from bonefrac.registry import store
@@ -61,6 +77,7 @@ def rollback(
         _fail(str(err))
         return
     typer.echo(f"champion is now {restored} (was {retired})")
+    _follow(params, name)
 
 
 def models(

@@ -23,6 +23,7 @@ import csv
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -273,12 +274,15 @@ def predict_to_file(
     progress: bool = True,
     workers: int = 2,
     notify: Callable[[str], None] | None = None,
+    on_prediction: Callable[[DecodedImage, dict[str, Any]], None] | None = None,
 ) -> PredictSummary:
     """Predict every image named by ``source`` with ``loaded`` (a :class:`LoadedModel`); write ``out``.
 
     ``out`` ending in ``.jsonl`` writes JSON lines, anything else CSV. Returns counts;
     ``summary.exit_code`` is 0 when every image was read, 2 when some were not. ``notify``
-    receives the start-up steps (backend chosen, images found) as they happen.
+    receives the start-up steps (backend chosen, images found) as they happen;
+    ``on_prediction(image, result)`` is called for every image predicted (``result``:
+    probability, logit, ``decisions`` and ``latency_ms``), e.g. to append to the prediction log.
     """
     from tqdm import tqdm
 
@@ -320,13 +324,17 @@ def predict_to_file(
                 rows: dict[int, dict[str, Any]] = {}
                 answers: list[dict[str, Any]] = []
                 if ok:
+                    t0 = time.perf_counter()
                     x = torch.stack([loaded_items[i][1] for i in ok])  # type: ignore[misc]
                     cal = bundle.calibrate(choice.runner(x.numpy()))
+                    per_image_ms = (time.perf_counter() - t0) * 1000 / len(ok)
                     for j, i in enumerate(ok):
                         r = cal.row(j, bundle.type_names)
                         answers.append(r)
                         for op, positive in r["decisions"].items():
                             summary.positives[op] = summary.positives.get(op, 0) + int(positive)
+                        if on_prediction is not None:
+                            on_prediction(loaded_items[i][0], {**r, "latency_ms": per_image_ms})  # type: ignore[arg-type]
                         row: dict[str, Any] = {"probability": r["probability"], "logit": r["logit"]}
                         row.update({f"decision_{k}": v for k, v in r["decisions"].items()})
                         row.update(

@@ -67,6 +67,9 @@ class DriftResult:
     json_path: str = ""
     created: str = ""
     warnings: list[str] = field(default_factory=list)
+    # "checked": the tests ran; "no_traffic": too few current rows to test (an hour without
+    # uploads is a normal state of a service, not a failure of the check).
+    status: str = "checked"
 
     @property
     def drifted_columns(self) -> list[str]:
@@ -189,6 +192,32 @@ def run_drift(
     return result
 
 
+def has_traffic(current: pd.DataFrame) -> bool:
+    """Whether the current batch has enough rows (:data:`MIN_ROWS`) to be tested at all."""
+    return len(current.dropna(how="all")) >= MIN_ROWS
+
+
+def record_no_traffic(
+    n_reference: int, current: pd.DataFrame, params: DriftParams, out_dir: str | Path | None = None, window: str = ""
+) -> DriftResult:
+    """The result of a window with too little traffic: no verdict, recorded (``drift_summary.json``) like any check."""
+    n = len(current.dropna(how="all"))
+    result = DriftResult(
+        dataset_drift=False,
+        drift_share=0.0,
+        drift_share_threshold=params.drift_share,
+        stattest_threshold=params.stattest_threshold,
+        n_reference=n_reference,
+        n_current=n,
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        warnings=[f"no traffic: {n} prediction(s){f' in {window}' if window else ''}, {MIN_ROWS} needed for a test"],
+        status="no_traffic",
+    )
+    if out_dir is not None:
+        result.json_path = str(atomic_write_text(Path(out_dir) / SUMMARY_JSON, json.dumps(result.to_dict(), indent=2)))
+    return result
+
+
 def _parse(
     snapshot: dict[str, Any], cols: list[str], methods: dict[str, str], threshold: float
 ) -> list[FeatureDrift]:
@@ -212,6 +241,8 @@ def _parse(
 
 def summarize(result: DriftResult) -> str:
     """A short markdown summary (for the Prefect artifact and logs)."""
+    if result.status == "no_traffic":
+        return f"No traffic: nothing to test. {' '.join(result.warnings)}"
     verdict = "**DRIFT**" if result.dataset_drift else "no drift"
     counted = sum(f.informative for f in result.features)
     lines = [

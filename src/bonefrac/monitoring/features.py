@@ -68,7 +68,7 @@ def image_features(
     Intensities are scaled by the decoder's *nominal* value range (the
     ``value_range`` in ``DecodedImage.meta``; by default the range of the stored
     bit depth) with ingest's scaling, as
-    :func:`bonefrac.serving.prediction_log.image_statistics` does, so rows from the
+    :func:`bonefrac.monitoring.prediction_log.image_statistics` does, so rows from the
     service's log and rows computed here are comparable; p50 is added here.
     """
     arr = np.asarray(array, dtype=np.float32)
@@ -92,9 +92,11 @@ def image_features(
 
 
 def features_from_prediction_log(log: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the service's prediction log as drift features (``probability`` → ``score``)."""
-    if log.empty:
-        raise FeatureError("the prediction log is empty: nothing to compare")
+    """Rows of the service's prediction log as drift features (``probability`` → ``score``).
+
+    An empty log gives an empty table with the same columns: a window without
+    traffic is a normal state of a service, which the drift check records as such.
+    """
     out = pd.DataFrame(index=log.index)
     for col in ("intensity_mean", "intensity_std", "intensity_p01", "intensity_p99", "width", "height"):
         out[col] = pd.to_numeric(log[col], errors="coerce") if col in log.columns else np.nan

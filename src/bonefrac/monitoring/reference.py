@@ -110,7 +110,7 @@ def split_features(
     tensors. Without a ``reducer``, one of ``embedding_dims`` axes is fitted on these rows (the
     reference's own); the test split of a run is projected with the reference's.
     """
-    from bonefrac.preprocess.cache import load_cache
+    from bonefrac.preprocess.cache import cache_spec, load_cache
 
     images, index = load_cache(Path(cache_dir))
     rows = index[index["split"] == split] if "split" in index.columns else index
@@ -118,14 +118,23 @@ def split_features(
         raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
     if len(rows) > max_rows:
         rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
-    img_frame, skipped = image_feature_rows([str(resolve(p)) for p in rows["path"]], read_fn)
-    tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+    decoded, skipped = decode_all([str(resolve(p)) for p in rows["path"]], read_fn)
+    img_frame = _image_frame(decoded)
+    if cache_spec(Path(cache_dir)) == bundle.preprocess_spec:
+        keep = list(range(len(rows)))
+        tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+    else:  # another model's preprocessing (e.g. a champion trained elsewhere): from the files
+        keep = [i for i, d in enumerate(decoded) if d is not None]
+        if not keep:
+            raise ReferenceError(f"none of the {len(rows)} {split!r} images of {cache_dir} could be read")
+        tensors = np.stack([bundle.preprocess(decoded[i][0]).numpy() for i in keep])
     model = bundle.build_model()
     if reducer is None and embedding_dims > 0:
         _, emb = model_feature_frame(bundle, tensors, None, model)
         reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
     model_frame, _ = model_feature_frame(bundle, tensors, reducer, model)
-    table = pd.concat([img_frame.reset_index(drop=True), model_frame.reset_index(drop=True)], axis=1)
+    model_frame.index = keep
+    table = pd.concat([img_frame.reset_index(drop=True), model_frame.reindex(range(len(rows)))], axis=1)
     return table, reducer, skipped
 
 
@@ -144,7 +153,10 @@ def build_reference(
     """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache; written to ``out_dir``.
 
     ``bundle`` is the champion's, so reference scores are the calibrated
-    probabilities the service logs.
+    probabilities the service logs. When the champion preprocesses differently from
+    the cache (another input size, e.g. after a manual promotion of a model trained
+    elsewhere), its inputs are made from the original files with its own
+    ``bundle.preprocess``, so the embedding is always the one the model computes.
     """
     table, reducer, skipped = split_features(
         cache_dir, bundle, split=split, embedding_dims=embedding_dims, max_rows=max_rows, seed=seed, read_fn=read_fn

@@ -1,6 +1,6 @@
 """The promotion gate: only a model that is not worse, and safe to triage with, replaces the champion.
 
-Two conditions, both on the same test set:
+Three conditions, all on the same test set:
 
 1. **Non-inferior AUROC** (paired bootstrap). Each replicate resamples the test
    images once (stratified by class, as the evaluation's CIs do) and computes
@@ -13,8 +13,13 @@ Two conditions, both on the same test set:
    point (its threshold from the bundle, chosen on validation, applied to test):
    a model that misses fractures at the threshold the clinic uses is rejected,
    whatever its AUROC.
+3. **An absolute AUROC floor**: the one-sided lower bound of the challenger's own
+   test AUROC (bootstrap, same ``alpha``) must exceed ``min_auroc_lower``. Without
+   it the first model of an empty store needed only condition 2, which a
+   chance-level model that calls every image positive meets (sensitivity 1.0).
 
-With no champion yet, only condition 2 applies (nothing to be non-inferior to).
+With no champion yet, condition 1 does not apply (nothing to be non-inferior to);
+2 and 3 always do.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import roc_auc_score
 
 from bonefrac.config import PromotionParams
@@ -62,6 +68,21 @@ def _check(labels: np.ndarray, *scores: np.ndarray) -> np.ndarray:
     return y
 
 
+def bootstrap_aurocs(labels: np.ndarray, scores: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """AUROC of every bootstrap replicate at once (one row of ``indices`` per replicate).
+
+    The Mann–Whitney form with mid-ranks for ties (equal to ``roc_auc_score``), ranked
+    row-wise in one call: a 1,000-replicate gate takes milliseconds instead of seconds.
+    """
+    y = np.asarray(labels).reshape(-1).astype(int)[indices]
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)[indices]
+    ranks = rankdata(s, axis=1)
+    n_pos = y.sum(axis=1)
+    n_neg = y.shape[1] - n_pos
+    u = (ranks * y).sum(axis=1) - n_pos * (n_pos + 1) / 2.0
+    return u / (n_pos * n_neg)
+
+
 def paired_bootstrap_auroc_diff(
     labels: np.ndarray,
     challenger: np.ndarray,
@@ -80,8 +101,7 @@ def paired_bootstrap_auroc_diff(
     b = np.asarray(champion, dtype=np.float64).reshape(-1)
     idx = stratified_indices(y, n_bootstrap, seed) if indices is None else np.asarray(indices)
     point = float(roc_auc_score(y, a) - roc_auc_score(y, b))
-    diffs = np.array([roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]) for i in idx], dtype=np.float64)
-    return point, diffs
+    return point, bootstrap_aurocs(y, a, idx) - bootstrap_aurocs(y, b, idx)
 
 
 def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> float:
@@ -93,6 +113,13 @@ def sensitivity_at(labels: np.ndarray, probs: np.ndarray, threshold: float) -> f
     return float(decide(np.asarray(probs).reshape(-1)[pos], {"t": threshold})["t"].mean())
 
 
+def auroc_lower_bound(labels: np.ndarray, probs: np.ndarray, n_bootstrap: int, alpha: float, seed: int = 0) -> float:
+    """One-sided ``1 - alpha`` lower bound of the AUROC (stratified bootstrap, as the evaluation's CIs)."""
+    y = np.asarray(labels).reshape(-1).astype(int)
+    p = np.asarray(probs, dtype=np.float64).reshape(-1)
+    return float(np.quantile(bootstrap_aurocs(y, p, stratified_indices(y, n_bootstrap, seed)), alpha))
+
+
 def evaluate_gate(
     labels: np.ndarray,
     challenger_probs: np.ndarray,
@@ -101,7 +128,7 @@ def evaluate_gate(
     champion_probs: np.ndarray | None = None,
     seed: int = 0,
 ) -> Decision:
-    """Apply both conditions; every failed condition adds a reason, and so does every passed one.
+    """Apply the conditions; every failed condition adds a reason, and so does every passed one.
 
     ``challenger_threshold`` is the challenger's high-sensitivity operating point
     (``bundle.operating_points["high_sensitivity"]``). ``champion_probs`` are the
@@ -118,6 +145,7 @@ def evaluate_gate(
         "auroc_challenger": float(roc_auc_score(y, challenger_probs)),
         "sensitivity": sens,
         "min_sensitivity": params.min_sensitivity,
+        "min_auroc_lower": params.min_auroc_lower,
         "threshold_high_sensitivity": float(challenger_threshold),
         "auroc_margin": params.auroc_margin,
         "alpha": params.alpha,
@@ -133,6 +161,21 @@ def evaluate_gate(
         reasons.append(
             f"sensitivity {sens:.3f} at the high-sensitivity point (threshold {challenger_threshold:.3f}) "
             f"is below the minimum {params.min_sensitivity:.3f}"
+        )
+
+    auroc_lower = auroc_lower_bound(y, challenger_probs, params.bootstrap_samples, params.alpha, seed)
+    stats["auroc_challenger_lower"] = auroc_lower
+    floor = (
+        f"test AUROC {stats['auroc_challenger']:.3f}, one-sided {1 - params.alpha:.0%} lower bound "
+        f"{auroc_lower:.3f}"
+    )
+    if auroc_lower > params.min_auroc_lower:
+        reasons.append(f"{floor} is above the floor {params.min_auroc_lower:.3f}")
+    else:
+        ok = False
+        reasons.append(
+            f"{floor} is not above the floor {params.min_auroc_lower:.3f} (promotion.min_auroc_lower): "
+            "not shown better than chance by enough"
         )
 
     if champion_probs is None:

@@ -84,6 +84,40 @@ def load_tag(tag: str) -> LoadedModel:
     return LoadedModel(bundle, name, version or "latest", f"store:{tag}")
 
 
+def load_embedded(tag: str) -> LoadedModel:
+    """A model from BentoML's *active* model store: inside a Bento's container, the Bento's own.
+
+    ``bentoml serve <bento>`` points BentoML's store at the models packed in the Bento
+    (when it has any), so this finds the model the Bento was built with even where no
+    registry exists. Provenance comes from the model's own metadata, written at registration.
+    """
+    import bentoml
+    from bentoml.exceptions import NotFound
+
+    try:
+        model = bentoml.models.get(tag)
+    except NotFound:
+        raise ModelNotFoundError(f"the Bento's model {tag!r} is in neither the Bento nor the model store") from None
+    path = Path(model.path) / store.BUNDLE_FILE
+    try:
+        bundle = ModelBundle.load(path)
+    except (FileNotFoundError, BundleError) as err:
+        raise ModelNotFoundError(f"the Bento's model {tag!r} has no readable bundle: {err}") from None
+    for key in ("data_version", "git_commit"):
+        if model.info.metadata.get(key) and not bundle.metadata.get(key):
+            bundle.metadata[key] = model.info.metadata[key]
+    return LoadedModel(bundle, model.tag.name, str(model.tag.version), f"bento:{model.tag}")
+
+
+def champion_tag(name: str = "bonefrac") -> str | None:
+    """The registry champion's tag (``None`` without one): what ``bentoml build`` packs into the Bento."""
+    try:
+        rec = store.champion_record(name)
+    except Exception:  # an unreadable store must not stop a service that was given a file
+        return None
+    return rec.tag if rec is not None else None
+
+
 def load_champion(name: str = "bonefrac") -> LoadedModel:
     try:
         tag, bundle = store.get_champion(name)

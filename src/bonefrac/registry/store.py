@@ -17,6 +17,11 @@ rebuilds the network from it (``ModelBundle.build_model``).
 
 The store is resolved from ``BENTOML_HOME`` on every call (not once at import,
 as BentoML's own container does), so tests and tools can point it elsewhere.
+
+Every change of champion (promote, rollback) also rewrites one small file, the
+**champion pointer** ``$BENTOML_HOME/.bonefrac-champion-<name>.json`` (atomically,
+under the registry lock). A running service watches that one file (its mtime) instead
+of re-reading every model's ``model.yaml``, and reloads when it names another model.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+from bonefrac.atomic import atomic_write_json
 from bonefrac.errors import BonefracError
 
 Stage = Literal["champion", "challenger", "rejected", "archived"]
@@ -142,6 +148,25 @@ def _set_labels(model: Any, **labels: str) -> None:
 def _set_metadata(model: Any, **entries: Any) -> None:
     model.info.metadata.update(_jsonable(entries))
     model.flush()
+
+
+def champion_pointer_path(name: str) -> Path:
+    """The file a running service watches: it names the current champion of ``name``."""
+    return bentoml_home() / f".bonefrac-champion-{name}.json"
+
+
+def _write_pointer(name: str, tag: str, why: str) -> None:
+    atomic_write_json(champion_pointer_path(name), {"name": name, "tag": tag, "at": _now(), "why": why})
+
+
+def read_champion_pointer(name: str) -> str | None:
+    """The champion's tag as the pointer names it (``None``: no pointer, or unreadable mid-rename)."""
+    try:
+        data = json.loads(champion_pointer_path(name).read_text())
+    except (OSError, ValueError):
+        return None
+    tag = data.get("tag") if isinstance(data, dict) else None
+    return str(tag) if tag else None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -292,6 +317,7 @@ def promote(tag: str, *, reason: str = "promoted") -> str:
             previous = rec.tag
         _set_labels(model, **{STAGE_LABEL: "champion", "promoted_at": _now(), "rolled_back": "false"})
         _set_metadata(model, history=_history(model, "champion", reason), decision_reasons=[reason])
+        _write_pointer(name, str(model.tag), reason)
     return previous
 
 
@@ -333,4 +359,5 @@ def rollback(name: str) -> tuple[str, str]:
         prev = _get(previous.tag)
         _set_labels(prev, **{STAGE_LABEL: "champion", "restored_at": _now()})
         _set_metadata(prev, history=_history(prev, "champion", f"restored by rollback of {current.tag}"))
+        _write_pointer(name, previous.tag, f"rollback of {current.tag}")
     return previous.tag, current.tag

@@ -24,7 +24,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-PROTECTED_PREFIXES: tuple[str, ...] = ("/predict", "/explain", "/metadata", "/infer", "/cam", "/metrics")
+PROTECTED_PREFIXES: tuple[str, ...] = (
+    "/predict", "/explain", "/metadata", "/infer", "/cam", "/metrics", "/admin", "/reload", "/info"
+)
 
 INSECURE_HINT = (
     "BONEFRAC_API_KEY is not set: the service requires an API key. Set BONEFRAC_API_KEY to a secret, "

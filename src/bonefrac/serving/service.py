@@ -29,7 +29,6 @@ Run: ``bentoml serve bonefrac.serving.service:FractureService`` (see README).
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 import os
 import re
@@ -49,13 +48,14 @@ from starlette.staticfiles import StaticFiles
 
 from bonefrac.config import load_settings, resolve
 from bonefrac.explain import display as visual
-from bonefrac.inference.backends import default_device, select_backend
+from bonefrac.inference.backends import default_device
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector, image_ood_features
-from bonefrac.registry.resolve import resolve_model
+from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
+from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag, load_embedded, resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
-from bonefrac.serving.prediction_log import append_prediction, image_statistics
+from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
 logger = logging.getLogger("bonefrac.serving")
@@ -154,38 +154,68 @@ def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+def model_resources(gpu: str, has_gpu: bool) -> dict[str, Any]:
+    """What the model worker declares (bento.yaml; BentoCloud/Kubernetes schedule on it).
+
+    Two cores: ONNX Runtime / PyTorch intra-op threads (benchmarks.service). One GPU only when
+    the Bento is built for one (``serving.gpu: on``, i.e. ``BONEFRAC_GPU=on bentoml build -f
+    bentofile.gpu.yaml``) or, with ``auto``, when the building machine has one.
+    """
+    if gpu == "on" or (gpu == "auto" and has_gpu):
+        return {"gpu": 1, "cpu": "2"}
+    return {"cpu": "2"}
+
+
+#: The model ``bentoml build`` packs into the Bento: the registry's champion at build time
+#: (a BentoML model reference, so ``bentoml containerize`` copies it into the image).
+_PACKED_MODEL = champion_tag(SETTINGS.model_name)
+
+
+def _initial_model() -> tuple[LoadedModel, bool]:
+    """The model to start with and whether to follow the registry afterwards.
+
+    ``BONEFRAC_MODEL_PATH`` pins a bundle file (never followed); a built Bento starts on
+    the model packed in it; otherwise the registry's champion.
+    """
+    if os.environ.get(MODEL_PATH_ENV):
+        return resolve_model(model_name=SETTINGS.model_name), False
+    bento = getattr(FractureModel, "bento", None)  # BentoML sets it when serving a built Bento
+    if bento is not None:
+        packed = [str(m.tag) for s in bento.info.services if s.name == "bonefrac_model" for m in s.models]
+        if packed:
+            return load_embedded(packed[0]), True
+    return resolve_model(model_name=SETTINGS.model_name), True
+
+
 @bentoml.service(
     name="bonefrac_model",
     workers=1,
-    resources={"gpu": 1} if _HAS_GPU else {"cpu": "1"},
+    resources=model_resources(SETTINGS.gpu, _HAS_GPU),
     traffic={"timeout": 120},
 )
 class FractureModel:
-    """The network behind a batchable API; not exposed on the public port."""
+    """The network behind a batchable API; not exposed on the public port.
+
+    The model itself sits in a :class:`~bonefrac.serving.model_slot.ModelSlot`, which swaps
+    it atomically when the registry's champion changes (promote, rollback).
+    """
+
+    if _PACKED_MODEL:
+        packed_model = bentoml.models.BentoModel(_PACKED_MODEL)
 
     def __init__(self) -> None:
-        self.loaded = resolve_model(model_name=SETTINGS.model_name)
-        bundle = self.loaded.bundle
-        self.device = default_device()
-        model = bundle.build_model()
-        self.choice = select_backend(
-            bundle,
-            preference=SETTINGS.backend,
-            device=self.device,
-            model=model,  # type: ignore[arg-type]
-            cache_dir=SETTINGS.onnx_cache_dir,
-        )
-        # Grad-CAM puts hooks on a module: give it its own copy so it never races the batch path.
-        self.cam_model = copy.deepcopy(model).to(self.device).eval()
-        self.cam_lock = threading.Lock()
+        loaded, follow = _initial_model()
+        self.slot = ModelSlot(serve(loaded, SETTINGS, default_device()), SETTINGS, follow=follow)
+        self.slot.watch(SETTINGS.registry_poll_s)
         self._last_call = time.monotonic()
         _drain_on_sigterm(lambda: self._last_call, SETTINGS.drain_idle_s, SETTINGS.drain_max_s)
+        current = self.slot.current
         logger.info(
-            "model %s:%s ready on %s (%s)",
-            self.loaded.name,
-            self.loaded.version,
-            self.device,
-            self.choice.reason,
+            "model %s ready on %s (%s); following the registry: %s",
+            current.tag,
+            current.device,
+            current.choice.reason,
+            follow,
         )
 
     @bentoml.api(
@@ -195,10 +225,10 @@ class FractureModel:
         max_latency_ms=SETTINGS.max_latency_ms,
     )
     def infer(self, x: np.ndarray) -> np.ndarray:
-        """Preprocessed batch ``(N, 1, ...)`` on [0, 1] → logits ``(N, 1 + T)``."""
+        """Preprocessed batch ``(N, 1, ...)`` on [0, 1] → logits ``(N, 1 + T)`` + the model's ``load_id`` column."""
         self._last_call = time.monotonic()
         try:
-            return self.choice.runner(np.asarray(x, dtype=np.float32))
+            return self.slot.current.infer(x)
         finally:
             self._last_call = time.monotonic()
 
@@ -206,17 +236,20 @@ class FractureModel:
     def cam(self, x: np.ndarray) -> np.ndarray:
         """Grad-CAM of the fracture logit for one preprocessed image ``(1, 1, ...)`` → ``(...)``."""
         self._last_call = time.monotonic()
-        t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
         try:
-            with self.cam_lock:
-                return visual.compute_cam(self.cam_model, t)[0]
+            return self.slot.current.cam(x)
         finally:
             self._last_call = time.monotonic()
 
     @bentoml.api
     def info(self) -> dict[str, Any]:
-        """Model facts (no paths or identifiers) and the backend choice."""
-        return {**self.loaded.describe(), "runtime": {**self.choice.describe(), "device": self.device}}
+        """Model facts (no paths or identifiers), its ``load_id`` and the backend choice."""
+        return self.slot.current.info()
+
+    @bentoml.api
+    def reload(self) -> dict[str, Any]:
+        """Load the registry's champion now if it is not the model served (the admin endpoint)."""
+        return self.slot.check(force=True)
 
 
 # --------------------------------------------------------------------------- public service
@@ -368,15 +401,23 @@ class FractureService:
     async def __metrics__(self, content: str) -> str:
         return bounded_metrics(content)
 
-    async def _model_info(self) -> dict[str, Any]:
-        if self._info is None:
+    async def _model_info(self, refresh: bool = False) -> dict[str, Any]:
+        """The model worker's description, with the contract and OOD detector built from it.
+
+        One snapshot per request: ``_contract`` and ``_ood`` travel inside the dict, so a
+        request preprocesses and calibrates with the same model even while another request
+        refreshes the snapshot after a reload (``refresh``).
+        """
+        if self._info is None or refresh:
             async with self._info_lock:
-                if self._info is None:
+                stale = self._info
+                if self._info is None or (refresh and self._info is stale):
                     info = await self.model.to_async.info()
-                    self._contract = ModelBundle.from_description(info)
-                    self._ood = OODDetector.from_dict(info["ood"]) if info.get("ood") else None
-                    self._info = info
-        return self._info
+                    contract = ModelBundle.from_description(info)
+                    ood = OODDetector.from_dict(info["ood"]) if info.get("ood") else None
+                    self._contract, self._ood = contract, ood
+                    self._info = {**info, "_contract": contract, "_ood": ood}
+        return self._info  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ helpers
     async def _call_model(self, api: str, x: np.ndarray, attempts: int = 3) -> Any:
@@ -414,7 +455,8 @@ class FractureService:
             del data
             t1 = time.perf_counter()
             try:
-                x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
+                contract = info.get("_contract") or self._contract
+                x = await asyncio.to_thread(contract.preprocess, img.array)  # type: ignore[union-attr]
             except MemoryError:
                 raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
             except Exception as err:  # the contract refused this image: the input's fault, not ours
@@ -428,21 +470,30 @@ class FractureService:
 
     async def _predict_one(self, file: Path) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
         t_start = time.perf_counter()
-        try:
-            info = await self._model_info()
-        except Exception as err:
-            raise _unavailable("reading the model description", err) from None
-        img, x, timings = await self._prepare(file, info)
-        t0 = time.perf_counter()
-        try:
-            logits = await self._call_model("infer", x)
-        except Exception as err:  # the batch queue sheds load with 503 when over its latency budget
-            logger.warning("model call failed: %s", type(err).__name__)
-            raise InputRejected(
-                HTTPStatus.SERVICE_UNAVAILABLE, f"model busy, retry shortly ({type(err).__name__})"
-            ) from err
+        for attempt in range(3):
+            try:
+                info = await self._model_info(refresh=attempt > 0)
+            except Exception as err:
+                raise _unavailable("reading the model description", err) from None
+            img, x, timings = await self._prepare(file, info)
+            t0 = time.perf_counter()
+            try:
+                out = await self._call_model("infer", x)
+            except Exception as err:  # the batch queue sheds load with 503 when over its latency budget
+                logger.warning("model call failed: %s", type(err).__name__)
+                raise InputRejected(
+                    HTTPStatus.SERVICE_UNAVAILABLE, f"model busy, retry shortly ({type(err).__name__})"
+                ) from err
+            logits, load_id = split_load_id(out)
+            if load_id == info.get("load_id"):
+                break
+            # The model was swapped (promote/rollback) between our preprocessing and the forward
+            # pass: redo the request with the new model's contract, never mix two models.
+            logger.info("model changed during a request; redoing it with the new model")
+        else:
+            raise InputRejected(HTTPStatus.SERVICE_UNAVAILABLE, "the model is being replaced, retry shortly")
         timings["inference"] = (time.perf_counter() - t0) * 1000
-        row = self._contract.calibrate(np.asarray(logits)).row(0, info["type_names"])  # type: ignore[union-attr]
+        row = info["_contract"].calibrate(np.asarray(logits)).row(0, info["type_names"])
         timings["total"] = (time.perf_counter() - t_start) * 1000
         result: dict[str, Any] = {
             "probability": row["probability"],
@@ -460,50 +511,41 @@ class FractureService:
         }
         if "fracture_type_probabilities" in row:
             result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
-        ood = self._ood_check(img)
+        ood = self._ood_check(img, info.get("_ood"))
         if ood is not None:
             result["ood"] = ood
         self._log(result, img, row)
         return result, img, x, info
 
-    def _ood_check(self, img: Any) -> dict[str, Any] | None:
+    def _ood_check(self, img: Any, detector: OODDetector | None = None) -> dict[str, Any] | None:
         """Is this image like the training images? (image statistics against the model's own reference)
 
         A warning for the reader, never a reason to fail the answer: any error here is logged
         and the prediction goes out without it.
         """
-        if self._ood is None or img.array.ndim != 2:
+        detector = detector if detector is not None else self._ood
+        if detector is None or img.array.ndim != 2:
             return None
         try:
             feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
-            return self._ood.score(feats)
+            return detector.score(feats)
         except (ValueError, KeyError, TypeError, FloatingPointError) as err:
             logger.warning("OOD check skipped: %s", type(err).__name__)
             return None
 
     def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
         try:
-            stats = image_statistics(img)
-            decisions = row["decisions"]
             append_prediction(
                 resolve(PARAMS.paths.predictions_log),
-                {
-                    "model_name": result["model"]["name"],
-                    "model_version": result["model"]["version"],
-                    "probability": row["probability"],
-                    "logit": row["logit"],
-                    "decision_high_sensitivity": decisions.get("high_sensitivity"),
-                    "decision_high_specificity": decisions.get("high_specificity"),
-                    "width": result["image"]["width"],
-                    "height": result["image"]["height"],
-                    "depth": result["image"]["depth"],
-                    "bit_depth": img.bit_depth,
-                    "channels": img.channels,
-                    "format": img.format,
-                    "modality": img.modality,
-                    "latency_ms": result["timing_ms"]["total"],
-                    **stats,
-                },
+                prediction_record(
+                    img,
+                    model_name=result["model"]["name"],
+                    model_version=result["model"]["version"],
+                    probability=row["probability"],
+                    logit=row["logit"],
+                    decisions=row["decisions"],
+                    latency_ms=result["timing_ms"]["total"],
+                ),
             )
         except OSError as err:  # logging must never fail a clinical answer
             logger.warning("prediction log not written: %s", err)
@@ -556,10 +598,24 @@ class FractureService:
         result["timing_ms"]["explain"] = round((time.perf_counter() - t0) * 1000, 2)
         return result
 
+    @web.post("/admin/reload")
+    async def admin_reload(self) -> dict[str, Any]:
+        """Load the registry's champion now (behind the API key); ``changed`` says whether the model changed."""
+        try:
+            result = await self.model.to_async.reload()
+        except Exception as err:
+            return _error(_unavailable("the reload", err))  # type: ignore[return-value]
+        await self._model_info(refresh=True)
+        return result
+
     @web.get("/metadata")
     async def metadata(self) -> dict[str, Any]:
-        """Model name/version/arch/metrics, operating points and the input the service accepts."""
-        info = await self._model_info()
+        """Model name/version/arch/metrics, operating points and the input the service accepts.
+
+        Always asked afresh from the model worker (one local call), so a promotion or a
+        rollback shows here as soon as the worker has swapped models.
+        """
+        info = await self._model_info(refresh=True)
         sd = int(info["spatial_dims"])
         return {
             "model": {

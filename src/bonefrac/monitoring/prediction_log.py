@@ -70,6 +70,41 @@ def image_statistics(img: Any) -> dict[str, float]:
     }
 
 
+def prediction_record(
+    img: Any,
+    *,
+    model_name: str,
+    model_version: str,
+    probability: float,
+    logit: float,
+    decisions: dict[str, Any],
+    latency_ms: float | None = None,
+) -> dict[str, Any]:
+    """One log record (the :data:`LOG_COLUMNS`) for a decoded image and its prediction.
+
+    The one place a record is made, for the service and ``bonefrac predict --log-predictions``
+    alike, so both write the same schema; only numbers about the pixels, no name or tag.
+    """
+    arr = img.array
+    return {
+        "model_name": model_name,
+        "model_version": model_version,
+        "probability": probability,
+        "logit": logit,
+        "decision_high_sensitivity": decisions.get("high_sensitivity"),
+        "decision_high_specificity": decisions.get("high_specificity"),
+        "width": int(arr.shape[-1]),
+        "height": int(arr.shape[-2]),
+        "depth": int(arr.shape[0]) if arr.ndim == 3 else 1,
+        "bit_depth": img.bit_depth,
+        "channels": img.channels,
+        "format": img.format,
+        "modality": img.modality,
+        "latency_ms": latency_ms,
+        **image_statistics(img),
+    }
+
+
 def _scaled_fallback(img: Any) -> np.ndarray:
     arr = np.asarray(img.array, dtype=np.float32).ravel()
     vr = (img.meta or {}).get("value_range")
