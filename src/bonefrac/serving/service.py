@@ -32,7 +32,6 @@ import asyncio
 import copy
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -55,6 +54,7 @@ from bonefrac.monitoring.ood import OODDetector, image_ood_features
 from bonefrac.registry.resolve import resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
+from bonefrac.serving.paths import PUBLIC_PATHS, STATIC_DIR, UnknownPathMiddleware, install_before_bentoml_middleware
 from bonefrac.serving.prediction_log import append_prediction, image_statistics
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
@@ -62,7 +62,6 @@ logger = logging.getLogger("bonefrac.serving")
 
 PARAMS = load_settings()
 SETTINGS = PARAMS.serving
-STATIC_DIR = Path(__file__).parent / "static"
 _HAS_GPU = torch.cuda.is_available()
 
 
@@ -289,24 +288,6 @@ def _unavailable(what: str, err: BaseException) -> InputRejected:
     return InputRejected(HTTPStatus.SERVICE_UNAVAILABLE, f"{what} failed, retry shortly ({type(err).__name__})")
 
 
-#: Endpoints whose request metrics /metrics shows; BentoML labels every path it sees, 404s included.
-_STATIC_FILES = {f"/ui/{p.name}" for p in STATIC_DIR.iterdir() if p.is_file()}
-METRIC_ENDPOINTS = frozenset(
-    {"/predict", "/explain", "/metadata", "/", "/index.html", "/ui/", "/livez", "/readyz", "/healthz", *_STATIC_FILES}
-)
-_ENDPOINT_LABEL = re.compile(r'endpoint="((?:[^"\\]|\\.)*)"')
-
-
-def bounded_metrics(text: str) -> str:
-    """Prometheus text without the series of paths that are not endpoints (404 probes, scanners)."""
-    keep = []
-    for line in text.splitlines():
-        m = _ENDPOINT_LABEL.search(line) if not line.startswith("#") else None
-        if m is None or m.group(1) in METRIC_ENDPOINTS:
-            keep.append(line)
-    return "\n".join(keep) + "\n"
-
-
 @bentoml.asgi_app(web, path="/")
 @bentoml.service(name="bonefrac", workers=SETTINGS.workers, traffic={"timeout": 120})
 class FractureService:
@@ -364,9 +345,6 @@ class FractureService:
         while True:
             await asyncio.sleep(0.5)
             _MODEL_READY["ready"] = await self._probe_model()
-
-    async def __metrics__(self, content: str) -> str:
-        return bounded_metrics(content)
 
     async def _model_info(self) -> dict[str, Any]:
         if self._info is None:
@@ -591,8 +569,11 @@ class FractureService:
         }
 
 
-# Outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before anything is read),
-# the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form), the viewer route.
+# Before BentoML's own middleware (metrics, tracing, access log): every unknown path is one label, one 404.
+install_before_bentoml_middleware(FractureService.name, UnknownPathMiddleware, known=PUBLIC_PATHS)
+# Then, outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before
+# anything is read), the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form),
+# the viewer route.
 _MAX_BODY = int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
 FractureService.add_asgi_middleware(ErrorShapeMiddleware)
 FractureService.add_asgi_middleware(FastReadyzMiddleware)
