@@ -49,10 +49,12 @@ from starlette.staticfiles import StaticFiles
 from bonefrac.config import load_settings, resolve
 from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device, select_backend
+from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector, image_ood_features
 from bonefrac.registry.resolve import resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
+from bonefrac.serving.decode_gate import TRIM_AFTER_BYTES, DecodeGate, release_memory
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.paths import PUBLIC_PATHS, STATIC_DIR, UnknownPathMiddleware, install_before_bentoml_middleware
 from bonefrac.serving.prediction_log import append_prediction, image_statistics
@@ -314,9 +316,10 @@ class FractureService:
         self._info_lock = asyncio.Lock()
         # Decode + preprocess at most one job per core at a time: more only interleaves
         # them (every request finishes later) and starves the model process. Requests wait
-        # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50).
+        # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50). And the
+        # decodes in flight together need at most max_decoded_mb (benchmarks.decode_bombs).
         slots = SETTINGS.decode_slots or (os.cpu_count() or 1)
-        self._cpu_slots = asyncio.Semaphore(slots)
+        self._decode_gate = DecodeGate(slots, self.limits.max_decoded_bytes)
         self._probe_task: asyncio.Task[None] | None = None
 
     async def __is_ready__(self) -> bool:
@@ -379,16 +382,26 @@ class FractureService:
                 raise
         raise RuntimeError("unreachable")
 
-    async def _prepare(self, file: Path, info: dict[str, Any]) -> tuple[Any, np.ndarray, dict[str, float]]:
-        """Upload → (decoded image, model input batch (1, 1, ...), timings)."""
+    async def _prepare(
+        self, file: Path, info: dict[str, Any], display_side: int = 0
+    ) -> tuple[Any, np.ndarray, dict[str, float]]:
+        """Upload → (decoded image, model input batch (1, 1, ...), timings).
+
+        A large JPEG is decoded at the smallest DCT scale that still serves the model's input
+        (and ``display_side``, the picture /explain returns): :func:`decode_side_hint`.
+        """
+        dims = int(info["spatial_dims"])
+        hint = decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
+        try:
+            data = await asyncio.to_thread(file.read_bytes)
+        except OSError as err:
+            raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
+        # Refused from the header before queueing (bombs, formats); else the decode's memory need.
+        need = check_upload(data, dims, self.limits, hint)
         t_wait = time.perf_counter()
-        async with self._cpu_slots:
+        async with self._decode_gate.admit(need):
             t0 = time.perf_counter()
-            try:
-                data = await asyncio.to_thread(file.read_bytes)
-            except OSError as err:
-                raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
-            img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits)
+            img = await asyncio.to_thread(decode_upload, data, dims, self.limits, hint)
             del data
             t1 = time.perf_counter()
             try:
@@ -400,17 +413,22 @@ class FractureService:
                 raise InputRejected(
                     HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
                 ) from None
+            finally:
+                if need >= TRIM_AFTER_BYTES:  # hand the decode's freed arenas back to the OS
+                    await asyncio.to_thread(release_memory)
             t2 = time.perf_counter()
         timings = {"queue": (t0 - t_wait) * 1000, "decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
         return img, x.numpy()[None], timings
 
-    async def _predict_one(self, file: Path) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
+    async def _predict_one(
+        self, file: Path, display_side: int = 0
+    ) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
         t_start = time.perf_counter()
         try:
             info = await self._model_info()
         except Exception as err:
             raise _unavailable("reading the model description", err) from None
-        img, x, timings = await self._prepare(file, info)
+        img, x, timings = await self._prepare(file, info, display_side)
         t0 = time.perf_counter()
         try:
             logits = await self._call_model("infer", x)
@@ -428,8 +446,8 @@ class FractureService:
             "thresholds": info["operating_points"],
             "model": {"name": info["name"], "version": info["version"], "arch": info["arch"]},
             "image": {
-                "width": int(img.array.shape[-1]),
-                "height": int(img.array.shape[-2]),
+                "width": stored_size(img)[1],
+                "height": stored_size(img)[0],
                 "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
                 "format": img.format,
                 "bit_depth": int(img.bit_depth),
@@ -454,6 +472,8 @@ class FractureService:
             return None
         try:
             feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
+            h, w = stored_size(img)  # a JPEG decoded at reduced scale: the size is the stored one
+            feats["log10_pixels"] = float(np.log10(max(1, h * w)))
             return self._ood.score(feats)
         except (ValueError, KeyError, TypeError, FloatingPointError) as err:
             logger.warning("OOD check skipped: %s", type(err).__name__)
@@ -502,7 +522,7 @@ class FractureService:
     async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
         """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px CAM."""
         try:
-            result, img, x, info = await self._predict_one(file)
+            result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE)
         except InputRejected as exc:
             return _error(exc)  # type: ignore[return-value]
         except Exception as err:
