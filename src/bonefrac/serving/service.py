@@ -383,12 +383,15 @@ class FractureService:
         raise RuntimeError("unreachable")
 
     async def _prepare(
-        self, file: Path, info: dict[str, Any], display_side: int = 0
-    ) -> tuple[Any, np.ndarray, dict[str, float]]:
-        """Upload → (decoded image, model input batch (1, 1, ...), timings).
+        self, file: Path, info: dict[str, Any], display_side: int = 0, keep_image: bool = False
+    ) -> tuple[Any, np.ndarray, dict[str, float], dict[str, Any]]:
+        """Upload → (decoded image or None, model input batch (1, 1, ...), timings, image facts).
 
         A large JPEG is decoded at the smallest DCT scale that still serves the model's input
         (and ``display_side``, the picture /explain returns): :func:`decode_side_hint`.
+        Everything that needs the full pixel array (the facts for the answer, the log and the
+        OOD check) is done while the decode gate holds its memory; the array is then dropped
+        unless ``keep_image`` (/explain draws it), so what waits for the model is small.
         """
         dims = int(info["spatial_dims"])
         hint = decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
@@ -401,34 +404,71 @@ class FractureService:
         t_wait = time.perf_counter()
         async with self._decode_gate.admit(need):
             t0 = time.perf_counter()
-            img = await asyncio.to_thread(decode_upload, data, dims, self.limits, hint)
-            del data
-            t1 = time.perf_counter()
             try:
-                x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
-            except MemoryError:
-                raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
-            except Exception as err:  # the contract refused this image: the input's fault, not ours
-                logger.warning("preprocessing raised %s", type(err).__name__)
-                raise InputRejected(
-                    HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
-                ) from None
+                img, x, facts, t1, t2 = await self._decode_and_measure(data, dims, hint, keep_image)
             finally:
+                del data
                 if need >= TRIM_AFTER_BYTES:  # hand the decode's freed arenas back to the OS
                     await asyncio.to_thread(release_memory)
+            t3 = time.perf_counter()
+        timings = {
+            "queue": (t0 - t_wait) * 1000,
+            "decode": (t1 - t0) * 1000,
+            "preprocess": (t2 - t1) * 1000,
+            "statistics": (t3 - t2) * 1000,
+        }
+        return img, x.numpy()[None], timings, facts
+
+    async def _decode_and_measure(
+        self, data: bytes, dims: int, hint: int | None, keep_image: bool
+    ) -> tuple[Any, torch.Tensor, dict[str, Any], float, float]:
+        """Decode, preprocess and take the image facts; (image or None, input, facts, t decoded, t preprocessed)."""
+        img = await asyncio.to_thread(decode_upload, data, dims, self.limits, hint)
+        t1 = time.perf_counter()
+        try:
+            x = await asyncio.to_thread(self._contract.preprocess, img.array)  # type: ignore[union-attr]
             t2 = time.perf_counter()
-        timings = {"queue": (t0 - t_wait) * 1000, "decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
-        return img, x.numpy()[None], timings
+            facts = await asyncio.to_thread(self._image_facts, img)
+        except MemoryError:
+            raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
+        except Exception as err:  # the contract refused this image: the input's fault, not ours
+            logger.warning("preprocessing raised %s", type(err).__name__)
+            raise InputRejected(
+                HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
+            ) from None
+        # Dropped here, inside the gate, before its memory is handed back (unless /explain draws it).
+        return (img if keep_image else None), x, facts, t1, t2
+
+    def _image_facts(self, img: Any) -> dict[str, Any]:
+        """What the answer, the prediction log and the OOD check need from the decoded pixels."""
+        h, w = stored_size(img)
+        return {
+            "image": {
+                "width": w,
+                "height": h,
+                "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
+                "format": img.format,
+                "bit_depth": int(img.bit_depth),
+            },
+            "log": {
+                "bit_depth": img.bit_depth,
+                "channels": img.channels,
+                "format": img.format,
+                "modality": img.modality,
+                **image_statistics(img),
+            },
+            "ood": self._ood_check(img),
+        }
 
     async def _predict_one(
-        self, file: Path, display_side: int = 0
+        self, file: Path, display_side: int = 0, keep_image: bool = False
     ) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
         t_start = time.perf_counter()
         try:
             info = await self._model_info()
         except Exception as err:
             raise _unavailable("reading the model description", err) from None
-        img, x, timings = await self._prepare(file, info, display_side)
+        img, x, timings, facts = await self._prepare(file, info, display_side, keep_image)
         t0 = time.perf_counter()
         try:
             logits = await self._call_model("infer", x)
@@ -445,21 +485,14 @@ class FractureService:
             "decisions": row["decisions"],
             "thresholds": info["operating_points"],
             "model": {"name": info["name"], "version": info["version"], "arch": info["arch"]},
-            "image": {
-                "width": stored_size(img)[1],
-                "height": stored_size(img)[0],
-                "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
-                "format": img.format,
-                "bit_depth": int(img.bit_depth),
-            },
+            "image": facts["image"],
             "timing_ms": {k: round(v, 2) for k, v in timings.items()},
         }
         if "fracture_type_probabilities" in row:
             result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
-        ood = self._ood_check(img)
-        if ood is not None:
-            result["ood"] = ood
-        self._log(result, img, row)
+        if facts["ood"] is not None:
+            result["ood"] = facts["ood"]
+        self._log(result, facts["log"], row)
         return result, img, x, info
 
     def _ood_check(self, img: Any) -> dict[str, Any] | None:
@@ -479,9 +512,8 @@ class FractureService:
             logger.warning("OOD check skipped: %s", type(err).__name__)
             return None
 
-    def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
+    def _log(self, result: dict[str, Any], image_log: dict[str, Any], row: dict[str, Any]) -> None:
         try:
-            stats = image_statistics(img)
             decisions = row["decisions"]
             append_prediction(
                 resolve(PARAMS.paths.predictions_log),
@@ -495,12 +527,8 @@ class FractureService:
                     "width": result["image"]["width"],
                     "height": result["image"]["height"],
                     "depth": result["image"]["depth"],
-                    "bit_depth": img.bit_depth,
-                    "channels": img.channels,
-                    "format": img.format,
-                    "modality": img.modality,
                     "latency_ms": result["timing_ms"]["total"],
-                    **stats,
+                    **image_log,
                 },
             )
         except OSError as err:  # logging must never fail a clinical answer
@@ -522,7 +550,7 @@ class FractureService:
     async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
         """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px CAM."""
         try:
-            result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE)
+            result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE, keep_image=True)
         except InputRejected as exc:
             return _error(exc)  # type: ignore[return-value]
         except Exception as err:
