@@ -4,9 +4,9 @@ Against a real ``bentoml serve`` (default settings: ``max_pixels`` 60 M, ``max_d
 1024, a decode slot per core), three bursts of six concurrent ``POST /predict``:
 
 1. **RGBA at the decode budget**: a real 8-bit RGBA PNG whose header-estimated decode
-   need is just under ``max_decoded_mb`` (~6,190² px; a few hundred KB on the wire);
+   need is just under ``max_decoded_mb`` (~5,180² px; a few hundred KB on the wire);
    accepted, decoded, windowed, scored.
-2. **gray at the pixel limit**: a real 8-bit gray PNG of ``max_pixels`` (7,745² px).
+2. **gray at the decode budget**: a real 8-bit gray PNG, likewise (~6,980² px).
 3. **the issue's bomb**: 7,700² RGBA (59 Mpx, ~1.6 GB to decode): refused from its header.
 
 The front-end worker's RSS is sampled every 50 ms: idle before each burst, the peak
@@ -151,12 +151,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     defaults = ServingParams()
     budget = int(defaults.max_decoded_mb * MB)
-    side_rgba = int((budget / 28) ** 0.5) - 1  # decode_memory_estimate: 28 B/px for 8-bit RGBA
-    side_gray = int(defaults.max_pixels**0.5)
+    from bonefrac.inference.upload_policy import decode_memory_estimate
+
+    def side_at_budget(colour: int) -> int:  # the largest square the header estimate admits
+        per_px = decode_memory_estimate(png_stripes(100, 100, colour), "png") / 100**2  # type: ignore[operator]
+        return min(int((budget / per_px) ** 0.5) - 1, int(defaults.max_pixels**0.5))
+
+    side_rgba, side_gray = side_at_budget(6), side_at_budget(0)
     print(f"building uploads: RGBA {side_rgba}², gray {side_gray}², bomb 7700² RGBA", flush=True)
     uploads = {
         f"RGBA {side_rgba}² at the decode budget": png_stripes(side_rgba, side_rgba, 6),
-        f"gray {side_gray}² at max_pixels": png_stripes(side_gray, side_gray, 0),
+        f"gray {side_gray}² at the decode budget": png_stripes(side_gray, side_gray, 0),
         "7700² RGBA (the issue's bomb)": png_stripes(7700, 7700, 6),
     }
     rows: list[dict[str, Any]] = []

@@ -110,7 +110,7 @@ def test_the_issues_bomb_is_refused_from_its_header_before_queueing():
     assert info.value.status == 413 and "decode budget" in info.value.message
     assert time.perf_counter() - t0 < 0.5  # nothing was decoded
     # Just under the budget: admitted with its need, which the gate then accounts for.
-    side = int((1024 * MB / 28) ** 0.5) - 1
+    side = int((1024 * MB / 40) ** 0.5) - 1  # 40 B/px for 8-bit RGBA
     need = check_upload(_header_only_png(side, side, 8, 6), 2, limits)
     assert 1000 * MB < need <= 1024 * MB
 

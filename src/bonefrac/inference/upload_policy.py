@@ -118,13 +118,15 @@ def jpeg_draft_scale(width: int, height: int, max_side_hint: int | None) -> int:
 def decode_memory_estimate(data: bytes, fmt: str, max_side_hint: int | None = None) -> int | None:
     """Peak bytes decoding and preprocessing this file will need, from the header alone; ``None`` if unknown.
 
-    pixels × (stored bytes per pixel + float32 working copies): the stored raster
-    (PNG: channels × IHDR bit depth, 16-bit colour included, which Pillow's mode
-    hides; other rasters: Pillow's mode after a lazy open; DICOM: samples ×
-    BitsAllocated), a float32 copy per channel (colour → luminance), and 8 bytes
-    for the float32 image and its windowed copy (DICOM: 8 more for pydicom's float64
-    LUT output). Measured peaks (3000×3000 px, decode + preprocess): gray 8/16-bit
-    9.7 B/px (estimate 13/14), RGB 19.4 (23), RGBA 24.4 (28), 12-bit DICOM 11.6 (22).
+    pixels × (stored bytes per pixel + float32 working copies): the stored raster twice
+    (Pillow's image and NumPy's copy of it; PNG: channels × IHDR bit depth, 16-bit colour
+    included, which Pillow's mode hides; other rasters: Pillow's mode after a lazy open;
+    DICOM: samples × BitsAllocated, once), a float32 copy per channel (colour → luminance),
+    and 16 bytes: the float32 image, its windowed copy, and the scaled and partitioned
+    copies the image statistics (prediction log, OOD check) take (DICOM: 8 more for
+    pydicom's float64 LUT output). Measured peaks (3000×3000 px PNG, decode + preprocess +
+    statistics, ``/proc`` high-water mark): gray 8-bit 20.6 B/px (estimate 22), 16-bit 23.6
+    (24), RGB 32.2 (34), RGBA 35.3 (40); 12-bit DICOM 21.0 (30).
     A header that cannot be read returns ``None``: the decoder then names the problem.
     ``max_side_hint``: a JPEG decoded at reduced scale needs 1/scale² of that.
     """
@@ -134,7 +136,7 @@ def decode_memory_estimate(data: bytes, fmt: str, max_side_hint: int | None = No
             pixels = _dicom.pixel_count(ds)
             samples = max(1, _dicom.header_int(ds, "SamplesPerPixel", 1))
             stored = samples * max(8, _dicom.header_int(ds, "BitsAllocated", 16)) // 8
-            return pixels * (stored + 4 * samples + 8 + 8)
+            return pixels * (stored + 4 * samples + 16 + 8)
         if fmt in ("png", "jpeg", "tiff", "bmp", "gif", "webp"):
             from PIL import Image
 
@@ -150,7 +152,7 @@ def decode_memory_estimate(data: bytes, fmt: str, max_side_hint: int | None = No
                 channels = len(im.getbands())
                 stored = max(1, _MODE_BITS.get(im.mode, 32) // 8)
             scale = jpeg_draft_scale(width, height, max_side_hint) if fmt == "jpeg" else 1
-            return width * height * (stored + 4 * channels + 8) // (scale * scale)
+            return width * height * (2 * stored + 4 * channels + 16) // (scale * scale)
     except Exception:  # unreadable header: the decoder reports it precisely
         return None
     return None
