@@ -79,9 +79,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"FracAtlas not found at {FRACATLAS}")
     import torch
     from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.metrics import roc_auc_score
 
     from bonefrac.config import load_params
     from bonefrac.data.imageio import read_image
