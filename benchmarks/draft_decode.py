@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"  {label}: {row}", flush=True)
     chosen = rows[-1]
     goals = [
-        goal(f"max |Δp| vs full resolution (hint {DRAFT_MARGIN}× input side)", chosen.get("max_abs_dp"),
+        goal(f"max abs Δp vs full resolution (hint {DRAFT_MARGIN}× input side)", chosen.get("max_abs_dp"),
              MAX_ABS_DP, "<="),
         goal("decode + preprocess speed-up on large radiographs (full / reduced)",
              rows[0]["ms_per_image_large"] / chosen["ms_per_image_large"] if chosen["ms_per_image_large"] else None,
@@ -183,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def render_markdown(result: dict[str, Any]) -> str:
     s = result["settings"]
     head = ["decode", "hint (shortest side ≥) px", "decoded reduced", "ms/img (all)", "ms/img (large)",
-            "AUROC", "max |Δp|", "p99 |Δp|", "median |Δp|"]
+            "AUROC", "max abs Δp", "p99 abs Δp", "median abs Δp"]
     table = [[r["path"], r["hint_px"] or "—", r["decoded_at_reduced_scale"], fmt(r["ms_per_image_all"]),
               fmt(r["ms_per_image_large"]), fmt(r["auroc"]), fmt(r.get("max_abs_dp")), fmt(r.get("p99_abs_dp")),
               fmt(r.get("median_abs_dp"))] for r in result["rows"]]

@@ -284,8 +284,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{fmt(raw['end_to_end_ips'])} img/s.",
         "",
         markdown_table(head, table),
-        "",
-        *[f"Soak ({r['server']}, {r['concurrency']} clients, {fmt(r['duration_s'])} s): {r['requests']:,} requests, "
+        *[f"\nSoak ({r['server']}, {r['concurrency']} clients, {fmt(r['duration_s'])} s): {r['requests']:,} requests, "
           f"{fmt(r['throughput_rps'])} req/s, p50/p99/max {fmt(r['latency_ms_p50'])}/{fmt(r['latency_ms_p99'])}/"
           f"{fmt(r.get('latency_ms_max'))} ms, {r['errors']} errors, {r.get('stalls', 0)} stalls." for r in soaks],
         "",

@@ -160,6 +160,12 @@ def _drain_on_sigterm(last_call: Any, idle_s: float, max_s: float) -> None:
     workers=1,
     resources={"gpu": 1} if _HAS_GPU else {"cpu": "1"},
     traffic={"timeout": 120},
+    # The front end's client to this service (BentoML's proxy2) replaces its aiohttp session every
+    # 100 calls or 300 s and closes the old one with calls still in flight on it: they fail
+    # (ServerDisconnectedError, retried) or, about one in 5,000, never complete although this worker
+    # answered in milliseconds (the 30-s stall of issue 16; benchmarks/results/service-*.log).
+    # One session for the life of the process: a unix socket has nothing to refresh.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class FractureModel:
     """The network behind a batchable API; not exposed on the public port."""
