@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         command_line("benchmarks.service", argv_used),
         rows,
         settings={"levels": levels, "duration_s": duration, "front_workers": workers, "arch": b.arch,
-                  "image_size": b.preprocess.get("image_size"), "n_images": len(images),
+                  "image_size": b.preprocess_spec.image_size, "n_images": len(images),
                   "images": [n for n, _ in images], "max_batch_size": args.max_batch_size},
         goals=goals,
         notes=notes,
