@@ -72,6 +72,20 @@ BENCHES: tuple[Bench, ...] = (
         "BentoML service vs the model called in-process vs naive FastAPI, 1–64 clients",
     ),
     Bench(
+        "decode_bombs",
+        "decode_bombs",
+        "Service under six concurrent worst-case uploads: front-end memory",
+        ("decode_bombs",),
+        "peak and settled RSS of the service front end under six decode bombs at once",
+    ),
+    Bench(
+        "draft_decode",
+        "draft_decode",
+        "Reduced-scale JPEG decode vs full resolution (FracAtlas)",
+        ("draft_decode",),
+        "decode + preprocess time, |Δp| and AUROC of a fitted probe, full vs 1/2–1/8 DCT-scaled decode",
+    ),
+    Bench(
         "train_input",
         "train_input",
         "Training input pipeline: cached tensors vs decoding",

@@ -61,17 +61,27 @@ def pick_images(paths: Sequence[Path] | None, n: int = 16) -> list[tuple[str, by
 
 
 def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, seconds: float) -> dict[str, Any]:
-    """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue)."""
-    from bonefrac.data.imageio import read_image
+    """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue).
+
+    End to end is the service's own per-request pipeline in one process: the same upload
+    policy and reduced-scale JPEG decode, preprocessing, the image statistics the prediction
+    log records, the model on batches, calibration.
+    """
     from bonefrac.inference.backends import default_device, select_backend
+    from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
     from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.prediction_log import image_statistics
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())
+    hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size)
+    limits = SafetyLimits()
 
     def prepare(data: bytes) -> np.ndarray:
-        img = read_image(data, max_pixels=60_000_000, expected_dims=bundle.spatial_dims)
-        return bundle.preprocess(img.array).numpy()
+        img = decode_upload(data, bundle.spatial_dims, limits, max_side_hint=hint)
+        x = bundle.preprocess(img.array).numpy()
+        image_statistics(img)
+        return x
 
     pre = np.stack([prepare(d) for _, d in images])
     reps = int(np.ceil(batch / len(pre)))
@@ -103,17 +113,30 @@ def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, s
     }
 
 
-def load_levels(url: str, images: list[tuple[str, bytes]], levels: Sequence[int], duration: float) -> list[dict]:
+def load_levels(
+    url: str, images: list[tuple[str, bytes]], levels: Sequence[int], duration: float, soak: float = 0.0,
+    stall_s: float = 5.0,
+) -> list[dict]:
     run_load(url, images, max(levels[0], 2), 3.0)  # warm-up: ONNX sessions, batch-size estimator
     rows = []
-    for c in levels:
-        r = run_load(url, images, c, duration)
-        rows.append(r)
+
+    def report(r: dict) -> None:
         print(
-            f"  {c:>3} clients: {r['throughput_rps']:7.2f} req/s  p50 {r['latency_ms_p50']} ms  "
-            f"p99 {r['latency_ms_p99']} ms  errors {r['errors']}",
+            f"  {r['concurrency']:>3} clients: {r['throughput_rps']:7.2f} req/s  p50 {r['latency_ms_p50']} ms  "
+            f"p99 {r['latency_ms_p99']} ms  max {r['latency_ms_max']} ms  errors {r['errors']}  "
+            f"stalls {r['stalls']}",
             flush=True,
         )
+
+    for c in levels:
+        rows.append(run_load(url, images, c, duration, stall_s=stall_s))
+        report(rows[-1])
+    if soak > 0:
+        best = max(rows, key=lambda r: r["throughput_rps"])
+        r = {**run_load(url, images, best["concurrency"], soak, stall_s=stall_s), "soak": True}
+        rows.append(r)
+        print("  soak:", end="")
+        report(r)
     return rows
 
 
@@ -130,6 +153,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-latency-ms", type=int, default=None, help="default: params.yaml's serving value")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--soak", type=float, default=0.0,
+                    help="seconds of extra load at the peak level of the first BentoML setting, counting stalls")
+    ap.add_argument("--stall-s", type=float, default=5.0, help="a request slower than this is a stall")
     return ap.parse_args(argv)
 
 
@@ -157,20 +183,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             if args.max_latency_ms:
                 env["BONEFRAC_MAX_LATENCY_MS"] = str(args.max_latency_ms)
             servers.append((f"bentoml-{w}w", lambda env=env: bentoml_server(bundle, work, env)))
+        soaks = {servers[0][0]: args.soak} if servers else {}
         if not args.skip_naive:
             servers.append(("naive", lambda: naive_server(bundle, work)))
         for label, start in servers:
             print(f"{label}:", flush=True)
             try:
                 with start() as srv:
-                    for r in load_levels(srv.url, images, levels, duration):
+                    for r in load_levels(srv.url, images, levels, duration, soaks.get(label, 0.0), args.stall_s):
                         rows.append({"server": label, **r})
+                    if label.startswith("bentoml"):  # kept: the stall investigation reads it
+                        log_copy = REPO_ROOT / "benchmarks" / "results" / f"service-{label}.log"
+                        log_copy.write_bytes(srv.log.read_bytes()[-300_000:])
             except ServerError as err:
                 notes.append(f"{label} failed: {err}")
                 print(f"  failed: {err}", flush=True)
 
     def peak(label: str) -> dict[str, Any] | None:
-        mine = [r for r in rows if r["server"] == label and r["ok"]]
+        mine = [r for r in rows if r["server"] == label and r["ok"] and not r.get("soak")]
         return max(mine, key=lambda r: r["throughput_rps"]) if mine else None
 
     best_label = max(
@@ -181,15 +211,24 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     best, naive = (peak(best_label) if best_label else None), peak("naive")
     sat = None
     if best_label:  # saturation: the highest level whose throughput is within 5 % of the peak
-        mine = [r for r in rows if r["server"] == best_label and r["ok"]]
+        mine = [r for r in rows if r["server"] == best_label and r["ok"] and not r.get("soak")]
         sat = max((r for r in mine if r["throughput_rps"] >= 0.95 * best["throughput_rps"]),  # type: ignore[index]
                   key=lambda r: r["concurrency"])
     bento_rps = best["throughput_rps"] if best else None
+    bento_rows = [r for r in rows if r["server"].startswith("bentoml")]
+    n_bento = sum(r["requests"] for r in bento_rows)
+    stalls = sum(r.get("stalls", 0) for r in bento_rows)
     goals = [
+        goal("service / in-process same pipeline (serving overhead)", _ratio(bento_rps, raw["end_to_end_ips"]),
+             0.9, ">="),
         goal("service / raw in-process (model only)", _ratio(bento_rps, raw["model_only_ips"]), 0.8, ">="),
         goal("service / naive FastAPI (peak req/s)", _ratio(bento_rps, naive and naive["throughput_rps"]), 2.0, ">="),
         goal("p99 / p50 at saturation", _ratio(sat and sat["latency_ms_p99"], sat and sat["latency_ms_p50"]), 2, "<="),
+        goal(f"stalls (> {args.stall_s:g} s) over >= 20,000 BentoML requests", stalls if n_bento >= 20_000 else None,
+             0, "<="),
     ]
+    notes.append(f"BentoML requests in this run: {n_bento:,}; stalls (> {args.stall_s:g} s): {stalls}; "
+                 f"slowest: {max((r.get('latency_ms_max') or 0 for r in bento_rows), default=0):,.0f} ms")
     notes.append(
         f"in-process end to end (decode + preprocess + model, one process): {raw['end_to_end_ips']:.1f} img/s; "
         f"service / that: {fmt(_ratio(bento_rps, raw['end_to_end_ips']))}×"
@@ -203,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         command_line("benchmarks.service", argv_used),
         rows,
         settings={"levels": levels, "duration_s": duration, "front_workers": workers, "arch": b.arch,
-                  "image_size": b.preprocess.get("image_size"), "n_images": len(images),
+                  "image_size": b.preprocess_spec.image_size, "n_images": len(images),
                   "images": [n for n, _ in images], "max_batch_size": args.max_batch_size},
         goals=goals,
         notes=notes,
@@ -222,7 +261,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def render_markdown(result: dict[str, Any]) -> str:
     s, raw = result["settings"], result["raw"]
     servers = list(dict.fromkeys(r["server"] for r in result["rows"]))
-    by = {(r["server"], r["concurrency"]): r for r in result["rows"]}
+    by = {(r["server"], r["concurrency"]): r for r in result["rows"] if not r.get("soak")}
+    soaks = [r for r in result["rows"] if r.get("soak")]
     head = ["clients"] + [f"{sv} req/s · p50/p99 ms" for sv in servers]
     table = []
     for c in s["levels"]:
@@ -244,6 +284,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{fmt(raw['end_to_end_ips'])} img/s.",
         "",
         markdown_table(head, table),
+        *[f"\nSoak ({r['server']}, {r['concurrency']} clients, {fmt(r['duration_s'])} s): {r['requests']:,} requests, "
+          f"{fmt(r['throughput_rps'])} req/s, p50/p99/max {fmt(r['latency_ms_p50'])}/{fmt(r['latency_ms_p99'])}/"
+          f"{fmt(r.get('latency_ms_max'))} ms, {r['errors']} errors, {r.get('stalls', 0)} stalls." for r in soaks],
         "",
         goals_markdown(result["goals"]),
         "",

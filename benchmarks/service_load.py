@@ -38,9 +38,15 @@ def run_load(
     endpoint: str = "/predict",
     headers: dict[str, str] | None = None,
     timeout_s: float = 120.0,
+    stall_s: float = 5.0,
 ) -> dict[str, Any]:
-    """Closed-loop load at ``concurrency`` clients for ``duration_s``; returns counts and latency stats."""
+    """Closed-loop load at ``concurrency`` clients for ``duration_s``; returns counts and latency stats.
+
+    A *stall* is a request that took longer than ``stall_s`` (whatever its answer): the
+    1-in-5,000 ~30 s hang of issue 16 was one.
+    """
     latencies: list[float] = []
+    all_latencies: list[float] = []
     statuses: Counter[str] = Counter()
     lock = threading.Lock()
     stop_at = time.perf_counter() + duration_s
@@ -60,6 +66,7 @@ def run_load(
                 dt = time.perf_counter() - t0
                 with lock:
                     statuses[status] += 1
+                    all_latencies.append(dt)
                     if status == "200":
                         latencies.append(dt)
 
@@ -84,6 +91,9 @@ def run_load(
         "latency_ms_p50": round(float(np.percentile(lat, 50)), 1) if lat.size else None,
         "latency_ms_p99": round(float(np.percentile(lat, 99)), 1) if lat.size else None,
         "latency_ms_mean": round(float(lat.mean()), 1) if lat.size else None,
+        "latency_ms_max": round(max(all_latencies) * 1000.0, 1) if all_latencies else None,
+        "stalls": int(sum(1 for t in all_latencies if t > stall_s)),
+        "stall_s": stall_s,
     }
 
 

@@ -250,6 +250,40 @@ def test_dicom_identifiers_never_returned_or_logged(client, served, tmp_path):
     assert "DOE_JANE" not in logs
 
 
+FRACATLAS = ROOT.parent / "shared" / "data" / "fracatlas"
+LARGE_FRACATLAS_JPEG = FRACATLAS / "images" / "Fractured" / "IMG0000019.jpg"  # 2304 x 2880, 770 KB
+
+
+@pytest.mark.skipif(not LARGE_FRACATLAS_JPEG.is_file(), reason="needs ../shared/data/fracatlas")
+def test_large_jpeg_scores_like_predict_and_its_reduced_scale_decode_stays_close(client, served):
+    """A 2304 x 2880 radiograph: by default the service decodes every pixel, so its probability is
+    `bonefrac predict`'s (the contract's one probability per image); the opt-in reduced-scale decode
+    (serving.reduced_jpeg_decode) really takes libjpeg's 1/8 path and stays within the stated tolerance.
+
+    Stated tolerance, with the test bundle (a head made 5x sensitive): |delta p| <= 0.02 against the
+    full-resolution path, mean |delta input| <= 0.01. benchmarks.draft_decode measures a fitted probe.
+    """
+    from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
+
+    _, model_path, _ = served
+    data = LARGE_FRACATLAS_JPEG.read_bytes()
+    r = client.post("/predict", files={"file": ("x.jpg", data)})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["image"]["width"], body["image"]["height"]) == (2304, 2880)  # the stored size
+    bundle = load_file(model_path).bundle
+    hint = decode_side_hint(2, bundle.preprocess_spec.image_size)
+    draft = decode_upload(data, 2, SafetyLimits(), max_side_hint=hint)
+    assert draft.meta["decode_scale"] == 8 and draft.array.shape == (360, 288)  # the draft path is taken
+    full = read_image(data, expected_dims=2)
+    x = torch.stack([bundle.preprocess(draft.array), bundle.preprocess(full.array)])
+    with torch.no_grad():
+        p_draft, p_full = bundle.calibrate(bundle.build_model()(x).numpy()).prob
+    assert body["probability"] == pytest.approx(p_full, abs=1e-6)  # what the service served: full resolution
+    assert abs(p_draft - p_full) <= 0.02, (p_draft, p_full)
+    assert float((x[0] - x[1]).abs().mean()) <= 0.01
+
+
 def test_explain_returns_overlay_and_heatmap(client, tmp_path):
     r = _post(client, make_png(tmp_path / "x.png", size=(96, 64)), "/explain")
     assert r.status_code == 200, r.text

@@ -3,8 +3,8 @@
 One server (with an API key) takes a corpus of 45 hostile files and 20 malformed
 requests: every answer is a 4xx JSON ``{"error", "status"}``, never a 500 or a 200,
 and ``/readyz`` stays 200. The same files through ``bonefrac predict`` get the same
-verdicts. Then: no URL is ever fetched (SSRF), ``/metrics`` needs the key and shows
-no 404 paths, conflicting credentials are a 400, and ``/readyz`` answers 503 within
+verdicts. Then: no URL is ever fetched (SSRF), ``/metrics`` needs the key and 404 paths do
+not grow it, conflicting credentials are a 400, and ``/readyz`` answers 503 within
 a second while the model worker is killed. Two more servers: one that must refuse
 to start without a key, one stopped with SIGTERM while requests are in flight.
 """
@@ -28,6 +28,7 @@ from tests.integration._server import make_tiny_bundle, running_server
 
 from bonefrac.inference.batch_predict import predict_to_file
 from bonefrac.registry.resolve import load_file
+from bonefrac.serving.paths import UNKNOWN_PATH
 
 pytestmark = pytest.mark.integration
 
@@ -199,16 +200,21 @@ def test_no_url_is_ever_fetched(client):
         server.shutdown()
 
 
-def test_metrics_need_the_key_and_show_no_404_paths(served, client):
+def test_metrics_need_the_key_and_404_paths_do_not_grow_them(served, client):
+    """200 random 404 paths: no new series (the label is bounded at the source, not filtered on output)."""
     srv, _ = served
     assert httpx.get(f"{srv.url}/metrics").status_code == 401
-    probes = [f"/probe-{i}-{os.urandom(4).hex()}" for i in range(20)]
+    assert client.get("/probe-first").status_code == 404  # the one shared series exists from here on
+    before = client.get("/metrics").text
+    probes = [f"/probe-{i}-{os.urandom(4).hex()}" for i in range(200)]
     for p in probes:
         assert client.get(p).status_code == 404
     m = client.get("/metrics")
     assert m.status_code == 200 and "bentoml" in m.text
     assert not any(p in m.text for p in probes)
-    assert 'endpoint="/predict"' in m.text
+    assert 'endpoint="/predict"' in m.text and f'endpoint="{UNKNOWN_PATH}"' in m.text
+    # Same series, new counts: a few digits longer at most (one series per random path added ~3.7 KB each).
+    assert len(m.text) - len(before) < 2000, (len(before), len(m.text))
 
 
 def test_conflicting_credentials_are_refused(served):

@@ -229,13 +229,13 @@ def test_decode_budget_is_checked_from_the_header_before_decoding(tmp_path):
         return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + idat + chunk(b"IEND", b"")
 
     rgba16 = header_only_png(6000, 6000, 16, 6)  # 36 Mpx: under max_pixels, 8 bytes per stored pixel
-    assert decode_memory_estimate(rgba16, "png") == 6000 * 6000 * (8 + 16 + 8)
-    assert decode_memory_estimate(header_only_png(100, 100, 8, 0), "png") == 100 * 100 * (1 + 4 + 8)
+    assert decode_memory_estimate(rgba16, "png") == 6000 * 6000 * (2 * 8 + 16 + 16)
+    assert decode_memory_estimate(header_only_png(100, 100, 8, 0), "png") == 100 * 100 * (2 * 1 + 4 + 16)
     err = _reject(rgba16, limits=SafetyLimits(max_pixels=60_000_000))  # default budget: 1024 MB
     assert err.status == 413 and "decode budget" in err.message
     gray = make_png(tmp_path / "g.png", size=(64, 64)).read_bytes()
     assert _reject(gray, limits=SafetyLimits(max_decoded_bytes=1000)).status == 413
     decode_upload(gray, 2, SafetyLimits())
     dcm = make_dicom(tmp_path / "d.dcm").read_bytes()
-    assert decode_memory_estimate(dcm, "dicom") == 64 * 64 * (2 + 4 + 16)
+    assert decode_memory_estimate(dcm, "dicom") == 64 * 64 * (2 + 4 + 16 + 8)
     assert decode_memory_estimate(b"\x89PNG\r\n\x1a\nbroken", "png") is None  # the decoder names the problem

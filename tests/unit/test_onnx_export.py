@@ -57,3 +57,67 @@ def test_select_backend(bundle, tmp_path, preference):
     assert d["backend"] == choice.name and d["device"] == "cpu" and d["reason"]
     out = choice.runner(np.zeros(input_shape(bundle, 3), np.float32))
     assert out.shape == (3, 1 + bundle.num_types)
+
+
+# ------------------------------------------------------------------ every servable architecture (issue 16)
+#: Every architecture a bundle (hence the service) can be built with, at a small input size. The two
+#: EfficientNet-Lite0 networks carry their real ImageNet weights (efficientnet_lite_offline): random
+#: weights keep activations small and can hide a numerically different export.
+SERVABLE = [
+    ("custom_cnn", 2), ("custom_cnn", 3), ("vgg16", 2), ("resnet18", 2), ("resnet50", 2), ("densenet121", 2),
+    ("efficientnet_lite0", 2), ("monai_densenet3d", 3), ("monai_resnet3d", 3), ("mip_efficientnet3d", 3),
+]  # fmt: skip
+REAL_WEIGHTS = {"efficientnet_lite0", "mip_efficientnet3d"}
+
+
+def test_every_servable_arch_is_in_the_parity_test():
+    from bonefrac.model.networks import ARCHS
+
+    assert {a for a, _ in SERVABLE} == set(ARCHS)
+
+
+def _servable_bundle(arch: str, dims: int) -> ModelBundle:
+    from bonefrac.model.networks import build_model
+    from bonefrac.model.transforms import PreprocessSpec
+
+    torch.manual_seed(0)
+    pretrained = "efficientnet_lite_offline" if arch in REAL_WEIGHTS else "none"
+    model = build_model(arch, num_types=2, pretrained=pretrained, spatial_dims=dims).eval()
+    volume = (8, 32, 32) if arch.startswith("mip") else (16, 16, 16)
+    spec = PreprocessSpec(spatial_dims=dims, image_size=64, volume_size=volume)
+    return ModelBundle(arch=arch, state_dict=model.state_dict(), preprocess_spec=spec, type_names=["a", "b"])
+
+
+@pytest.mark.parametrize(("arch", "dims"), [c for c in SERVABLE if c != ("custom_cnn", 2)])  # 2D CNN: see above
+def test_onnx_parity_every_servable_arch(arch, dims, tmp_path):
+    """The service's own export (parity-checked at start-up) and then the same images through both runners."""
+    torch.set_num_threads(1)
+    bundle = _servable_bundle(arch, dims)
+    path, diff = export_bundle(bundle, tmp_path / f"{arch}.onnx", parity_batch=2)
+    assert diff < 1e-4
+    if dims == 2:  # radiograph-like images through the contract's preprocessing, not only noise
+        from tests._factories import make_array
+
+        x = np.stack([bundle.preprocess(make_array((80 + 16 * i, 64), bit_depth=12, seed=i)).numpy() for i in range(3)])
+    else:
+        x = np.random.default_rng(1).random(input_shape(bundle, 3), dtype=np.float32)
+    torch_logits = TorchRunner(bundle.build_model())(x)
+    onnx_logits = OnnxRunner(path, threads=1)(x)
+    assert np.abs(torch_logits).max() > 1e-3  # a real signal, not all zeros
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(bundle.calibrate(onnx_logits).prob, bundle.calibrate(torch_logits).prob, atol=1e-5)
+
+
+def test_an_arch_onnx_cannot_export_is_refused_clearly_and_served_by_pytorch(bundle, tmp_path, monkeypatch):
+    import bonefrac.inference.onnx_export as onnx_export
+
+    def unsupported(*args, **kwargs):
+        raise OnnxExportError("ONNX export of FractureNet failed: operator 'x' is not supported")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", unsupported)
+    refusal = r"custom_cnn \(2D\) cannot be served through ONNX.*BONEFRAC_BACKEND=torch"
+    with pytest.raises(OnnxExportError, match=refusal):
+        select_backend(bundle, preference="onnx", device="cpu", cache_dir=tmp_path)
+    choice = select_backend(bundle, preference="auto", device="cpu", cache_dir=tmp_path)
+    assert choice.name == "torch" and "cannot be served through ONNX" in choice.reason
+    assert choice.runner(np.zeros(input_shape(bundle, 2), np.float32)).shape == (2, 1 + bundle.num_types)

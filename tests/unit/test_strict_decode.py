@@ -231,5 +231,7 @@ def test_service_refuses_hostile_pngs_with_422(tmp_path, hostile):
     else:
         data = make_png(tmp_path / "c.png", array=np.full((256, 256), 40, np.uint8)).read_bytes()
     with pytest.raises(InputRejected) as info:
-        decode_upload(data, 2, SafetyLimits(max_upload_bytes=32 * 2**20, max_pixels=60_000_000))
+        # A decode budget large enough that the decoder, not the header estimate, gives the verdict.
+        limits = SafetyLimits(max_upload_bytes=32 * 2**20, max_pixels=60_000_000, max_decoded_bytes=2**31)
+        decode_upload(data, 2, limits)
     assert info.value.status == 422  # was 200 and a score for an all-black image (issue 15)

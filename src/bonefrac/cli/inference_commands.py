@@ -45,7 +45,7 @@ def _model_line(loaded: Any) -> str:
 def _prediction_logger(loaded: Any) -> Any:
     """Append each prediction to the prediction log the service writes (same records, same folder)."""
     from bonefrac.config import load_settings, resolve
-    from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
+    from bonefrac.monitoring.prediction_log import append_prediction, image_fields, prediction_record
 
     log_dir = resolve(load_settings().paths.predictions_log)
 
@@ -53,7 +53,7 @@ def _prediction_logger(loaded: Any) -> Any:
         append_prediction(
             log_dir,
             prediction_record(
-                img,
+                image_fields(img),
                 model_name=loaded.name,
                 model_version=loaded.version,
                 probability=result["probability"],

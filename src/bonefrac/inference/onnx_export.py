@@ -108,7 +108,13 @@ def export_bundle(
     model = bundle.build_model()
     gen = torch.Generator().manual_seed(seed)
     example = torch.rand(input_shape(bundle, 1), generator=gen)
-    out = export_onnx(model, path, example)
-    probe = torch.rand(input_shape(bundle, parity_batch), generator=gen)
-    diff = check_parity(model, out, probe, atol=atol)
+    try:
+        out = export_onnx(model, path, example)
+        probe = torch.rand(input_shape(bundle, parity_batch), generator=gen)
+        diff = check_parity(model, out, probe, atol=atol)
+    except OnnxExportError as err:  # name the architecture and the way out
+        raise OnnxExportError(
+            f"{bundle.arch} ({bundle.spatial_dims}D) cannot be served through ONNX Runtime: {err}. "
+            "Serve it with PyTorch (BONEFRAC_BACKEND=torch, or auto, which falls back to it)"
+        ) from err
     return out, diff

@@ -21,9 +21,11 @@ Memory per upload is bounded before any pixel is decoded: the body by
 header) and the working memory of decoding and preprocessing by ``max_decoded_mb``
 (:func:`decode_memory_estimate`: pixels × (stored bytes + float32 copies), read
 from the PNG/JPEG/TIFF/BMP or DICOM header), so a small 16-bit RGBA, colour or
-multi-frame bomb is refused without being decoded. The bound, per front-end
-process: decode_slots × (max_decoded_mb + 3 × max_upload_mb: the body, the parsed
-part, BentoML's canonical copy) + max_upload_mb for each request waiting for a slot.
+multi-frame bomb is refused without being decoded (:func:`check_upload`, which the
+service runs before queueing for a decode). The bound, per front-end process: the
+decodes in flight together need at most max_decoded_mb
+(:class:`bonefrac.serving.decode_gate.DecodeGate`), plus about 3 × the body for each
+request in flight (the body, the parsed part, BentoML's canonical copy).
 """
 
 from __future__ import annotations
@@ -105,17 +107,28 @@ _MODE_BITS = {
 }  # fmt: skip
 
 
-def decode_memory_estimate(data: bytes, fmt: str) -> int | None:
+def jpeg_draft_scale(width: int, height: int, max_side_hint: int | None) -> int:
+    """The 1, 2, 4 or 8 that :func:`bonefrac.data.imageio.read_image` (Pillow's ``draft``) decodes a JPEG at."""
+    if not max_side_hint or min(width, height) <= 2 * max_side_hint:
+        return 1
+    fit = min(width // max_side_hint, height // max_side_hint)
+    return next(s for s in (8, 4, 2, 1) if s <= fit)
+
+
+def decode_memory_estimate(data: bytes, fmt: str, max_side_hint: int | None = None) -> int | None:
     """Peak bytes decoding and preprocessing this file will need, from the header alone; ``None`` if unknown.
 
-    pixels × (stored bytes per pixel + float32 working copies): the stored raster
-    (PNG: channels × IHDR bit depth, 16-bit colour included, which Pillow's mode
-    hides; other rasters: Pillow's mode after a lazy open; DICOM: samples ×
-    BitsAllocated), a float32 copy per channel (colour → luminance), and 8 bytes
-    for the float32 image and its windowed copy (DICOM: 8 more for pydicom's float64
-    LUT output). Measured peaks (3000×3000 px, decode + preprocess): gray 8/16-bit
-    9.7 B/px (estimate 13/14), RGB 19.4 (23), RGBA 24.4 (28), 12-bit DICOM 11.6 (22).
+    pixels × (stored bytes per pixel + float32 working copies): the stored raster twice
+    (Pillow's image and NumPy's copy of it; PNG: channels × IHDR bit depth, 16-bit colour
+    included, which Pillow's mode hides; other rasters: Pillow's mode after a lazy open;
+    DICOM: samples × BitsAllocated, once), a float32 copy per channel (colour → luminance),
+    and 16 bytes: the float32 image, its windowed copy, and the scaled and partitioned
+    copies the image statistics (prediction log, OOD check) take (DICOM: 8 more for
+    pydicom's float64 LUT output). Measured peaks (3000×3000 px PNG, decode + preprocess +
+    statistics, ``/proc`` high-water mark): gray 8-bit 20.6 B/px (estimate 22), 16-bit 23.6
+    (24), RGB 32.2 (34), RGBA 35.3 (40); 12-bit DICOM 21.0 (30).
     A header that cannot be read returns ``None``: the decoder then names the problem.
+    ``max_side_hint``: a JPEG decoded at reduced scale needs 1/scale² of that.
     """
     try:
         if fmt == "dicom":
@@ -123,7 +136,7 @@ def decode_memory_estimate(data: bytes, fmt: str) -> int | None:
             pixels = _dicom.pixel_count(ds)
             samples = max(1, _dicom.header_int(ds, "SamplesPerPixel", 1))
             stored = samples * max(8, _dicom.header_int(ds, "BitsAllocated", 16)) // 8
-            return pixels * (stored + 4 * samples + 8 + 8)
+            return pixels * (stored + 4 * samples + 16 + 8)
         if fmt in ("png", "jpeg", "tiff", "bmp", "gif", "webp"):
             from PIL import Image
 
@@ -138,14 +151,47 @@ def decode_memory_estimate(data: bytes, fmt: str) -> int | None:
             else:
                 channels = len(im.getbands())
                 stored = max(1, _MODE_BITS.get(im.mode, 32) // 8)
-            return width * height * (stored + 4 * channels + 8)
+            scale = jpeg_draft_scale(width, height, max_side_hint) if fmt == "jpeg" else 1
+            return width * height * (2 * stored + 4 * channels + 16) // (scale * scale)
     except Exception:  # unreadable header: the decoder reports it precisely
         return None
     return None
 
 
-def decode_upload(data: bytes, spatial_dims: int, limits: SafetyLimits) -> DecodedImage:
-    """Decode an uploaded file for a model of ``spatial_dims``; raise :class:`InputRejected` if unusable."""
+#: A JPEG is decoded at reduced scale keeping at least this many times the model's input side
+#: (``benchmarks.draft_decode``: at 1× the DCT scaling plus the area resize move probabilities
+#: measurably; at 2× they match the full-resolution path within the stated tolerance).
+DRAFT_MARGIN = 2
+
+
+def decode_side_hint(spatial_dims: int, image_size: int, display_side: int = 0) -> int | None:
+    """The shortest side a JPEG upload must keep when decoded at reduced scale; ``None``: full resolution.
+
+    The model sees the image with its longest side resized to ``image_size``; a display
+    image (``/explain``) needs ``display_side``. libjpeg decodes at 1/2, 1/4 or 1/8 scale
+    in the DCT domain (:func:`bonefrac.data.imageio.read_image`'s ``max_side_hint``), far
+    faster than decoding every pixel and then throwing most of them away.
+    """
+    if spatial_dims != 2 or image_size <= 0:
+        return None
+    return max(DRAFT_MARGIN * int(image_size), int(display_side))
+
+
+def stored_size(img: DecodedImage) -> tuple[int, int]:
+    """(height, width) of the image as stored, also when it was decoded at reduced scale."""
+    full = (img.meta or {}).get("full_size")
+    if full:
+        return int(full[0]), int(full[1])
+    return int(img.array.shape[-2]), int(img.array.shape[-1])
+
+
+def check_upload(data: bytes, spatial_dims: int, limits: SafetyLimits, max_side_hint: int | None = None) -> int:
+    """Every check that needs no decoding; returns the decode's working memory in bytes (0 if unknown).
+
+    Raises :class:`InputRejected` for an empty or oversized upload, a format this model
+    does not take, or a header that declares more than ``max_decoded_mb``. The service
+    runs it before waiting for a decode slot, so a bomb is refused without queueing.
+    """
     if not data:
         raise InputRejected(HTTPStatus.BAD_REQUEST, "empty upload: the file has 0 bytes")
     if len(data) > limits.max_upload_bytes:
@@ -172,15 +218,27 @@ def decode_upload(data: bytes, spatial_dims: int, limits: SafetyLimits) -> Decod
             f"unsupported format {fmt.upper()}: this model accepts "
             f"{', '.join(sorted(f.upper() for f in accepted))}",
         )
-    needed = decode_memory_estimate(data, fmt)
+    needed = decode_memory_estimate(data, fmt, max_side_hint)
     if needed is not None and needed > limits.max_decoded_bytes:
         raise InputRejected(
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"decode budget: decoding this image needs about {_fmt_mb(needed)} (from its header), more than "
             f"max_decoded_mb ({_fmt_mb(limits.max_decoded_bytes)}; set BONEFRAC_MAX_DECODED_MB to change it)",
         )
+    return int(needed or 0)
+
+
+def decode_upload(
+    data: bytes, spatial_dims: int, limits: SafetyLimits, max_side_hint: int | None = None
+) -> DecodedImage:
+    """Decode an uploaded file for a model of ``spatial_dims``; raise :class:`InputRejected` if unusable.
+
+    ``max_side_hint`` (see :func:`decode_side_hint`): a large JPEG is decoded at reduced scale.
+    """
+    check_upload(data, spatial_dims, limits, max_side_hint)
+    fmt = sniff_format(data[:1024])
     try:
-        img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims)
+        img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims, max_side_hint=max_side_hint)
     except ImageDecodeError as err:
         raise InputRejected(classify_decode_error(str(err)), str(err)) from None
     except MemoryError:

@@ -70,8 +70,30 @@ def image_statistics(img: Any) -> dict[str, float]:
     }
 
 
+def image_fields(img: Any) -> dict[str, Any]:
+    """The log's numbers about one decoded image: size as stored, format, intensity statistics.
+
+    Taken while the pixels are in memory (the service drops them before the model call);
+    the size is the stored one also when a JPEG was decoded at reduced scale.
+    """
+    from bonefrac.inference.upload_policy import stored_size
+
+    arr = img.array
+    height, width = stored_size(img)
+    return {
+        "width": int(width),
+        "height": int(height),
+        "depth": int(arr.shape[0]) if arr.ndim == 3 else 1,
+        "bit_depth": img.bit_depth,
+        "channels": img.channels,
+        "format": img.format,
+        "modality": img.modality,
+        **image_statistics(img),
+    }
+
+
 def prediction_record(
-    img: Any,
+    image: dict[str, Any],
     *,
     model_name: str,
     model_version: str,
@@ -80,12 +102,11 @@ def prediction_record(
     decisions: dict[str, Any],
     latency_ms: float | None = None,
 ) -> dict[str, Any]:
-    """One log record (the :data:`LOG_COLUMNS`) for a decoded image and its prediction.
+    """One log record (the :data:`LOG_COLUMNS`) for an image's :func:`image_fields` and its prediction.
 
     The one place a record is made, for the service and ``bonefrac predict --log-predictions``
     alike, so both write the same schema; only numbers about the pixels, no name or tag.
     """
-    arr = img.array
     return {
         "model_name": model_name,
         "model_version": model_version,
@@ -93,15 +114,8 @@ def prediction_record(
         "logit": logit,
         "decision_high_sensitivity": decisions.get("high_sensitivity"),
         "decision_high_specificity": decisions.get("high_specificity"),
-        "width": int(arr.shape[-1]),
-        "height": int(arr.shape[-2]),
-        "depth": int(arr.shape[0]) if arr.ndim == 3 else 1,
-        "bit_depth": img.bit_depth,
-        "channels": img.channels,
-        "format": img.format,
-        "modality": img.modality,
         "latency_ms": latency_ms,
-        **image_statistics(img),
+        **image,
     }
 
 

@@ -80,14 +80,6 @@ def decode_all(paths: Sequence[str], read_fn: ReadFn | None = None) -> tuple[lis
     return decoded, skipped
 
 
-def image_feature_rows(
-    paths: Sequence[str], read_fn: ReadFn | None = None
-) -> tuple[pd.DataFrame, list[str]]:
-    """Image statistics for each file (a row of NaN where it does not decode) and the skipped files."""
-    decoded, skipped = decode_all(paths, read_fn)
-    return _image_frame(decoded), skipped
-
-
 def _image_frame(decoded: list[Any]) -> pd.DataFrame:
     rows = [image_features(*d) if d is not None else {c: np.nan for c in IMAGE_COLUMNS} for d in decoded]
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import signal
 import threading
 import time
@@ -49,20 +48,22 @@ from starlette.staticfiles import StaticFiles
 from bonefrac.config import load_settings, resolve
 from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
+from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector, image_ood_features
-from bonefrac.monitoring.prediction_log import append_prediction, prediction_record
+from bonefrac.monitoring.prediction_log import append_prediction, image_fields, prediction_record
 from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag, load_embedded, resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
+from bonefrac.serving.decode_gate import TRIM_AFTER_BYTES, DecodeGate, release_memory
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
 from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
+from bonefrac.serving.paths import PUBLIC_PATHS, STATIC_DIR, UnknownPathMiddleware, install_before_bentoml_middleware
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
 logger = logging.getLogger("bonefrac.serving")
 
 PARAMS = load_settings()
 SETTINGS = PARAMS.serving
-STATIC_DIR = Path(__file__).parent / "static"
 _HAS_GPU = torch.cuda.is_available()
 
 
@@ -192,6 +193,12 @@ def _initial_model() -> tuple[LoadedModel, bool]:
     workers=1,
     resources=model_resources(SETTINGS.gpu, _HAS_GPU),
     traffic={"timeout": 120},
+    # The front end's client to this service (BentoML's proxy2) replaces its aiohttp session every
+    # 100 calls or 300 s and closes the old one with calls still in flight on it: they fail
+    # (ServerDisconnectedError, retried) or, about one in 5,000, never complete although this worker
+    # answered in milliseconds (the 30-s stall of issue 16; benchmarks/results/service-*.log).
+    # One session for the life of the process: a unix socket has nothing to refresh.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class FractureModel:
     """The network behind a batchable API; not exposed on the public port.
@@ -322,24 +329,6 @@ def _unavailable(what: str, err: BaseException) -> InputRejected:
     return InputRejected(HTTPStatus.SERVICE_UNAVAILABLE, f"{what} failed, retry shortly ({type(err).__name__})")
 
 
-#: Endpoints whose request metrics /metrics shows; BentoML labels every path it sees, 404s included.
-_STATIC_FILES = {f"/ui/{p.name}" for p in STATIC_DIR.iterdir() if p.is_file()}
-METRIC_ENDPOINTS = frozenset(
-    {"/predict", "/explain", "/metadata", "/", "/index.html", "/ui/", "/livez", "/readyz", "/healthz", *_STATIC_FILES}
-)
-_ENDPOINT_LABEL = re.compile(r'endpoint="((?:[^"\\]|\\.)*)"')
-
-
-def bounded_metrics(text: str) -> str:
-    """Prometheus text without the series of paths that are not endpoints (404 probes, scanners)."""
-    keep = []
-    for line in text.splitlines():
-        m = _ENDPOINT_LABEL.search(line) if not line.startswith("#") else None
-        if m is None or m.group(1) in METRIC_ENDPOINTS:
-            keep.append(line)
-    return "\n".join(keep) + "\n"
-
-
 @bentoml.asgi_app(web, path="/")
 @bentoml.service(name="bonefrac", workers=SETTINGS.workers, traffic={"timeout": 120})
 class FractureService:
@@ -366,9 +355,10 @@ class FractureService:
         self._info_lock = asyncio.Lock()
         # Decode + preprocess at most one job per core at a time: more only interleaves
         # them (every request finishes later) and starves the model process. Requests wait
-        # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50).
+        # in FIFO order instead (benchmarks.service: higher peak req/s, lower p50). And the
+        # decodes in flight together need at most max_decoded_mb (benchmarks.decode_bombs).
         slots = SETTINGS.decode_slots or (os.cpu_count() or 1)
-        self._cpu_slots = asyncio.Semaphore(slots)
+        self._decode_gate = DecodeGate(slots, self.limits.max_decoded_bytes)
         self._probe_task: asyncio.Task[None] | None = None
 
     async def __is_ready__(self) -> bool:
@@ -397,9 +387,6 @@ class FractureService:
         while True:
             await asyncio.sleep(0.5)
             _MODEL_READY["ready"] = await self._probe_model()
-
-    async def __metrics__(self, content: str) -> str:
-        return bounded_metrics(content)
 
     async def _model_info(self, refresh: bool = False) -> dict[str, Any]:
         """The model worker's description, with the contract and OOD detector built from it.
@@ -442,40 +429,92 @@ class FractureService:
                 raise
         raise RuntimeError("unreachable")
 
-    async def _prepare(self, file: Path, info: dict[str, Any]) -> tuple[Any, np.ndarray, dict[str, float]]:
-        """Upload → (decoded image, model input batch (1, 1, ...), timings)."""
+    async def _prepare(
+        self, file: Path, info: dict[str, Any], display_side: int = 0, keep_image: bool = False
+    ) -> tuple[Any, np.ndarray, dict[str, float], dict[str, Any]]:
+        """Upload → (decoded image or None, model input batch (1, 1, ...), timings, image facts).
+
+        A large JPEG is decoded at the smallest DCT scale that still serves the model's input
+        (and ``display_side``, the picture /explain returns): :func:`decode_side_hint`.
+        Everything that needs the full pixel array (the facts for the answer, the log and the
+        OOD check) is done while the decode gate holds its memory; the array is then dropped
+        unless ``keep_image`` (/explain draws it), so what waits for the model is small.
+        """
+        dims = int(info["spatial_dims"])
+        hint = (
+            decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
+            if SETTINGS.reduced_jpeg_decode
+            else None  # full resolution: the same pixels as `bonefrac predict` and evaluation
+        )
+        try:
+            data = await asyncio.to_thread(file.read_bytes)
+        except OSError as err:
+            raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
+        # Refused from the header before queueing (bombs, formats); else the decode's memory need.
+        need = check_upload(data, dims, self.limits, hint)
         t_wait = time.perf_counter()
-        async with self._cpu_slots:
+        async with self._decode_gate.admit(need):
             t0 = time.perf_counter()
             try:
-                data = await asyncio.to_thread(file.read_bytes)
-            except OSError as err:
-                raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
-            img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits)
-            del data
-            t1 = time.perf_counter()
-            try:
-                contract = info.get("_contract") or self._contract
-                x = await asyncio.to_thread(contract.preprocess, img.array)  # type: ignore[union-attr]
-            except MemoryError:
-                raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
-            except Exception as err:  # the contract refused this image: the input's fault, not ours
-                logger.warning("preprocessing raised %s", type(err).__name__)
-                raise InputRejected(
-                    HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
-                ) from None
-            t2 = time.perf_counter()
-        timings = {"queue": (t0 - t_wait) * 1000, "decode": (t1 - t0) * 1000, "preprocess": (t2 - t1) * 1000}
-        return img, x.numpy()[None], timings
+                img, x, facts, t1, t2 = await self._decode_and_measure(data, info, hint, keep_image)
+            finally:
+                del data
+                if need >= TRIM_AFTER_BYTES:  # hand the decode's freed arenas back to the OS
+                    await asyncio.to_thread(release_memory)
+            t3 = time.perf_counter()
+        timings = {
+            "queue": (t0 - t_wait) * 1000,
+            "decode": (t1 - t0) * 1000,
+            "preprocess": (t2 - t1) * 1000,
+            "statistics": (t3 - t2) * 1000,
+        }
+        return img, x.numpy()[None], timings, facts
 
-    async def _predict_one(self, file: Path) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
+    async def _decode_and_measure(
+        self, data: bytes, info: dict[str, Any], hint: int | None, keep_image: bool
+    ) -> tuple[Any, torch.Tensor, dict[str, Any], float, float]:
+        """Decode, preprocess and take the image facts; (image or None, input, facts, t decoded, t preprocessed)."""
+        img = await asyncio.to_thread(decode_upload, data, int(info["spatial_dims"]), self.limits, hint)
+        t1 = time.perf_counter()
+        try:  # this request's model snapshot (info), never a newer one swapped in meanwhile
+            x = await asyncio.to_thread(info["_contract"].preprocess, img.array)
+            t2 = time.perf_counter()
+            facts = await asyncio.to_thread(self._image_facts, img, info.get("_ood"))
+        except MemoryError:
+            raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to preprocess") from None
+        except Exception as err:  # the contract refused this image: the input's fault, not ours
+            logger.warning("preprocessing raised %s", type(err).__name__)
+            raise InputRejected(
+                HTTPStatus.UNPROCESSABLE_ENTITY, f"the image could not be preprocessed ({type(err).__name__})"
+            ) from None
+        # Dropped here, inside the gate, before its memory is handed back (unless /explain draws it).
+        return (img if keep_image else None), x, facts, t1, t2
+
+    def _image_facts(self, img: Any, detector: OODDetector | None) -> dict[str, Any]:
+        """What the answer, the prediction log and the OOD check need from the decoded pixels."""
+        h, w = stored_size(img)
+        return {
+            "image": {
+                "width": w,
+                "height": h,
+                "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
+                "format": img.format,
+                "bit_depth": int(img.bit_depth),
+            },
+            "log": image_fields(img),
+            "ood": self._ood_check(img, detector),
+        }
+
+    async def _predict_one(
+        self, file: Path, display_side: int = 0, keep_image: bool = False
+    ) -> tuple[dict[str, Any], Any, np.ndarray, dict[str, Any]]:
         t_start = time.perf_counter()
         for attempt in range(3):
             try:
                 info = await self._model_info(refresh=attempt > 0)
             except Exception as err:
                 raise _unavailable("reading the model description", err) from None
-            img, x, timings = await self._prepare(file, info)
+            img, x, timings, facts = await self._prepare(file, info, display_side, keep_image)
             t0 = time.perf_counter()
             try:
                 out = await self._call_model("infer", x)
@@ -500,21 +539,14 @@ class FractureService:
             "decisions": row["decisions"],
             "thresholds": info["operating_points"],
             "model": {"name": info["name"], "version": info["version"], "arch": info["arch"]},
-            "image": {
-                "width": int(img.array.shape[-1]),
-                "height": int(img.array.shape[-2]),
-                "depth": int(img.array.shape[0]) if img.array.ndim == 3 else 1,
-                "format": img.format,
-                "bit_depth": int(img.bit_depth),
-            },
+            "image": facts["image"],
             "timing_ms": {k: round(v, 2) for k, v in timings.items()},
         }
         if "fracture_type_probabilities" in row:
             result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
-        ood = self._ood_check(img, info.get("_ood"))
-        if ood is not None:
-            result["ood"] = ood
-        self._log(result, img, row)
+        if facts["ood"] is not None:
+            result["ood"] = facts["ood"]
+        self._log(result, facts["log"], row)
         return result, img, x, info
 
     def _ood_check(self, img: Any, detector: OODDetector | None = None) -> dict[str, Any] | None:
@@ -528,17 +560,19 @@ class FractureService:
             return None
         try:
             feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
+            h, w = stored_size(img)  # a JPEG decoded at reduced scale: the size is the stored one
+            feats["log10_pixels"] = float(np.log10(max(1, h * w)))
             return detector.score(feats)
         except (ValueError, KeyError, TypeError, FloatingPointError) as err:
             logger.warning("OOD check skipped: %s", type(err).__name__)
             return None
 
-    def _log(self, result: dict[str, Any], img: Any, row: dict[str, Any]) -> None:
+    def _log(self, result: dict[str, Any], image_log: dict[str, Any], row: dict[str, Any]) -> None:
         try:
             append_prediction(
                 resolve(PARAMS.paths.predictions_log),
                 prediction_record(
-                    img,
+                    image_log,
                     model_name=result["model"]["name"],
                     model_version=result["model"]["version"],
                     probability=row["probability"],
@@ -567,7 +601,7 @@ class FractureService:
         """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, a 32-px CAM,
         and (2D) the full-resolution pixel values with window presets for the viewer's W/L."""
         try:
-            result, img, x, info = await self._predict_one(file)
+            result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE, keep_image=True)
         except InputRejected as exc:
             return _error(exc)  # type: ignore[return-value]
         except Exception as err:
@@ -652,8 +686,11 @@ class FractureService:
         }
 
 
-# Outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before anything is read),
-# the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form), the viewer route.
+# Before BentoML's own middleware (metrics, tracing, access log): every unknown path is one label, one 404.
+install_before_bentoml_middleware(FractureService.name, UnknownPathMiddleware, known=PUBLIC_PATHS)
+# Then, outermost first: error shape (JSON, never a 500), /readyz from the last probe, API key (401 before
+# anything is read), the size limit (413), the strict upload parser (4xx; BentoML sees a canonical form),
+# the viewer route.
 _MAX_BODY = int(SETTINGS.max_upload_mb * 1024 * 1024) + 64 * 1024
 FractureService.add_asgi_middleware(ErrorShapeMiddleware)
 FractureService.add_asgi_middleware(FastReadyzMiddleware)
