@@ -49,6 +49,7 @@ from starlette.staticfiles import StaticFiles
 
 from bonefrac.config import load_settings, resolve
 from bonefrac.explain import display as visual
+from bonefrac.explain.heatmaps import map_methods
 from bonefrac.inference.backends import default_device, select_backend
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector, image_ood_features
@@ -204,7 +205,8 @@ class FractureModel:
 
     @bentoml.api
     def cam(self, x: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the fracture logit for one preprocessed image ``(1, 1, ...)`` → ``(...)``."""
+        """The map shown for one preprocessed image ``(1, 1, ...)`` → ``(...)``: the network's own
+        evidence map where it has one (dense archs), else Grad-CAM of the fracture logit."""
         self._last_call = time.monotonic()
         t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
         try:
@@ -216,7 +218,12 @@ class FractureModel:
     @bentoml.api
     def info(self) -> dict[str, Any]:
         """Model facts (no paths or identifiers) and the backend choice."""
-        return {**self.loaded.describe(), "runtime": {**self.choice.describe(), "device": self.device}}
+        return {
+            **self.loaded.describe(),
+            "runtime": {**self.choice.describe(), "device": self.device},
+            # which map /explain returns: the network's own (evidence_map) or Grad-CAM
+            "explanation_method": map_methods(self.cam_model)[0],
+        }
 
 
 # --------------------------------------------------------------------------- public service
@@ -522,7 +529,8 @@ class FractureService:
 
     @bentoml.api
     async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
-        """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px CAM."""
+        """The prediction plus its map (the model's own evidence map for a dense arch, else Grad-CAM):
+        overlay, heatmap (RGBA) and image as base64 PNG, and a 32-px copy of the map."""
         try:
             result, img, x, info = await self._predict_one(file)
         except InputRejected as exc:
@@ -533,14 +541,14 @@ class FractureService:
         try:
             cam = np.asarray(await self._call_model("cam", x))
         except Exception as err:
-            return _error(_unavailable("the Grad-CAM call to the model", err))  # type: ignore[return-value]
+            return _error(_unavailable("the heatmap call to the model", err))  # type: ignore[return-value]
         size = int(info["preprocess"]["image_size"])
         try:
             pics = await asyncio.to_thread(
                 visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
             )
             result["explanation"] = {
-                "method": "gradcam",
+                "method": str(info.get("explanation_method") or "gradcam"),
                 "overlay_png": await asyncio.to_thread(visual.b64_png, pics["overlay"]),
                 "heatmap_png": await asyncio.to_thread(visual.b64_png, pics["heatmap"]),
                 "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),
