@@ -194,8 +194,8 @@ def _apply_late(head: nn.Module, s16: np.ndarray, s32: np.ndarray, batch: int = 
     """Frozen late blocks (eval mode) on cached features → float16 stride-32 maps."""
     out = []
     for b in range(0, len(s16), batch):
-        a = torch.from_numpy(np.asarray(s16[b : b + batch], dtype=np.float32))
-        c = torch.from_numpy(np.asarray(s32[b : b + batch], dtype=np.float32))
+        a = torch.from_numpy(np.array(s16[b : b + batch], dtype=np.float32))
+        c = torch.from_numpy(np.array(s32[b : b + batch], dtype=np.float32))
         out.append(head.late(a, c).half())
     return torch.cat(out) if out else torch.zeros(0)
 
