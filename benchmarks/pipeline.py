@@ -325,7 +325,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--repeats", type=int, default=None, help="second-repro and validation repeats (default 3)"
     )
     ap.add_argument("--fracatlas", type=Path, default=FRACATLAS)
-    ap.add_argument("--fracatlas-limit", type=int, default=None, help="validate a subset of N images")
+    ap.add_argument(
+        "--fracatlas-limit", type=int, default=None,
+        help="validate a subset of N images; with a FracAtlas --preset, also run the repro on such a subset",
+    )
     ap.add_argument("--workers", type=int, default=2, help="ingest decode processes (the ingest flow uses 2)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds allowed for one dvc repro")
     ap.add_argument(
@@ -352,6 +355,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             from bonefrac.presets import load_preset
 
             overrides = _deep_merge(load_preset(args.preset), overrides)
+            if args.fracatlas_limit and overrides.get("data", {}).get("source") == "fracatlas":
+                # a FracAtlas-shaped subset (symlinks) as the preset's data root
+                tmp_root = Path(tempfile.mkdtemp(prefix="fa-subset-"))
+                sub = fracatlas_subset(args.fracatlas, args.fracatlas_limit, tmp_root)
+                overrides = _deep_merge(overrides, {"data": {"root": str(sub)}})
         repro = bench_repro(repeats, overrides, args.timeout, args.keep)
         repro["overrides"] = overrides
         extra["repro"] = repro
