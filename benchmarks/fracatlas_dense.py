@@ -83,11 +83,23 @@ def stage_cache(cache_dir: Path, size: int, budget_s: float | None) -> None:
 
 # ------------------------------------------------------------------ training and evaluation
 VARIANTS: dict[str, dict] = {
-    # name: head kind, head kwargs, box-loss weight
+    # name: head kind, head kwargs, box-loss weight; optional: "s32" (which stride-32 input the head
+    # gets: "b6" = frozen blocks.6 applied once (default), "raw" = blocks.5 output (the head trains
+    # blocks.6), "none" = the head trains blocks.5 + blocks.6 from the stride-16 map), "epochs"
+    # (overrides --epochs), "exact_flips" (False: mirror the feature maps instead of the cached mirror view)
     "gap_plain": {"kind": "gap", "kw": {}, "box_weight": 0.0},
     "dense_lse_imgonly": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 0.0},
     "dense_lse_box": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0},
     "dense_topk_box": {"kind": "dense", "kw": {"pool": "topk", "topk": 4}, "box_weight": 1.0},
+    "dense_lse_box_e24": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0, "epochs": 24},
+    "dense_lse_box_mapflip": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0, "exact_flips": False},
+    "dense_lse_box_b6": {
+        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw",
+    },
+    "dense_lse_box_b56": {
+        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True, "train_blocks5": True},
+        "box_weight": 1.0, "s32": "none",
+    },
 }
 
 
@@ -131,7 +143,29 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
     has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
     has_map = (labels == 0) | has_boxes
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
+    # The raw blocks.5 maps, for heads that train blocks.6 themselves (variant "s32": "raw").
+    data.s32_raw = torch.from_numpy(s32_raw)  # type: ignore[attr-defined]
+    data.s32f_raw = (  # type: ignore[attr-defined]
+        torch.from_numpy(np.ascontiguousarray(cache.s32[1])) if s16f is not None else None
+    )
     return data, boxes_cache
+
+
+def variant_data(data, v: dict):
+    """The CachedSet a variant trains on (its stride-32 input, exact or approximate mirror views)."""
+    import dataclasses
+
+    mode = v.get("s32", "b6")
+    d = data
+    if mode == "raw":
+        d = dataclasses.replace(data, s32=data.s32_raw, s32_flip=data.s32f_raw)
+    elif mode == "none":  # the head computes s32 from s16; keep a 1-element placeholder per image
+        d = dataclasses.replace(data, s32=torch.zeros(len(data.labels), 1, 1, 1, dtype=torch.float16),
+                                s32_flip=None if data.s32_flip is None else
+                                torch.zeros(len(data.labels), 1, 1, 1, dtype=torch.float16))
+    if v.get("exact_flips", True) is False:
+        d = dataclasses.replace(d, flip_ok=torch.zeros(len(data.labels), dtype=torch.bool))
+    return d
 
 
 def _upsample(maps: np.ndarray, size: int) -> np.ndarray:
@@ -308,9 +342,37 @@ def stage_train(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: lis
     return result
 
 
-def stage_cv(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5) -> dict:
+def _topk_centroid_pointing(maps: np.ndarray, boxes: list, size: int, k: int = 4) -> float:
+    """Pointing game with the point at the score-weighted centroid of the map's ``k`` hottest cells
+    (instead of the single hottest): a top-k pooled model's evidence is a region, not a cell."""
+    from bonefrac.explain.localisation import pointing_game
+
+    hits = []
+    for m, bx in zip(maps, boxes, strict=True):
+        if not bx:
+            continue
+        g = m.shape[-1]
+        flat = m.reshape(-1)
+        top = np.argsort(flat)[-k:]
+        w = flat[top] - flat[top].min() + 1e-6
+        cy = float(np.sum((top // g + 0.5) * w) / w.sum()) * size / g
+        cx = float(np.sum((top % g + 0.5) * w) / w.sum()) * size / g
+        point = np.zeros((size, size))
+        point[min(int(cy), size - 1), min(int(cx), size - 1)] = 1.0
+        hits.append(pointing_game(point, bx))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def stage_cv(
+    cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5,
+    ensembles: list[str] | None = None,
+) -> dict:
     """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
-    test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains."""
+    test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains.
+
+    Each variant is scored alone and with flip TTA (mean of the logits and maps of the image and
+    its exact mirror); ``ensembles`` (``a+b``) average the logits of variants trained on the same
+    folds (the map shown is the first member's)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -328,43 +390,96 @@ def stage_cv(cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[s
     y = data.labels.numpy().astype(int)
     size = cache.image_size
     result = {"name": "fracatlas_dense_cv", "k": k, "epochs": epochs, "n": len(rows), "rows": []}
+    if out_path.exists():  # keep rows of variants measured in earlier runs
+        old = json.loads(out_path.read_text())
+        result["rows"] = [r for r in old.get("rows", []) if r["variant"] not in variants]
+    preds: dict[str, list[dict]] = {}
+    keys = ("auroc", "ece_platt", "spec_at_val_hs90", "sens_at_val_hs90", "pointing", "pointing_topk",
+            "energy_ratio")
+
+    def summarise(name: str, per_fold: list[dict], pooled_z: list, pooled_y: list, extra: dict) -> None:
+        summ = {
+            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))] for kk in keys
+        }
+        summ["pooled_auroc_uncalibrated"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_z)))
+        summ["train_minutes_per_fold"] = float(np.mean([m.get("train_minutes", 0.0) for m in per_fold]))
+        result["rows"] = [r for r in result["rows"] if r["variant"] != name]
+        result["rows"].append({"variant": name, **extra, "mean_std": summ, "folds": per_fold})
+        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in keys))
+        out_path.write_text(json.dumps(result, indent=2))
+
+    def score(kind, zv, zt, mt, va, te, n_boot=200) -> dict:
+        bt = [boxes[i] if y[i] else [] for i in te]
+        m = evaluate(kind, zv, zt, mt, y[va], y[te], bt, size, n_boot=n_boot)
+        m["pointing_topk"] = _topk_centroid_pointing(mt, bt, size)
+        return m
+
+    def run_ensemble(ens: str) -> None:
+        members = ens.split("+")
+        kind = VARIANTS[members[0]]["kind"]
+        for tta in (False, True):
+            per_fold, pz, py = [], [], []
+            for f in range(k):
+                te, va = folds[f], folds[(f + 1) % k]
+                ps = [preds[mb][f] for mb in members]
+                if tta:
+                    zv = np.mean([(p["zv"] + p["zv2"]) / 2 for p in ps], axis=0)
+                    zt = np.mean([(p["zt"] + p["zt2"]) / 2 for p in ps], axis=0)
+                    mt = (ps[0]["mt"] + ps[0]["mt2"]) / 2
+                else:
+                    zv = np.mean([p["zv"] for p in ps], axis=0)
+                    zt = np.mean([p["zt"] for p in ps], axis=0)
+                    mt = ps[0]["mt"]
+                m = score(kind, zv, zt, mt, va, te)
+                m.update(train_minutes=0.0, n_test=len(te), pos_test=int(y[te].sum()))
+                per_fold.append(m)
+                pz.append(zt)
+                py.append(y[te])
+            summarise(f"ens[{ens}]" + ("+tta" if tta else ""), per_fold, pz, py, {"members": members})
+
+    done_ens: set[str] = set()
     for name in variants:
         v = VARIANTS[name]
-        per_fold, pooled_z, pooled_y = [], [], []
+        ep = int(v.get("epochs", epochs))
+        vdata = variant_data(data, v)
+        per_fold, per_fold_tta, pz, pz_tta, py = [], [], [], [], []
+        preds[name] = []
         for f in range(k):
             te, va = folds[f], folds[(f + 1) % k]
             tr = np.concatenate([folds[j] for j in range(k) if j not in (f, (f + 1) % k)])
             torch.manual_seed(f)
             head = build_head(v["kind"], **v["kw"])
             info = train_head(
-                head,
-                data,
-                tr,
-                va,
-                HeadTrainConfig(epochs=epochs, box_weight=v["box_weight"], seed=f),
+                head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=f),
                 progress=lambda _m: None,
             )
-            zv, _ = predict(head, data, va)
-            zt, mt = predict(head, data, te)
-            m = evaluate(v["kind"], zv, zt, mt, y[va], y[te], [boxes[i] if y[i] else [] for i in te], size, n_boot=200)
-            m.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
+            zv, _ = predict(head, vdata, va)
+            zt, mt = predict(head, vdata, te)
+            zv2, _ = predict(head, vdata, va, flip=True)
+            zt2, mt2 = predict(head, vdata, te, flip=True)
+            preds[name].append({"zv": zv, "zt": zt, "mt": mt, "zv2": zv2, "zt2": zt2, "mt2": mt2})
+            m = score(v["kind"], zv, zt, mt, va, te)
+            mtta = score(v["kind"], (zv + zv2) / 2, (zt + zt2) / 2, (mt + mt2) / 2, va, te)
+            for mm in (m, mtta):
+                mm.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
             per_fold.append(m)
-            pooled_z.append(zt)
-            pooled_y.append(y[te])
+            per_fold_tta.append(mtta)
+            pz.append(zt)
+            pz_tta.append((zt + zt2) / 2)
+            py.append(y[te])
             log(
-                f"  {name} fold {f + 1}/{k}: AUROC {m['auroc']:.3f}  ECE {m['ece_platt']:.3f}  "
-                f"spec@hs90 {m['spec_at_val_hs90']:.3f}  pointing {m['pointing']:.3f}  "
-                f"energy {m['energy_ratio']:.1f}x  "
-                f"{info['train_minutes']:.1f} min"
+                f"  {name} fold {f + 1}/{k}: AUROC {m['auroc']:.3f} (TTA {mtta['auroc']:.3f})  "
+                f"ECE {m['ece_platt']:.3f}  spec@hs90 {m['spec_at_val_hs90']:.3f}  "
+                f"pointing {m['pointing']:.3f} (top-k {m['pointing_topk']:.3f})  "
+                f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
             )
-        keys = ("auroc", "ece_platt", "spec_at_val_hs90", "sens_at_val_hs90", "pointing", "energy_ratio")
-        summ = {
-            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))] for kk in keys
-        }
-        summ["pooled_auroc_uncalibrated"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_z)))
-        result["rows"].append({"variant": name, "mean_std": summ, "folds": per_fold})
-        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in keys))
-        out_path.write_text(json.dumps(result, indent=2))
+        extra = {"epochs": ep, "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True)}
+        summarise(name, per_fold, pz, py, extra)
+        summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)
+        for ens in ensembles or []:  # as soon as its members are trained
+            if ens not in done_ens and all(mb in preds for mb in ens.split("+")):
+                run_ensemble(ens)
+                done_ens.add(ens)
     return result
 
 
@@ -398,6 +513,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--ensembles", default="", help="cv: comma-separated a+b logit-averaged ensembles")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -408,7 +524,8 @@ def main() -> None:
         stage_train(cache_dir, records(), args.out, args.variants.split(","), args.epochs)
     if args.stage == "cv":
         out = args.out.with_name(args.out.stem + "_cv.json")
-        stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs)
+        stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs,
+                 ensembles=[e for e in args.ensembles.split(",") if e])
 
 
 if __name__ == "__main__":

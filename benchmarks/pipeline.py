@@ -11,6 +11,11 @@
 
     python -m benchmarks.pipeline [--quick] [--skip-repro] [--skip-validation]
         [--repeats 3] [--fracatlas-limit N] [--workers 2] [--keep]
+
+3. ``--preset params/fracatlas.yaml --name pipeline_fracatlas --goal-minutes 60 --goal-rss-gib 6``:
+   the same fresh-copy ``dvc repro`` with a preset's params (what ``make run-fracatlas`` runs),
+   its wall time and peak RSS (the largest single process of the tree, from ``getrusage``
+   of the waited-for children) against goals, with the load average before and after.
 """
 
 from __future__ import annotations
@@ -155,6 +160,13 @@ def run_timed_lines(
     return rc, time.perf_counter() - t0, lines
 
 
+def children_peak_rss_mb() -> float:
+    """Largest resident set of any waited-for descendant so far (Linux ``ru_maxrss`` is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
+
+
 def bench_repro(repeats: int, overrides: dict[str, Any] | None, timeout: float, keep: bool) -> dict[str, Any]:
     """Full ``dvc repro`` in a fresh copy, then ``repeats`` second runs. Returns rows + stage times."""
     tmp = Path(tempfile.mkdtemp(prefix="bonefrac-bench-pipeline-"))
@@ -167,18 +179,26 @@ def bench_repro(repeats: int, overrides: dict[str, Any] | None, timeout: float, 
             [str(REPO_ROOT / ".venv" / "bin" / "dvc")] if (REPO_ROOT / ".venv/bin/dvc").exists() else ["dvc"]
         )
         print(f"copied {n_files} files to {project}; running a full `dvc repro` (this takes a while)...")
+        import os
+
+        load_before = os.getloadavg()
         rc, full_s, lines = run_timed_lines([*dvc, "repro"], project, env, timeout)
         stages = stage_times(lines, full_s)
         out: dict[str, Any] = {
             "full_s": full_s,
             "full_rc": rc,
+            "peak_rss_mb": children_peak_rss_mb(),
+            "loadavg_before": list(load_before),
+            "loadavg_after": list(os.getloadavg()),
             "stages": stages,
             "files_copied": n_files,
             "project": str(project) if keep else None,
         }
         for name, s in stages.items():
             print(f"  stage {name:<12} {s:7.1f} s")
-        print(f"full dvc repro: {full_s:.1f} s (exit {rc})")
+        print(f"full dvc repro: {full_s:.1f} s (exit {rc}), peak RSS {out['peak_rss_mb']:.0f} MB, "
+              f"load {load_before[0]:.1f} -> {out['loadavg_after'][0]:.1f}")
+        (project.parent / "repro.log").write_text("\n".join(f"{t:8.1f} {x}" for t, x in lines))
         if rc != 0:
             out["error"] = (
                 f"full `dvc repro` failed: {_error_line([t for _, t in lines])}\nlast output:\n"
@@ -295,13 +315,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="override a params key in the copy, e.g. --set train.epochs=2 (repeatable)",
     )
+    ap.add_argument("--preset", type=Path, default=None, help="apply a params preset (e.g. params/fracatlas.yaml)")
+    ap.add_argument("--name", default=NAME, help="result name: benchmarks/results/NAME.json")
+    ap.add_argument("--goal-minutes", type=float, default=None, help="goal for the full repro's wall time")
+    ap.add_argument("--goal-rss-gib", type=float, default=None, help="goal for the full repro's peak RSS")
     ap.add_argument("--skip-repro", action="store_true")
     ap.add_argument("--skip-validation", action="store_true")
     ap.add_argument(
         "--repeats", type=int, default=None, help="second-repro and validation repeats (default 3)"
     )
     ap.add_argument("--fracatlas", type=Path, default=FRACATLAS)
-    ap.add_argument("--fracatlas-limit", type=int, default=None, help="validate a subset of N images")
+    ap.add_argument(
+        "--fracatlas-limit", type=int, default=None,
+        help="validate a subset of N images; with a FracAtlas --preset, also run the repro on such a subset",
+    )
     ap.add_argument("--workers", type=int, default=2, help="ingest decode processes (the ingest flow uses 2)")
     ap.add_argument("--timeout", type=float, default=7200.0, help="seconds allowed for one dvc repro")
     ap.add_argument(
@@ -324,6 +351,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if not args.skip_repro:
         overrides = _deep_merge(QUICK_OVERRIDES if args.quick else {}, parse_sets(args.sets))
+        if args.preset is not None:
+            from bonefrac.presets import load_preset
+
+            overrides = _deep_merge(load_preset(args.preset), overrides)
+            if args.fracatlas_limit and overrides.get("data", {}).get("source") == "fracatlas":
+                # a FracAtlas-shaped subset (symlinks) as the preset's data root
+                tmp_root = Path(tempfile.mkdtemp(prefix="fa-subset-"))
+                sub = fracatlas_subset(args.fracatlas, args.fracatlas_limit, tmp_root)
+                overrides = _deep_merge(overrides, {"data": {"root": str(sub)}})
         repro = bench_repro(repeats, overrides, args.timeout, args.keep)
         repro["overrides"] = overrides
         extra["repro"] = repro
@@ -351,6 +387,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 }
             )
         goals.append(goal("second `dvc repro` (no changes)", med2, SECOND_REPRO_GOAL_S, "<=", " s"))
+        rows.append({"measure": "peak RSS of one process, MB", "median_s": None, "n": 1, "ok": True,
+                     "peak_rss_mb": repro.get("peak_rss_mb")})  # fmt: skip
+        if args.goal_minutes is not None:
+            goals.append(goal("full dvc repro wall time", repro["full_s"] / 60, args.goal_minutes, "<=", " min"))
+        if args.goal_rss_gib is not None:
+            rss = repro.get("peak_rss_mb")
+            goals.append(goal("peak RSS", None if rss is None else rss / 1024, args.goal_rss_gib, "<=", " GiB"))
         if repro.get("second_reran_stages"):
             notes.append(
                 f"the second dvc repro reran {repro['second_reran_stages']}: a stage is not "
@@ -399,11 +442,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 )
 
     result = envelope(
-        NAME,
+        args.name,
         command_line("benchmarks.pipeline", argv),
         rows,
         machine=machine,
-        settings={"repeats": repeats, "quick": args.quick, "fracatlas_limit": limit, "workers": args.workers},
+        settings={"repeats": repeats, "quick": args.quick, "fracatlas_limit": limit, "workers": args.workers,
+                  "preset": str(args.preset) if args.preset else None},
         goals=goals,
         notes=notes,
         **extra,
@@ -425,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_goals(goals)
     for n in notes:
         print(f"note: {n}")
-    print(f"wrote {write_result(NAME, result)}")
+    print(f"wrote {write_result(args.name, result)}")
     return result
 
 

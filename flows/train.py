@@ -9,7 +9,7 @@ from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
-from bonefrac.training.loop import train_model
+from bonefrac.training.stage import run_training
 from flows._stage import guarded, run_stage
 
 
@@ -20,7 +20,7 @@ def _train(params_path: str) -> str:
     type_names: list[str] = []
     if p.model.multitask and p.data.use_fracture_types:
         type_names = sorted(set(index.loc[index["label"] == 1, "fracture_type"]) - {""})
-    result = train_model(
+    result = run_training(
         cache_dir,
         resolve(p.paths.models) / "train",
         model_params=p.model,
@@ -28,8 +28,8 @@ def _train(params_path: str) -> str:
         spatial_dims=p.spatial_dims,
         type_names=type_names,
         seed=p.seed,
+        features_dir=resolve(p.paths.features),
         dvclive_dir=resolve("dvclive"),
-        resume=False,
     )
     return (
         f"train: {p.model.arch}, {result.epochs_completed} epochs"

@@ -34,6 +34,8 @@ class Paths(Strict):
     raw: str = "data/raw"
     interim: str = "data/interim"
     processed: str = "data/processed"
+    # The train stage's own cache of frozen-trunk features (dense archs), keyed by a content hash.
+    features: str = "data/features"
     models: str = "models"
     reports: str = "reports"
     metrics: str = "metrics"
@@ -137,6 +139,7 @@ class ModelParams(Strict):
     arch: Literal[
         "custom_cnn", "vgg16", "resnet18", "resnet50", "densenet121", "efficientnet_lite0",
         "monai_densenet3d", "monai_resnet3d", "mip_efficientnet3d",
+        "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5",
     ] = "efficientnet_lite0"
     # none | imagenet (torchvision's mechanism) | efficientnet_lite_offline | path to a checkpoint
     pretrained: str = "efficientnet_lite_offline"
@@ -169,6 +172,27 @@ class ImbalanceParams(Strict):
     focal_gamma: float = Field(2.0, ge=0.0)
 
 
+class DenseTrainParams(Strict):
+    """The dense archs (``efficientnet_lite0_dense*``): a box-supervised head trained on cached trunk features.
+
+    The frozen trunk runs once per image (and once per mirrored training image) into a
+    feature cache the train stage owns; epochs then cost seconds. ``train.augment`` does
+    not apply (pixel-level augmentation would need the trunk every epoch): the left-right
+    mirror is the only augmentation.
+    """
+
+    box_weight: float = Field(1.0, ge=0.0, description="weight of the dense box loss beside the image loss")
+    box_grow_cells: float = Field(0.5, ge=0.0, le=4.0, description="boxes grown by this many map cells per side")
+    focal_gamma: float = Field(0.0, ge=0.0, description="focal modulation of the dense loss (0: plain BCE)")
+    # exact: the mirrored image through the trunk (cached; costs a second trunk pass per training image);
+    # features: mirror the cached feature maps (approximate, free); none: no flip augmentation.
+    flip: Literal["exact", "features", "none"] = "exact"
+    train_late_blocks: bool = Field(
+        False, description="train the head's pretrained Lite0 blocks (blocks.6, and blocks.5 for *_b5) too"
+    )
+    feature_dtype: Literal["float16", "float32"] = "float16"
+
+
 class TrainParams(Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -186,6 +210,7 @@ class TrainParams(Strict):
     finetune: FinetuneParams = FinetuneParams()
     imbalance: ImbalanceParams = ImbalanceParams()
     augment: AugmentParams = AugmentParams()
+    dense: DenseTrainParams = DenseTrainParams()
 
 
 # ---------------------------------------------------------------- evaluate

@@ -76,7 +76,10 @@ def predict(
     model: ModelOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="output .csv or .jsonl")] = Path("predictions.csv"),
     gradcam: Annotated[
-        Path | None, typer.Option("--gradcam", help="write a Grad-CAM overlay PNG per image here")
+        Path | None, typer.Option(
+            "--gradcam",
+            help="write a heatmap overlay PNG per image here (the model's own map for a dense arch, else Grad-CAM)",
+        )
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="images per forward pass")] = 16,
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",

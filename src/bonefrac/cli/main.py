@@ -54,7 +54,8 @@ _stage_command("validate", "Validate the metadata table with Great Expectations;
 _stage_command("preprocess", "Split by patient/study (or near-duplicate cluster) and cache preprocessed tensors.")
 _stage_command("train", "Train the configured network on the cached tensors.")
 _stage_command(
-    "evaluate", "Calibrate, measure on the test split, explain with Grad-CAM, write the report and model card."
+    "evaluate",
+    "Calibrate, measure on the test split, explain (the model's own map or Grad-CAM), write the report and model card.",
 )
 
 

@@ -45,9 +45,11 @@ from bonefrac.evaluation.report import (
     summary_text,
 )
 from bonefrac.explain.gallery import GalleryItem, png_bytes, select_cases, tile
-from bonefrac.explain.gradcam import CamError, compute_cams, resolve_layer
-from bonefrac.explain.localisation import localisation_summary, map_boxes_to_cache, parse_boxes, pointing_game
+from bonefrac.explain.gradcam import CamError, resolve_layer
+from bonefrac.explain.heatmaps import EVIDENCE, LABELS, heatmaps, map_methods
+from bonefrac.explain.localisation import localisation_summary, pointing_game
 from bonefrac.inference.predictor import Predictor
+from bonefrac.model.boxes import row_boxes
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import (
     IDENTITY,
@@ -208,23 +210,8 @@ def assess(
 
 
 # -------------------------------------------------------------- explanation
-def _orig_hw(row: pd.Series) -> tuple[int, int] | None:
-    try:
-        h, w = int(float(row["height"])), int(float(row["width"]))
-    except (KeyError, TypeError, ValueError):
-        return None
-    return (h, w) if h > 0 and w > 0 else None
-
-
 def _cache_boxes(row: pd.Series, image_size: int) -> list[list[float]]:
-    if "boxes" not in row.index:
-        return []
-    try:
-        boxes = parse_boxes(row["boxes"])
-    except ValueError:
-        return []
-    hw = _orig_hw(row)
-    return map_boxes_to_cache(boxes, hw, image_size) if boxes and hw else []
+    return row_boxes(row, image_size)
 
 
 def explain(
@@ -238,13 +225,26 @@ def explain(
     spatial_dims: int,
     operating_point: str,
 ) -> tuple[list[GalleryItem], dict[str, Any]]:
-    """Grad-CAM(++) gallery of TP/FP/FN and localisation scores against expert boxes."""
-    info: dict[str, Any] = {"layer": layer or "", "operating_point": operating_point, "note": ""}
-    try:
-        info["layer"] = resolve_layer(model, layer)
-    except CamError as err:
-        info["note"] = str(err)
-        return [], info
+    """Gallery of TP/FP/FN with the model's maps and localisation scores against expert boxes.
+
+    The maps are the network's own evidence map when it has one (dense archs), else
+    Grad-CAM and Grad-CAM++ (:func:`bonefrac.explain.heatmaps.map_methods`).
+    """
+    methods = map_methods(model)
+    info: dict[str, Any] = {
+        "layer": layer or "",
+        "operating_point": operating_point,
+        "note": "",
+        "methods": [[m, LABELS[m]] for m in methods],
+    }
+    if EVIDENCE in methods:
+        info["layer"] = "the network's own logit map (sigmoid per cell)"
+    else:
+        try:
+            info["layer"] = resolve_layer(model, layer)
+        except CamError as err:
+            info["note"] = str(err)
+            return [], info
     boxes = [_cache_boxes(r, image_size) if spatial_dims == 2 else [] for _, r in test.iterrows()]
 
     # Localisation: fractured test images with expert boxes.
@@ -254,10 +254,10 @@ def explain(
     loc: dict[str, Any] = {"n": 0}
     if with_boxes:
         x = _rows_tensor(images, test["cache_row"].to_numpy()[with_boxes])
-        for method in ("gradcam", "gradcam++"):
-            cams = compute_cams(model, x, method=method, layer=info["layer"])
+        for method in methods:
+            cams = heatmaps(model, x, method=method, layer=info["layer"])
             loc[method] = localisation_summary(list(cams), [boxes[i] for i in with_boxes])
-        loc["n"] = loc["gradcam"]["n"]
+        loc["n"] = loc[methods[0]]["n"]
     info["localisation"] = loc
 
     items: list[GalleryItem] = []
@@ -268,8 +268,7 @@ def explain(
         if idx.size == 0:
             continue
         x = _rows_tensor(images, test["cache_row"].to_numpy()[idx])
-        cams = compute_cams(model, x, method="gradcam", layer=info["layer"])
-        cams_pp = compute_cams(model, x, method="gradcam++", layer=info["layer"])
+        maps = [heatmaps(model, x, method=m, layer=info["layer"]) for m in methods]
         for j, i in enumerate(idx):
             row = test.iloc[int(i)]
             bx = boxes[int(i)]
@@ -283,9 +282,9 @@ def explain(
                     category=category,
                     image_id=str(row.get("image_id", i)),
                     prob=float(row["prob"]),
-                    png=png_bytes(tile(x[j, 0].numpy(), cams[j], cams_pp[j], bx)),
+                    png=png_bytes(tile(x[j, 0].numpy(), maps[0][j], maps[1][j] if len(maps) > 1 else None, bx)),
                     caption={"where": where},
-                    pointing_hit=pointing_game(cams[j], bx) if bx else None,
+                    pointing_hit=pointing_game(maps[0][j], bx) if bx else None,
                 )
             )
     return items, info
@@ -477,8 +476,13 @@ def headline_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                 flat[f"{prefix}.{g}.auroc"] = m["auroc"]["value"]
     loc = report.get("localisation") or {}
     if loc.get("n"):
-        flat["gradcam_pointing_hit_rate"] = loc["gradcam"]["pointing_hit_rate"]
-        flat["gradcam_energy_in_box"] = loc["gradcam"]["energy_in_box"]
+        # gradcam_* for Grad-CAM, evidence_map_* for a network's own map (dense archs)
+        main = next(m for m in (EVIDENCE, "gradcam") if m in loc)
+        flat[f"{main}_pointing_hit_rate"] = loc[main]["pointing_hit_rate"]
+        flat[f"{main}_energy_in_box"] = loc[main]["energy_in_box"]
+        base = loc[main]["baseline_box_area_share"]
+        if base:
+            flat[f"{main}_energy_vs_uniform"] = loc[main]["energy_in_box"] / base
     return flat_summary(flat)
 
 

@@ -1,4 +1,4 @@
-"""Pictures for people: the radiograph, its Grad-CAM heatmap and their overlay, as PNG.
+"""Pictures for people: the radiograph, its heatmap (the model's own map or Grad-CAM) and their overlay, as PNG.
 
 The network sees a square, padded, resized copy of the image; a radiologist wants
 the image as it was taken. So the heatmap is computed on the network's grid, the
@@ -38,11 +38,17 @@ AUTO_PERCENTILES = (0.5, 99.5)
 def compute_cam(
     model: nn.Module, x: torch.Tensor, layer: str | None = None, method: str = "gradcam"
 ) -> np.ndarray:
-    """Grad-CAM of the fracture logit (column 0) for a batch ``(N, 1, ...)`` → ``(N, ...)`` on [0, 1].
+    """The map shown for a batch ``(N, 1, ...)`` → ``(N, ...)`` on [0, 1].
 
-    Delegates to :func:`bonefrac.explain.gradcam.compute_cams` (the pipeline's own) when
-    present, else MONAI's GradCAM directly.
+    A network with its own evidence map (the dense archs) is shown that map
+    (:mod:`bonefrac.explain.heatmaps`); any other gets Grad-CAM of the fracture logit
+    (column 0), through :func:`bonefrac.explain.gradcam.compute_cams` (the pipeline's own)
+    when present, else MONAI's GradCAM directly.
     """
+    from bonefrac.explain.heatmaps import evidence_heatmaps, has_evidence_map
+
+    if has_evidence_map(model):
+        return evidence_heatmaps(model, x)
     layer = layer or getattr(model, "gradcam_layer", None)
     try:
         from bonefrac.explain.gradcam import compute_cams
@@ -258,7 +264,8 @@ def overlay_writer(
     device: str = "cpu",
     thresholds: dict[str, float] | None = None,
 ) -> Callable[[list, torch.Tensor, list[str], list[dict[str, Any]]], None]:
-    """An explainer for ``predict_to_file``: one annotated Grad-CAM overlay PNG per image into ``out_dir``.
+    """An explainer for ``predict_to_file``: one annotated overlay PNG per image into ``out_dir``
+    (the model's own map for a dense arch, else Grad-CAM: :func:`compute_cam`).
 
     ``rows`` are the images' calibrated answers (``Prediction.row``): probability and decisions.
     """

@@ -9,39 +9,17 @@ energy share = the boxes' area share), so a reader can tell skill from luck.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 
-from bonefrac.errors import BonefracError
+# The box format and its mapping onto the network's input live with the model contract (training uses them too).
+from bonefrac.model.boxes import Box, BoxError, map_boxes_to_cache, parse_boxes
 
-Box = Sequence[float]  # [x, y, w, h] in pixels, x to the right, y down
-
-
-class BoxError(BonefracError, ValueError):
-    """A box list that cannot be parsed or used."""
-
-
-def parse_boxes(value: Any) -> list[list[float]]:
-    """The manifest's ``boxes`` cell (JSON text or a list) → ``[[x, y, w, h], ...]``."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return []
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return []
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise BoxError(f"boxes is not valid JSON: {text[:60]!r}") from err
-    boxes = []
-    for b in value:
-        if len(b) < 4:
-            raise BoxError(f"a box needs [x, y, w, h], got {b!r}")
-        boxes.append([float(v) for v in b[:4]])
-    return boxes
+__all__ = [
+    "Box", "BoxError", "box_mask", "energy_in_boxes", "localisation_summary", "map_boxes_to_cache",
+    "parse_boxes", "pointing_game",
+]
 
 
 def box_mask(shape: tuple[int, int], boxes: Sequence[Box]) -> np.ndarray:
@@ -82,23 +60,6 @@ def energy_in_boxes(cam: np.ndarray, boxes: Sequence[Box]) -> float:
     if total <= 0:
         return float("nan")
     return float(c[box_mask(c.shape, boxes)].sum() / total)
-
-
-def map_boxes_to_cache(boxes: Sequence[Box], orig_hw: tuple[int, int], image_size: int) -> list[list[float]]:
-    """Boxes in original pixels → the cached image's pixels.
-
-    Mirrors :class:`~bonefrac.model.transforms.PreprocessSpec` (2D): MONAI ``Resize(size_mode="longest")``
-    scales each side to ``round(side * image_size / longest)``, then
-    ``SpatialPad`` pads symmetrically (``pad // 2`` before) to a square.
-    """
-    h, w = int(orig_hw[0]), int(orig_hw[1])
-    if h <= 0 or w <= 0:
-        raise BoxError(f"original size must be positive, got {orig_hw}")
-    scale = image_size / max(h, w)
-    new_h, new_w = round(h * scale), round(w * scale)  # Python's round, as MONAI's Resize
-    sy, sx = new_h / h, new_w / w
-    pad_y, pad_x = (image_size - new_h) // 2, (image_size - new_w) // 2
-    return [[x * sx + pad_x, y * sy + pad_y, bw * sx, bh * sy] for x, y, bw, bh in (b[:4] for b in boxes)]
 
 
 def localisation_summary(

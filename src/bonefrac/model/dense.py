@@ -20,17 +20,20 @@ and Grad-CAM rarely points at the fracture. This module splits the network in tw
   :class:`~bonefrac.model.networks.FractureNet` contract (``(N, 1, H, W)`` on [0, 1] →
   ``(N, 1)`` logits), so a bundle can hold the full network and run from pixels.
 
-Imports only torch/timm (the model layer's rule).
+Imports only torch/timm and the model layer's own ImageNet helpers.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bonefrac.model.imagenet import GrayToImageNet, lite0_backbone
 
 PoolMode = Literal["lse", "topk", "max", "mean"]
 
@@ -39,26 +42,38 @@ S16_CHANNELS = 112
 S32_CHANNELS = 192
 
 
-def _lite0(pretrained: str) -> nn.Module:
-    from bonefrac.model.networks import build_model
+class _Lite0(nn.Module):
+    """ImageNet EfficientNet-Lite0 for grayscale input: ``input_adapter`` + ``backbone`` (timm)."""
 
-    return build_model("efficientnet_lite0", num_types=0, pretrained=pretrained)
+    def __init__(self, pretrained: str) -> None:
+        super().__init__()
+        if pretrained not in ("none", "imagenet", "efficientnet_lite_offline"):
+            raise ValueError(f"the dense archs start from ImageNet Lite0 or from scratch, not {pretrained!r}")
+        self.input_adapter = GrayToImageNet()
+        self.backbone = lite0_backbone(pretrained != "none")
+
+
+def _lite0(pretrained: str) -> nn.Module:
+    return _Lite0(pretrained)
 
 
 class FrozenTrunk(nn.Module):
     """Grayscale [0, 1] ``(N, 1, H, W)`` → (stride-16 ``blocks.4``, stride-32 ``blocks.<last_block>``) features.
 
     ``last_block=5`` is what the feature cache stores; ``6`` also freezes Lite0's last stage
-    (320 ch), for heads that train nothing of the backbone.
+    (320 ch), for heads that train nothing of the backbone; ``4`` stops at the stride-16 map
+    (the stride-32 output is ``None``: a head that trains ``blocks.5`` computes it).
 
     Always in eval mode (BatchNorm running statistics, no dropout): its outputs are cached.
     """
 
-    def __init__(self, pretrained: str = "efficientnet_lite_offline", last_block: int = 5) -> None:
+    def __init__(
+        self, pretrained: str = "efficientnet_lite_offline", last_block: int = 5, lite0: nn.Module | None = None
+    ) -> None:
         super().__init__()
-        if last_block not in (5, 6):
-            raise ValueError(f"last_block must be 5 or 6, got {last_block}")
-        net = _lite0(pretrained)
+        if last_block not in (4, 5, 6):
+            raise ValueError(f"last_block must be 4, 5 or 6, got {last_block}")
+        net = lite0 if lite0 is not None else _lite0(pretrained)
         bb = net.backbone
         self.input_adapter = net.input_adapter
         self.conv_stem = bb.conv_stem
@@ -68,14 +83,21 @@ class FrozenTrunk(nn.Module):
             p.requires_grad_(False)
         self.eval()
 
+    @classmethod
+    def from_lite0(cls, lite0: nn.Module, last_block: int) -> FrozenTrunk:
+        """The trunk sharing the modules of an already built Lite0 ``FractureNet``."""
+        return cls(last_block=last_block, lite0=lite0)
+
     def train(self, mode: bool = True) -> FrozenTrunk:
         return super().train(False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = self.bn1(self.conv_stem(self.input_adapter(x)))
         for i in range(5):
             x = self.blocks[i](x)
         s16 = x
+        if len(self.blocks) == 5:
+            return s16, None
         s32 = x
         for i in range(5, len(self.blocks)):
             s32 = self.blocks[i](s32)
@@ -104,7 +126,9 @@ class DenseFractureHead(nn.Module):
     """(stride-16, stride-32) features → (image logit ``(N, 1)``, logit map ``(N, 1, H16, W16)``).
 
     ``blocks6``: Lite0's last stage, trained with the head (pretrained weights), or ``None``
-    when the stride-32 input already is its (frozen) output. The FPN merge projects the
+    when the stride-32 input already is its (frozen) output. ``blocks5``: Lite0's stage 5,
+    trained too: the stride-32 map is then computed from the stride-16 input (the ``s32``
+    argument is ignored and may be ``None``). The FPN merge projects the
     stride-32 and stride-16 maps to ``width`` channels, adds them after a 2× bilinear
     upsample, refines with a 3×3 conv, and a 1×1 conv gives one fracture logit per
     stride-16 cell. The image logit pools the map (:func:`pool_logit_map`).
@@ -120,8 +144,10 @@ class DenseFractureHead(nn.Module):
         lse_r: float = 5.0,
         topk: int = 4,
         dropout: float = 0.1,
+        blocks5: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.blocks5 = blocks5
         self.blocks6 = blocks6 if blocks6 is not None else nn.Identity()
         self.lat32 = nn.Conv2d(s32_channels, width, 1)
         self.lat16 = nn.Conv2d(s16_channels, width, 1)
@@ -134,8 +160,18 @@ class DenseFractureHead(nn.Module):
         nn.init.constant_(self.out.bias, -4.0)
         self.pool, self.lse_r, self.topk = pool, lse_r, topk
 
-    def forward(self, s16: torch.Tensor, s32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = self.lat32(self.blocks6(s32))
+    def late(self, s16: torch.Tensor, s32: torch.Tensor | None) -> torch.Tensor:
+        """The stride-32 map after the head's Lite0 blocks (``blocks.5`` where held, ``blocks.6``)."""
+        if self.blocks5 is not None:
+            s32 = self.blocks5(s16)
+        return self.blocks6(s32)
+
+    def forward(self, s16: torch.Tensor, s32: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_after_late(s16, self.late(s16, s32))
+
+    def forward_after_late(self, s16: torch.Tensor, late32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The FPN and logit map from the late blocks' output (precomputed when those blocks are frozen)."""
+        top = self.lat32(late32)
         up = F.interpolate(top, size=s16.shape[-2:], mode="bilinear", align_corners=False)
         fmap = self.smooth(self.lat16(s16) + up)
         logit_map = self.out(self.drop(fmap))
@@ -173,16 +209,26 @@ class GlobalPoolHead(nn.Module):
 
 
 def build_head(
-    kind: Literal["dense", "gap"], train_blocks6: bool = False, pretrained: str = "efficientnet_lite_offline", **kw
+    kind: Literal["dense", "gap"],
+    train_blocks6: bool = False,
+    pretrained: str = "efficientnet_lite_offline",
+    train_blocks5: bool = False,
+    **kw,
 ) -> nn.Module:
     """A head for the trunk's features; ``train_blocks6``: include Lite0's pretrained ``blocks.6``.
 
     Without it the stride-32 input must already be ``blocks.6``'s output (a trunk with
     ``last_block=6``); with it, the trunk stops at ``blocks.5`` (what the cache stores).
+    ``train_blocks5`` (dense only; implies ``train_blocks6``): ``blocks.5`` too, on the
+    stride-16 input (a trunk with ``last_block=4``).
     """
-    b6 = _lite0(pretrained).backbone.blocks[6] if train_blocks6 else None
+    lite = _lite0(pretrained) if (train_blocks6 or train_blocks5) else None
+    b6 = lite.backbone.blocks[6] if lite is not None else None
     if kind == "dense":
-        return DenseFractureHead(b6, **kw)
+        b5 = lite.backbone.blocks[5] if train_blocks5 and lite is not None else None
+        return DenseFractureHead(b6, blocks5=b5, **kw)
+    if train_blocks5:
+        raise ValueError("train_blocks5 is for the dense head")
     if kind == "gap":
         neck = None
         if b6 is not None:
@@ -196,21 +242,79 @@ def build_head(
 class DenseFractureNet(nn.Module):
     """Trunk + head, end to end from pixels: ``(N, 1, H, W)`` on [0, 1] → ``(N, 1)`` fracture logits.
 
-    :meth:`evidence` returns the map (dense head: fracture logits per stride-16 cell;
-    gap head: class-activation map) for display and localisation scoring.
+    The :class:`~bonefrac.model.networks.FractureNet` contract (so a bundle holds the full
+    network and every stage scores it from pixels), plus one capability: :meth:`evidence_map`,
+    the map the image logit is pooled from (dense head: a fracture logit per stride-16 cell;
+    gap head: the class-activation map). Display and localisation scoring show *that* map,
+    not a post-hoc Grad-CAM (``bonefrac.explain.heatmaps`` routes on this method).
     """
 
-    def __init__(self, trunk: FrozenTrunk, head: nn.Module) -> None:
+    def __init__(self, trunk: FrozenTrunk, head: nn.Module, arch: str = "") -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.arch = arch
         self.num_types = 0
         self.spatial_dims = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.trunk(x))[0]
 
-    def evidence(self, x: torch.Tensor) -> torch.Tensor:
+    def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1, h, w)`` logit map on the head's grid (stride 16 for the dense head)."""
         return self.head(*self.trunk(x))[1]
+
+    # the historical name (benchmarks)
+    evidence = evidence_map
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled stride-32 features ``(N, C)`` after the late blocks: embeddings for drift monitoring."""
+        s16, s32 = self.trunk(x)
+        head = self.head
+        if getattr(head, "blocks5", None) is not None:
+            s32 = head.blocks5(s16)
+        late = getattr(head, "blocks6", None)
+        if late is not None:
+            s32 = late(s32)
+        return s32.mean(dim=(2, 3))
+
+
+@dataclass(frozen=True)
+class DenseArch:
+    """What a dense arch name means: where the frozen trunk stops and the head's settings.
+
+    The name fixes the module layout (what a bundle's state_dict holds), so a bundle
+    rebuilds from its arch name alone; which late blocks *train* is a training setting.
+    """
+
+    pool: PoolMode = "lse"
+    lse_r: float = 5.0
+    topk: int = 4
+    width: int = 64
+    dropout: float = 0.1
+    trunk_last_block: int = 5  # 5: the head holds blocks.6; 4: it holds blocks.5 and blocks.6
+
+
+#: The registry of dense archs (``model.arch``); :func:`bonefrac.model.networks.build_model` builds them.
+DENSE_ARCHS: dict[str, DenseArch] = {
+    # Lite0 stem..blocks.5 frozen (the feature cache), head = blocks.6 + FPN over blocks.4/blocks.6,
+    # log-sum-exp pooling of a stride-16 logit map.
+    "efficientnet_lite0_dense": DenseArch(),
+    # Lite0 stem..blocks.4 frozen, head = blocks.5 + blocks.6 + FPN (blocks.5 can train too).
+    "efficientnet_lite0_dense_b5": DenseArch(trunk_last_block=4),
+}
+
+
+def build_dense_net(arch: str, pretrained: str = "efficientnet_lite_offline") -> DenseFractureNet:
+    """The full network of a dense arch; ``pretrained`` loads ImageNet Lite0 into trunk and late blocks."""
+    spec = DENSE_ARCHS[arch]
+    lite = _lite0(pretrained)
+    trunk = FrozenTrunk.from_lite0(lite, spec.trunk_last_block)
+    b5 = lite.backbone.blocks[5] if spec.trunk_last_block == 4 else None
+    head = DenseFractureHead(
+        lite.backbone.blocks[6], pool=spec.pool, lse_r=spec.lse_r, topk=spec.topk, width=spec.width,
+        dropout=spec.dropout, blocks5=b5,
+    )
+    return DenseFractureNet(trunk, head, arch=arch)
 
 
 def box_target_map(

@@ -23,6 +23,7 @@ from torch import nn
 
 from bonefrac.errors import BonefracError
 from bonefrac.model.custom_cnn import CustomCNN
+from bonefrac.model.imagenet import IMAGENET_MEAN, IMAGENET_STD, GrayToImageNet
 from bonefrac.model.pretrained import (
     PretrainedWeightsError,
     efficientnet_lite0_state_dict,
@@ -32,30 +33,15 @@ from bonefrac.model.pretrained import (
 )
 from bonefrac.model.projection3d import ProjectionNet3D
 
+__all__ = ["ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "FractureNet", "GrayToImageNet", "ModelError", "build_model"]
+
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PRETRAINED_KEYWORDS = ("none", "imagenet", "efficientnet_lite_offline")
 
 
 class ModelError(BonefracError, ValueError):
     """An unknown architecture or an impossible combination (e.g. a 2D net on volumes)."""
-
-
-class GrayToImageNet(nn.Module):
-    """(N, 1, H, W) on [0, 1] → (N, 3, H, W) ImageNet-normalised: what pretrained RGB backbones expect."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        # Not persistent: constants, not weights; bundles stay small and portable.
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[1] != 1:
-            raise ValueError(f"expected 1-channel grayscale input (N, 1, H, W), got {tuple(x.shape)}")
-        return (x.expand(-1, 3, -1, -1) - self.mean) / self.std
 
 
 class FractureNet(nn.Module):
@@ -312,17 +298,32 @@ def build_model(
     pretrained: str = "none",
     dropout: float = 0.0,
     spatial_dims: int = 2,
-) -> FractureNet:
+) -> nn.Module:
     """Build ``arch`` with a 1 + ``num_types`` logit head; load ``pretrained`` weights.
 
     ``pretrained``: ``none``; ``imagenet`` (torchvision's weights mechanism; for
     efficientnet_lite0 the offline package weights); ``efficientnet_lite_offline``;
     or a path to a bundle / checkpoint / state_dict.
+
+    A dense arch (:data:`bonefrac.model.dense.DENSE_ARCHS`) returns a
+    :class:`~bonefrac.model.dense.DenseFractureNet`: the same input/output contract,
+    plus its own evidence map.
     """
-    if arch not in ARCHS:
-        raise ModelError(f"unknown model.arch {arch!r}; choose one of {sorted(ARCHS)}")
+    from bonefrac.model.dense import DENSE_ARCHS, build_dense_net
+
+    if arch not in ARCHS and arch not in DENSE_ARCHS:
+        raise ModelError(f"unknown model.arch {arch!r}; choose one of {sorted([*ARCHS, *DENSE_ARCHS])}")
     if num_types < 0:
         raise ModelError(f"num_types must be >= 0, got {num_types}")
+    if arch in DENSE_ARCHS:
+        if spatial_dims != 2 or num_types:
+            raise ModelError(
+                f"{arch} is a 2D fracture/no-fracture network: it takes no volumes (spatial_dims=3) "
+                "and has no fracture-type head (set model.multitask: false)"
+            )
+        if pretrained not in ("none", "imagenet", "efficientnet_lite_offline"):
+            raise ModelError(f"{arch} starts from ImageNet Lite0 ('efficientnet_lite_offline') or 'none'")
+        return build_dense_net(arch, "none" if pretrained == "none" else "efficientnet_lite_offline")
     built = ARCHS[arch](spatial_dims)
     model = FractureNet(
         arch=arch,

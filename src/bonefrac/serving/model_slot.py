@@ -44,6 +44,7 @@ import torch
 
 from bonefrac.config import ServingParams
 from bonefrac.explain import display as visual
+from bonefrac.explain.heatmaps import map_methods
 from bonefrac.inference.backends import BackendChoice, select_backend
 from bonefrac.registry import store
 from bonefrac.registry.resolve import LoadedModel, load_tag
@@ -85,6 +86,8 @@ class ServedModel:
             "load_id": self.load_id,
             "source": self.loaded.source.partition(":")[0],  # file | store | bento, never a path
             "runtime": {**self.choice.describe(), "device": self.device},
+            # which map /explain returns: the network's own (evidence_map) or Grad-CAM
+            "explanation_method": map_methods(self.cam_model)[0],
         }
 
 

@@ -241,7 +241,8 @@ class FractureModel:
 
     @bentoml.api
     def cam(self, x: np.ndarray) -> np.ndarray:
-        """Grad-CAM of the fracture logit for one preprocessed image ``(1, 1, ...)`` → ``(...)``."""
+        """The map shown for one preprocessed image ``(1, 1, ...)`` → ``(...)``: the network's own
+        evidence map where it has one (dense archs), else Grad-CAM of the fracture logit."""
         self._last_call = time.monotonic()
         try:
             return self.slot.current.cam(x)
@@ -598,8 +599,9 @@ class FractureService:
 
     @bentoml.api
     async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
-        """The prediction plus Grad-CAM: overlay, heatmap (RGBA) and image as base64 PNG, a 32-px CAM,
-        and (2D) the full-resolution pixel values with window presets for the viewer's W/L."""
+        """The prediction plus its map (the model's own evidence map for a dense arch, else Grad-CAM):
+        overlay, heatmap (RGBA) and image as base64 PNG, a 32-px copy of the map, and (2D) the
+        full-resolution pixel values with window presets for the viewer's W/L."""
         try:
             result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE, keep_image=True)
         except InputRejected as exc:
@@ -610,14 +612,14 @@ class FractureService:
         try:
             cam = np.asarray(await self._call_model("cam", x))
         except Exception as err:
-            return _error(_unavailable("the Grad-CAM call to the model", err))  # type: ignore[return-value]
+            return _error(_unavailable("the heatmap call to the model", err))  # type: ignore[return-value]
         size = int(info["preprocess"]["image_size"])
         try:
             pics = await asyncio.to_thread(
                 visual.explain_pictures, img.array, x[0, 0], cam, size, float(min(max(opacity, 0.0), 1.0))
             )
             result["explanation"] = {
-                "method": "gradcam",
+                "method": str(info.get("explanation_method") or "gradcam"),
                 "overlay_png": await asyncio.to_thread(visual.b64_png, pics["overlay"]),
                 "heatmap_png": await asyncio.to_thread(visual.b64_png, pics["heatmap"]),
                 "image_png": await asyncio.to_thread(visual.b64_png, pics["image"]),

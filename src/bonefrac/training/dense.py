@@ -1,5 +1,11 @@
 """Train a head of :mod:`bonefrac.model.dense` on cached frozen features (in memory).
 
+:func:`train_dense_model` is the train stage for a dense ``model.arch``: the frozen trunk
+runs once per image into the train stage's feature cache
+(:func:`bonefrac.training.feature_cache.build_trunk_cache`), the head trains on it in
+minutes, and the bundle holds the *full* network (trunk + head), so evaluation, ``bonefrac
+predict``, the service and the registry score it from pixels like any other model.
+
 Loss = weighted image-level BCE on every image + ``box_weight`` × dense BCE on the logit
 map (:func:`bonefrac.model.dense.dense_loss`) for images with a map target: fractured
 images with boxes (soft box targets) and non-fractured images (all-zero targets);
@@ -13,17 +19,26 @@ mirror-symmetric). The model of the epoch with the best validation AUROC is kept
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from bonefrac.atomic import atomic_write_json
+from bonefrac.config import ModelParams, TrainParams
+from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.dense import dense_loss
+from bonefrac.training.loop import BEST_MODEL, SUMMARY, TrainResult, _Curves, seed_everything
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,6 +65,7 @@ class HeadTrainConfig:
     focal_gamma: float = 0.0
     flip_aug: bool = True
     seed: int = 0
+    class_weighted: bool = True  # image BCE weighted by n_neg / n_pos (the logit shift Platt scaling undoes)
 
 
 def _views(data: CachedSet, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -103,7 +119,7 @@ def train_head(
     rng = np.random.default_rng(cfg.seed)
     y = data.labels
     n_pos = float(y[train_idx].sum())
-    pos_weight = torch.tensor((len(train_idx) - n_pos) / max(n_pos, 1.0))
+    pos_weight = torch.tensor((len(train_idx) - n_pos) / max(n_pos, 1.0) if cfg.class_weighted else 1.0)
     opt = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * int(np.ceil(len(train_idx) / cfg.batch_size))
     warm = max(1, steps // 10)
@@ -159,3 +175,181 @@ def train_head(
         "train_minutes": (time.perf_counter() - t0) / 60,
         "best_epoch": int(np.argmax([h["val_auroc"] for h in history]) + 1),
     }
+
+
+# ----------------------------------------------------------------- the train stage for dense archs
+class _AfterLate(nn.Module):
+    """The head with its (frozen) late Lite0 blocks skipped: it trains on their precomputed output."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, s16: torch.Tensor, late32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.forward_after_late(s16, late32)
+
+
+@torch.no_grad()
+def _apply_late(head: nn.Module, s16: np.ndarray, s32: np.ndarray, batch: int = 128) -> torch.Tensor:
+    """Frozen late blocks (eval mode) on cached features → float16 stride-32 maps."""
+    out = []
+    for b in range(0, len(s16), batch):
+        a = torch.from_numpy(np.array(s16[b : b + batch], dtype=np.float32))
+        c = torch.from_numpy(np.array(s32[b : b + batch], dtype=np.float32))
+        out.append(head.late(a, c).half())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def _trunk_fn(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Pixels → (blocks.4, blocks.5) maps with the pretrained weights, whatever the arch's split."""
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s16, s32 = net.trunk(x)
+        if s32 is None:  # the head holds blocks.5: the cache stores its pretrained output
+            s32 = net.head.blocks5(s16)
+        return s16, s32
+
+    return run
+
+
+def train_dense_model(
+    cache_dir: Path,
+    out_dir: Path,
+    model_params: ModelParams,
+    train_params: TrainParams,
+    seed: int,
+    features_dir: Path,
+    dvclive_dir: Path | None = None,
+) -> TrainResult:
+    """The train stage for a dense arch: feature cache (built once, reused while its inputs are
+    unchanged) → head training (best validation AUROC kept) → ``best_model.pt`` with the full network.
+
+    Box targets come from the cache index's ``boxes`` column (the data layer's, in stored-image
+    pixels; mapped onto the input square by :func:`bonefrac.model.boxes.row_boxes`). Fractured
+    images without boxes train the image loss only; normal images also train the dense loss
+    (all-zero target). ``train.augment`` does not apply: the left-right mirror
+    (``train.dense.flip``) is the only augmentation. Epochs always run to ``train.epochs``.
+    """
+    from bonefrac.model.boxes import row_boxes
+    from bonefrac.model.dense import box_target_map
+    from bonefrac.model.networks import build_model
+    from bonefrac.preprocess.cache import IMAGES_FILE, cache_spec, load_cache
+    from bonefrac.training.data import DataError, split_rows
+    from bonefrac.training.feature_cache import build_trunk_cache, trunk_cache_key
+
+    tp, mp, dp = train_params, model_params, train_params.dense
+    cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    if tp.threads > 0:
+        torch.set_num_threads(tp.threads)
+    seed_everything(seed, tp.deterministic)
+    t_start = time.perf_counter()
+    images, index = load_cache(cache_dir)
+    spec = cache_spec(cache_dir)
+    if spec.spatial_dims != 2 or spec.image_size % 32:
+        raise DataError(f"{mp.arch} needs 2D images with preprocess.image_size a multiple of 32, got {spec.image_size}")
+    tr_rows, va_rows = split_rows(index, "train"), split_rows(index, "val")
+    if len(tr_rows) == 0 or len(va_rows) == 0 or va_rows["label"].astype(int).nunique() < 2:
+        raise DataError("the dense head needs train rows and a validation split with both classes")
+    rows_df = pd.concat([tr_rows, va_rows])
+    n_tr = len(tr_rows)
+    net = build_model(mp.arch, 0, mp.pretrained).eval()
+    size, grid = spec.image_size, spec.image_size // 16
+    mirror = np.array([dp.flip == "exact"] * n_tr + [False] * len(va_rows))
+    rows = rows_df["cache_row"].to_numpy(dtype=np.int64)
+    frozen = nn.ModuleList([net.trunk] + ([net.head.blocks5] if net.head.blocks5 is not None else []))
+    key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen, dp.feature_dtype)
+    t_cache = time.perf_counter()
+    feats = build_trunk_cache(
+        images, rows, mirror, Path(features_dir) / key, _trunk_fn(net),
+        ((112, grid, grid), (192, size // 32, size // 32)), dp.feature_dtype, progress=log.info,
+    )  # fmt: skip
+    cache_minutes = (time.perf_counter() - t_cache) / 60
+
+    # In memory: the stride-16 maps, and the stride-32 input the trainable part needs.
+    s16 = torch.from_numpy(np.array(feats.s16[0]))
+    s16f = torch.from_numpy(np.array(feats.s16[1])) if mirror.any() else None
+    late_frozen = not dp.train_late_blocks
+    if late_frozen:  # precompute the frozen late blocks once; train the FPN + logit head on their output
+        s32 = _apply_late(net.head, feats.s16[0], feats.s32[0])
+        s32f = _apply_late(net.head, feats.s16[1], feats.s32[1]) if mirror.any() else None
+        trainee: nn.Module = _AfterLate(net.head)
+    else:
+        s32 = torch.from_numpy(np.array(feats.s32[0]))
+        s32f = torch.from_numpy(np.array(feats.s32[1])) if mirror.any() else None
+        trainee = net.head
+    for name, p in net.head.named_parameters():
+        p.requires_grad_(dp.train_late_blocks or not name.startswith(("blocks5.", "blocks6.")))
+    labels = torch.tensor(rows_df["label"].astype(int).to_numpy(), dtype=torch.float32)
+    boxes = [row_boxes(r, size) for _, r in rows_df.iterrows()]
+    targets = torch.stack([box_target_map(b, size, grid, grow=dp.box_grow_cells) for b in boxes])
+    has_boxes = torch.tensor([len(b) > 0 for b in boxes])
+    has_map = (labels == 0) | has_boxes
+    flip_ok = torch.from_numpy(mirror.copy()) if dp.flip == "exact" else torch.zeros(len(rows), dtype=torch.bool)
+    data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
+    log.info(
+        "dense head: %d train (%d fractured, %d with boxes), %d val; feature cache %.1f min",
+        n_tr, int(labels[:n_tr].sum()), int(has_boxes[:n_tr].sum()), len(va_rows), cache_minutes,
+    )  # fmt: skip
+    cfg = HeadTrainConfig(
+        epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay,
+        box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, flip_aug=dp.flip != "none", seed=seed,
+        class_weighted=tp.imbalance.loss != "bce",
+    )  # fmt: skip
+    idx_tr, idx_va = np.arange(n_tr), np.arange(n_tr, len(rows))
+    info = train_head(trainee, data, idx_tr, idx_va, cfg, progress=log.info)
+    net.eval()
+
+    history = [
+        {"epoch": h["epoch"] - 1, "train/loss": h["loss_img"] + dp.box_weight * h["loss_dense"],
+         "train/loss_image": h["loss_img"], "train/loss_dense": h["loss_dense"], "val/auroc": h["val_auroc"],
+         "seconds": h["minutes"] * 60}
+        for h in info["history"]
+    ]  # fmt: skip
+    curves = _Curves(dvclive_dir)
+    for row in history:
+        curves.log(row)
+    curves.end()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    best_epoch = info["best_epoch"] - 1
+    bundle = ModelBundle(
+        arch=mp.arch,
+        state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        preprocess_spec=spec,
+        type_names=[],
+        dropout=mp.dropout,
+        metadata={
+            "best_epoch": best_epoch,
+            "val_auroc": float(info["best_val_auroc"]),
+            "monitor": "val/auroc",
+            "seed": seed,
+            "arch": mp.arch,
+            "epochs_completed": len(history),
+            "stopped_early": False,
+            "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},
+        },
+    )
+    best_path = bundle.save(out_dir / BEST_MODEL)
+    total = time.perf_counter() - t_start
+    result = TrainResult(
+        out_dir=out_dir, best_model_path=best_path, best_epoch=best_epoch, best_val_auroc=float(info["best_val_auroc"]),
+        monitor="val/auroc", epochs_completed=len(history), finished=True, stopped_early=False,
+        train_seconds=info["train_minutes"] * 60, history=history,
+    )  # fmt: skip
+    atomic_write_json(
+        out_dir / SUMMARY,
+        {
+            "arch": mp.arch,
+            "best_epoch": best_epoch,
+            "best_val_auroc": result.best_val_auroc,
+            "epochs_completed": len(history),
+            "feature_cache_minutes": cache_minutes,
+            "feature_cache_passes": int(len(rows) + mirror.sum()),
+            "head_train_minutes": info["train_minutes"],
+            "total_minutes": total / 60,
+            "n_train": n_tr,
+            "n_val": len(va_rows),
+            "train_with_boxes": int(has_boxes[:n_tr].sum()),
+            "history": history,
+        },
+    )
+    return result

@@ -217,3 +217,103 @@ def build_feature_cache(
     timing["bytes"] = sum((root / f).stat().st_size for f in ("s16.f16", "s32.f16"))
     (root / "meta.json").write_text(json.dumps(timing, indent=2))
     return open_feature_cache(root)
+
+
+# ----------------------------------------------------------------- the pipeline's trunk cache
+@dataclass
+class TrunkFeatures:
+    """The train stage's cache of frozen-trunk features for chosen rows of the preprocessed cache.
+
+    ``s16[v, k]`` / ``s32[v, k]``: view ``v`` (0 = the image, 1 = its mirror) of ``rows[k]``
+    (a row of ``data/processed/images.npy``); the mirror view exists where ``mirrored[k]``.
+    """
+
+    root: Path
+    rows: np.ndarray
+    mirrored: np.ndarray
+    s16: np.ndarray
+    s32: np.ndarray
+
+
+def trunk_cache_key(images_path: Path, rows: np.ndarray, mirror: np.ndarray, trunk: torch.nn.Module, dtype: str) -> str:
+    """Content hash of everything the features depend on: the preprocessed pixels, the rows, the
+    mirrored rows, the trunk's weights and the storage dtype. A changed input makes a new folder."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(images_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    h.update(np.asarray(rows, dtype=np.int64).tobytes())
+    h.update(np.asarray(mirror, dtype=bool).tobytes())
+    for name, t in sorted(trunk.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    h.update(dtype.encode())
+    return h.hexdigest()[:16]
+
+
+def build_trunk_cache(
+    images: np.ndarray,
+    rows: Sequence[int],
+    mirror: Sequence[bool],
+    root: Path | str,
+    trunk_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    dtype: str = "float16",
+    batch_size: int = 16,
+    progress: Callable[[str], None] = log.info,
+) -> TrunkFeatures:
+    """Run ``trunk_fn`` (frozen, eval mode) once per row of ``images`` (and once more on the
+    left-right mirror where ``mirror``) into ``.npy`` memmaps under ``root``; resumes an interrupted build.
+
+    ``shapes``: the per-image shapes of the stride-16 and stride-32 outputs. Deterministic:
+    the same pixels and weights give the same bytes, so the folder is a pure cache (keyed by
+    :func:`trunk_cache_key`), rebuilt only when an input changes.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = np.asarray(rows, dtype=np.int64)
+    mirrored = np.asarray(mirror, dtype=bool)
+    n = len(rows)
+    paths = {"s16": root / "s16.npy", "s32": root / "s32.npy"}
+    done_path = root / "done.npy"
+    if not done_path.exists():
+        for p, sh in zip(paths.values(), shapes, strict=True):
+            np.lib.format.open_memmap(p, mode="w+", dtype=np.dtype(dtype), shape=(2, n, *sh)).flush()
+        np.save(root / "rows.npy", rows)
+        np.save(root / "mirrored.npy", mirrored)
+        np.save(done_path, np.zeros((2, n), dtype=bool))
+    s16 = np.load(paths["s16"], mmap_mode="r+")
+    s32 = np.load(paths["s32"], mmap_mode="r+")
+    done = np.load(done_path)
+    todo = [(0, k) for k in range(n) if not done[0, k]] + [(1, k) for k in range(n) if mirrored[k] and not done[1, k]]
+    if todo:
+        progress(f"trunk feature cache: {len(todo)} passes to run ({int(done.sum())} cached) -> {root}")
+    t0 = time.perf_counter()
+    for b0 in range(0, len(todo), batch_size):
+        chunk = todo[b0 : b0 + batch_size]
+        x = torch.from_numpy(np.stack([np.asarray(images[rows[k]], dtype=np.float32) for _, k in chunk]))
+        flip = torch.tensor([v == 1 for v, _ in chunk])
+        x[flip] = x[flip].flip(-1)
+        with torch.inference_mode():
+            a, b = trunk_fn(x.contiguous(memory_format=torch.channels_last))
+        for j, (v, k) in enumerate(chunk):
+            s16[v, k] = a[j].numpy()
+            s32[v, k] = b[j].numpy()
+            done[v, k] = True
+        if (b0 // batch_size) % 20 == 19 or b0 + batch_size >= len(todo):
+            s16.flush()
+            s32.flush()
+            np.save(done_path, done)
+            el = time.perf_counter() - t0
+            nd = min(b0 + batch_size, len(todo))
+            progress(
+                f"  trunk features {nd}/{len(todo)}: {el / 60:.1f} min, {el / nd * 1000:.0f} ms/pass, "
+                f"eta {(len(todo) - nd) * el / nd / 60:.1f} min"
+            )
+    s16.flush()
+    s32.flush()
+    np.save(done_path, done)
+    s16, s32 = (np.load(paths[k], mmap_mode="r") for k in ("s16", "s32"))
+    return TrunkFeatures(root, rows, mirrored, s16, s32)

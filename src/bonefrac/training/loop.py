@@ -42,7 +42,8 @@ from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams, project_relative
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import sigmoid
-from bonefrac.model.networks import FractureNet, build_model
+from bonefrac.model.dense import DENSE_ARCHS
+from bonefrac.model.networks import FractureNet, ModelError, build_model
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.augment import random_transform
 from bonefrac.preprocess.cache import cache_spec, load_cache
@@ -511,6 +512,9 @@ def train_model(
 ) -> TrainResult:
     """Train on the ``train`` split of the cache, early-stop on ``val`` AUROC, write the best bundle.
 
+    For the registry's :class:`FractureNet` archs; a dense arch (:data:`bonefrac.model.dense.DENSE_ARCHS`)
+    trains through :func:`bonefrac.training.stage.run_training`.
+
     ``resume=True`` continues from ``out_dir/last.ckpt`` when it was written with
     the same settings (otherwise a fresh run starts, with a warning).
     ``max_epochs_this_run`` stops this call after that many epochs (the run stays
@@ -519,6 +523,11 @@ def train_model(
     """
     tp, mp = train_params, model_params
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
+    if mp.arch in DENSE_ARCHS:
+        raise ModelError(
+            f"{mp.arch} trains on cached trunk features: use bonefrac.training.stage.run_training "
+            "(the train stage) or bonefrac.training.dense.train_dense_model"
+        )
     ctx = _Dist.detect()
     device = _device(ctx)
     if tp.threads > 0:

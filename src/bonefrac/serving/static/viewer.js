@@ -237,6 +237,10 @@
     lastResult = res;
     const ex = res.explanation || {};
     $("file-name").textContent = file.name;
+    // The model's own fracture map (dense archs: per-cell probability, trained on expert boxes) or Grad-CAM.
+    $("map-method").textContent = ex.method === "evidence_map"
+      ? "the model's own fracture map (per-region probability, learnt from radiologists' boxes; the score is pooled from it)"
+      : "image regions that drove the fracture score (Grad-CAM)";
     $("probability").textContent = pct(res.probability);
     $("prob-fill").style.width = (100 * res.probability).toFixed(1) + "%";
     const th = res.thresholds || {};

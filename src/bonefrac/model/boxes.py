@@ -1,0 +1,74 @@
+"""Expert fracture boxes in the coordinates the network sees.
+
+The manifest stores boxes as JSON ``[[x, y, w, h], ...]`` in pixels of the stored image
+(``bonefrac.data.schema``: column ``boxes``, beside ``width``/``height``). Training (box
+targets for the dense head) and evaluation (localisation scores) both need them on the
+preprocessed square, so the mapping lives here, next to the preprocessing it mirrors
+(:class:`~bonefrac.model.transforms.PreprocessSpec`), at the bottom of the layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from bonefrac.errors import BonefracError
+
+Box = Sequence[float]  # [x, y, w, h] in pixels, x to the right, y down
+
+
+class BoxError(BonefracError, ValueError):
+    """A box list that cannot be parsed or used."""
+
+
+def parse_boxes(value: Any) -> list[list[float]]:
+    """The manifest's ``boxes`` cell (JSON text or a list) → ``[[x, y, w, h], ...]``."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BoxError(f"boxes is not valid JSON: {text[:60]!r}") from err
+    boxes = []
+    for b in value:
+        if len(b) < 4:
+            raise BoxError(f"a box needs [x, y, w, h], got {b!r}")
+        boxes.append([float(v) for v in b[:4]])
+    return boxes
+
+
+def map_boxes_to_cache(boxes: Sequence[Box], orig_hw: tuple[int, int], image_size: int) -> list[list[float]]:
+    """Boxes in original pixels → the preprocessed (cached) image's pixels.
+
+    Mirrors :class:`~bonefrac.model.transforms.PreprocessSpec` (2D): MONAI ``Resize(size_mode="longest")``
+    scales each side to ``round(side * image_size / longest)``, then
+    ``SpatialPad`` pads symmetrically (``pad // 2`` before) to a square.
+    """
+    h, w = int(orig_hw[0]), int(orig_hw[1])
+    if h <= 0 or w <= 0:
+        raise BoxError(f"original size must be positive, got {orig_hw}")
+    scale = image_size / max(h, w)
+    new_h, new_w = round(h * scale), round(w * scale)  # Python's round, as MONAI's Resize
+    sy, sx = new_h / h, new_w / w
+    pad_y, pad_x = (image_size - new_h) // 2, (image_size - new_w) // 2
+    return [[x * sx + pad_x, y * sy + pad_y, bw * sx, bh * sy] for x, y, bw, bh in (b[:4] for b in boxes)]
+
+
+def row_boxes(row: Mapping[str, Any], image_size: int) -> list[list[float]]:
+    """A manifest/cache-index row's boxes on the ``image_size`` input square; ``[]`` when it has
+    none, or when they or the stored size (``height``, ``width``) cannot be read."""
+    try:
+        boxes = parse_boxes(row.get("boxes"))
+        h, w = int(float(row.get("height"))), int(float(row.get("width")))
+    except (BoxError, TypeError, ValueError):
+        return []
+    if not boxes or h <= 0 or w <= 0:
+        return []
+    return map_boxes_to_cache(boxes, (h, w), image_size)

@@ -1,0 +1,121 @@
+"""The dense arch as a pipeline model: trained by the train stage, a full-network bundle, its own map shown.
+
+Tiny random radiographs at 64 px through the real (ImageNet) Lite0 trunk: the train stage's
+feature cache, the head trained on it, the bundle scored from pixels, and the explain paths.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from bonefrac.config import DenseTrainParams, ModelParams, TrainParams
+from bonefrac.evaluation.evaluate import explain
+from bonefrac.explain.display import compute_cam
+from bonefrac.explain.heatmaps import map_methods
+from bonefrac.inference.predictor import Predictor
+from bonefrac.model.boxes import row_boxes
+from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import sigmoid
+from bonefrac.model.dense import DenseFractureNet, box_target_map
+from bonefrac.model.networks import build_model
+from bonefrac.model.transforms import PreprocessSpec
+from bonefrac.preprocess.cache import build_cache, load_cache
+from bonefrac.training.loop import SUMMARY
+from bonefrac.training.stage import run_training
+
+SIZE = 64  # stride-16 grid 4×4, stride-32 grid 2×2
+
+
+def _processed(tmp_path, n: int = 24):
+    """A preprocessed cache of n stored 80×60 (h×w) images; fractured ones carry a bright box (in the manifest too)."""
+    rng = np.random.default_rng(0)
+    arrays, rows = {}, []
+    for i in range(n):
+        a = rng.normal(100, 20, size=(80, 60)).clip(0, 255).astype(np.float32)
+        label = int(i % 2 == 0)
+        boxes = []
+        if label and i % 4 == 0:  # half the fractured images have a box (the other half: image loss only)
+            x, y = int(rng.integers(0, 40)), int(rng.integers(0, 60))
+            a[y : y + 16, x : x + 16] += 120
+            boxes = [[float(x), float(y), 16.0, 16.0]]
+        path = f"img{i:02d}.png"
+        arrays[path] = a
+        split = "train" if i < 16 else ("val" if i < 20 else "test")
+        rows.append(
+            {"image_id": f"i{i}", "path": path, "label": label, "split": split, "boxes": json.dumps(boxes),
+             "width": 60, "height": 80, "body_part": "hand", "view": ""}
+        )  # fmt: skip
+    build_cache(pd.DataFrame(rows), tmp_path / "processed", PreprocessSpec(image_size=SIZE), read_fn=arrays.__getitem__)
+    return tmp_path / "processed"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dense")
+    cache = _processed(tmp)
+    mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
+    tp = TrainParams(epochs=2, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(feature_dtype="float32"))
+    result = run_training(cache, tmp / "train", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                          features_dir=tmp / "features")  # fmt: skip
+    return tmp, cache, result
+
+
+def test_dense_bundle_scores_from_pixels_like_the_head_on_its_cache(trained):
+    tmp, cache, result = trained
+    bundle = ModelBundle.load(result.best_model_path)
+    assert bundle.arch == "efficientnet_lite0_dense" and bundle.preprocess_spec.image_size == SIZE
+    net = bundle.build_model()
+    assert isinstance(net, DenseFractureNet)
+    # The bundle holds the full network: trunk (frozen, ImageNet) and trained head.
+    assert any(k.startswith("trunk.blocks.") for k in bundle.state_dict)
+    assert any(k.startswith("head.out.") for k in bundle.state_dict)
+    (feat_dir,) = [p for p in (tmp / "features").iterdir() if p.is_dir()]
+    rows = np.load(feat_dir / "rows.npy")
+    s16, s32 = np.load(feat_dir / "s16.npy")[0], np.load(feat_dir / "s32.npy")[0]
+    with torch.no_grad():
+        z_cache = net.head(torch.from_numpy(s16), torch.from_numpy(s32))[0][:, 0].numpy()
+    images, _ = load_cache(cache)
+    z_pixels = Predictor(bundle).logits(torch.from_numpy(np.asarray(images[rows], dtype=np.float32)))[:, 0]
+    assert np.abs(z_pixels - z_cache).max() <= 1e-4
+    # The head trained: its weights differ from a fresh build's (the trunk's do not).
+    fresh = build_model("efficientnet_lite0_dense", 0, "efficientnet_lite_offline").state_dict()
+    assert not torch.equal(fresh["head.out.weight"], bundle.state_dict["head.out.weight"])
+    assert torch.equal(fresh["trunk.blocks.4.0.conv_pw.weight"], bundle.state_dict["trunk.blocks.4.0.conv_pw.weight"])
+    summary = json.loads((result.out_dir / SUMMARY).read_text())
+    assert summary["train_with_boxes"] == 4 and summary["feature_cache_passes"] == 20 + 16  # train mirrored
+
+
+def test_box_targets_land_where_the_manifest_boxes_are():
+    # Stored 80×60 (h×w) → 64 px square: scale 0.8, 48 px wide, 8 px of padding left and right.
+    row = {"boxes": "[[40.0, 60.0, 10.0, 10.0]]", "height": 80, "width": 60}
+    (box,) = row_boxes(row, SIZE)
+    assert box == pytest.approx([40.0, 48.0, 8.0, 8.0])
+    t = box_target_map([box], SIZE, SIZE // 16, grow=0.0)
+    assert float(t[3, 2]) == 1.0 and float(t.sum()) == 1.0  # the box is inside cell (row 3, col 2)
+    assert row_boxes({"boxes": "[]", "height": 80, "width": 60}, SIZE) == []
+
+
+def test_the_map_shown_is_the_models_own(trained):
+    _, cache, result = trained
+    net = ModelBundle.load(result.best_model_path).build_model()
+    images, index = load_cache(cache)
+    x = torch.from_numpy(np.asarray(images[:4], dtype=np.float32))
+    with torch.no_grad():
+        own = sigmoid(net.evidence_map(x).numpy())
+    expected = torch.nn.functional.interpolate(torch.from_numpy(own).float(), size=(SIZE, SIZE), mode="bilinear")
+    assert map_methods(net) == ["evidence_map"]
+    shown = compute_cam(net, x)  # what /explain, the viewer and `predict --gradcam` draw
+    assert shown.shape == (4, SIZE, SIZE)
+    np.testing.assert_allclose(shown, expected[:, 0].numpy(), atol=1e-6)
+    # The evaluation report scores the same map against the boxes (no Grad-CAM for this network).
+    test = index.assign(prob=np.linspace(0.1, 0.9, len(index)))
+    _, info = explain(net, images, test, test["prob"].to_numpy() > 0.5, 1, None, SIZE, 2, "high_sensitivity")
+    assert info["methods"][0][0] == "evidence_map" and "gradcam" not in info["localisation"]
+    assert info["localisation"]["n"] == 6  # fractured images with boxes (in every split here)
+    # Other networks keep Grad-CAM.
+    assert map_methods(build_model("efficientnet_lite0", 0)) == ["gradcam", "gradcam++"]

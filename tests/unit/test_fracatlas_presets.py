@@ -1,0 +1,28 @@
+"""The FracAtlas presets validate against the typed config and say what the README says they do."""
+
+from __future__ import annotations
+
+import pytest
+
+from bonefrac.config import load_params
+from bonefrac.model.dense import DENSE_ARCHS
+from bonefrac.presets import load_preset, set_args
+
+
+@pytest.mark.parametrize(
+    ("preset", "excluded"), [("params/fracatlas.yaml", None), ("params/fracatlas_legs_out.yaml", ["leg"])]
+)
+def test_fracatlas_presets_validate(preset: str, excluded: list[str] | None) -> None:
+    args = set_args(preset)  # what `bonefrac exp-run` passes to `dvc exp run` (validates the merged params)
+    assert "-S" in args and "model.arch=efficientnet_lite0_dense" in args
+    p = load_params("params.yaml", overrides=load_preset(preset))
+    assert p.data.source == "fracatlas" and p.data.exclude_body_parts == excluded
+    assert p.model.arch in DENSE_ARCHS and not p.model.multitask
+    assert p.preprocess.image_size == 384 and p.preprocess.image_size % 32 == 0
+    assert p.evaluate.calibration == "platt" and p.evaluate.operating_points.high_sensitivity_target == 0.90
+    assert p.train.dense.flip == "exact"
+
+
+def test_every_dense_arch_is_a_valid_model_arch() -> None:
+    for arch in DENSE_ARCHS:
+        assert load_params("params.yaml", overrides={"model": {"arch": arch}}).model.arch == arch
