@@ -17,6 +17,7 @@ tests and (under ``torchrun``) by :mod:`bonefrac.training.distributed`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -45,7 +46,7 @@ from bonefrac.model.calibrate import sigmoid
 from bonefrac.model.networks import FractureNet, build_model
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.augment import random_transform
-from bonefrac.preprocess.cache import cache_spec, load_cache
+from bonefrac.preprocess.cache import cache_spec, cache_version, load_cache
 from bonefrac.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -160,10 +161,15 @@ def _fingerprint(
     type_names: list[str],
     n_train: int,
     n_val: int,
-) -> str:
-    """What a checkpoint must share with this call to be resumed (workers/threads do not matter)."""
-    tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads"})
-    return json.dumps(
+    data_version: str,
+) -> dict[str, str]:
+    """What a checkpoint must share with this call to be resumed: a params hash and the data version.
+
+    Workers, threads and the number of DDP processes do not change the result
+    (DDP matches one process), so a run may resume with other values of those.
+    """
+    tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads", "distributed"})
+    settings = json.dumps(
         {
             "model": model_params.model_dump(mode="json"),
             "train": tp,
@@ -174,6 +180,10 @@ def _fingerprint(
         },
         sort_keys=True,
     )
+    return {
+        "params_hash": hashlib.sha256(settings.encode()).hexdigest()[:16],
+        "data_version": data_version,
+    }
 
 
 # ------------------------------------------------------------------ evaluation
@@ -403,12 +413,15 @@ def _optimisation(
 
 # ------------------------------------------------------------------ checkpoint
 def _resume(
-    ckpt_path: Path, fingerprint: str, model: nn.Module, opt: _Optimisation, sampler: EpochSampler, ctx: _Dist
-) -> _Progress:
-    """Restore everything from ``last.ckpt`` when it was written by the same settings and data."""
+    ckpt_path: Path, fingerprint: dict[str, str], model: nn.Module, opt: _Optimisation, sampler: EpochSampler,
+    ctx: _Dist,
+) -> _Progress:  # fmt: skip
+    """Restore everything from ``last.ckpt`` when it was written by the same settings and data version."""
     ck = load_checkpoint(ckpt_path)
-    if ck.get("fingerprint") != fingerprint:
-        log.warning("%s was written with other settings or data: starting a fresh run", ckpt_path)
+    differ = [k for k in fingerprint if ck.get(k) != fingerprint[k]]
+    if differ:
+        what = ", ".join(f"{k} {ck.get(k)!r} -> {fingerprint[k]!r}" for k in differ)
+        log.warning("%s belongs to another run (%s): not resuming, starting at epoch 1", ckpt_path, what)
         return _Progress()
     model.load_state_dict(ck["model"])
     opt.optimizer.load_state_dict(ck["optimizer"])
@@ -432,13 +445,14 @@ def _resume(
 
 
 def _save(
-    ckpt_path: Path, fingerprint: str, epoch: int, model: nn.Module, opt: _Optimisation, sampler: EpochSampler,
+    ckpt_path: Path, fingerprint: dict[str, str], epoch: int, model: nn.Module, opt: _Optimisation,
+    sampler: EpochSampler,
     progress: _Progress, rng_all: list[Any],
 ) -> None:  # fmt: skip
     save_checkpoint(
         ckpt_path,
         {
-            "fingerprint": fingerprint,
+            **fingerprint,  # params_hash and data_version: what a resume must match
             "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": opt.optimizer.state_dict(),
@@ -536,7 +550,9 @@ def train_model(
     train_labels = data.train_rows["label"].astype(int).tolist()
     opt = _optimisation(model, tp, train_labels, len(data.train_loader), device, amp_dtype == torch.float16)
 
-    fp = _fingerprint(mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows))
+    fp = _fingerprint(
+        mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows), cache_version(cache_dir)
+    )
     ckpt_path = out_dir / LAST_CKPT
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -582,7 +598,7 @@ def train_model(
 
 def _run_epochs(
     model: nn.Module, data: _Data, opt: _Optimisation, progress: _Progress, ctx: _Dist, device: torch.device,
-    amp_dtype: torch.dtype | None, channels_last: bool, tp: TrainParams, fingerprint: str, ckpt_path: Path,
+    amp_dtype: torch.dtype | None, channels_last: bool, tp: TrainParams, fingerprint: dict[str, str], ckpt_path: Path,
     curves: _Curves, max_epochs_this_run: int | None, on_epoch_end: Callable[[int], None] | None,
 ) -> None:  # fmt: skip
     """Epochs from ``progress.start_epoch``: train, validate, keep the best, checkpoint, early-stop."""

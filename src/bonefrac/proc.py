@@ -1,0 +1,128 @@
+"""Child processes that use the project's own tools and never outlive their parent.
+
+Why this module exists: the pipeline is started from places that do not share
+a ``PATH`` — ``make`` (venv on PATH), a user's shell (``.venv/bin/bonefrac``,
+venv not on PATH), a Prefect worker (whatever PATH its service manager gave
+it). Looking ``dvc`` up on PATH then fails (``FileNotFoundError: 'dvc'``) or,
+worse, finds another installation; and DVC's stage commands (``python -m
+flows.train``) find a ``python`` without the project's packages. So tools run as
+``<this interpreter> -m <tool>`` and their children get this interpreter's
+folder first on PATH.
+
+A long chain (worker → flow run → ``dvc repro`` → training → DDP ranks) must
+also die as one: when a link is killed with SIGKILL, nothing tells its children,
+and an orphaned training keeps the GPU busy for hours. Each link therefore ties
+itself to its parent: children we start get Linux's parent-death signal, and a
+process started by someone else (the flow run by Prefect's worker, a stage by
+DVC) watches its parent with :func:`exit_with_parent`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger("bonefrac.proc")
+
+# Tool -> the module its console script runs (the same code, found through this interpreter).
+TOOL_MODULES = {
+    "dvc": "dvc",
+    "bentoml": "bentoml",
+    "prefect": "prefect",
+    "torchrun": "torch.distributed.run",
+}
+
+_PR_SET_PDEATHSIG = 1
+_watcher: threading.Thread | None = None
+
+
+def tool_cmd(tool: str, *args: str) -> list[str]:
+    """``[sys.executable, "-m", <module>, *args]``: the tool of *this* environment, whatever PATH says."""
+    return [sys.executable, "-m", TOOL_MODULES.get(tool, tool), *args]
+
+
+def tool_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``base`` (default: this environment) with this interpreter's folder first on PATH.
+
+    DVC runs stage commands through a shell, so ``python -m flows.train`` must find
+    the venv's ``python``; the same holds for any console script a tool starts.
+    """
+    env = dict(os.environ if base is None else base)
+    bindir = str(Path(sys.executable).parent)
+    parts = [p for p in env.get("PATH", "").split(os.pathsep) if p]
+    if not parts or parts[0] != bindir:
+        env["PATH"] = os.pathsep.join([bindir, *[p for p in parts if p != bindir]])
+    return env
+
+
+def _set_parent_death_signal(sig: int = signal.SIGTERM) -> None:
+    """In the child, before exec: the kernel sends ``sig`` when the parent dies (Linux only)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def child_preexec() -> Callable[[], None] | None:
+    """``preexec_fn`` that makes a child die with the thread that started it (None off Linux).
+
+    The signal fires when the *thread* that forked exits, so call this only from a
+    thread that waits for the child (``subprocess.run``), as every caller here does.
+    """
+    return _set_parent_death_signal if sys.platform.startswith("linux") else None
+
+
+def run_tool(
+    cmd: Sequence[str],
+    cwd: str | Path,
+    *,
+    timeout: float | None = None,
+    capture: bool = True,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd`` (see :func:`tool_cmd`) with :func:`tool_env`, dying if this process dies."""
+    return subprocess.run(
+        list(cmd),
+        cwd=cwd,
+        env=tool_env(env),
+        capture_output=capture,
+        text=True,
+        timeout=timeout,
+        preexec_fn=child_preexec(),
+    )
+
+
+def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s: float = 30.0) -> bool:
+    """Watch the parent process; when it is gone, send ourselves ``sig`` (then exit hard after ``grace_s``).
+
+    For processes whose parent is not ours to configure (Prefect's worker starts the
+    flow run, DVC starts a stage). ``sig`` goes through the process's own handler, so
+    Prefect's engine reports the run Crashed and a ``subprocess.run`` in progress
+    kills its child on the way out. Starts one daemon thread per process; returns
+    False (and watches nothing) when the parent is already init (a daemon by design).
+    """
+    global _watcher
+    parent = os.getppid()
+    if parent <= 1:
+        return False
+    if _watcher is not None and _watcher.is_alive():
+        return True
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
+        os.kill(os.getpid(), sig)
+        time.sleep(grace_s)
+        os._exit(128 + int(sig))
+
+    _watcher = threading.Thread(target=watch, name="bonefrac-exit-with-parent", daemon=True)
+    _watcher.start()
+    return True

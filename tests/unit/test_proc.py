@@ -1,0 +1,93 @@
+"""The project's tools are found without the venv on PATH, and no child outlives its parent."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bonefrac.proc import tool_cmd, tool_env
+
+ROOT = Path(__file__).resolve().parents[2]
+BARE_PATH = "/usr/bin:/bin"  # what a service manager or cron gives a worker: no venv
+
+
+def test_tools_come_from_this_interpreter_whatever_path_says() -> None:
+    assert tool_cmd("dvc", "repro") == [sys.executable, "-m", "dvc", "repro"]
+    assert tool_cmd("torchrun", "-h")[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    env = tool_env({"PATH": BARE_PATH, "X": "1"})
+    assert env["PATH"].split(os.pathsep) == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+    assert env["X"] == "1"
+    assert tool_env(env)["PATH"] == env["PATH"]  # idempotent: not prepended twice
+
+
+def test_retrain_runs_dvc_repro_without_the_venv_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented worker's bug: `dvc` looked up on PATH, and DVC's `python` not the venv's."""
+    sys.path.insert(0, str(ROOT))
+    from flows.retrain import run_pipeline
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  probe:\n"
+        "    cmd: python -c \"import sys, bonefrac; open('probe.txt', 'w').write(sys.executable)\"\n"
+        "    outs: [probe.txt]\n"
+    )
+    (tmp_path / ".dvc").mkdir()  # what `dvc init --no-scm` writes, without a DVC start to pay for
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n    analytics = false\n")
+    monkeypatch.setenv("PATH", BARE_PATH)
+    run_pipeline.fn(str(tmp_path), timeout_s=120)
+    stage_python = Path((tmp_path / "probe.txt").read_text())
+    assert stage_python.parent == Path(sys.executable).parent  # the stage ran with the venv's python
+
+
+def _wait_gone(pid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("how", ["run_tool", "exit_with_parent"])
+def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> None:
+    """kill -9 of the middle process: the grandchild (the training, in the real chain) stops too."""
+    pidfile = tmp_path / "grandchild.pid"
+    if how == "run_tool":  # we start the child: parent-death signal
+        body = f"""
+            from bonefrac.proc import run_tool
+            run_tool([sys.executable, "-c", "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"], ".")
+        """
+    else:  # someone else starts us: we watch our parent
+        body = f"""
+            import subprocess
+            subprocess.run([sys.executable, "-c", "import os, time; from bonefrac.proc import exit_with_parent; "
+                            "exit_with_parent(interval_s=0.1); open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"])
+        """
+    script = "import sys\n" + textwrap.dedent(body)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    middle = subprocess.Popen([sys.executable, "-c", script], env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
+            assert middle.poll() is None, "the middle process ended early"
+            time.sleep(0.1)
+        grandchild = int(pidfile.read_text())
+        middle.send_signal(signal.SIGKILL)
+        middle.wait(10)
+        assert _wait_gone(grandchild, 10), f"the grandchild {grandchild} outlived its killed parent"
+    finally:
+        if middle.poll() is None:
+            middle.kill()
+        if pidfile.exists() and pidfile.read_text():
+            try:
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
