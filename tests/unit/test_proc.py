@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -60,16 +61,17 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
 def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> None:
     """kill -9 of the middle process: the grandchild (the training, in the real chain) stops too."""
     pidfile = tmp_path / "grandchild.pid"
+    write_pid = f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
     if how == "run_tool":  # we start the child: parent-death signal
         body = f"""
             from bonefrac.proc import run_tool
-            run_tool([sys.executable, "-c", "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"], ".")
+            run_tool([sys.executable, "-c", "import os, time; {write_pid}"], ".")
         """
     else:  # someone else starts us: we watch our parent
         body = f"""
             import subprocess
             subprocess.run([sys.executable, "-c", "import os, time; from bonefrac.proc import exit_with_parent; "
-                            "exit_with_parent(interval_s=0.1); open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"])
+                            "exit_with_parent(interval_s=0.1); {write_pid}"])
         """
     script = "import sys\n" + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
@@ -87,7 +89,5 @@ def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> Non
         if middle.poll() is None:
             middle.kill()
         if pidfile.exists() and pidfile.read_text():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pidfile.read_text()), signal.SIGKILL)
-            except ProcessLookupError:
-                pass

@@ -163,7 +163,7 @@ def _fingerprint(
     n_val: int,
     data_version: str,
 ) -> dict[str, str]:
-    """What a checkpoint must share with this call to be resumed: a params hash and the data version.
+    """What a checkpoint must share with this call to be resumed: params hash, data and code versions.
 
     Workers, threads and the number of DDP processes do not change the result
     (DDP matches one process), so a run may resume with other values of those.
@@ -183,7 +183,22 @@ def _fingerprint(
     return {
         "params_hash": hashlib.sha256(settings.encode()).hexdigest()[:16],
         "data_version": data_version,
+        "code_version": _code_version(),
     }
+
+
+def _code_version() -> str:
+    """Hash of the code a checkpoint's weights depend on (network, loop, losses, cached tensors' reader).
+
+    DVC reruns the train stage after such a change; resuming the old run's checkpoint
+    would then hand back a model of the old code.
+    """
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for area in ("model", "training", "preprocess"):
+        for f in sorted((pkg / area).rglob("*.py")):
+            h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ evaluation
@@ -452,7 +467,7 @@ def _save(
     save_checkpoint(
         ckpt_path,
         {
-            **fingerprint,  # params_hash and data_version: what a resume must match
+            **fingerprint,  # params_hash, data_version, code_version: what a resume must match
             "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": opt.optimizer.state_dict(),
