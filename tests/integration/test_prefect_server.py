@@ -214,13 +214,19 @@ def test_documented_worker_heals_a_dead_run_then_runs_drift_and_retrain_to_a_pro
     pool = deployments["retrain-nightly"]["work_pool"]["name"]
     assert deployments["drift-hourly"]["work_pool"]["name"] == pool
 
-    # -- docs: the work pools (Docker/K8s with the GPU templates), then `prefect deploy --all`
-    _run([*PREFECT, "work-pool", "create", pool, "--type", "process"], env)
+    # -- docs: the work pools (Docker/K8s with the GPU templates), then `prefect deploy --all`.
+    # `prefect work-pool create NAME --type T [--base-job-template F]` is this POST; the REST call
+    # saves three CLI starts.
     for name, kind, template in (
+        (pool, "process", None),
         ("bonefrac-docker", "docker", "deploy/work-pools/docker.json"),
         ("bonefrac-k8s", "kubernetes", "deploy/work-pools/kubernetes.json"),
     ):
-        _run([*PREFECT, "work-pool", "create", name, "--type", kind, "--base-job-template", template], env)
+        body: dict[str, Any] = {"name": name, "type": kind}
+        if template:
+            body["base_job_template"] = json.loads((ROOT / template).read_text())
+        r = httpx.post(f"{api}/work_pools/", json=body, timeout=30)
+        assert r.status_code == 201, r.text  # the server validates the template's defaults too
     _run([*PREFECT, "--no-prompt", "deploy", "--all"], env)  # the server validates every job_variables
     dep = httpx.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30).json()
     drift_dep = httpx.get(f"{api}/deployments/name/drift-check/drift-hourly", timeout=30).json()

@@ -86,9 +86,10 @@ def run_worker(
     worker_args: list[str] | None = None,
     stop_timeout_s: float = 10.0,
     sweep: bool = True,
-    say: Callable[[str], None] = print,
+    say: Callable[[str], None] | None = None,
 ) -> int:
     """Sweep ``pool``'s dead runs, run ``prefect worker start --pool pool``, stop it on SIGINT/SIGTERM."""
+    say = say or (lambda msg: print(msg, flush=True))  # before the worker's own lines, also in a log file
     env = project_env(root)
     os.environ.update(env)  # this process talks to the API too (sweep, automation)
     if sweep:
