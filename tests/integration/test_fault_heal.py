@@ -22,9 +22,9 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+from tests.integration._pipeline import make_project, prefect_server
 
 from bonefrac.training.checkpoint import load_checkpoint, save_checkpoint
-from tests.integration._pipeline import make_project, prefect_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -52,7 +52,7 @@ def _state(api: str, run_id: str) -> dict:
     return httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
 
 
-def _wait(cond, timeout: float, what: str, log: Path) -> None:  # noqa: ANN001
+def _wait(cond, timeout: float, what: str, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
