@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("bonefrac.proc")
 
 # Tool -> the module its console script runs (the same code, found through this interpreter).
@@ -99,13 +101,25 @@ def run_tool(
     )
 
 
+SHELLS = {"sh", "dash", "bash", "zsh"}
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
+
+
 def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s: float = 30.0) -> bool:
     """Watch the parent process; when it is gone, send ourselves ``sig`` (then exit hard after ``grace_s``).
 
     For processes whose parent is not ours to configure (Prefect's worker starts the
     flow run, DVC starts a stage). ``sig`` goes through the process's own handler, so
     Prefect's engine reports the run Crashed and a ``subprocess.run`` in progress
-    kills its child on the way out. Starts one daemon thread per process; returns
+    kills its child on the way out. When the parent is a shell (DVC runs a stage as
+    ``sh -c "python -m flows.train"``, and ``sh`` outlives a killed DVC), the
+    shell's parent is watched too. Starts one daemon thread per process; returns
     False (and watches nothing) when the parent is already init (a daemon by design).
     """
     global _watcher
@@ -114,9 +128,16 @@ def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s
         return False
     if _watcher is not None and _watcher.is_alive():
         return True
+    try:
+        grandparent = psutil.Process(parent).ppid() if psutil.Process(parent).name() in SHELLS else None
+    except psutil.Error:
+        grandparent = None
+
+    def orphaned() -> bool:
+        return os.getppid() != parent or (grandparent is not None and _ppid(parent) != grandparent)
 
     def watch() -> None:
-        while os.getppid() == parent:
+        while not orphaned():
             time.sleep(interval_s)
         log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
         os.kill(os.getpid(), sig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
     return False
 
 
-@pytest.mark.parametrize("how", ["run_tool", "exit_with_parent"])
+@pytest.mark.parametrize("how", ["run_tool", "exit_with_parent", "through_a_shell"])
 def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> None:
     """kill -9 of the middle process: the grandchild (the training, in the real chain) stops too."""
     pidfile = tmp_path / "grandchild.pid"
@@ -67,11 +68,14 @@ def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> Non
             from bonefrac.proc import run_tool
             run_tool([sys.executable, "-c", "import os, time; {write_pid}"], ".")
         """
-    else:  # someone else starts us: we watch our parent
+    else:  # someone else starts us: we watch our parent (DVC: through `sh -c`, which outlives DVC)
+        child = [sys.executable, "-c", f"import os, time; from bonefrac.proc import exit_with_parent; "
+                 f"exit_with_parent(interval_s=0.1); {write_pid}"]  # fmt: skip
+        if how == "through_a_shell":
+            child = ["/bin/sh", "-c", shlex.join(child) + "; echo done"]  # `; echo`: sh cannot exec the child
         body = f"""
             import subprocess
-            subprocess.run([sys.executable, "-c", "import os, time; from bonefrac.proc import exit_with_parent; "
-                            "exit_with_parent(interval_s=0.1); {write_pid}"])
+            subprocess.run({child!r})
         """
     script = "import sys\n" + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
