@@ -33,7 +33,7 @@ SMALL = {
     "data": {"phantom": {"n_patients": 14, "size": 128}},
     "preprocess": {"image_size": 64},
     "model": {"arch": "custom_cnn", "pretrained": "none"},
-    "train": {"epochs": 6, "batch_size": 16, "threads": 1},
+    "train": {"epochs": 6, "batch_size": 16, "threads": 1, "early_stopping_patience": 50},
     "evaluate": {"bootstrap_samples": 50, "gradcam_gallery": 2},
     "promotion": {"min_sensitivity": 0.0, "bootstrap_samples": 50},  # this test is about healing, not the gate
 }
