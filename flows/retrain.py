@@ -40,7 +40,6 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from bonefrac.config import load_params, project_root, resolve
-from bonefrac.ops.sweep import crash_current_run
 from bonefrac.proc import exit_with_parent, run_tool, tool_cmd
 
 # A retrain that has not finished in 8 h is stuck (the nightly window): Prefect fails it,
@@ -178,8 +177,9 @@ def retrain_flow(
     ``models/model.pt``), e.g. one evaluated elsewhere.
     """
     log = get_run_logger()
-    # The worker died (kill -9, OOM): say so, stop, and take `dvc repro` and the training along.
-    exit_with_parent(on_orphan=lambda: crash_current_run("its worker died: stopped with it"))
+    # The worker died (kill -9, OOM): stop, and take `dvc repro` and the training along. The
+    # run's state is left to the sweep (next worker start) and the heartbeat automation.
+    exit_with_parent()
     root = project_root()
     p = load_params(params_path)
     name = p.serving.model_name

@@ -111,12 +111,7 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def exit_with_parent(
-    sig: int = signal.SIGTERM,
-    interval_s: float = 1.0,
-    grace_s: float = 30.0,
-    on_orphan: Callable[[], None] | None = None,
-) -> bool:
+def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s: float = 30.0) -> bool:
     """Watch the parent process; when it is gone, send ourselves ``sig`` (then exit hard after ``grace_s``).
 
     For processes whose parent is not ours to configure (Prefect's worker starts the
@@ -124,8 +119,9 @@ def exit_with_parent(
     Prefect's engine reports the run Crashed and a ``subprocess.run`` in progress
     kills its child on the way out. When the parent is a shell (DVC runs a stage as
     ``sh -c "python -m flows.train"``, and ``sh`` outlives a killed DVC), the
-    shell's parent is watched too. ``on_orphan()`` runs first (e.g. to record why the
-    process stops; its errors are logged, not raised). Starts one daemon thread per process; returns
+    shell's parent is watched too. Nothing else happens first (an API call to report
+    the run was tried and could hang the watcher: the run's state is the sweep's
+    job). Starts one daemon thread per process; returns
     False (and watches nothing) when the parent is already init (a daemon by design).
     """
     global _watcher
@@ -146,11 +142,6 @@ def exit_with_parent(
         while not orphaned():
             time.sleep(interval_s)
         log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
-        if on_orphan is not None:
-            try:
-                on_orphan()
-            except Exception as err:
-                log.warning("on_orphan failed: %s: %s", type(err).__name__, err)
         os.kill(os.getpid(), sig)
         time.sleep(grace_s)
         os._exit(128 + int(sig))

@@ -96,19 +96,3 @@ def sweep_dead_runs(pool: str, alive: object = pid_alive) -> list[SweptRun]:
             swept.append(SweptRun(str(run.id), run.name, was, state.type.value, pid))
     return swept
 
-
-def crash_current_run(message: str) -> None:
-    """Mark the flow run this process executes Crashed (used when its worker died under it).
-
-    Prefect's engine does not always get to report a state after the worker is
-    gone; saying it first frees the deployment's concurrency slot at once instead
-    of at the next worker start.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.runtime import flow_run
-    from prefect.states import Crashed
-
-    run_id = flow_run.id
-    if run_id:
-        with get_client(sync_client=True) as client:
-            client.set_flow_run_state(run_id, Crashed(message=message), force=True)
