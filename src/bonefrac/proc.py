@@ -19,6 +19,7 @@ DVC) watches its parent with :func:`exit_with_parent`.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -141,7 +142,10 @@ def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s
     def watch() -> None:
         while not orphaned():
             time.sleep(interval_s)
-        log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
+        # The parent often held our stdout/stderr (Prefect streams a flow run's output through
+        # its worker): a handler writing there raises, and must not stop the stop.
+        with contextlib.suppress(Exception):
+            log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
         os.kill(os.getpid(), sig)
         time.sleep(grace_s)
         os._exit(128 + int(sig))

@@ -69,7 +69,11 @@ def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> Non
             run_tool([sys.executable, "-c", "import os, time; {write_pid}"], ".")
         """
     else:  # someone else starts us: we watch our parent (DVC: through `sh -c`, which outlives DVC)
-        child = [sys.executable, "-c", f"import os, time; from bonefrac.proc import exit_with_parent; "
+        # a log handler that fails once the parent is gone, as Prefect's console handler does when the
+        # worker that held the flow run's stderr pipe is killed
+        boom = ("import logging; h = logging.Handler(); h.emit = lambda r: (_ for _ in ()).throw(BrokenPipeError()); "
+                "logging.getLogger('bonefrac.proc').addHandler(h); ")  # fmt: skip
+        child = [sys.executable, "-c", f"import os, time; {boom}from bonefrac.proc import exit_with_parent; "
                  f"exit_with_parent(interval_s=0.1); {write_pid}"]  # fmt: skip
         if how == "through_a_shell":
             child = ["/bin/sh", "-c", shlex.join(child) + "; echo done"]  # `; echo`: sh cannot exec the child
