@@ -14,7 +14,8 @@ also die as one: when a link is killed with SIGKILL, nothing tells its children,
 and an orphaned training keeps the GPU busy for hours. Each link therefore ties
 itself to its parent: children we start get Linux's parent-death signal, and a
 process started by someone else (the flow run by Prefect's worker, a stage by
-DVC) watches its parent with :func:`exit_with_parent`.
+DVC) watches its parent with :func:`exit_with_parent`, and takes its own
+descendants along when it goes.
 """
 
 from __future__ import annotations
@@ -112,18 +113,35 @@ def _ppid(pid: int) -> int | None:
         return None
 
 
-def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s: float = 30.0) -> bool:
-    """Watch the parent process; when it is gone, send ourselves ``sig`` (then exit hard after ``grace_s``).
+def _stop_descendants(grace_s: float) -> None:
+    """SIGTERM every descendant (``dvc repro``, its shell, the training, DDP ranks), SIGKILL the stragglers."""
+    try:
+        kids = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for k in kids:
+        with contextlib.suppress(psutil.Error):
+            k.terminate()
+    _, alive = psutil.wait_procs(kids, timeout=grace_s)
+    for k in alive:
+        with contextlib.suppress(psutil.Error):
+            k.kill()
+
+
+def exit_with_parent(interval_s: float = 1.0, grace_s: float = 5.0) -> bool:
+    """Watch the parent process; when it is gone, stop every descendant and exit (status 143).
 
     For processes whose parent is not ours to configure (Prefect's worker starts the
-    flow run, DVC starts a stage). ``sig`` goes through the process's own handler, so
-    Prefect's engine reports the run Crashed and a ``subprocess.run`` in progress
-    kills its child on the way out. When the parent is a shell (DVC runs a stage as
-    ``sh -c "python -m flows.train"``, and ``sh`` outlives a killed DVC), the
-    shell's parent is watched too. Nothing else happens first (an API call to report
-    the run was tried and could hang the watcher: the run's state is the sweep's
-    job). Starts one daemon thread per process; returns
-    False (and watches nothing) when the parent is already init (a daemon by design).
+    flow run, DVC starts a stage). When the parent is a shell (DVC runs a stage as
+    ``sh -c "python -m flows.train"``, and ``sh`` outlives a killed DVC), the shell's
+    parent is watched too. The exit is ``os._exit``, not a signal to ourselves:
+    Prefect's engine installs its own SIGTERM handler, and a flow run was seen to
+    survive it (and go on to retry ``dvc repro``). Outputs are written atomically and
+    training checkpoints every epoch, so nothing is left half-written. The run's
+    state is not reported from here (an API call from this thread could hang): the
+    worker's sweep and the heartbeat automation mark it Crashed. Starts one daemon
+    thread per process; returns False (and watches nothing) when the parent is
+    already init (a daemon by design).
     """
     global _watcher
     parent = os.getppid()
@@ -145,10 +163,10 @@ def exit_with_parent(sig: int = signal.SIGTERM, interval_s: float = 1.0, grace_s
         # The parent often held our stdout/stderr (Prefect streams a flow run's output through
         # its worker): a handler writing there raises, and must not stop the stop.
         with contextlib.suppress(Exception):
-            log.warning("parent process %d is gone: stopping (signal %d)", parent, sig)
-        os.kill(os.getpid(), sig)
-        time.sleep(grace_s)
-        os._exit(128 + int(sig))
+            log.warning("parent process %d is gone: stopping this process and its children", parent)
+        with contextlib.suppress(Exception):
+            _stop_descendants(grace_s)
+        os._exit(128 + signal.SIGTERM)
 
     _watcher = threading.Thread(target=watch, name="bonefrac-exit-with-parent", daemon=True)
     _watcher.start()

@@ -60,21 +60,28 @@ def _wait_gone(pid: int, timeout_s: float) -> bool:
 
 @pytest.mark.parametrize("how", ["run_tool", "exit_with_parent", "through_a_shell"])
 def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> None:
-    """kill -9 of the middle process: the grandchild (the training, in the real chain) stops too."""
-    pidfile = tmp_path / "grandchild.pid"
-    write_pid = f"open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    """kill -9 of the middle process: the grandchild (a flow run, a stage) and what it started stop too."""
+    pidfile = tmp_path / "pids"
+    # the grandchild starts a child of its own (its `dvc repro`, its training) and records both PIDs
+    write_pids = (
+        "import subprocess; k = subprocess.Popen(['sleep', '60']); "
+        f"open({str(pidfile)!r}, 'w').write(f'{{os.getpid()}} {{k.pid}}'); time.sleep(60)"
+    )
     if how == "run_tool":  # we start the child: parent-death signal
         body = f"""
             from bonefrac.proc import run_tool
-            run_tool([sys.executable, "-c", "import os, time; {write_pid}"], ".")
+            run_tool([sys.executable, "-c", "import os, time; {write_pids.replace('"', "'")}"], ".")
         """
     else:  # someone else starts us: we watch our parent (DVC: through `sh -c`, which outlives DVC)
-        # a log handler that fails once the parent is gone, as Prefect's console handler does when the
-        # worker that held the flow run's stderr pipe is killed
-        boom = ("import logging; h = logging.Handler(); h.emit = lambda r: (_ for _ in ()).throw(BrokenPipeError()); "
-                "logging.getLogger('bonefrac.proc').addHandler(h); ")  # fmt: skip
-        child = [sys.executable, "-c", f"import os, time; {boom}from bonefrac.proc import exit_with_parent; "
-                 f"exit_with_parent(interval_s=0.1); {write_pid}"]  # fmt: skip
+        # As in a Prefect flow run: SIGTERM handled (here: swallowed) by someone else, and a log handler
+        # that fails once the parent that held our stderr pipe is gone.
+        hostile = (
+            "import logging, signal; signal.signal(signal.SIGTERM, lambda *a: None); h = logging.Handler(); "
+            "h.emit = lambda r: (_ for _ in ()).throw(BrokenPipeError()); "
+            "logging.getLogger('bonefrac.proc').addHandler(h); "
+        )
+        child = [sys.executable, "-c", f"import os, time; {hostile}from bonefrac.proc import exit_with_parent; "
+                 f"exit_with_parent(interval_s=0.1); {write_pids}"]  # fmt: skip
         if how == "through_a_shell":
             child = ["/bin/sh", "-c", shlex.join(child) + "; echo done"]  # `; echo`: sh cannot exec the child
         body = f"""
@@ -84,18 +91,22 @@ def test_a_child_dies_when_its_parent_is_killed(tmp_path: Path, how: str) -> Non
     script = "import sys\n" + textwrap.dedent(body)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     middle = subprocess.Popen([sys.executable, "-c", script], env=env)
+    pids: list[int] = []
     try:
         deadline = time.monotonic() + 60
         while not (pidfile.exists() and pidfile.read_text()) and time.monotonic() < deadline:
             assert middle.poll() is None, "the middle process ended early"
             time.sleep(0.1)
-        grandchild = int(pidfile.read_text())
+        pids = [int(p) for p in pidfile.read_text().split()]
         middle.send_signal(signal.SIGKILL)
         middle.wait(10)
+        grandchild, its_child = pids
         assert _wait_gone(grandchild, 10), f"the grandchild {grandchild} outlived its killed parent"
+        if how != "run_tool":  # (a parent-death signal does not reach grandchildren; exit_with_parent does)
+            assert _wait_gone(its_child, 10), f"the grandchild's own child {its_child} was left running"
     finally:
         if middle.poll() is None:
             middle.kill()
-        if pidfile.exists() and pidfile.read_text():
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pidfile.read_text()), signal.SIGKILL)
+                os.kill(pid, signal.SIGKILL)
