@@ -161,10 +161,11 @@ def exit_with_parent(interval_s: float = 1.0, grace_s: float = 5.0) -> bool:
         while not orphaned():
             time.sleep(interval_s)
         # The parent often held our stdout/stderr (Prefect streams a flow run's output through
-        # its worker): a handler writing there raises, and must not stop the stop.
-        with contextlib.suppress(Exception):
+        # its worker): a handler writing there fails — rich's console even raises SystemExit on
+        # a broken pipe — and must not stop the stop.
+        with contextlib.suppress(BaseException):
             log.warning("parent process %d is gone: stopping this process and its children", parent)
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):
             _stop_descendants(grace_s)
         os._exit(128 + signal.SIGTERM)
 
