@@ -14,7 +14,7 @@ export
 # DVC stages run `python -m flows.<stage>`: make that the project's Python.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install run run-fracatlas test test-all lint bench serve
+.PHONY: install run run-fracatlas test test-all lint bench serve worker
 
 $(STAMP): requirements.lock pyproject.toml
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11)" 2>/dev/null || { echo "need Python 3.11 (python3.11 or python3 on PATH)"; exit 1; }
@@ -49,6 +49,10 @@ test-all: install
 
 lint: install
 	$(BIN)/ruff check src tests flows benchmarks
+
+# The Prefect worker for the scheduled flows (docs/operations.md); POOL=bonefrac-process by default.
+worker: install
+	$(BIN)/bonefrac ops worker --pool $${POOL:-bonefrac-process}
 
 bench: install
 	$(BIN)/python -m benchmarks.run_all

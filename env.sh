@@ -6,5 +6,6 @@ while IFS=' :=' read -r key value; do
   export "$key=$value"
 done < <(grep -E '^[A-Z_]+ :=' "$_here/env.mk" | sed 's/ := /=/' | tr '=' ' ')
 export PYTHONPATH="$_here/src${PYTHONPATH:+:$PYTHONPATH}"
-export PATH="$_here/.venv/bin:$PATH"  # as make: the project's python, dvc, prefect first
+# The project's tools first, as under make: `dvc`, `prefect`, and DVC's `python -m flows.*`.
+[[ -d "$_here/.venv/bin" ]] && export PATH="$_here/.venv/bin:$PATH"
 unset _here key value

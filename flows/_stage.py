@@ -10,6 +10,7 @@ from prefect.states import Failed, State
 
 from bonefrac.config import ConfigError, load_params
 from bonefrac.errors import user_error_types
+from bonefrac.proc import exit_with_parent
 
 
 def guarded(fn: Callable[[], str]) -> str | State:
@@ -29,6 +30,10 @@ def guarded(fn: Callable[[], str]) -> str | State:
 def run_stage(flow_fn: Any, argv: list[str]) -> None:
     """``python -m flows.<stage> [params.yaml]``: exit 2 on bad params, 1 on a failed stage."""
     params_path = argv[1] if len(argv) > 1 else "params.yaml"
+    # Started by `dvc repro` (itself started by a retrain run): if DVC is killed, stop
+    # instead of training on as an orphan. The checkpoint of the last epoch stays, and
+    # the next run resumes from it.
+    exit_with_parent()
     try:
         load_params(params_path)  # fail fast, before Prefect starts, naming the bad key
     except ConfigError as err:

@@ -7,6 +7,17 @@ whose data, code or params changed and skips the rest, records the data version
 (the hashes in ``dvc.lock``) and keeps ``dvc repro`` by hand and the scheduled
 run identical. Each stage still runs as its own Prefect flow inside DVC.
 
+DVC and BentoML run as ``<this interpreter> -m dvc|bentoml`` with this
+interpreter's folder first on PATH (``bonefrac.proc``): a worker started from a
+shell, a service manager or cron finds the project's tools, not whatever PATH
+holds (or a ``FileNotFoundError: 'dvc'``).
+
+Faults: the flow run has a timeout (:data:`RETRAIN_TIMEOUT_S`); it stops when its
+worker dies (so no orphaned training keeps running), and the training it
+started resumes from its last epoch on the next run (``flows/train.py``). A run
+whose process died without a word is marked Crashed by ``bonefrac ops worker``
+at start (``bonefrac.ops.sweep``) and by the heartbeat automation.
+
 Prefect adds what DVC does not: retries for transient failures (a busy lock, a
 flaky disk), result caching of the expensive steps after the pipeline (scoring
 both models on the test split is keyed on the model tag and the data version,
@@ -17,9 +28,9 @@ explains the decision. Logic lives in ``bonefrac.registry`` and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,12 +40,17 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
 from bonefrac.config import load_params, project_root, resolve
+from bonefrac.proc import exit_with_parent, run_tool, tool_cmd
+
+# A retrain that has not finished in 8 h is stuck (the nightly window): Prefect fails it,
+# which frees the deployment's concurrency slot for the next night's run.
+RETRAIN_TIMEOUT_S = 8 * 3600
 
 
 @task(retries=2, retry_delay_seconds=30, cache_policy=NO_CACHE)
 def run_pipeline(root: str, timeout_s: int = 6 * 3600) -> str:
     """``dvc repro``: DVC's own cache skips unchanged stages (so no Prefect cache here)."""
-    res = subprocess.run(["dvc", "repro"], cwd=root, capture_output=True, text=True, timeout=timeout_s)
+    res = run_tool(tool_cmd("dvc", "repro"), cwd=root, timeout=timeout_s)
     if res.returncode != 0:
         raise RuntimeError(
             f"dvc repro failed ({res.returncode}):\n{res.stderr[-4000:] or res.stdout[-4000:]}"
@@ -117,10 +133,9 @@ def build_reference(tag: str, cache_dir: str, out_dir: str, embedding_dims: int,
 def build_bento(root: str) -> str:
     """``bentoml build``; skipped (with the reason) where it cannot run on this machine."""
     log = get_run_logger()
-    bentoml = shutil.which("bentoml") or str(Path(sys.executable).with_name("bentoml"))
     reason = None
-    if not Path(bentoml).exists():
-        reason = "the bentoml CLI is not installed"
+    if importlib.util.find_spec("bentoml") is None:
+        reason = "bentoml is not installed"
     elif not (Path(root) / "bentofile.yaml").exists():
         reason = "no bentofile.yaml in the project"
     elif shutil.which("uv") is None and not Path(sys.executable).with_name("uv").exists():
@@ -128,9 +143,7 @@ def build_bento(root: str) -> str:
     if reason:
         log.warning("Bento not built: %s", reason)
         return f"skipped: {reason}"
-    res = subprocess.run(
-        [bentoml, "build", "--output", "tag"], cwd=root, capture_output=True, text=True, timeout=1800
-    )
+    res = run_tool(tool_cmd("bentoml", "build", "--output", "tag"), cwd=root, timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"bentoml build failed:\n{res.stderr[-3000:]}")
     return f"built {res.stdout.strip().splitlines()[-1] if res.stdout.strip() else 'bento'}"
@@ -150,7 +163,7 @@ def _markdown(tag: str, decision: Any, action: str, extra: dict[str, str], reaso
     )
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain", log_prints=True, timeout_seconds=RETRAIN_TIMEOUT_S)
 def retrain_flow(
     params_path: str = "params.yaml",
     run_dvc: bool = True,
@@ -164,6 +177,9 @@ def retrain_flow(
     ``models/model.pt``), e.g. one evaluated elsewhere.
     """
     log = get_run_logger()
+    # The worker died (kill -9, OOM): stop, and take `dvc repro` and the training along. The
+    # run's state is left to the sweep (next worker start) and the heartbeat automation.
+    exit_with_parent()
     root = project_root()
     p = load_params(params_path)
     name = p.serving.model_name

@@ -1,4 +1,10 @@
-"""Stage `train`: fine-tune the network named in params on the cached tensors."""
+"""Stage `train`: fine-tune the network named in params on the cached tensors.
+
+Resumes from ``models/train/last.ckpt`` when it was written by the same params and
+the same data version (a retrain killed mid-run continues where it stopped; any
+change starts at epoch 1). ``train.distributed.nproc_per_node > 1`` runs the same
+training under ``torch.distributed.run`` (DDP) from this same DVC stage.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
+from bonefrac.training.distributed import launch
 from bonefrac.training.stage import run_training
 from flows._stage import guarded, run_stage
 
@@ -20,9 +27,18 @@ def _train(params_path: str) -> str:
     type_names: list[str] = []
     if p.model.multitask and p.data.use_fracture_types:
         type_names = sorted(set(index.loc[index["label"] == 1, "fracture_type"]) - {""})
+    out_dir = resolve(p.paths.models) / "train"
+    nproc = p.train.distributed.nproc_per_node
+    if nproc > 1:
+        s = launch(params_path, cache_dir, out_dir, nproc, type_names, dvclive_dir=resolve("dvclive"))
+        return (
+            f"train: {p.model.arch} on {nproc} DDP processes, {s['epochs_completed']} epochs"
+            f"{' (stopped early)' if s['stopped_early'] else ''}, best val AUROC {s['best_val_auroc']:.3f} "
+            f"at epoch {int(s['best_epoch']) + 1}, {float(s['train_seconds']) / 60:.1f} min -> {s['best_model_path']}"
+        )
     result = run_training(
         cache_dir,
-        resolve(p.paths.models) / "train",
+        out_dir,
         model_params=p.model,
         train_params=p.train,
         spatial_dims=p.spatial_dims,
@@ -30,6 +46,7 @@ def _train(params_path: str) -> str:
         seed=p.seed,
         features_dir=resolve(p.paths.features),
         dvclive_dir=resolve("dvclive"),
+        resume=True,  # only a checkpoint of the same params and data version is resumed
     )
     return (
         f"train: {p.model.arch}, {result.epochs_completed} epochs"

@@ -193,6 +193,16 @@ class DenseTrainParams(Strict):
     feature_dtype: Literal["float16", "float32"] = "float16"
 
 
+class DistributedParams(Strict):
+    """DDP from the same ``train`` stage: ``nproc_per_node > 1`` launches ``torch.distributed.run``.
+
+    NCCL when CUDA is visible (one process per GPU), gloo on CPU; ``train.batch_size``
+    stays the global batch, so a run matches single-process training on the same data.
+    """
+
+    nproc_per_node: int = Field(1, ge=1, description="processes on this machine; 1 = no DDP")
+
+
 class TrainParams(Strict):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -208,6 +218,7 @@ class TrainParams(Strict):
     deterministic: bool = True
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     finetune: FinetuneParams = FinetuneParams()
+    distributed: DistributedParams = DistributedParams()
     imbalance: ImbalanceParams = ImbalanceParams()
     augment: AugmentParams = AugmentParams()
     dense: DenseTrainParams = DenseTrainParams()

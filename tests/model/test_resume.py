@@ -10,11 +10,15 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pandas as pd
+import pytest
 import torch
+import yaml
 from _training_helpers import TYPES, make_tiny_cache, tiny_params
 
-from bonefrac.config import ImbalanceParams
-from bonefrac.training.checkpoint import load_checkpoint
+from bonefrac.config import ImbalanceParams, load_params
+from bonefrac.preprocess.cache import cache_version
+from bonefrac.training.checkpoint import load_checkpoint, save_checkpoint
 from bonefrac.training.loop import train_model
 
 EPOCHS, KILL_AFTER = 3, 0  # killed right after epoch 0's checkpoint, i.e. during epoch 1
@@ -83,3 +87,48 @@ def test_max_epochs_this_run_then_resume_and_fresh_start(tmp_path: Path) -> None
     mp2, tp2 = tiny_params(epochs=1, lr=1e-3)
     fresh = train_model(cache, tmp_path / "o", mp2, tp2, 2, TYPES, seed=1)
     assert fresh.epochs_completed == 1 and fresh.finished
+
+
+def test_train_stage_resumes_only_a_checkpoint_of_the_same_params_and_data_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DVC train stage (what a retrain runs) continues a killed run instead of starting at epoch 1."""
+    from flows.train import _train
+
+    cache = make_tiny_cache(tmp_path, n_train=8, n_val=4, size=32)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    params = {
+        "seed": 1,
+        "data": {"use_fracture_types": False},
+        "model": {"arch": "custom_cnn", "pretrained": "none", "dropout": 0.0, "multitask": False},
+        "train": {"epochs": 2, "batch_size": 8, "num_workers": 0, "threads": 1, "early_stopping_patience": 10},
+        "paths": {"processed": str(cache), "models": str(proj / "models"), "reports": str(proj / "reports")},
+    }
+    (proj / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(proj)
+    p = load_params("params.yaml")
+    out = proj / "models" / "train"
+    # a run that stopped after epoch 1 of 2 (killed; max_epochs_this_run stands in for the kill)
+    train_model(cache, out, p.model, p.train, 2, [], seed=p.seed, max_epochs_this_run=1)
+    ck = load_checkpoint(out / "last.ckpt")
+    assert ck["data_version"] == cache_version(cache)
+    assert len(ck["params_hash"]) == 16 and len(ck["code_version"]) == 16
+    ck["history"][0]["train/loss"] = 123.0  # a mark only a resumed run keeps (a fresh one recomputes epoch 1)
+    save_checkpoint(out / "last.ckpt", ck)
+    partial = (out / "last.ckpt").read_bytes()
+
+    assert "2 epochs" in _train("params.yaml")
+    resumed = load_checkpoint(out / "last.ckpt")["history"]
+    assert len(resumed) == 2 and resumed[0]["train/loss"] == 123.0  # epoch 1 was not trained again
+
+    # new data version, same params and the same row counts: the old checkpoint is not resumed
+    (out / "last.ckpt").write_bytes(partial)
+    index = pd.read_csv(cache / "index.csv", keep_default_na=False)
+    index.loc[[0, 1], "label"] = index.loc[[1, 0], "label"].to_numpy()
+    index.to_csv(cache / "index.csv", index=False)
+    assert cache_version(cache) != ck["data_version"]
+    _train("params.yaml")
+    fresh = load_checkpoint(out / "last.ckpt")
+    assert len(fresh["history"]) == 2 and fresh["history"][0]["train/loss"] != 123.0
+    assert fresh["data_version"] == cache_version(cache)

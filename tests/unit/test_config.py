@@ -90,3 +90,36 @@ def test_serving_settings_from_params_then_environment(tmp_path) -> None:
     # every override names a real setting
     for section, key in ENV_OVERRIDES.values():
         assert key in type(getattr(load_settings(params.with_name("none.yaml"), {}), section)).model_fields
+
+
+PRESETS = sorted((ROOT / "params").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_validates_and_survives_dvc_set_args(preset: Path) -> None:
+    """`bonefrac exp-run PRESET` = `dvc exp run -S k=v ...`: DVC parses each v as YAML into params.yaml;
+    the params the stages then read must be exactly the preset merged into params.yaml."""
+    from bonefrac.presets import load_preset, set_args
+
+    args = set_args(preset, ROOT / "params.yaml")
+    assert args and args[::2] == ["-S"] * (len(args) // 2)
+    applied = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for kv in args[1::2]:
+        key, value = kv.split("=", 1)
+        *parents, leaf = key.split(".")
+        node = applied
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    expected = load_params(ROOT / "params.yaml", overrides=load_preset(preset))
+    assert params_from_dict(applied) == expected
+    assert expected != load_params(ROOT / "params.yaml")  # the preset changes something
+
+
+def test_a_preset_with_a_bad_key_is_refused_by_name(tmp_path: Path) -> None:
+    from bonefrac.presets import set_args
+
+    bad = tmp_path / "typo.yaml"
+    bad.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        set_args(bad, ROOT / "params.yaml")

@@ -3,10 +3,10 @@
 Bottom to top (a module may import its own area, any area of a lower layer, or
 an area listed before it in its own layer):
 
-    errors, atomic, provenance < config < presets < model       the contract
+    errors, atomic, provenance, proc < config < presets < model       the contract
     data < validation < preprocess < training < inference
     evaluation, explain, monitoring                 measure the model
-    registry                                        store, gate, resolve the champion
+    registry < ops                                  store, gate, resolve the champion; run the schedules
     serving, cli                                    thin faces (flows/ sit on top too)
 """
 
@@ -25,6 +25,7 @@ ORDER: dict[str, tuple[int, int]] = {
     "errors": (0, 0),
     "atomic": (0, 0),
     "provenance": (0, 0),
+    "proc": (0, 0),
     "config": (0, 1),
     "presets": (0, 2),
     "model": (0, 3),
@@ -37,6 +38,7 @@ ORDER: dict[str, tuple[int, int]] = {
     "explain": (2, 0),
     "monitoring": (2, 1),
     "registry": (3, 0),
+    "ops": (3, 1),
     "serving": (4, 0),
     "cli": (4, 0),
 }

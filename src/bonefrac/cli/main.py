@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 
-from bonefrac.cli import inference_commands, monitoring_commands, registry_commands
+from bonefrac.cli import inference_commands, monitoring_commands, ops_commands, registry_commands
 from bonefrac.config import ConfigError, load_params, project_root
+from bonefrac.proc import tool_cmd, tool_env
 
 app = typer.Typer(
     name="bonefrac",
@@ -64,8 +65,8 @@ def run_pipeline(
     force: Annotated[bool, typer.Option(help="rerun every stage even if nothing changed")] = False,
 ) -> None:
     """Run the whole pipeline with DVC (`dvc repro`): only what changed is rerun."""
-    cmd = ["dvc", "repro"] + (["--force"] if force else [])
-    raise typer.Exit(subprocess.call(cmd, cwd=project_root()))
+    cmd = tool_cmd("dvc", "repro", *(["--force"] if force else []))
+    raise typer.Exit(subprocess.call(cmd, cwd=project_root(), env=tool_env()))
 
 
 @app.command("exp-run")
@@ -82,11 +83,11 @@ def exp_run(
     except ConfigError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    cmd = ["dvc", "exp", "run", "-n", name or preset.stem, *args]
+    cmd = tool_cmd("dvc", "exp", "run", "-n", name or preset.stem, *args)
     if dry_run:
-        typer.echo(" ".join(cmd))
+        typer.echo(" ".join(["dvc", *cmd[3:]]))
         return
-    raise typer.Exit(subprocess.call(cmd, cwd=project_root()))
+    raise typer.Exit(subprocess.call(cmd, cwd=project_root(), env=tool_env()))
 
 
 @app.command("check-params")
@@ -148,6 +149,7 @@ app.command("metrics")(monitoring_commands.metrics)
 app.command("promote")(registry_commands.promote)
 app.command("rollback")(registry_commands.rollback)
 app.command("models")(registry_commands.models)
+app.add_typer(ops_commands.app, name="ops")
 
 
 def main() -> None:

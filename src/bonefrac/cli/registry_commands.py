@@ -97,7 +97,10 @@ def models(
         typer.echo(f"no models named {name!r} in {store.bentoml_home() / 'models'}")
         return
     table = Table(title=f"{name} models")
-    for col in ("tag", "stage", "created", "test AUROC", "data version", "git commit"):
+    # the tag is what `promote`/`rollback` take: never shortened, whatever the terminal's width
+    table.add_column("tag", no_wrap=True, min_width=max(len(r.tag) for r in records))
+    table.add_column("stage", no_wrap=True)
+    for col in ("created", "test AUROC", "data version", "git commit"):
         table.add_column(col)
     for r in records:
         metrics = r.metadata.get("metrics") or {}

@@ -18,6 +18,7 @@ Layout of ``out_dir``:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -150,3 +151,16 @@ def cache_spec(out_dir: Path) -> PreprocessSpec:
     if meta.get("format") != CACHE_FORMAT:
         raise CacheError(f"{p} is an older cache format ({meta.get('format')!r}): rerun the preprocess stage")
     return PreprocessSpec.model_validate(meta["spec"])
+
+
+def cache_version(out_dir: Path) -> str:
+    """Short hash of ``index.csv`` and ``cache.json``: which rows, labels, splits and preprocessing.
+
+    A training checkpoint records it so a resume never continues across data
+    versions (``images.npy`` is a function of those two files, so it is not read).
+    """
+    h = hashlib.sha256()
+    for name in (INDEX_FILE, META_FILE):
+        p = Path(out_dir) / name
+        h.update(name.encode() + b"\0" + (p.read_bytes() if p.exists() else b"") + b"\0")
+    return h.hexdigest()[:16]

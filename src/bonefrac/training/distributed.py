@@ -1,6 +1,9 @@
-"""Distributed (DDP) training entry point for ``torchrun``.
+"""Distributed (DDP) training: the ``torchrun`` entry point and the launcher the train stage uses.
 
-    python -m torch.distributed.run --nproc_per_node=2 -m bonefrac.training.distributed \\
+``train.distributed.nproc_per_node: 2`` in params makes the DVC ``train`` stage
+(``flows/train.py``) call :func:`launch`, i.e.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 -m bonefrac.training.distributed \\
         --params params.yaml --cache-dir data/processed --out-dir models/train --dvclive-dir dvclive
 
 Each process joins the process group (NCCL on GPUs, gloo on CPU) and calls the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import logging
 import os
 from pathlib import Path
@@ -24,9 +28,11 @@ import torch
 import torch.distributed as dist
 
 from bonefrac.config import load_params
+from bonefrac.errors import BonefracError
 from bonefrac.preprocess.cache import cache_spec, load_cache
+from bonefrac.proc import exit_with_parent, run_tool, tool_cmd
 from bonefrac.training.data import type_names_from_index
-from bonefrac.training.loop import TrainResult, train_model
+from bonefrac.training.loop import SUMMARY, TrainResult, train_model
 
 log = logging.getLogger("bonefrac.training.distributed")
 
@@ -57,8 +63,56 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+class DistributedLaunchError(BonefracError, RuntimeError):
+    """``torchrun`` ended with an error; the message carries the end of its output."""
+
+
+def launch(
+    params_path: str | Path,
+    cache_dir: Path,
+    out_dir: Path,
+    nproc_per_node: int,
+    type_names: list[str],
+    dvclive_dir: Path | None = None,
+    cwd: Path | None = None,
+) -> dict[str, object]:
+    """Run :func:`main` on ``nproc_per_node`` local processes with ``torch.distributed.run``.
+
+    Same interpreter and environment as the caller (``bonefrac.proc``), and the
+    launcher dies with its caller, taking its ranks with it. Returns rank 0's
+    ``train_summary.json``. The network and data are the caller's: ranks read the
+    same params file and are given the caller's fracture types, so the run is the
+    one a single process would do.
+    """
+    args = [
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+        "-m",
+        "bonefrac.training.distributed",
+        "--params",
+        str(params_path),
+        "--cache-dir",
+        str(cache_dir),
+        "--out-dir",
+        str(out_dir),
+        "--type-names",
+        ",".join(type_names),
+    ]
+    if dvclive_dir is not None:
+        args += ["--dvclive-dir", str(dvclive_dir)]
+    res = run_tool(tool_cmd("torchrun", *args), cwd or Path.cwd(), capture=True)
+    if res.returncode != 0:
+        raise DistributedLaunchError(
+            f"DDP training with {nproc_per_node} processes failed ({res.returncode}):\n"
+            f"{(res.stderr or res.stdout)[-4000:]}"
+        )
+    summary = Path(out_dir) / SUMMARY
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
 def main(argv: list[str] | None = None) -> TrainResult:
     args = _parse(argv)
+    exit_with_parent()  # an orphaned rank (torchrun killed) would hold the group's port and GPU
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     params = load_params(args.params)
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -17,6 +17,7 @@ tests and (under ``torchrun``) by :mod:`bonefrac.training.distributed`:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from bonefrac.model.dense import DENSE_ARCHS
 from bonefrac.model.networks import FractureNet, ModelError, build_model
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.augment import random_transform
-from bonefrac.preprocess.cache import cache_spec, load_cache
+from bonefrac.preprocess.cache import cache_spec, cache_version, load_cache
 from bonefrac.training.checkpoint import (
     capture_rng_state,
     load_checkpoint,
@@ -161,10 +162,15 @@ def _fingerprint(
     type_names: list[str],
     n_train: int,
     n_val: int,
-) -> str:
-    """What a checkpoint must share with this call to be resumed (workers/threads do not matter)."""
-    tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads"})
-    return json.dumps(
+    data_version: str,
+) -> dict[str, str]:
+    """What a checkpoint must share with this call to be resumed: params hash, data and code versions.
+
+    Workers, threads and the number of DDP processes do not change the result
+    (DDP matches one process), so a run may resume with other values of those.
+    """
+    tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads", "distributed"})
+    settings = json.dumps(
         {
             "model": model_params.model_dump(mode="json"),
             "train": tp,
@@ -175,6 +181,25 @@ def _fingerprint(
         },
         sort_keys=True,
     )
+    return {
+        "params_hash": hashlib.sha256(settings.encode()).hexdigest()[:16],
+        "data_version": data_version,
+        "code_version": _code_version(),
+    }
+
+
+def _code_version() -> str:
+    """Hash of the code a checkpoint's weights depend on (network, loop, losses, cached tensors' reader).
+
+    DVC reruns the train stage after such a change; resuming the old run's checkpoint
+    would then hand back a model of the old code.
+    """
+    pkg = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for area in ("model", "training", "preprocess"):
+        for f in sorted((pkg / area).rglob("*.py")):
+            h.update(f.relative_to(pkg).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ evaluation
@@ -404,12 +429,15 @@ def _optimisation(
 
 # ------------------------------------------------------------------ checkpoint
 def _resume(
-    ckpt_path: Path, fingerprint: str, model: nn.Module, opt: _Optimisation, sampler: EpochSampler, ctx: _Dist
-) -> _Progress:
-    """Restore everything from ``last.ckpt`` when it was written by the same settings and data."""
+    ckpt_path: Path, fingerprint: dict[str, str], model: nn.Module, opt: _Optimisation, sampler: EpochSampler,
+    ctx: _Dist,
+) -> _Progress:  # fmt: skip
+    """Restore everything from ``last.ckpt`` when it was written by the same settings and data version."""
     ck = load_checkpoint(ckpt_path)
-    if ck.get("fingerprint") != fingerprint:
-        log.warning("%s was written with other settings or data: starting a fresh run", ckpt_path)
+    differ = [k for k in fingerprint if ck.get(k) != fingerprint[k]]
+    if differ:
+        what = ", ".join(f"{k} {ck.get(k)!r} -> {fingerprint[k]!r}" for k in differ)
+        log.warning("%s belongs to another run (%s): not resuming, starting at epoch 1", ckpt_path, what)
         return _Progress()
     model.load_state_dict(ck["model"])
     opt.optimizer.load_state_dict(ck["optimizer"])
@@ -433,13 +461,14 @@ def _resume(
 
 
 def _save(
-    ckpt_path: Path, fingerprint: str, epoch: int, model: nn.Module, opt: _Optimisation, sampler: EpochSampler,
+    ckpt_path: Path, fingerprint: dict[str, str], epoch: int, model: nn.Module, opt: _Optimisation,
+    sampler: EpochSampler,
     progress: _Progress, rng_all: list[Any],
 ) -> None:  # fmt: skip
     save_checkpoint(
         ckpt_path,
         {
-            "fingerprint": fingerprint,
+            **fingerprint,  # params_hash, data_version, code_version: what a resume must match
             "epoch": epoch,
             "model": model.state_dict(),
             "optimizer": opt.optimizer.state_dict(),
@@ -545,7 +574,9 @@ def train_model(
     train_labels = data.train_rows["label"].astype(int).tolist()
     opt = _optimisation(model, tp, train_labels, len(data.train_loader), device, amp_dtype == torch.float16)
 
-    fp = _fingerprint(mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows))
+    fp = _fingerprint(
+        mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows), cache_version(cache_dir)
+    )
     ckpt_path = out_dir / LAST_CKPT
     if ctx.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -591,7 +622,7 @@ def train_model(
 
 def _run_epochs(
     model: nn.Module, data: _Data, opt: _Optimisation, progress: _Progress, ctx: _Dist, device: torch.device,
-    amp_dtype: torch.dtype | None, channels_last: bool, tp: TrainParams, fingerprint: str, ckpt_path: Path,
+    amp_dtype: torch.dtype | None, channels_last: bool, tp: TrainParams, fingerprint: dict[str, str], ckpt_path: Path,
     curves: _Curves, max_epochs_this_run: int | None, on_epoch_end: Callable[[int], None] | None,
 ) -> None:  # fmt: skip
     """Epochs from ``progress.start_epoch``: train, validate, keep the best, checkpoint, early-stop."""

@@ -28,6 +28,7 @@ def run_training(
     seed: int,
     features_dir: Path,
     dvclive_dir: Path | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``model_params.arch`` on the ``train`` split of ``cache_dir``; see the module docstring."""
     if model_params.arch in DENSE_ARCHS:
@@ -41,5 +42,5 @@ def run_training(
         type_names=type_names,
         seed=seed,
         dvclive_dir=dvclive_dir,
-        resume=False,
+        resume=resume,
     )
