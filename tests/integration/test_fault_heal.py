@@ -35,7 +35,8 @@ SMALL = {
     "model": {"arch": "custom_cnn", "pretrained": "none"},
     "train": {"epochs": 6, "batch_size": 16, "threads": 1, "early_stopping_patience": 50},
     "evaluate": {"bootstrap_samples": 50, "gradcam_gallery": 2},
-    "promotion": {"min_sensitivity": 0.0, "min_auroc_lower": 0.0, "bootstrap_samples": 50},  # this test is about healing, not the gate
+    # this test is about healing, not the gate
+    "promotion": {"min_sensitivity": 0.0, "min_auroc_lower": 0.0, "bootstrap_samples": 50},
 }
 
 
