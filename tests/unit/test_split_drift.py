@@ -24,6 +24,7 @@ from bonefrac.data.imageio import read_image
 from bonefrac.data.phantom import REGIONS, render_phantom
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.split_drift import split_drift, verdict_line
+from bonefrac.preprocess.cache import CACHE_FORMAT
 
 PARAMS = DriftParams(stattest_threshold=0.05, drift_share=0.25, embedding_dims=3)
 
@@ -45,6 +46,9 @@ def _cache(root: Path, splits: dict[str, int], bundle: ModelBundle, exposure: di
             rows.append({"path": str(path), "split": split, "cache_row": len(rows), "label": i % 2})
     np.save(cache / "images.npy", np.stack(tensors).astype(np.float16))
     pd.DataFrame(rows).to_csv(cache / "index.csv", index=False)
+    spec = bundle.preprocess_spec.model_dump(mode="json")
+    meta = {"format": CACHE_FORMAT, "n": len(rows), "shape": list(tensors[0].shape), "spec": spec}
+    (cache / "cache.json").write_text(json.dumps(meta))  # what the preprocess stage writes beside the tensors
     return cache
 
 

@@ -31,9 +31,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 
 def public_paths(static_dir: Path = STATIC_DIR) -> frozenset[str]:
     """Every path the public service answers: the API, the viewer and its files, the probes, /metrics,
-    and ``/schema.json`` (BentoML's own clients read it)."""
+    ``/admin/reload`` (behind the key: load a new champion now), and ``/schema.json`` (BentoML's own
+    clients read it)."""
     static = {f"/ui/{p.name}" for p in static_dir.iterdir() if p.is_file()}
     api = {"/predict", "/explain", "/metadata", "/metrics", "/livez", "/readyz", "/healthz", "/schema.json"}
+    api.add("/admin/reload")
     return frozenset({*api, "/", "/index.html", "/ui/", *static})
 
 
