@@ -158,8 +158,7 @@ def build_reference(
         "cache_dir": str(cache_dir),
         "split": split,
         "n_rows": len(table),
-        "skipped": skipped[:20],
-        "n_skipped": len(skipped),
+        "n_skipped": len(skipped),  # a count only: file names can identify patients
         "embedding_dims": reducer.dims if reducer else 0,
         **(provenance or {}),
     }
