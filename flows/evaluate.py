@@ -39,7 +39,10 @@ def _evaluate(params_path: str) -> str:
     _attach_serving_facts(resolve(p.paths.models) / "model.pt", cache_dir, p.data.source)
     publish_prefect_artifacts(summary)
     report = resolve(p.paths.reports) / "evaluation" / "report.html"
-    return f"evaluate: test AUROC {summary.get('auroc')} -> {report}"
+    test = summary["test"]  # the report nests the AUROC as {value, ci_low, ci_high}
+    a = test["auroc"]
+    shown = "n/a" if a.get("value") is None else f"{a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
+    return f"evaluate: test AUROC {shown}, n={test['n']} -> {report}"
 
 
 def _attach_serving_facts(model_path: Path, cache_dir: Path, source: str) -> None:
