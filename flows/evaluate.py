@@ -43,7 +43,10 @@ def _evaluate(params_path: str) -> str:
     publish_prefect_artifacts(summary)
     report = resolve(p.paths.reports) / "evaluation" / "report.html"
     drift = _drift_report(p, resolve(p.paths.models) / "model.pt", cache_dir)
-    return f"evaluate: test AUROC {summary.get('auroc')} -> {report}\n{drift}"
+    test = summary["test"]  # the report nests the AUROC as {value, ci_low, ci_high}
+    a = test["auroc"]
+    shown = "n/a" if a.get("value") is None else f"{a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
+    return f"evaluate: test AUROC {shown}, n={test['n']} -> {report}\n{drift}"
 
 
 def _drift_report(p: Params, model_path: Path, cache_dir: Path) -> str:

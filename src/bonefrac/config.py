@@ -211,6 +211,11 @@ class TrainParams(Strict):
     warmup_epochs: float = Field(1.0, ge=0.0)
     grad_clip: float = Field(1.0, ge=0.0)
     early_stopping_patience: int = Field(4, ge=1)
+    # Which validation number picks the best epoch (and drives early stopping). val_auroc: the
+    # fracture AUROC alone. val_auroc_type_f1: the mean of it and the fracture-type macro-F1
+    # (multi-task runs with types; otherwise the same as val_auroc): the type head keeps learning
+    # after the fracture AUROC has levelled off, and an AUROC-picked epoch throws that away.
+    monitor: Literal["val_auroc", "val_auroc_type_f1"] = "val_auroc"
     type_loss_weight: float = Field(0.5, ge=0.0)
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     channels_last: bool | Literal["auto"] = "auto"

@@ -86,3 +86,46 @@ def test_gradual_unfreezing_3d_volumes(tmp_path: Path) -> None:
     assert bundle.spatial_dims == 3 and bundle.preprocess_spec.volume_size == (16, 16, 16)
     with pytest.raises(Exception, match="3D data"):
         train_model(cache, tmp_path / "p", mp, tp, 2, TYPES, seed=0)
+
+
+def test_type_aware_monitor_picks_the_epoch_by_auroc_and_type_f1(
+    cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``train.monitor: val_auroc_type_f1`` keeps the epoch with the best mean(val AUROC, type macro-F1).
+
+    Validation is scripted so that AUROC peaks at epoch 0 and the type head at epoch 1 (as on
+    phantoms, where the type head keeps learning after the fracture AUROC has levelled off).
+    """
+    import bonefrac.training.loop as loop
+
+    real = loop.evaluate_split
+    script = iter([(0.90, 0.10), (0.85, 0.60), (0.80, 0.20)] * 2)
+
+    def scripted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["auroc"], out["type_macro_f1"] = next(script)
+        return out
+
+    monkeypatch.setattr(loop, "evaluate_split", scripted)
+    picked = {}
+    for monitor in ("val_auroc", "val_auroc_type_f1"):
+        mp, tp = tiny_params(epochs=3, augment=NO_AUG, monitor=monitor)
+        r = train_model(cache, tmp_path / monitor, mp, tp, 2, TYPES, seed=3)
+        assert [h["val/type_macro_f1"] for h in r.history] == [0.10, 0.60, 0.20]
+        picked[monitor] = (r.best_epoch, ModelBundle.load(r.best_model_path).metadata["monitor"])
+    assert picked == {"val_auroc": (0, "val/auroc"), "val_auroc_type_f1": (1, "val/auroc_type_f1")}
+
+
+def test_monitor_falls_back_without_types() -> None:
+    """No type head, or no typed fracture in val: the type-aware monitor ranks on AUROC alone."""
+    import pandas as pd
+
+    from bonefrac.training.loop import _monitor_name, _monitored
+
+    both = pd.DataFrame({"label": [0, 1]})
+    assert _monitor_name("val_auroc_type_f1", both, []) == "val/auroc"
+    assert _monitor_name("val_auroc_type_f1", both, TYPES) == "val/auroc_type_f1"
+    assert _monitor_name("val_auroc_type_f1", pd.DataFrame({"label": [1, 1]}), TYPES) == "val/neg_loss"
+    assert _monitored("val/auroc_type_f1", {"auroc": 0.8, "loss": 1.0}) == 0.8
+    assert _monitored("val/auroc_type_f1", {"auroc": 0.8, "type_macro_f1": 0.4, "loss": 1.0}) == pytest.approx(0.6)
+    assert _monitored("val/neg_loss", {"auroc": float("nan"), "loss": 1.5}) == -1.5

@@ -7,7 +7,8 @@ tests and (under ``torchrun``) by :mod:`bonefrac.training.distributed`:
   cosine decay stepped per optimiser step, gradient clipping;
 - AMP (fp16 + GradScaler on CUDA; off on CPU unless ``amp: bf16``) and
   channels_last where they help (``auto`` = on CUDA for 2D nets);
-- early stopping on validation AUROC (scikit-learn), DVCLive metrics per epoch;
+- early stopping on validation AUROC (scikit-learn), or on its mean with the
+  fracture-type macro-F1 (``train.monitor``), DVCLive metrics per epoch;
 - a checkpoint every epoch (``last.ckpt``) from which ``resume=True`` continues
   *exactly*: the batches, augmentations and dropout masks of epoch k depend only
   on (seed, k) and the RNG states saved at the end of epoch k − 1, so a run killed
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.utils import set_determinism
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Subset
@@ -249,7 +250,11 @@ def evaluate_split(
     }
     mask = (labels > 0.5) & (types >= 0)
     if logits.shape[1] > 1 and mask.any():
-        out["type_accuracy"] = float((logits[mask, 1:].argmax(1) == types[mask]).mean())
+        pred = logits[mask, 1:].argmax(1)
+        out["type_accuracy"] = float((pred == types[mask]).mean())
+        out["type_macro_f1"] = float(
+            f1_score(types[mask], pred, labels=list(range(logits.shape[1] - 1)), average="macro", zero_division=0.0)
+        )
     return out
 
 
@@ -326,7 +331,7 @@ class _Curves:
     def log(self, row: dict[str, float]) -> None:
         if self.live is None:
             return
-        for name in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "lr"):
+        for name in ("train/loss", "val/loss", "val/auroc", "val/accuracy", "val/type_macro_f1", "lr"):
             v = row.get(name)
             if v is not None and math.isfinite(v):
                 self.live.log_metric(name, v)
@@ -408,10 +413,29 @@ def _load_data(
     train_loader = make_loader(train_ds, per_rank, EpochTaggedSampler(sampler), tp.num_workers, pin)
     val_shard = Subset(val_ds, list(range(ctx.rank, len(val_ds), ctx.world)))
     val_loader = make_loader(val_shard, per_rank * 2, None, tp.num_workers, pin)
-    monitor = "val/auroc" if len(set(val_rows["label"].astype(int))) == 2 else "val/neg_loss"
-    if monitor != "val/auroc":
+    monitor = _monitor_name(tp.monitor, val_rows, tnames)
+    if monitor == "val/neg_loss":
         log.warning("the val split has one class only: early stopping on validation loss instead of AUROC")
     return _Data(spec, train_rows, val_rows, train_loader, val_loader, sampler, monitor)
+
+
+def _monitor_name(setting: str, val_rows: Any, tnames: list[str]) -> str:
+    """The history key that picks the best epoch: AUROC (with type macro-F1 when asked and typed)."""
+    if len(set(val_rows["label"].astype(int))) < 2:
+        return "val/neg_loss"
+    if setting == "val_auroc_type_f1" and tnames:
+        return "val/auroc_type_f1"
+    return "val/auroc"
+
+
+def _monitored(monitor: str, va: dict[str, float]) -> float:
+    """This epoch's value of ``monitor`` (higher is better) from :func:`evaluate_split`'s numbers."""
+    if monitor == "val/auroc":
+        return va["auroc"]
+    if monitor == "val/auroc_type_f1":
+        # No typed fractured image in val: the type term is unknown, so rank on AUROC alone.
+        return 0.5 * (va["auroc"] + va["type_macro_f1"]) if "type_macro_f1" in va else va["auroc"]
+    return -va["loss"]
 
 
 def _optimisation(
@@ -649,7 +673,7 @@ def _run_epochs(
         progress.spent += time.perf_counter() - t_epoch
         row = _history_row(epoch, tr, va, opt.optimizer, k, progress.spent)
         progress.history.append(row)
-        metric = va["auroc"] if data.monitor == "val/auroc" else -va["loss"]
+        metric = _monitored(data.monitor, va)
         if math.isfinite(metric) and metric > progress.best + MIN_DELTA:
             progress.best, progress.best_epoch, progress.bad_epochs = metric, epoch, 0
             progress.best_state = {n: v.detach().cpu().clone() for n, v in model.state_dict().items()}
@@ -687,6 +711,7 @@ def _history_row(
     }
     if "type_accuracy" in va:
         row["val/type_accuracy"] = va["type_accuracy"]
+        row["val/type_macro_f1"] = va["type_macro_f1"]
     return row
 
 
