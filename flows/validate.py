@@ -8,6 +8,7 @@ from prefect import flow
 from prefect.states import State
 
 from bonefrac.config import load_params, resolve
+from bonefrac.validation.checks import settings_for
 from bonefrac.validation.run import read_manifest, validate_manifest
 from flows._stage import guarded, run_stage
 
@@ -18,7 +19,7 @@ def _validate(params_path: str) -> str:
     out_dir = resolve(p.paths.interim) / "validated"
     result = validate_manifest(
         manifest,
-        p.validation,
+        settings_for(p),
         out_dir=out_dir,
         data_docs_dir=resolve(p.paths.reports) / "validation",
         summary_json=resolve(p.paths.metrics) / "validation.json",

@@ -113,8 +113,11 @@ class ValidationParams(Strict):
         0.005, ge=0.0, le=1.0,
         description="same picture: |Δmean| and |Δstd| of [0,1] intensities at most this, besides the phash distance",
     )
-    # null: the project's vocabulary (bonefrac.data.schema.KNOWN_BODY_PARTS) and "unknown"; a list narrows it.
+    # null: data.body_parts, else the project's vocabulary (bonefrac.data.schema.KNOWN_BODY_PARTS),
+    # and "unknown"; a list narrows it.
     allowed_body_parts: list[str] | None = None
+    # null: data.fracture_types, else the project's vocabulary (bonefrac.data.schema.KNOWN_FRACTURE_TYPES).
+    allowed_fracture_types: list[str] | None = None
 
 
 # ------------------------------------------------------------------ splits

@@ -107,3 +107,16 @@ def test_predict_gives_each_file_a_probability_or_a_refusal_the_same_as_ingest(c
         )
         checked += 1
     assert checked == len(table)
+
+
+def test_preambleless_dicom_gets_the_same_verdict_in_predict_as_in_ingest(corpus):
+    """No preamble, no file meta, either byte order: predict reads the header as ingest does.
+
+    The big-endian file sniffs as "unknown" by magic numbers; predict's upload gate once
+    refused it as "not a recognised image" where ingest named its modality.
+    """
+    by_name = {p.name: (p, row) for p, (_, row) in zip(corpus["read"], corpus["table"].iterrows(), strict=True)}
+    for name in ("ExplVR_BigEndNoMeta.dcm", "ExplVR_LitEndNoMeta.dcm"):
+        path, row = by_name[name]
+        assert row["decode_error"].startswith("DICOM modality RTPLAN refused"), row["decode_error"]
+        assert corpus["preds"].loc[str(path), "error"] == row["decode_error"]

@@ -239,3 +239,17 @@ def test_decode_budget_is_checked_from_the_header_before_decoding(tmp_path):
     dcm = make_dicom(tmp_path / "d.dcm").read_bytes()
     assert decode_memory_estimate(dcm, "dicom") == 64 * 64 * (2 + 4 + 16 + 8)
     assert decode_memory_estimate(b"\x89PNG\r\n\x1a\nbroken", "png") is None  # the decoder names the problem
+
+
+@pytest.mark.parametrize("name", ["ExplVR_BigEndNoMeta.dcm", "ExplVR_LitEndNoMeta.dcm"])
+def test_preambleless_dicom_upload_is_read_as_dicom(name):
+    """A DICOM without preamble or file meta, in either byte order, is judged by its header.
+
+    The magic-number sniffer calls the big-endian one "unknown"; the upload gate must still
+    try it as DICOM (as ingest does) and refuse it for what it is: an RT plan.
+    """
+    from pydicom.data import get_testdata_file
+
+    with open(get_testdata_file(name), "rb") as fh:
+        err = _reject(fh.read())
+    assert err.status == 422 and str(err).startswith("DICOM modality RTPLAN refused"), str(err)

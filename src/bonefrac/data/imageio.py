@@ -635,6 +635,19 @@ def read_image(
     return img
 
 
+def content_format(data: bytes) -> str:
+    """:func:`sniff_format` of the whole content, also naming DICOM without preamble in any byte order.
+
+    The magic-number sniffer cannot recognise every preamble-less dataset (e.g. big
+    endian); ingest, ``bonefrac predict`` and the service all call this one function, so
+    the three give such a file the same verdict (its modality, or its pixels).
+    """
+    fmt = sniff_format(data[:1024])
+    if fmt == "unknown" and _dicom.read_preambleless(data) is not None:
+        return "dicom"
+    return fmt
+
+
 def _decode_bytes(
     data: bytes,
     max_pixels: int | None,

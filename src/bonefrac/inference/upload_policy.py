@@ -38,7 +38,7 @@ from http import HTTPStatus
 
 from bonefrac.config import ServingParams
 from bonefrac.data import dicom as _dicom
-from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
+from bonefrac.data.imageio import DecodedImage, ImageDecodeError, content_format, read_image
 
 #: Formats the service accepts, by spatial dims of the model. TIFF/BMP/GIF/WebP decode
 #: fine but are not clinical exchange formats; refusing them keeps the contract small.
@@ -199,7 +199,7 @@ def check_upload(data: bytes, spatial_dims: int, limits: SafetyLimits, max_side_
             HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
             f"upload too large: {_fmt_mb(len(data))}, the limit is {_fmt_mb(limits.max_upload_bytes)}",
         )
-    fmt = sniff_format(data[:1024])
+    fmt = content_format(data)
     accepted = ACCEPTED_FORMATS[spatial_dims]
     if fmt in ("text", "unknown"):
         what = "text" if fmt == "text" else "not a recognised image"
@@ -236,7 +236,7 @@ def decode_upload(
     ``max_side_hint`` (see :func:`decode_side_hint`): a large JPEG is decoded at reduced scale.
     """
     check_upload(data, spatial_dims, limits, max_side_hint)
-    fmt = sniff_format(data[:1024])
+    fmt = content_format(data)
     try:
         img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims, max_side_hint=max_side_hint)
     except ImageDecodeError as err:

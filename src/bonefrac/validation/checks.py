@@ -24,7 +24,7 @@ import pandas as pd
 from great_expectations import expectations as gxe
 from great_expectations.expectations.metadata_types import FailureSeverity
 
-from bonefrac.config import ValidationParams
+from bonefrac.config import Params, ValidationParams
 from bonefrac.data.schema import (
     INTAKE_REFUSED,
     KNOWN_BODY_PARTS,
@@ -271,6 +271,30 @@ def allowed_body_parts(params: ValidationParams) -> list[str]:
     return [*KNOWN_BODY_PARTS, UNKNOWN_BODY_PART]
 
 
+def settings_for(params: Params) -> ValidationParams:
+    """``params.validation`` with its vocabularies filled from the declared ``data`` vocabularies.
+
+    A hospital that declares its own fracture types or body parts at intake must not see
+    validation quarantine them against the project's built-in lists; intake keeps
+    ``unknown`` for images whose body part was not given, so validation accepts it too.
+    """
+    v = params.validation
+    body_parts = v.allowed_body_parts
+    if body_parts is None and params.data.body_parts is not None:
+        body_parts = [*params.data.body_parts, UNKNOWN_BODY_PART]
+    fracture_types = v.allowed_fracture_types
+    if fracture_types is None:
+        fracture_types = params.data.fracture_types
+    return v.model_copy(update={"allowed_body_parts": body_parts, "allowed_fracture_types": fracture_types})
+
+
+def allowed_fracture_types(params: ValidationParams) -> list[str]:
+    """The fracture types validation accepts: ``validation.allowed_fracture_types`` or the project's vocabulary."""
+    if params.allowed_fracture_types is not None:
+        return [t.strip().lower() for t in params.allowed_fracture_types]
+    return list(KNOWN_FRACTURE_TYPES)
+
+
 def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[list[Any], dict[str, str]]:
     """The GX expectations for every check that is not ``off``.
 
@@ -301,7 +325,7 @@ def build_expectations(params: ValidationParams, columns: set[str]) -> tuple[lis
         ],
         "fracture_type_values": lambda kw: [
             gxe.ExpectColumnValuesToBeInSet(
-                column="fracture_type", value_set=[*KNOWN_FRACTURE_TYPES, ""], **kw
+                column="fracture_type", value_set=[*allowed_fracture_types(params), ""], **kw
             ),
             gxe.ExpectColumnValuesToBeInSet(
                 column="fracture_type",
@@ -386,7 +410,7 @@ def row_reason(check: str, row: pd.Series, prep: Prepared, params: ValidationPar
         return f"label {row.get('label')!r} is not 0 or 1"
     if check == "fracture_type_values":
         ft = row.get("fracture_type", "")
-        if ft not in (*KNOWN_FRACTURE_TYPES, ""):
+        if ft not in (*allowed_fracture_types(params), ""):
             return "fracture type not in the known vocabulary"  # the value itself is not repeated
         if ft:
             return f"fracture type {ft!r} on an image labelled no fracture"

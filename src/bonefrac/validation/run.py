@@ -39,6 +39,7 @@ from bonefrac.validation.checks import (
     build_expectations,
     prepare_table,
     row_reason,
+    settings_for,
 )
 from bonefrac.validation.expectations import Outcome, run_suite
 from bonefrac.validation.offline_docs import make_offline
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.manifest.exists():
         print(f"error: manifest {args.manifest} not found (run the ingest stage first)", file=sys.stderr)
         return 2
-    params = load_params(args.params).validation
+    params = settings_for(load_params(args.params))
     try:
         res = validate_manifest(
             read_manifest(args.manifest), params, args.out_dir, args.data_docs, args.summary
