@@ -40,12 +40,26 @@ def flatten(overrides: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]
     return out
 
 
+def _present(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
 def set_args(preset: str | Path, params_path: str | Path = "params.yaml") -> list[str]:
-    """``-S key=value`` arguments for ``dvc exp run``, after validating the merged params."""
+    """``-S key=value`` arguments for ``dvc exp run``, after validating the merged params.
+
+    DVC applies them with Hydra's override grammar, which refuses ``key=value`` for a key
+    that ``params.yaml`` does not spell out (a setting left at its typed default, e.g.
+    ``evaluate.calibration``): such keys are added with ``+key=value``.
+    """
     overrides = load_preset(preset)
     load_params(params_path, overrides=overrides)  # raises ConfigError naming the bad key
+    written = yaml.safe_load(Path(params_path).read_text()) or {}
     args: list[str] = []
     for key, value in flatten(overrides):
         rendered = json.dumps(value) if isinstance(value, (list, bool)) or value is None else str(value)
-        args += ["-S", f"{key}={rendered}"]
+        args += ["-S", f"{'' if _present(written, key) else '+'}{key}={rendered}"]
     return args
