@@ -82,3 +82,16 @@ def test_train_stage_with_two_gloo_processes_matches_single_process(
     init = build_model("custom_cnn", 0, "none", 0.0, 2).state_dict()
     moved = max(float((one_ck["model"][k] - init[k]).abs().max()) for k in init)
     assert moved > 20 * 1e-4  # far above the tolerance used above
+
+
+def test_ddp_of_a_dense_arch_is_refused_before_any_rank_starts(tmp_path: Path) -> None:
+    """A dense arch trains its head in one process on a feature cache: DDP is refused by name, at once."""
+    from bonefrac.training.distributed import DistributedLaunchError, launch
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump({"model": {"arch": "efficientnet_lite0_dense"}, "train": {"distributed": {"nproc_per_node": 2}}})
+    )
+    with pytest.raises(DistributedLaunchError, match=r"efficientnet_lite0_dense.*nproc_per_node: 1"):
+        launch(params, tmp_path / "cache", tmp_path / "out", 2, [])
+    assert not (tmp_path / "out").exists()

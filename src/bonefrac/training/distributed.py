@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from bonefrac.config import load_params
 from bonefrac.errors import BonefracError
+from bonefrac.model.dense import DENSE_ARCHS
 from bonefrac.preprocess.cache import cache_spec, load_cache
 from bonefrac.proc import exit_with_parent, run_tool, tool_cmd
 from bonefrac.training.data import type_names_from_index
@@ -84,6 +85,12 @@ def launch(
     same params file and are given the caller's fracture types, so the run is the
     one a single process would do.
     """
+    arch = load_params(params_path).model.arch
+    if arch in DENSE_ARCHS:  # refused here, before torchrun starts ranks that would each fail
+        raise DistributedLaunchError(
+            f"train.distributed.nproc_per_node > 1 is not available for {arch}: its head trains in one "
+            "process on a cached frozen-trunk feature map; set train.distributed.nproc_per_node: 1"
+        )
     args = [
         "--standalone",
         f"--nproc_per_node={nproc_per_node}",
