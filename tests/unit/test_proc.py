@@ -52,7 +52,8 @@ def test_retrain_records_the_tag_that_bentoml_build_prints() -> None:
     sys.path.insert(0, str(ROOT))
     from flows.retrain import bento_tag
 
-    assert bento_tag("Locking PyPI package versions.\n__tag__:bonefrac:iwq7sohm6khteax4\n") == "bonefrac:iwq7sohm6khteax4"
+    printed = "Locking PyPI package versions.\n__tag__:bonefrac:iwq7sohm6khteax4\n"
+    assert bento_tag(printed) == "bonefrac:iwq7sohm6khteax4"
     assert bento_tag("bonefrac:abc\n") == "bonefrac:abc"  # a BentoML that prints the bare tag
 
 
