@@ -146,7 +146,14 @@ def build_bento(root: str) -> str:
     res = run_tool(tool_cmd("bentoml", "build", "--output", "tag"), cwd=root, timeout=1800)
     if res.returncode != 0:
         raise RuntimeError(f"bentoml build failed:\n{res.stderr[-3000:]}")
-    return f"built {res.stdout.strip().splitlines()[-1] if res.stdout.strip() else 'bento'}"
+    return f"built {bento_tag(res.stdout)}"
+
+
+def bento_tag(stdout: str) -> str:
+    """The tag in ``bentoml build --output tag``'s stdout, which prints it as ``__tag__:<name>:<version>``."""
+    lines = [line.strip() for line in stdout.splitlines() if line.strip()]
+    tagged = [line.removeprefix("__tag__:") for line in lines if line.startswith("__tag__:")]
+    return (tagged or lines or ["a bento (no tag printed)"])[-1]
 
 
 def _markdown(tag: str, decision: Any, action: str, extra: dict[str, str], reason: str) -> str:

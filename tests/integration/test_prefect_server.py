@@ -458,3 +458,83 @@ def _worker_runs(api: str) -> set[str]:
     """Flow runs that went through a deployment (the other test's), not this test's in-process ones."""
     runs = httpx.post(f"{api}/flow_runs/filter", timeout=30, json={}).json()
     return {r["id"] for r in runs if r.get("deployment_id")}
+
+
+# ------------------------------------------------------------- drift -> retrain
+def _retrain_deployment(api: str) -> dict[str, Any]:
+    """`retrain/retrain-nightly` as the first test deployed it, or registered here (no worker needed)."""
+    r = httpx.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30)
+    if r.status_code == 200:
+        return r.json()
+    flow_id = httpx.post(f"{api}/flows/", json={"name": "retrain"}, timeout=30).json()["id"]
+    body = {"name": "retrain-nightly", "flow_id": flow_id, "entrypoint": "flows/retrain.py:retrain_flow"}
+    return httpx.post(f"{api}/deployments/", json=body, timeout=30).json()
+
+
+def test_drift_flow_starts_a_retrain_run_only_with_new_labelled_data(
+    prefect_server: _Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flows/drift.py's glue as real flow runs on the server: drift + nothing new to learn from is a
+    recorded "cannot act" and no run; drift + a labelled image added (DVC sees the ingest stage's data
+    changed) creates a `retrain-nightly` run whose parameters say why. The worker-driven version,
+    with the retrain then run to a decision, is the slow test_retrain_deployment.py."""
+    from dvc.repo import Repo
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    sys.path.insert(0, str(ROOT))
+    from flows.drift import drift_flow
+
+    from bonefrac.provenance import data_version
+    from bonefrac.registry import store
+
+    api = prefect_server.api
+    dep = _retrain_deployment(api)
+    # a DVC project whose `ingest` stage reads data/ (labelled images), and a champion trained on its data
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    (project / "data" / "a.png").write_bytes(b"one")
+    (project / "processed").mkdir()
+    (project / "processed" / "index.csv").write_text("path,label,split\ndata/a.png,1,train\n")
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="imagefolder", root="data")
+    params["paths"] = {"processed": "processed", "models": "models", "reports": "reports"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    stage = {"cmd": "true", "deps": ["data"], "params": ["data.root"]}
+    (project / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"ingest": stage}}))
+    Repo.init(str(project), no_scm=True).close()
+    with Repo(str(project)) as repo:
+        repo.reproduce(targets=[f"{project / 'dvc.yaml'}:ingest"])
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    tag = store.register_model(
+        _bundle(tmp_path / "m.pt", 1, 0.5), name="bonefrac", data_version=data_version(project, "processed")
+    )
+    store.promote(tag)
+    ref_dir, log_dir = _tiny_drift_inputs(tmp_path)  # a log whose exposure clearly drifted
+    kw = {"current": str(log_dir), "reference_dir": str(ref_dir), "since_hours": None, "trigger_retrain": True}
+
+    def retrain_runs() -> list[dict[str, Any]]:
+        body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
+        return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+
+    before = {r["id"] for r in retrain_runs()}
+    with temporary_settings(updates={PREFECT_API_URL: api}):
+        stuck = drift_flow(str(project / "params.yaml"), out_dir=str(tmp_path / "d1"), **kw)
+        assert stuck["dataset_drift"] and stuck["trigger"]["action"] == "cannot_act", stuck["action"]
+        assert "no new labelled data" in stuck["action"]
+        assert {r["id"] for r in retrain_runs()} == before  # nothing started
+
+        (project / "data" / "b.png").write_bytes(b"two")  # a labelled image added to the training data
+        acted = drift_flow(str(project / "params.yaml"), out_dir=str(tmp_path / "d2"), **kw)
+    new = [r for r in retrain_runs() if r["id"] not in before]
+    try:
+        assert acted["trigger"]["action"] == "retrain" and acted["action"].startswith("triggered retrain run")
+        assert len(new) == 1 and new[0]["id"] in acted["action"]
+        assert new[0]["parameters"] == {
+            "params_path": str(project / "params.yaml"),
+            "reason": f"drift detected ({tmp_path / 'd2'})",
+        }
+        assert new[0]["state"]["type"] == "SCHEDULED"  # for the retrain deployment's worker to run
+    finally:
+        for run in new:  # no worker of the other test may ever pick it up
+            httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=30)

@@ -83,6 +83,18 @@ def test_max_epochs_this_run_then_resume_and_fresh_start(tmp_path: Path) -> None
     assert not part.finished and part.best_model_path is None and part.epochs_completed == 1
     done = train_model(cache, tmp_path / "o", mp, tp, 2, TYPES, seed=1)
     assert done.finished and done.epochs_completed == 2 and done.history[0] == part.history[0]
+    # the same params on other compute (torch threads change CPU training's bytes): not resumed either
+    mp1, tp1 = tiny_params(epochs=2, threads=1)
+    part = train_model(cache, tmp_path / "t", mp1, tp1, 2, TYPES, seed=1, max_epochs_this_run=1)
+    assert load_checkpoint(tmp_path / "t" / "last.ckpt")["compute"] == "threads=1 processes=1 device=cpu"
+    tp2_threads = tp1.model_copy(update={"threads": 2})
+    threads_before = torch.get_num_threads()
+    try:
+        again = train_model(cache, tmp_path / "t", mp1, tp2_threads, 2, TYPES, seed=1, max_epochs_this_run=1)
+    finally:
+        torch.set_num_threads(threads_before)  # train_model set 2 for this whole process
+    assert not again.finished and again.epochs_completed == 1  # epoch 1 again, not epoch 2
+    assert load_checkpoint(tmp_path / "t" / "last.ckpt")["compute"].startswith("threads=2 ")
     # other settings: the old checkpoint is not resumed
     mp2, tp2 = tiny_params(epochs=1, lr=1e-3)
     fresh = train_model(cache, tmp_path / "o", mp2, tp2, 2, TYPES, seed=1)

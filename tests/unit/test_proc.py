@@ -47,6 +47,16 @@ def test_retrain_runs_dvc_repro_without_the_venv_on_path(tmp_path: Path, monkeyp
     assert stage_python.parent == Path(sys.executable).parent  # the stage ran with the venv's python
 
 
+def test_retrain_records_the_tag_that_bentoml_build_prints() -> None:
+    """`bentoml build --output tag` prints `__tag__:bonefrac:<v>`; the decision recorded that, not the tag."""
+    sys.path.insert(0, str(ROOT))
+    from flows.retrain import bento_tag
+
+    printed = "Locking PyPI package versions.\n__tag__:bonefrac:iwq7sohm6khteax4\n"
+    assert bento_tag(printed) == "bonefrac:iwq7sohm6khteax4"
+    assert bento_tag("bonefrac:abc\n") == "bonefrac:abc"  # a BentoML that prints the bare tag
+
+
 def _wait_gone(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

@@ -115,8 +115,12 @@ def test_drift_command_builds_the_reference_once_then_compares_a_folder(same, bu
     dark.mkdir()
     for p in sorted(folder.glob("*.png"))[:20]:
         Image.fromarray((np.asarray(Image.open(p)) * 0.5).astype(np.uint8)).save(dark / p.name)
+    # a file that does not decode, named as hospitals name files: its name must not reach the console
+    (dark / "DOE_JANE_PHI-483920.png").write_bytes(b"not a PNG")
     r = _invoke("drift", "--images", str(dark), *model, "-o", str(tmp_path / "r2"), "--fail-on-drift")
     assert r.exit_code == 3, r.output
+    assert "1 images could not be read" in r.output and "image 1 of 21: ImageDecodeError" in r.output
+    assert "PHI-483920" not in r.output and "DOE_JANE" not in r.output
     assert "building" not in r.output and "built for bonefrac-test:t0" in r.output
     assert "DRIFT (" in r.output and "intensity_mean" in r.output
     r = _invoke("drift", "--images", str(dark), "--split", "test", "--params", str(pfile))

@@ -49,7 +49,11 @@ def _stage_command(stage: str, doc: str) -> None:
     app.command(stage)(command)
 
 
-_stage_command("generate", "Generate the embedded phantom dataset (2D radiographs or 3D volumes), contact sheet.")
+_stage_command(
+    "generate",
+    "Generate the embedded phantom dataset (2D radiographs or 3D volumes), contact sheet; only with "
+    "data.source: phantom (`bonefrac phantom` writes a set anywhere).",
+)
 _stage_command("ingest", "Read every image of the configured source into the per-image metadata table.")
 _stage_command("validate", "Validate the metadata table with Great Expectations; quarantine or stop on failures.")
 _stage_command("preprocess", "Split by patient/study (or near-duplicate cluster) and cache preprocessed tensors.")

@@ -110,13 +110,20 @@ def drift(
         if images is not None:
             current, skipped = current_from_images(list_images(images), bundle=bundle, reducer=ref.reducer)
             what = f"{images}"
+            order = "the folder's sorted file listing"
         else:
             if loaded is None:
                 loaded = _load_model(model, resolve(p.paths.models) / "model.pt")
             current, _, skipped = split_features(cache_dir, loaded.bundle, split=str(split), reducer=ref.reducer)
             what = f"{split} split"
+            order = f"the {split} rows of the cache's index.csv"
         if skipped:
-            _say(f"{len(skipped)} images could not be read and were left out (first: {skipped[0]})")
+            # positions, not names: a file name can identify a patient (list_images sorts the folder)
+            more = f", and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+            _say(
+                f"{len(skipped)} images could not be read and were left out ({'; '.join(skipped[:3])}{more}; "
+                f"counted in {order}; file names are not shown)"
+            )
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         out_dir = out or resolve(p.paths.reports) / "drift" / stamp
         result = run_drift(ref.table, current, p.drift, out_dir)

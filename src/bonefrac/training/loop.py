@@ -164,11 +164,19 @@ def _fingerprint(
     n_train: int,
     n_val: int,
     data_version: str,
+    compute: str = "",
 ) -> dict[str, str]:
-    """What a checkpoint must share with this call to be resumed: params hash, data and code versions.
+    """What a checkpoint must share with this call to be resumed: params hash, data and code versions,
+    and ``compute``: torch threads, DDP processes and device (:func:`_compute`).
 
-    Workers, threads and the number of DDP processes do not change the result
-    (DDP matches one process), so a run may resume with other values of those.
+    The pipeline promises the same bytes for the same commit (docs/reproducibility.md), and
+    a resumed run equals an uninterrupted one only on the same compute: CPU training changes
+    with the thread count (float sums split per thread), DDP's gradient all-reduce sums in
+    another order than one process (close, not equal), and CUDA is not CPU. So a run
+    interrupted with 2 threads is not finished with 1 (it starts again, with a warning that
+    names the change), and a finished ``last.ckpt`` cannot hand back a 2-thread model after
+    ``train.threads`` became 1. DataLoader workers do not matter (augmentation is seeded
+    per sample), so ``num_workers`` is left out.
     """
     tp = train_params.model_dump(mode="json", exclude={"num_workers", "threads", "distributed"})
     settings = json.dumps(
@@ -186,7 +194,17 @@ def _fingerprint(
         "params_hash": hashlib.sha256(settings.encode()).hexdigest()[:16],
         "data_version": data_version,
         "code_version": _code_version(),
+        "compute": compute,
     }
+
+
+def _compute(ctx: _Dist, device: torch.device) -> str:
+    """The compute a run's bytes depend on: effective torch threads, DDP world size, device type.
+
+    The effective thread count (not ``train.threads``): ``0`` means all cores, which
+    differ between machines.
+    """
+    return f"threads={torch.get_num_threads()} processes={ctx.world} device={device.type}"
 
 
 def _code_version() -> str:
@@ -599,7 +617,8 @@ def train_model(
     opt = _optimisation(model, tp, train_labels, len(data.train_loader), device, amp_dtype == torch.float16)
 
     fp = _fingerprint(
-        mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows), cache_version(cache_dir)
+        mp, tp, seed, spatial_dims, tnames, len(data.train_rows), len(data.val_rows), cache_version(cache_dir),
+        _compute(ctx, device),
     )
     ckpt_path = out_dir / LAST_CKPT
     if ctx.is_main:
