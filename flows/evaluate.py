@@ -14,8 +14,10 @@ from bonefrac.atomic import atomic_write_text
 from bonefrac.config import Params, load_params, project_root, resolve
 from bonefrac.evaluation.evaluate import publish_prefect_artifacts, run_evaluation
 from bonefrac.model.bundle import ModelBundle
+from bonefrac.monitoring.features import EmbeddingReducer
 from bonefrac.monitoring.ood import build_ood_detector
-from bonefrac.monitoring.split_drift import split_drift, verdict_line
+from bonefrac.monitoring.reference import load_reference
+from bonefrac.monitoring.split_drift import REFERENCE_SUBDIR, split_drift, verdict_line
 from bonefrac.preprocess.cache import load_cache
 from bonefrac.provenance import data_version
 from flows._stage import guarded, run_stage
@@ -39,35 +41,37 @@ def _evaluate(params_path: str) -> str:
         data_version=data_version(project_root(), p.paths.processed),
         seed=p.seed,
     )
-    _attach_serving_facts(resolve(p.paths.models) / "model.pt", cache_dir, p.data.source)
     publish_prefect_artifacts(summary)
     report = resolve(p.paths.reports) / "evaluation" / "report.html"
-    drift = _drift_report(p, resolve(p.paths.models) / "model.pt", cache_dir)
+    drift_dir = resolve(p.paths.reports) / "drift" / "pipeline"
+    drift = _drift_report(p, resolve(p.paths.models) / "model.pt", cache_dir, drift_dir)
+    # The OOD check's embedding axes are the drift reference's PCA (the one reference builder).
+    reducer = load_reference(drift_dir / REFERENCE_SUBDIR).reducer
+    _attach_serving_facts(resolve(p.paths.models) / "model.pt", cache_dir, p.data.source, reducer)
     test = summary["test"]  # the report nests the AUROC as {value, ci_low, ci_high}
     a = test["auroc"]
     shown = "n/a" if a.get("value") is None else f"{a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
     return f"evaluate: test AUROC {shown}, n={test['n']} -> {report}\n{drift}"
 
 
-def _drift_report(p: Params, model_path: Path, cache_dir: Path) -> str:
+def _drift_report(p: Params, model_path: Path, cache_dir: Path, out: Path) -> str:
     """The run ends with a drift report of its test split against its training split (no drift expected).
 
     Evidently's HTML goes to reports/drift/pipeline (not a DVC output: random ids, a timestamp);
     the verdict and counts to metrics/drift.json (a DVC metric: deterministic).
     """
-    out = resolve(p.paths.reports) / "drift" / "pipeline"
     metrics, result = split_drift(cache_dir, ModelBundle.load(model_path), p.drift, out, seed=p.seed)
     atomic_write_text(resolve(p.paths.metrics) / "drift.json", json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return verdict_line(metrics) + (f" -> {out / 'drift_report.html'}" if result is not None else "")
 
 
-def _attach_serving_facts(model_path: Path, cache_dir: Path, source: str) -> None:
+def _attach_serving_facts(model_path: Path, cache_dir: Path, source: str, reducer: EmbeddingReducer | None) -> None:
     """What the viewer shows beside a prediction: what the model was trained on, and the
-    per-image out-of-distribution reference (image statistics of the training split,
-    thresholds from the validation split), stored in the bundle so the served model
-    carries its own reference."""
+    per-image out-of-distribution reference (image statistics and the model's embedding on
+    the drift reference's PCA axes, fitted on the training split, thresholds from the
+    validation split), stored in the bundle so the served model carries its own reference."""
     bundle = ModelBundle.load(model_path)
-    detector = build_ood_detector(cache_dir, model_path.with_name("ood.json"), bundle=bundle)
+    detector = build_ood_detector(cache_dir, model_path.with_name("ood.json"), bundle=bundle, reducer=reducer)
     counts = load_cache(cache_dir)[1]["split"].value_counts()
     bundle.metadata["training_data"] = {"source": source, **{f"n_{k}": int(v) for k, v in sorted(counts.items())}}
     bundle.metadata["ood"] = detector.to_dict()

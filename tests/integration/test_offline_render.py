@@ -8,7 +8,6 @@ folder and to ``$BONEFRAC_SCREENSHOT_DIR`` when set.
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -54,7 +53,7 @@ def offline_browser():
     driver.quit()
 
 
-def _open_offline(driver, page: Path, tmp_path: Path, name: str) -> str:
+def _open_offline(driver, page: Path, tmp_path: Path, name: str, min_text: int = 200) -> str:
     driver.get_log("performance")  # drop earlier events
     driver.get(page.resolve().as_uri())
     driver.execute_script("return document.readyState")
@@ -68,7 +67,7 @@ def _open_offline(driver, page: Path, tmp_path: Path, name: str) -> str:
     remote = [u for u in urls if not u.startswith(("file:", "data:"))]
     assert not remote, f"{name}: asked the network for {remote[:5]}"
     text = driver.execute_script("return document.body ? document.body.innerText : ''")
-    assert len(text.strip()) > 200, f"{name}: blank page"
+    assert len(text.strip()) >= min_text, f"{name}: blank page"
     shot = tmp_path / f"offline-{name}.png"
     driver.save_screenshot(str(shot))
     assert shot.stat().st_size > 10_000
@@ -78,22 +77,61 @@ def _open_offline(driver, page: Path, tmp_path: Path, name: str) -> str:
     return text
 
 
-def _dvc_plots_page(plots_dir: Path, out: Path) -> Path:
-    """``dvc plots show`` for the evaluate stage's plots, with the template .dvc/config names."""
-    from dvc_render import render_html
-    from dvc_render.vega import VegaRenderer
+def _dvc_plots_page(plots_dir: Path, work: Path) -> tuple[Path, list[str]]:
+    """The page the real ``dvc plots show`` writes for this project's dvc.yaml and .dvc/config template.
+
+    A scratch DVC project (``dvc init --no-scm``) holding the project's dvc.yaml, its plots template
+    and config line, the evaluate stage's plot files of a real (small) evaluation and DVCLive curves
+    in DVCLive's layout. Returns the page and the titles of every declared plot.
+    """
+    import subprocess
+    import sys
 
     cfg = (ROOT / ".dvc" / "config").read_text()
     assert "html_template = plots/offline.html" in cfg
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["evaluate"]
-    renderers = []
-    for entry in stage["plots"]:
-        (path, props), = entry.items()
-        rows = [{**r, "rev": "workspace"} for r in csv.DictReader((plots_dir / Path(path).name).open())]
-        if props.get("template") != "confusion":  # DVC reads numbers from CSV as numbers
-            rows = [{**r, props["x"]: float(r[props["x"]]), props["y"]: float(r[props["y"]])} for r in rows]
-        renderers.append(VegaRenderer(rows, path, **{k: v for k, v in props.items() if k != "cache"}))
-    return Path(render_html(renderers, out, ROOT / ".dvc" / "plots" / "offline.html"))
+    work.mkdir(parents=True)
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "dvc", *a], cwd=work, env=env, check=True,  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    run("init", "--no-scm", "-q")
+    (work / ".dvc" / "plots").mkdir()
+    shutil.copy(ROOT / ".dvc" / "plots" / "offline.html", work / ".dvc" / "plots" / "offline.html")
+    with (work / ".dvc" / "config").open("a") as fh:
+        fh.write("[plots]\n    html_template = plots/offline.html\n")
+    dvc_yaml = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    shutil.copy(ROOT / "dvc.yaml", work / "dvc.yaml")
+    shutil.copy(ROOT / "params.yaml", work / "params.yaml")  # dvc.yaml interpolates ${data.root}
+    for entry in dvc_yaml["stages"]["evaluate"]["plots"]:
+        (path, _), = entry.items()
+        (work / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(plots_dir / Path(path).name, work / path)
+    curves = {"train/loss": [1.6, 1.2, 0.9], "val/loss": [1.5, 1.3, 1.1], "val/auroc": [0.7, 0.8, 0.85],
+              "val/accuracy": [0.6, 0.7, 0.75], "val/type_macro_f1": [0.1, 0.2, 0.3], "lr": [1e-3, 8e-4, 5e-4]}
+    for name, values in curves.items():  # DVCLive's files: <dir>/plots/metrics/<name>.tsv, step + the last part
+        f = work / "dvclive" / "plots" / "metrics" / f"{name}.tsv"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("step\t" + name.split("/")[-1] + "\n" + "".join(f"{i}\t{v}\n" for i, v in enumerate(values)))
+    out = run("plots", "show", "-o", str(work / "dvc_plots"))
+    assert "failed" not in (out.stdout + out.stderr).lower(), out.stdout + out.stderr  # every declared file read
+    titles = [next(iter(e.values()))["title"] for e in dvc_yaml["stages"]["evaluate"]["plots"]]
+    titles += [next(iter(e.values()))["title"] for e in dvc_yaml["plots"]]
+    return work / "dvc_plots" / "index.html", titles
+
+
+def _drawn_charts(driver, n: int) -> list[int]:
+    """Wait until vega-embed has drawn ``n`` charts; the count of non-white pixels of each canvas."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while driver.execute_script("return document.querySelectorAll('.vega-embed canvas').length") < n:
+        assert time.monotonic() < deadline, "vega-embed did not draw every chart"
+        time.sleep(0.2)
+    return driver.execute_script(
+        """return [...document.querySelectorAll('.vega-embed canvas')].map((c) => {
+             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data; let k = 0;
+             for (let i = 0; i < d.length; i += 4) if (d[i+3] > 0 && (d[i] < 200 || d[i+1] < 200)) k++;
+             return k; });"""
+    )
 
 
 def test_artefacts_render_offline(evaluated, offline_browser, tmp_path):  # noqa: F811
@@ -134,10 +172,19 @@ def test_artefacts_render_offline(evaluated, offline_browser, tmp_path):  # noqa
     result_page = next(p for p in pages if "validations" in p.parts)
     text = _open_offline(driver, result_page, tmp_path, "data-docs-result")
     assert "label" in text
-    # 4. The DVC plots page: every plot drawn by the template's own renderer.
-    page = _dvc_plots_page(evaluated["plots"], tmp_path / "dvc_plots" / "index.html")
-    text = _open_offline(driver, page, tmp_path, "dvc-plots")
-    n_lines = driver.execute_script("return document.querySelectorAll('.plot svg polyline').length")
-    n_tables = driver.execute_script("return document.querySelectorAll('.plot table').length")
-    assert n_lines >= 3 and n_tables >= 2, (n_lines, n_tables)  # both operating points' confusion tables
-    assert "ROC (test)" in text
+    # 4. The page `dvc plots show` writes: vega, vega-lite and vega-embed inlined by the template.
+    page, titles = _dvc_plots_page(evaluated["plots"], tmp_path / "dvc_project")
+    html = page.read_text()
+    assert "cdn.jsdelivr" not in html and "<script src" not in html
+    for t in titles:  # every declared plot is on the page, with its title
+        assert f'"{t}"' in html or json.dumps(t) in html, t
+    text = _open_offline(driver, page, tmp_path, "dvc-plots", min_text=0)  # charts are canvases, not text
+    drawn = _drawn_charts(driver, len(titles))
+    assert len(drawn) == len(titles) and min(drawn) > 2_000, drawn  # no blank chart: axes, lines, legend
+    events = [json.loads(e["message"])["message"] for e in driver.get_log("performance")]
+    late = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+    assert not [u for u in late if not u.startswith(("file:", "data:"))], late[:5]  # nothing asked while drawing
+    assert not [e for e in events if e["method"] == "Network.loadingFailed"]
+    driver.save_screenshot(str(tmp_path / "offline-dvc-plots.png"))
+    if out := os.environ.get("BONEFRAC_SCREENSHOT_DIR"):
+        shutil.copy(tmp_path / "offline-dvc-plots.png", Path(out) / "offline-dvc-plots.png")

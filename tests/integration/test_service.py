@@ -55,14 +55,31 @@ def _phantom(seed: int, size: int = 256) -> np.ndarray:
     return render_phantom(np.random.default_rng(seed), size, kind, ("frontal", "lateral")[seed % 2], 8)[0]
 
 
+def _phantom_embeddings(bundle, arrays):
+    from bonefrac.model.networks import forward_with_embedding
+
+    x = torch.stack([bundle.preprocess(a) for a in arrays])
+    with torch.no_grad():
+        return forward_with_embedding(bundle.build_model().eval(), x)[1].numpy()
+
+
 def _with_phantom_ood_reference(path):
-    """The evaluate stage stores a per-image OOD reference in the bundle; here one fitted on phantoms."""
+    """The evaluate stage stores a per-image OOD reference in the bundle; here one fitted on phantoms:
+    image statistics and the model's embedding on a PCA of the training embeddings (as the drift
+    reference fits it), the detector carrying that PCA."""
     from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.features import EmbeddingReducer
     from bonefrac.monitoring.ood import OODDetector, image_ood_features
 
-    frame = lambda seeds: pd.DataFrame([image_ood_features(_phantom(s), 8) for s in seeds])  # noqa: E731
     bundle = ModelBundle.load(path)
-    bundle.metadata["ood"] = OODDetector.fit(frame(range(40)), frame(range(100, 120))).to_dict()
+    train, held = [_phantom(s) for s in range(40)], [_phantom(s) for s in range(100, 120)]
+    reducer = EmbeddingReducer.fit(_phantom_embeddings(bundle, train), 4)
+
+    def frame(arrays):
+        emb = _phantom_embeddings(bundle, arrays)
+        return pd.DataFrame([image_ood_features(a, 8, None, e, reducer) for a, e in zip(arrays, emb, strict=True)])
+
+    bundle.metadata["ood"] = OODDetector.fit(frame(train), frame(held), reducer=reducer).to_dict()
     return bundle.save(path)
 
 
@@ -328,3 +345,38 @@ def test_out_of_distribution_warning_per_image(client, tmp_path):
     body = _post(client, fracatlas[0]).json()
     assert body["ood"]["flag"] is True and body["ood"]["score"] > 1.0 and body["ood"]["reason"]
     assert 0.0 <= body["probability"] <= 1.0  # still answered: the warning informs, it does not refuse
+
+
+def test_ood_check_uses_the_served_models_embedding(client, served, tmp_path):
+    """The model worker returns the embedding with the logits; the front end projects it on the
+    detector's PCA: the distance the service reports is the one computed offline for that image."""
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.ood import OODDetector, image_ood_features
+
+    _, model_path, _ = served
+    arr = _phantom(501)
+    body = _post(client, make_png(tmp_path / "p.png", array=arr)).json()
+    ood = body["ood"]
+    assert ood["skipped"] == [] and set(ood["ratios"]) == {"image", "embedding"}, ood
+    bundle = ModelBundle.load(model_path)
+    offline = OODDetector.from_dict(bundle.metadata["ood"]).score(
+        image_ood_features(arr, 8), _phantom_embeddings(bundle, [arr])[0]
+    )
+    assert ood["distances"]["embedding"] == pytest.approx(offline["distances"]["embedding"], rel=1e-3, abs=1e-3)
+    assert body["timing_ms"]["ood"] < 50  # the check itself (projection + two distances) is cheap
+
+
+def test_explain_can_leave_the_full_resolution_pixels_out(client, tmp_path):
+    """API clients opt out of the viewer's reading copy (megabytes for a large radiograph)."""
+    img = make_png(tmp_path / "big.png", size=(600, 500), bit_depth=16)
+    full = _post(client, img, "/explain")
+    lean = _post(client, img, "/explain", params={"pixels": "none"})
+    assert full.status_code == lean.status_code == 200, (full.text[:200], lean.text[:200])
+    assert "pixels" in full.json()["explanation"] and "pixels" not in lean.json()["explanation"]
+    assert lean.json()["explanation"]["overlay_png"] and lean.json()["probability"] == full.json()["probability"]
+    assert len(lean.content) < len(full.content) / 2, (len(lean.content), len(full.content))
+    with open(img, "rb") as fh:  # or as a form field
+        form = client.post("/explain", files={"file": ("b.png", fh.read())}, data={"pixels": "none"})
+    assert "pixels" not in form.json()["explanation"]
+    bad = _post(client, img, "/explain", params={"pixels": "some"})
+    assert bad.status_code == 400 and "pixels must be" in bad.json()["error"]

@@ -279,8 +279,9 @@ def test_viewer_accepts_dicom_and_explains_bad_files(server, browser, tmp_path):
 def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
     """The contract for the service's per-image OOD signal (bonefrac.monitoring.ood's JSON under "ood").
 
-    Today's service does not send it yet; the response is extended in the page to check the
-    viewer's side: a warning above the image, announced first.
+    The response is extended in the page to check the viewer's side for a warning from both checks
+    (the service's own answer is tested in test_service.py): a warning above the image naming the
+    checks that fired, announced first.
     """
     img = make_png(tmp_path / "odd.png", size=(240, 240), seed=11)
     browser.get(server.url + "/")
@@ -290,8 +291,9 @@ def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
           const r = await f(u, o);
           if (!String(u).includes('/explain') || !r.ok) return r;
           const b = await r.json();
-          b.ood = {flag: true, score: 3.2, threshold: 1.0, group: 'image',
-                   reason: 'image statistics unlike the training images (log10_pixels +50.0 SD)'};
+          b.ood = {flag: true, score: 3.2, threshold: 1.0, group: 'image', fired: ['image', 'embedding'],
+                   reason: 'image statistics unlike the training images (log10_pixels +50.0 SD); ' +
+                    "the model's internal features (embedding) unlike the training images (emb_residual +4 SD)"};
           return new Response(JSON.stringify(b), {status: 200, headers: {'Content-Type': 'application/json'}});
         };"""
     )
@@ -299,6 +301,8 @@ def test_viewer_shows_the_services_ood_warning(server, browser, tmp_path):
     _wait_drawn(browser)
     box = browser.find_element(By.ID, "ood")
     assert box.is_displayed() and "Unusual image for this model" in box.text and "score 3.20" in box.text
+    # which check fired is on screen: image statistics, the model's embedding, or both
+    assert "(image statistics and the model's internal features)" in box.text
     live = browser.find_element(By.ID, "announce")
     WebDriverWait(browser, 30).until(lambda d: "complete" in (live.get_attribute("textContent") or ""))
     assert live.get_attribute("textContent").startswith("Warning: unusual image")

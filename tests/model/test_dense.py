@@ -95,3 +95,27 @@ def test_full_network_runs_from_pixels():
     assert not any(p.requires_grad for p in net.trunk.parameters())
     net.train()
     assert not net.trunk.training  # the frozen trunk keeps BatchNorm running statistics
+
+
+def test_dense_archs_have_an_embedding_for_drift_and_ood():
+    """A dense arch has no linear layer; its embedding (pooled late features) comes from the same pass as
+    the logit, so the drift reference and the OOD check work for the FracAtlas model too."""
+    import numpy as np
+
+    from bonefrac.model.bundle import ModelBundle
+    from bonefrac.model.dense import DenseFractureNet, FrozenTrunk, build_head
+    from bonefrac.model.networks import forward_with_embedding
+    from bonefrac.model.transforms import PreprocessSpec
+    from bonefrac.monitoring.features import model_outputs
+
+    torch.manual_seed(0)
+    net = DenseFractureNet(FrozenTrunk(pretrained="none", last_block=6), build_head("dense", pretrained="none")).eval()
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        logits, emb = forward_with_embedding(net, x)
+        # the head's input, pooled: here the trunk's stride-32 map (the head holds no late block)
+        assert torch.allclose(logits, net(x)) and torch.allclose(emb, net.trunk(x)[1].mean(dim=(2, 3)))
+    assert emb.shape == (2, 320)
+    bundle = ModelBundle("efficientnet_lite0_dense", net.state_dict(), PreprocessSpec(image_size=64))
+    scores, feats = model_outputs(bundle, x.numpy(), model=net)
+    assert scores.shape == (2,) and np.allclose(feats, emb.numpy(), atol=1e-5)

@@ -15,7 +15,7 @@ from tests.integration._server import make_tiny_bundle
 from bonefrac.config import ServingParams
 from bonefrac.registry import store
 from bonefrac.registry.resolve import load_tag
-from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
+from bonefrac.serving.model_slot import ModelSlot, serve, split_model_output
 
 SETTINGS = ServingParams(backend="torch", registry_poll_s=0.05)
 
@@ -46,10 +46,12 @@ def test_swap_follows_promote_and_rollback_and_old_work_finishes_on_the_old_mode
     _bump_mtime(store.champion_pointer_path("bonefrac"))
     result = slot.check()
     assert result["changed"] and slot.current.tag == b and result["previous"] == a.split(":")[1]
-    logits, load_id = split_load_id(in_flight.infer(x))  # the old model still answers what it started
+    logits, emb, load_id = split_model_output(in_flight.infer(x))  # the old model still answers what it started
     assert load_id == in_flight.load_id != slot.current.load_id
     assert np.allclose(logits, in_flight.choice.runner(x))
-    assert not np.allclose(split_load_id(slot.current.infer(x))[0], logits)  # another model now
+    # the embedding for the OOD check rides along from the same pass (custom_cnn: 512 pooled features)
+    assert emb.shape == (2, 512) and np.allclose(emb, in_flight.choice.runner.with_embedding(x)[1])
+    assert not np.allclose(split_model_output(slot.current.infer(x))[0], logits)  # another model now
 
     store.rollback("bonefrac")
     deadline = time.monotonic() + 10

@@ -32,6 +32,12 @@ def test_parity_on_a_batch_of_different_size(bundle, onnx_file):
     onnx_logits = OnnxRunner(onnx_file)(x.numpy())
     assert onnx_logits.shape == (5, 1 + bundle.num_types)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=1e-3)
+    # The second output, the embedding the service's OOD check uses, matches eager PyTorch's.
+    tl, te = TorchRunner(bundle.build_model()).with_embedding(x.numpy())
+    ol, oe = OnnxRunner(onnx_file).with_embedding(x.numpy())
+    assert oe.shape == te.shape == (5, 512)
+    np.testing.assert_allclose(ol, tl, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(oe, te, atol=1e-4 * max(1.0, float(np.abs(te).max())), rtol=1e-3)
     # Calibrated outputs agree with the Predictor's (one calibration path).
     ref = Predictor(bundle).predict_tensor(x)
     np.testing.assert_allclose(bundle.calibrate(onnx_logits).prob, ref.prob, atol=1e-5)
@@ -101,9 +107,10 @@ def test_onnx_parity_every_servable_arch(arch, dims, tmp_path):
         x = np.stack([bundle.preprocess(make_array((80 + 16 * i, 64), bit_depth=12, seed=i)).numpy() for i in range(3)])
     else:
         x = np.random.default_rng(1).random(input_shape(bundle, 3), dtype=np.float32)
-    torch_logits = TorchRunner(bundle.build_model())(x)
-    onnx_logits = OnnxRunner(path, threads=1)(x)
+    torch_logits, torch_emb = TorchRunner(bundle.build_model()).with_embedding(x)
+    onnx_logits, onnx_emb = OnnxRunner(path, threads=1).with_embedding(x)
     assert np.abs(torch_logits).max() > 1e-3  # a real signal, not all zeros
+    np.testing.assert_allclose(onnx_emb, torch_emb, atol=1e-4 * max(1.0, float(np.abs(torch_emb).max())), rtol=1e-3)
     np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4, rtol=1e-3)
     np.testing.assert_allclose(bundle.calibrate(onnx_logits).prob, bundle.calibrate(torch_logits).prob, atol=1e-5)
 

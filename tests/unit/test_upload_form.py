@@ -23,7 +23,9 @@ from bonefrac.serving.upload_form import (
 async def _form(request: Request) -> JSONResponse:
     form = await request.form()
     f = form["file"]
-    return JSONResponse({"n": len(await f.read()), "name": f.filename, "opacity": form.get("opacity")})
+    return JSONResponse(
+        {"n": len(await f.read()), "name": f.filename, "opacity": form.get("opacity"), "pixels": form.get("pixels")}
+    )
 
 
 async def _boom(request: Request) -> PlainTextResponse:
@@ -43,9 +45,22 @@ def _status(fn, *args) -> int:
 
 def test_read_upload_accepts_a_file_part_or_a_raw_body():
     body, ctype = canonical_multipart(b"\x89PNGdata", 0.25)
-    assert read_upload(ctype, body) == (b"\x89PNGdata", 0.25)
-    assert read_upload(b"application/octet-stream", b"abc", b"opacity=0.5") == (b"abc", 0.5)
-    assert read_upload(b"image/png", b"abc") == (b"abc", None)
+    assert read_upload(ctype, body) == (b"\x89PNGdata", 0.25, None)
+    assert read_upload(b"application/octet-stream", b"abc", b"opacity=0.5") == (b"abc", 0.5, None)
+    assert read_upload(b"image/png", b"abc") == (b"abc", None, None)
+
+
+def test_pixels_option_from_a_form_field_or_the_query():
+    """/explain's opt-out of the full-resolution copy: ``pixels=none`` as a form field or in the query."""
+    body, ctype = canonical_multipart(b"img", None, "none")
+    assert read_upload(ctype, body) == (b"img", None, "none")
+    body, ctype = canonical_multipart(b"img", 0.5)
+    assert read_upload(ctype, body, b"pixels=none") == (b"img", 0.5, "none")  # curl -F file=@x '...?pixels=none'
+    assert read_upload(b"image/png", b"abc", b"pixels=FULL") == (b"abc", None, "full")
+    assert _status(read_upload, b"image/png", b"abc", b"pixels=half") == 400
+    assert _status(read_upload, *reversed(canonical_multipart(b"img", None, "some"))) == 400
+    r = _client().post("/predict?pixels=none", files={"file": ("a.png", b"12345")})
+    assert r.json()["pixels"] == "none"  # the app (BentoML) gets it as a canonical form field
 
 
 def test_read_upload_refuses_every_other_shape():
@@ -68,7 +83,7 @@ def test_read_upload_refuses_every_other_shape():
 def test_middleware_hands_the_app_a_canonical_form_and_long_names_are_dropped():
     c = _client()
     r = c.post("/predict", files={"file": ("x" * 400 + ".png", b"12345")}, data={"opacity": "0.3"})
-    assert r.json() == {"n": 5, "name": "upload", "opacity": "0.3"}
+    assert r.json() == {"n": 5, "name": "upload", "opacity": "0.3", "pixels": None}
     r = c.post("/predict", content=b"123", headers={"content-type": "application/octet-stream"})
     assert r.json()["n"] == 3
     r = c.post("/predict", data={f"k{i}": "v" for i in range(1200)})

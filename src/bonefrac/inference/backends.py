@@ -1,7 +1,9 @@
 """Interchangeable runners from a preprocessed batch to logits: eager PyTorch or ONNX Runtime.
 
 Both take a float32 array ``(N, 1, ...)`` on [0, 1] and return float32 logits
-``(N, 1 + T)``, so the service and ``bonefrac predict`` do not care which one runs.
+``(N, 1 + T)``, so the service and ``bonefrac predict`` do not care which one runs;
+``with_embedding`` also returns the model's embedding ``(N, F)`` from the same pass
+(the service's per-image out-of-distribution check projects it on the drift PCA).
 Which one is used is decided by measurement (:func:`select_backend`): on a GPU,
 PyTorch on CUDA; on CPU, ONNX Runtime only where it is measurably faster than
 eager PyTorch on this machine and this model, and only after a parity check shows
@@ -35,6 +37,8 @@ class LogitRunner(Protocol):
 
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
+    def with_embedding(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 class TorchRunner:
     """Eager PyTorch in inference mode."""
@@ -50,6 +54,14 @@ class TorchRunner:
             t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
             return self.model(t).float().cpu().numpy()
 
+    def with_embedding(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from bonefrac.model.networks import forward_with_embedding
+
+        with torch.inference_mode():
+            t = torch.as_tensor(np.ascontiguousarray(x, dtype=np.float32), device=self.device)
+            logits, emb = forward_with_embedding(self.model, t)
+            return logits.float().cpu().numpy(), emb.float().flatten(1).cpu().numpy()
+
 
 class OnnxRunner:
     """ONNX Runtime on CPU, from an exported model file."""
@@ -58,15 +70,22 @@ class OnnxRunner:
     device = "cpu"
 
     def __init__(self, onnx_path: str | Path, threads: int | None = None) -> None:
-        from bonefrac.inference.onnx_export import INPUT_NAME, OUTPUT_NAME, onnx_session
+        from bonefrac.inference.onnx_export import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, onnx_session
 
         self.path = Path(onnx_path)
         self.session = onnx_session(self.path, threads=threads)
-        self._input, self._output = INPUT_NAME, OUTPUT_NAME
+        self._input, self._output, self._embedding = INPUT_NAME, OUTPUT_NAME, EMBEDDING_NAME
+        if EMBEDDING_NAME not in {o.name for o in self.session.get_outputs()}:
+            raise RuntimeError(f"{self.path.name} has no {EMBEDDING_NAME!r} output: export it again")
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session.run([self._output], {self._input: x})[0].astype(np.float32, copy=False)
+
+    def with_embedding(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        logits, emb = self.session.run([self._output, self._embedding], {self._input: x})
+        return logits.astype(np.float32, copy=False), emb.astype(np.float32, copy=False)
 
 
 @dataclass
@@ -128,7 +147,7 @@ def select_backend(
     model: nn.Module | None = None,
 ) -> BackendChoice:
     """Pick the runner for ``bundle`` (see module docstring); "auto" never fails: it falls back to torch."""
-    from bonefrac.inference.onnx_export import OnnxExportError, export_bundle, input_shape
+    from bonefrac.inference.onnx_export import EXPORT_LAYOUT, OnnxExportError, export_bundle, input_shape
 
     device = device or default_device()
     model = model if model is not None else bundle.build_model()
@@ -139,7 +158,7 @@ def select_backend(
         return BackendChoice(torch_runner, "GPU present: PyTorch on CUDA")
 
     cache = Path(cache_dir) if cache_dir else Path(tempfile.gettempdir()) / "bonefrac-onnx"
-    onnx_path = cache / f"{bundle.arch}-{bundle_digest(bundle)}.onnx"
+    onnx_path = cache / f"{bundle.arch}-{bundle_digest(bundle)}-{EXPORT_LAYOUT}.onnx"
     try:
         onnx_path, diff = export_bundle(bundle, onnx_path)
         onnx_runner = OnnxRunner(onnx_path, threads=threads)

@@ -5,6 +5,10 @@ eager PyTorch on small CNNs, see GUIDE.md numbers) and a portable artifact for e
 or mobile use. The export is only trusted after :func:`check_parity` shows the
 same logits within a tolerance on real-shaped inputs.
 
+The graph has two outputs: ``logits`` and ``embedding`` (the pooled features the head
+reads, :func:`bonefrac.model.networks.forward_with_embedding`), so the service gets the
+embedding its per-image out-of-distribution check needs from the same forward pass.
+
 We use the TorchScript-based exporter (``dynamo=False``): it needs no extra
 package (the torch.export-based one needs ``onnxscript``) and handles a dynamic
 batch axis for the CNNs we ship.
@@ -22,14 +26,29 @@ from torch import nn
 from bonefrac.atomic import atomic_path
 from bonefrac.errors import BonefracError
 from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.networks import forward_with_embedding
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+EMBEDDING_NAME = "embedding"
 DEFAULT_OPSET = 17
+#: Part of the cached file's name: an export of an older layout (one output) is never reused.
+EXPORT_LAYOUT = "le2"
 
 
 class OnnxExportError(BonefracError, RuntimeError):
     """The network could not be exported, or ONNX Runtime disagrees with PyTorch."""
+
+
+class LogitsAndEmbedding(nn.Module):
+    """``model`` with a second output, its embedding (what is exported)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_with_embedding(self.model, x)
 
 
 def input_shape(bundle: ModelBundle, batch: int = 1) -> tuple[int, ...]:
@@ -40,19 +59,19 @@ def input_shape(bundle: ModelBundle, batch: int = 1) -> tuple[int, ...]:
 def export_onnx(
     model: nn.Module, path: str | Path, example: torch.Tensor, opset: int = DEFAULT_OPSET
 ) -> Path:
-    """Export ``model`` (eval mode, CPU) with a dynamic batch axis; written atomically."""
+    """Export ``model`` (eval mode, CPU) with a dynamic batch axis and both outputs; written atomically."""
     model = model.eval().cpu()
     try:
         with atomic_path(path) as tmp, warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
             torch.onnx.export(
-                model,
+                LogitsAndEmbedding(model).eval(),
                 (example.cpu(),),
                 str(tmp),
                 dynamo=False,
                 input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME],
-                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                output_names=[OUTPUT_NAME, EMBEDDING_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}, EMBEDDING_NAME: {0: "batch"}},
                 opset_version=opset,
                 do_constant_folding=True,
             )
@@ -85,15 +104,29 @@ def onnx_session(path: str | Path, threads: int | None = None, allow_spinning: b
 def check_parity(
     model: nn.Module, onnx_path: str | Path, inputs: torch.Tensor, atol: float = 1e-4, rtol: float = 1e-3
 ) -> float:
-    """Run both on ``inputs``; return the max absolute logit difference or raise if out of tolerance."""
+    """Run both on ``inputs``; return the max absolute logit difference or raise if out of tolerance.
+
+    The embedding output is checked too, relative to its own scale (features are not logits:
+    they can be large), so the OOD check sees the same vector on either runtime.
+    """
     with torch.inference_mode():
-        expected = model.eval().cpu()(inputs.cpu()).float().numpy()
-    got = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: inputs.cpu().numpy().astype(np.float32)})[0]
-    if got.shape != expected.shape:
-        raise OnnxExportError(f"ONNX output shape {got.shape} differs from PyTorch's {expected.shape}")
+        logits, emb = forward_with_embedding(model.eval().cpu(), inputs.cpu())
+        expected, expected_emb = logits.float().numpy(), emb.float().flatten(1).numpy()
+    got, got_emb = onnx_session(onnx_path).run(
+        [OUTPUT_NAME, EMBEDDING_NAME], {INPUT_NAME: inputs.cpu().numpy().astype(np.float32)}
+    )
+    if got.shape != expected.shape or got_emb.shape != expected_emb.shape:
+        raise OnnxExportError(
+            f"ONNX output shapes {got.shape}, {got_emb.shape} differ from PyTorch's {expected.shape}, "
+            f"{expected_emb.shape}"
+        )
     diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
     if not np.allclose(got, expected, atol=atol, rtol=rtol):
         raise OnnxExportError(f"ONNX Runtime disagrees with PyTorch: max |Δlogit| = {diff:.2e} (atol {atol})")
+    scale = max(float(np.max(np.abs(expected_emb))) if expected_emb.size else 0.0, 1.0)
+    if not np.allclose(got_emb, expected_emb, atol=atol * scale, rtol=rtol):
+        emb_diff = float(np.max(np.abs(got_emb - expected_emb)))
+        raise OnnxExportError(f"ONNX Runtime disagrees with PyTorch on the embedding: max |Δ| = {emb_diff:.2e}")
     return diff
 
 

@@ -259,6 +259,15 @@ class DenseFractureNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(*self.trunk(x))[0]
 
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits and :meth:`features` from one pass (the drift/OOD embedding; an ONNX output)."""
+        s16, s32 = self.trunk(x)
+        head = self.head
+        if hasattr(head, "late") and hasattr(head, "forward_after_late"):
+            late = head.late(s16, s32)
+            return head.forward_after_late(s16, late)[0], late.mean(dim=(2, 3))
+        return head(s16, s32)[0], s32.mean(dim=(2, 3))
+
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 1, h, w)`` logit map on the head's grid (stride 16 for the dense head)."""
         return self.head(*self.trunk(x))[1]
@@ -268,14 +277,7 @@ class DenseFractureNet(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled stride-32 features ``(N, C)`` after the late blocks: embeddings for drift monitoring."""
-        s16, s32 = self.trunk(x)
-        head = self.head
-        if getattr(head, "blocks5", None) is not None:
-            s32 = head.blocks5(s16)
-        late = getattr(head, "blocks6", None)
-        if late is not None:
-            s32 = late(s32)
-        return s32.mean(dim=(2, 3))
+        return self.forward_with_embedding(x)[1]
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,16 @@ from bonefrac.model.pretrained import (
 )
 from bonefrac.model.projection3d import ProjectionNet3D
 
-__all__ = ["ARCHS", "IMAGENET_MEAN", "IMAGENET_STD", "FractureNet", "GrayToImageNet", "ModelError", "build_model"]
+__all__ = [
+    "ARCHS",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "FractureNet",
+    "GrayToImageNet",
+    "ModelError",
+    "build_model",
+    "forward_with_embedding",
+]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +86,11 @@ class FractureNet(nn.Module):
         """Pooled backbone features (N, F): for embeddings / drift monitoring."""
         return self.backbone(self.input_adapter(x))
 
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and the pooled features (the head's input) from one pass: see :func:`forward_with_embedding`."""
+        f = self.features(x)
+        return self.head(f), f.flatten(1)
+
     def backbone_parameters(self) -> list[nn.Parameter]:
         return list(self.backbone.parameters())
 
@@ -87,6 +101,34 @@ class FractureNet(nn.Module):
         """The backbone's blocks from input to output (each a list of modules)."""
         mods = dict(self.named_modules())
         return [[mods[n] for n in group] for group in self.block_groups]
+
+
+def forward_with_embedding(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits (N, 1 + T), embedding (N, F))`` from one forward pass: the model's embedding.
+
+    The embedding is the pooled feature vector the classification head reads (FractureNet: the
+    head's input; the dense archs: the pooled stride-32 map of the late blocks). It is the one
+    definition used by the drift reference, the per-image OOD check and the served model (eager
+    and ONNX: a second output of the export), so all of them project the same vector on the
+    reference's PCA axes. A network without ``forward_with_embedding`` falls back to the input
+    of its last linear layer (a forward pre-hook), which is the same vector for a FractureNet.
+    """
+    own = getattr(model, "forward_with_embedding", None)
+    if callable(own):
+        return own(x)
+    last = None
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            last = mod
+    if last is None:
+        raise ModelError(f"{type(model).__name__} has no embedding: no forward_with_embedding and no linear layer")
+    captured: list[torch.Tensor] = []
+    handle = last.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0]))
+    try:
+        logits = model(x)
+    finally:
+        handle.remove()
+    return logits, captured[-1].flatten(1)
 
 
 @dataclass(frozen=True)

@@ -110,48 +110,33 @@ def features_from_prediction_log(log: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ model
-def _last_linear(model: Any) -> Any:
-    from torch import nn
-
-    last = None
-    for mod in model.modules():
-        if isinstance(mod, nn.Linear):
-            last = mod
-    if last is None:
-        raise FeatureError("the model has no linear layer; cannot read penultimate features")
-    return last
-
-
 def model_outputs(
     bundle: ModelBundle, images: np.ndarray, batch_size: int = 32, model: Any | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Calibrated scores ``(N,)`` and penultimate features ``(N, F)`` from one forward pass.
+    """Calibrated scores ``(N,)`` and embeddings ``(N, F)`` from one forward pass.
 
-    The penultimate features are the input of the last linear layer (the
-    classification head), captured by a forward pre-hook: one pass yields both
-    the score (through the bundle's own calibration) and the embedding, for any
-    architecture ``build_model`` makes. ``model`` reuses a network already built.
+    The embedding is :func:`bonefrac.model.networks.forward_with_embedding`'s (the pooled
+    features the head reads), the vector the served model returns too, so the reference's
+    PCA and the service's per-image OOD check project the same thing. ``model`` reuses a
+    network already built.
     """
     import torch
 
-    model = model if model is not None else bundle.build_model()
+    from bonefrac.model.networks import forward_with_embedding
 
-    captured: list[torch.Tensor] = []
-    handle = _last_linear(model).register_forward_pre_hook(
-        lambda _m, inputs: captured.append(inputs[0].detach().flatten(1).float().cpu())
-    )
+    model = model if model is not None else bundle.build_model()
     model.eval()
     scores: list[np.ndarray] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(images), batch_size):
-                x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
-                scores.append(bundle.calibrate(model(x).float().cpu().numpy()).prob)
-    finally:
-        handle.remove()
+    embeddings: list[np.ndarray] = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
+            logits, emb = forward_with_embedding(model, x)
+            scores.append(bundle.calibrate(logits.float().cpu().numpy()).prob)
+            embeddings.append(emb.detach().flatten(1).float().cpu().numpy())
     if not scores:
         return np.zeros(0, dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(scores), torch.cat(captured).numpy()
+    return np.concatenate(scores), np.concatenate(embeddings)
 
 
 # ------------------------------------------------------------------ PCA
@@ -184,6 +169,16 @@ class EmbeddingReducer:
                 f"embeddings have {x.shape[-1]} features but the PCA was fitted on {self.components.shape[1]}"
             )
         return (x - self.mean) @ self.components.T
+
+    def residual(self, embeddings: np.ndarray) -> np.ndarray:
+        """Norm of what the axes leave out, per row ``(N,)``: ``|x - mean - proj(x)|``.
+
+        An image unlike the reference can land near the centre of the few kept axes while
+        most of its embedding lies off them; this is where it shows.
+        """
+        x = np.asarray(embeddings, dtype=np.float64)
+        z = self.transform(x)
+        return np.linalg.norm(x - self.mean - z @ self.components, axis=1)
 
     def to_frame(self, embeddings: np.ndarray) -> pd.DataFrame:
         return pd.DataFrame(self.transform(embeddings), columns=embedding_columns(self.dims))

@@ -10,8 +10,13 @@ distribution, in two independent feature groups:
   (``log10_pixels``: another detector, another resolution) and a resolution-free texture
   measure (``texture``: mean gradient magnitude over the intensity spread, on a copy resized
   to 128 px, so smooth synthetic images and detailed radiographs differ);
-- ``embedding`` (optional): the model's penultimate features projected on the drift
-  reference's PCA (``emb_*`` columns).
+- ``embedding`` (optional): the model's embedding
+  (:func:`bonefrac.model.networks.forward_with_embedding`, the pooled features its head reads)
+  projected on the drift reference's PCA (``emb_0..k-1``), plus the log norm of the part the
+  PCA leaves out (``emb_residual``: few axes fitted on the training images do not see a new
+  kind of image that lies off them, as FracAtlas does for a phantom model). The PCA travels inside the
+  detector (``reducer``), so a served model scores the embedding its own worker returns
+  (eager or ONNX) without reading the reference folder.
 
 Each group is a Gaussian fitted on the training rows (standardised, covariance shrunk toward
 the identity so a few dozen rows are enough) and scored by Mahalanobis distance. The
@@ -20,8 +25,8 @@ images (validation split) times a margin, so the false-alarm rate is set on data
 never saw. The image's score is the largest ``distance / threshold`` over the groups it has:
 ``> 1`` warns. The answer is plain JSON, ready for the service response and the viewer::
 
-    {"flag": true, "score": 3.4, "threshold": 1.0, "group": "image",
-     "reason": "image statistics unlike the training images (intensity_p50 7.9 SD, ...)", ...}
+    {"flag": true, "score": 3.4, "threshold": 1.0, "group": "image", "fired": ["image", "embedding"],
+     "reason": "image statistics unlike the training images (intensity_p50 7.9 SD, ...); ...", ...}
 
 The detector is stored as JSON (never pickled), next to the drift reference.
 """
@@ -39,7 +44,7 @@ import pandas as pd
 
 from bonefrac.config import project_relative
 from bonefrac.errors import BonefracError
-from bonefrac.monitoring.features import EMBEDDING_PREFIX, image_features
+from bonefrac.monitoring.features import EMBEDDING_PREFIX, EmbeddingReducer, image_features
 
 IMAGE_STAT_COLUMNS = [
     "intensity_mean",
@@ -52,6 +57,8 @@ IMAGE_STAT_COLUMNS = [
     "texture",
 ]
 OOD_JSON = "ood.json"
+RESIDUAL_COLUMN = f"{EMBEDDING_PREFIX}residual"
+GROUP_WORDS = {"image": "image statistics", "embedding": "the model's internal features (embedding)"}
 
 
 class OODError(BonefracError):
@@ -115,6 +122,8 @@ class GaussianGroup:
 class OODDetector:
     groups: dict[str, GaussianGroup]
     meta: dict[str, Any] = field(default_factory=dict)
+    #: The drift reference's PCA of the embedding (``None``: image statistics only).
+    reducer: EmbeddingReducer | None = None
 
     @classmethod
     def fit(
@@ -126,6 +135,7 @@ class OODDetector:
         margin: float = 1.25,
         use_embedding: bool = True,
         meta: Mapping[str, Any] | None = None,
+        reducer: EmbeddingReducer | None = None,
     ) -> OODDetector:
         """Fit on ``train`` rows; thresholds from the ``heldout`` rows (in-distribution, not fitted on).
 
@@ -145,14 +155,30 @@ class OODDetector:
                 raise OODError(f"no complete held-out rows for the {name} group")
             g.threshold = float(np.quantile(d, quantile) * margin)
         info = {"n_train": len(train), "n_heldout": len(heldout), "quantile": quantile, "margin": margin}
-        return cls(groups, {**info, **(meta or {})})
+        return cls(groups, {**info, **(meta or {})}, reducer if "embedding" in groups else None)
 
-    def score(self, features: Mapping[str, float]) -> dict[str, Any]:
+    def embedding_features(self, embedding: np.ndarray | None) -> dict[str, float]:
+        """The ``emb_*`` features of one image's raw embedding ``(F,)`` ({} without a PCA or an embedding).
+
+        An embedding of another width (a model swapped under a stale detector) gives {} and
+        the group is skipped, never a wrong distance.
+        """
+        if self.reducer is None or embedding is None:
+            return {}
+        emb = np.asarray(embedding, dtype=np.float64).reshape(1, -1)
+        if emb.shape[1] != self.reducer.components.shape[1]:
+            return {}
+        return embedding_ood_features(emb[0], self.reducer)
+
+    def score(self, features: Mapping[str, float], embedding: np.ndarray | None = None) -> dict[str, Any]:
         """One image's features (``IMAGE_STAT_COLUMNS``, optionally ``emb_*``) → a JSON-ready verdict.
 
-        A group whose features are missing (e.g. no embedding from this runtime) is skipped
-        and listed in ``skipped``.
+        ``embedding``: the model's raw embedding of this image, projected with the detector's
+        own PCA. A group whose features are missing (e.g. no embedding from this runtime) is
+        skipped and listed in ``skipped``. ``fired`` lists every group over its threshold, worst
+        first, and ``reason`` names each of them (the viewer shows which check fired).
         """
+        features = {**features, **self.embedding_features(embedding)}
         ratios: dict[str, float] = {}
         distances: dict[str, float] = {}
         skipped: list[str] = []
@@ -170,22 +196,28 @@ class OODDetector:
                 worst = (ratios[name], name, g.zscores(x)[0])
         if worst is None:
             raise OODError("no feature group could be scored: the image features are missing")
-        score, group, z = worst
+        score, group, _ = worst
         flag = bool(score > 1.0)
-        g = self.groups[group]
-        top = np.argsort(-np.abs(z))[:3]
-        what = "image statistics" if group == "image" else "the model's internal features"
-        detail = ", ".join(f"{g.columns[i]} {z[i]:+.1f} SD" for i in top)
-        reason = (
-            f"{what} unlike the training images ({detail})"
-            if flag
-            else f"within the range of the training images ({what}: {detail})"
-        )
+        fired = sorted((n for n, r in ratios.items() if r > 1.0), key=lambda n: -ratios[n])
+
+        def detail(name: str) -> str:
+            g = self.groups[name]
+            z = g.zscores([features[c] for c in g.columns])[0]
+            return ", ".join(f"{g.columns[i]} {z[i]:+.1f} SD" for i in np.argsort(-np.abs(z))[:3])
+
+        if flag:
+            reason = "; ".join(
+                f"{GROUP_WORDS.get(n, n)} unlike the training images ({detail(n)}; {ratios[n]:.1f}× its threshold)"
+                for n in fired
+            )
+        else:
+            reason = f"within the range of the training images ({GROUP_WORDS.get(group, group)}: {detail(group)})"
         return {
             "flag": flag,
             "score": round(float(score), 3),
             "threshold": 1.0,
             "group": group,
+            "fired": fired,
             "reason": reason,
             "ratios": ratios,
             "distances": distances,
@@ -193,7 +225,10 @@ class OODDetector:
         }
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": {k: g.to_dict() for k, g in self.groups.items()}, "meta": self.meta}
+        d: dict[str, Any] = {"groups": {k: g.to_dict() for k, g in self.groups.items()}, "meta": self.meta}
+        if self.reducer is not None:
+            d["reducer"] = {"mean": self.reducer.mean.tolist(), "components": self.reducer.components.tolist()}
+        return d
 
     def save(self, path: str | Path) -> Path:
         from bonefrac.monitoring.io import atomic_write_text
@@ -202,7 +237,14 @@ class OODDetector:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> OODDetector:
-        return cls({k: GaussianGroup.from_dict(g) for k, g in d["groups"].items()}, dict(d.get("meta") or {}))
+        r = d.get("reducer")
+        reducer = (
+            EmbeddingReducer(np.asarray(r["mean"], dtype=np.float64), np.asarray(r["components"], dtype=np.float64))
+            if r
+            else None
+        )
+        groups = {k: GaussianGroup.from_dict(g) for k, g in d["groups"].items()}
+        return cls(groups, dict(d.get("meta") or {}), reducer)
 
     @classmethod
     def load(cls, path: str | Path) -> OODDetector:
@@ -221,16 +263,23 @@ def image_ood_features(
 ) -> dict[str, float]:
     """Features of one decoded image for :meth:`OODDetector.score`.
 
-    ``embedding`` is the model's penultimate feature vector (F,) for this image; with the
-    drift reference's ``reducer`` (PCA) it becomes the ``emb_*`` columns.
+    ``embedding`` is the model's embedding (F,) for this image; with the drift reference's
+    ``reducer`` (PCA) it becomes the ``emb_*`` columns (:func:`embedding_ood_features`).
     """
     base = image_features(array, bit_depth, value_range)
     feats: dict[str, float] = {k: float(v) for k, v in base.items() if k in IMAGE_STAT_COLUMNS}
     feats["log10_pixels"] = float(np.log10(max(1.0, base["width"] * base["height"])))
     feats["texture"] = texture(array)
     if embedding is not None and reducer is not None:
-        proj = reducer.transform(np.asarray(embedding, dtype=np.float64).reshape(1, -1))[0]
-        feats.update({f"{EMBEDDING_PREFIX}{i}": float(v) for i, v in enumerate(proj)})
+        feats.update(embedding_ood_features(embedding, reducer))
+    return feats
+
+
+def embedding_ood_features(embedding: np.ndarray, reducer: EmbeddingReducer) -> dict[str, float]:
+    """``emb_0..k-1`` (the PCA coordinates) and ``emb_residual`` (log10 of 1 + the off-axes norm)."""
+    emb = np.asarray(embedding, dtype=np.float64).reshape(1, -1)
+    feats = {f"{EMBEDDING_PREFIX}{i}": float(v) for i, v in enumerate(reducer.transform(emb)[0])}
+    feats[RESIDUAL_COLUMN] = float(np.log10(1.0 + reducer.residual(emb)[0]))
     return feats
 
 
@@ -313,6 +362,7 @@ def build_ood_detector(
         quantile=quantile,
         margin=margin,
         meta={"cache_dir": project_relative(cache_dir), "model": getattr(bundle, "arch", None)},
+        reducer=reducer,
     )
     det.save(out_path)
     return det

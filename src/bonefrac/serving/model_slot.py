@@ -16,7 +16,8 @@ keeps the :class:`ServedModel` it read at its start and finishes on the old mode
 a load that fails (missing file, corrupt bundle, ONNX export error...) is logged
 with its reason and the old model keeps serving.
 
-Every logit row leaves the model worker with the ``load_id`` of the model that
+Every logit row leaves the model worker with the model's embedding (for the front
+end's per-image out-of-distribution check) and the ``load_id`` of the model that
 computed it appended (:meth:`ServedModel.infer`), so the front end, which
 preprocesses and calibrates with its copy of the model's contract, notices a swap
 between its two steps and redoes the request with the new contract: an answer
@@ -71,9 +72,17 @@ class ServedModel:
         return f"{self.loaded.name}:{self.loaded.version}"
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        """Logits ``(N, 1 + T)`` with this model's ``load_id`` appended as the last column."""
-        logits = np.asarray(self.choice.runner(np.asarray(x, dtype=np.float32)), dtype=np.float32)
-        return np.concatenate([logits, np.full((logits.shape[0], 1), self.load_id, np.float32)], axis=1)
+        """``[logits (1 + T) | embedding (F) | F | load_id]`` per row, from one forward pass.
+
+        One array, so BentoML's adaptive batching splits it per request as before; the width
+        ``F`` travels in the row, so :func:`split_model_output` needs nothing else.
+        """
+        logits, emb = self.choice.runner.with_embedding(np.asarray(x, dtype=np.float32))
+        logits = np.asarray(logits, dtype=np.float32)
+        emb = np.asarray(emb, dtype=np.float32).reshape(len(logits), -1)
+        n = len(logits)
+        tail = np.tile(np.array([[emb.shape[1], self.load_id]], np.float32), (n, 1))
+        return np.concatenate([logits, emb, tail], axis=1)
 
     def cam(self, x: np.ndarray) -> np.ndarray:
         t = torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.device)
@@ -91,10 +100,11 @@ class ServedModel:
         }
 
 
-def split_load_id(out: np.ndarray) -> tuple[np.ndarray, int]:
-    """The model worker's answer → ``(logits, load_id)`` (see :meth:`ServedModel.infer`)."""
+def split_model_output(out: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The model worker's answer → ``(logits, embedding, load_id)`` (see :meth:`ServedModel.infer`)."""
     out = np.asarray(out)
-    return out[:, :-1], round(float(out[0, -1]))
+    width = round(float(out[0, -2]))
+    return out[:, : -2 - width], out[:, -2 - width : -2], round(float(out[0, -1]))
 
 
 def serve(loaded: LoadedModel, settings: ServingParams, device: str) -> ServedModel:

@@ -46,6 +46,7 @@ from starlette.responses import JSONResponse
 from starlette.staticfiles import StaticFiles
 
 from bonefrac.config import load_settings, resolve
+from bonefrac.errors import BonefracError
 from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
 from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
@@ -56,7 +57,7 @@ from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag,
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
 from bonefrac.serving.decode_gate import TRIM_AFTER_BYTES, DecodeGate, release_memory
 from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLimitMiddleware, decode_upload
-from bonefrac.serving.model_slot import ModelSlot, serve, split_load_id
+from bonefrac.serving.model_slot import ModelSlot, serve, split_model_output
 from bonefrac.serving.paths import PUBLIC_PATHS, STATIC_DIR, UnknownPathMiddleware, install_before_bentoml_middleware
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
 
@@ -503,7 +504,7 @@ class FractureService:
                 "bit_depth": int(img.bit_depth),
             },
             "log": image_fields(img),
-            "ood": self._ood_check(img, detector),
+            "ood_features": self._ood_features(img, detector),
         }
 
     async def _predict_one(
@@ -524,7 +525,7 @@ class FractureService:
                 raise InputRejected(
                     HTTPStatus.SERVICE_UNAVAILABLE, f"model busy, retry shortly ({type(err).__name__})"
                 ) from err
-            logits, load_id = split_load_id(out)
+            logits, embedding, load_id = split_model_output(out)
             if load_id == info.get("load_id"):
                 break
             # The model was swapped (promote/rollback) between our preprocessing and the forward
@@ -533,6 +534,9 @@ class FractureService:
         else:
             raise InputRejected(HTTPStatus.SERVICE_UNAVAILABLE, "the model is being replaced, retry shortly")
         timings["inference"] = (time.perf_counter() - t0) * 1000
+        t_ood = time.perf_counter()
+        ood = self._ood_score(info.get("_ood"), facts["ood_features"], embedding[0] if embedding.size else None)
+        timings["ood"] = (time.perf_counter() - t_ood) * 1000
         row = info["_contract"].calibrate(np.asarray(logits)).row(0, info["type_names"])
         timings["total"] = (time.perf_counter() - t_start) * 1000
         result: dict[str, Any] = {
@@ -545,13 +549,13 @@ class FractureService:
         }
         if "fracture_type_probabilities" in row:
             result["fracture_type_probabilities"] = row["fracture_type_probabilities"]
-        if facts["ood"] is not None:
-            result["ood"] = facts["ood"]
+        if ood is not None:
+            result["ood"] = ood
         self._log(result, facts["log"], row)
         return result, img, x, info
 
-    def _ood_check(self, img: Any, detector: OODDetector | None = None) -> dict[str, Any] | None:
-        """Is this image like the training images? (image statistics against the model's own reference)
+    def _ood_features(self, img: Any, detector: OODDetector | None = None) -> dict[str, float] | None:
+        """The image statistics of the OOD check, taken while the decoded pixels are at hand.
 
         A warning for the reader, never a reason to fail the answer: any error here is logged
         and the prediction goes out without it.
@@ -563,8 +567,22 @@ class FractureService:
             feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
             h, w = stored_size(img)  # a JPEG decoded at reduced scale: the size is the stored one
             feats["log10_pixels"] = float(np.log10(max(1, h * w)))
-            return detector.score(feats)
+            return feats
         except (ValueError, KeyError, TypeError, FloatingPointError) as err:
+            logger.warning("OOD check skipped: %s", type(err).__name__)
+            return None
+
+    def _ood_score(
+        self, detector: OODDetector | None, feats: dict[str, float] | None, embedding: np.ndarray | None
+    ) -> dict[str, Any] | None:
+        """Is this image like the training images? Image statistics and the model's embedding (from the
+        same forward pass as the logits, projected on the reference's PCA) against the model's own
+        reference; ``fired`` says which check warned. Never fails the answer."""
+        if detector is None or feats is None:
+            return None
+        try:
+            return detector.score(feats, embedding)
+        except (BonefracError, ValueError, KeyError, TypeError, FloatingPointError) as err:
             logger.warning("OOD check skipped: %s", type(err).__name__)
             return None
 
@@ -598,10 +616,13 @@ class FractureService:
         return result
 
     @bentoml.api
-    async def explain(self, file: Path, opacity: float = 0.5) -> dict[str, Any]:
+    async def explain(self, file: Path, opacity: float = 0.5, pixels: str = "full") -> dict[str, Any]:
         """The prediction plus its map (the model's own evidence map for a dense arch, else Grad-CAM):
         overlay, heatmap (RGBA) and image as base64 PNG, a 32-px copy of the map, and (2D) the
-        full-resolution pixel values with window presets for the viewer's W/L."""
+        full-resolution pixel values with window presets for the viewer's W/L.
+
+        ``pixels=none`` (form field or query, ``/explain?pixels=none``) leaves the full-resolution
+        copy out: ~3.9 MB of base64 for a 2304 × 2880 radiograph that an API client rarely needs."""
         try:
             result, img, x, info = await self._predict_one(file, display_side=visual.DISPLAY_MAX_SIDE, keep_image=True)
         except InputRejected as exc:
@@ -626,9 +647,9 @@ class FractureService:
                 "heatmap": visual.small_heatmap(pics["cam"]),
             }
             # The viewer's reading copy: full resolution, stored units, the DICOM's own window first.
-            pixels = await asyncio.to_thread(visual.display_pixels, img, file.read_bytes)
-            if pixels is not None:
-                result["explanation"]["pixels"] = await asyncio.to_thread(pixels.to_json)
+            copy = None if pixels == "none" else await asyncio.to_thread(visual.display_pixels, img, file.read_bytes)
+            if copy is not None:
+                result["explanation"]["pixels"] = await asyncio.to_thread(copy.to_json)
         except Exception as err:
             return _error(_unavailable("rendering the explanation", err))  # type: ignore[return-value]
         result["timing_ms"]["explain"] = round((time.perf_counter() - t0) * 1000, 2)

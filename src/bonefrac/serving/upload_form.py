@@ -9,14 +9,19 @@ field or more than 1,000 fields. So :class:`UploadFormMiddleware` reads the body
 exactly two shapes:
 
 * ``multipart/form-data`` with one ``file`` part that is a file (it has a
-  ``filename``), optionally an ``opacity`` field (a number in [0, 1]), nothing else;
-  at most :data:`MAX_PARTS` parts, each part's headers bounded;
+  ``filename``), optionally an ``opacity`` field (a number in [0, 1]) and a ``pixels``
+  field (``full`` | ``none``), nothing else; at most :data:`MAX_PARTS` parts, each
+  part's headers bounded;
 * a raw body (``application/octet-stream``, ``application/dicom`` or ``image/*``),
   with ``opacity`` in the query string.
 
+``pixels`` may also come in the query string with either shape (``/explain?pixels=none``):
+``none`` leaves the full-resolution reading copy out of ``/explain``'s answer (megabytes for a
+large radiograph; API clients that only want the decision and the overlay skip it).
+
 Anything else is a 4xx JSON answer naming the problem (never the client's file or
 field names). What passes is re-encoded as a canonical multipart body (one ``file``
-part named ``upload``, the number ``opacity``), so BentoML only ever parses input it
+part named ``upload``, the number ``opacity``, ``pixels``), so BentoML only ever parses input it
 cannot fail on. No URL is ever fetched: a text field named ``file`` is refused.
 
 :class:`ErrorShapeMiddleware` is the last line: every error answer becomes
@@ -41,10 +46,12 @@ from bonefrac.serving.input_safety import InputRejected
 
 logger = logging.getLogger("bonefrac.serving")
 
-#: Most parts a multipart upload may have (``file``, ``opacity`` and a little slack is refused anyway).
+#: Most parts a multipart upload may have (``file``, ``opacity``, ``pixels``; more is refused anyway).
 MAX_PARTS = 4
 RAW_MEDIA_TYPES = frozenset({b"application/octet-stream", b"application/dicom"})
-ALLOWED_FIELDS = frozenset({"file", "opacity"})
+ALLOWED_FIELDS = frozenset({"file", "opacity", "pixels"})
+#: What ``/explain`` may send of the image's own pixels: all of them (the viewer's default) or none.
+PIXELS_CHOICES = ("full", "none")
 HOW_TO = "send the image as multipart/form-data with a 'file' field (curl -F file=@image.png), or as the raw body"
 
 
@@ -61,6 +68,13 @@ def _opacity(raw: str | bytes) -> float:
     if not math.isfinite(value) or not 0.0 <= value <= 1.0:
         raise _reject(HTTPStatus.BAD_REQUEST, "opacity must be a number between 0 and 1")
     return value
+
+
+def _pixels(raw: str | bytes) -> str:
+    text = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw).strip().lower()[:16]
+    if text not in PIXELS_CHOICES:
+        raise _reject(HTTPStatus.BAD_REQUEST, "pixels must be 'full' or 'none'")
+    return text
 
 
 class _Part:
@@ -130,7 +144,7 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[bytes, bool
             raise _reject(HTTPStatus.BAD_REQUEST, f"a multipart part without a form-data name; {HOW_TO}")
         if name not in ALLOWED_FIELDS:
             raise _reject(
-                HTTPStatus.BAD_REQUEST, f"unexpected form field: only 'file' and 'opacity' are read; {HOW_TO}"
+                HTTPStatus.BAD_REQUEST, f"unexpected form field: only 'file', 'opacity' and 'pixels' are read; {HOW_TO}"
             )
         if name in fields:
             raise _reject(HTTPStatus.BAD_REQUEST, f"more than one '{name}' field: send one image per request")
@@ -138,10 +152,14 @@ def parse_multipart(body: bytes, boundary: bytes) -> dict[str, tuple[bytes, bool
     return fields
 
 
-def read_upload(content_type: bytes, body: bytes, query_string: bytes = b"") -> tuple[bytes, float | None]:
-    """(file bytes, opacity or None) from a request body; :class:`InputRejected` for any other shape."""
+def read_upload(
+    content_type: bytes, body: bytes, query_string: bytes = b""
+) -> tuple[bytes, float | None, str | None]:
+    """(file bytes, opacity or None, pixels or None) from a request; :class:`InputRejected` for any other shape."""
     media, params = parse_options_header(content_type or b"")
     media = media.lower()
+    query = parse_qs(query_string.decode("latin-1"), max_num_fields=8)
+    pixels = _pixels(query["pixels"][0]) if "pixels" in query else None
     if media == b"multipart/form-data":
         fields = parse_multipart(body, params.get(b"boundary", b""))
         if "file" not in fields:
@@ -153,16 +171,17 @@ def read_upload(content_type: bytes, body: bytes, query_string: bytes = b"") -> 
                 "'file' must be an uploaded file (a part with a filename), not a text field; URLs are not fetched",
             )
         opacity = _opacity(fields["opacity"][0]) if "opacity" in fields else None
-        return data, opacity
+        if "pixels" in fields:
+            pixels = _pixels(fields["pixels"][0])
+        return data, opacity, pixels
     if media in RAW_MEDIA_TYPES or media.startswith(b"image/"):
-        query = parse_qs(query_string.decode("latin-1"), max_num_fields=8)
         opacity = _opacity(query["opacity"][0]) if "opacity" in query else None
-        return body, opacity
+        return body, opacity, pixels
     what = "no Content-Type" if not media else "this Content-Type"
     raise _reject(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"{what} is not accepted: {HOW_TO}")
 
 
-def canonical_multipart(data: bytes, opacity: float | None) -> tuple[bytes, bytes]:
+def canonical_multipart(data: bytes, opacity: float | None, pixels: str | None = None) -> tuple[bytes, bytes]:
     """(body, content-type) of the one form BentoML gets to parse."""
     boundary = secrets.token_hex(16).encode()
     while boundary in data:  # pragma: no cover - 128 random bits
@@ -177,6 +196,8 @@ def canonical_multipart(data: bytes, opacity: float | None) -> tuple[bytes, byte
     ]
     if opacity is not None:
         out += [head, b'Content-Disposition: form-data; name="opacity"\r\n\r\n', repr(opacity).encode(), b"\r\n"]
+    if pixels is not None:
+        out += [head, b'Content-Disposition: form-data; name="pixels"\r\n\r\n', pixels.encode(), b"\r\n"]
     out.append(b"--" + boundary + b"--\r\n")
     return b"".join(out), b"multipart/form-data; boundary=" + boundary
 
@@ -205,12 +226,12 @@ class UploadFormMiddleware:
         headers = [(k.lower(), v) for k, v in scope.get("headers", [])]
         content_type = next((v for k, v in headers if k == b"content-type"), b"")
         try:
-            data, opacity = read_upload(content_type, raw, scope.get("query_string", b""))
+            data, opacity, pixels = read_upload(content_type, raw, scope.get("query_string", b""))
         except InputRejected as exc:
             await send_json_error(send, exc.status, exc.message)
             return
         del raw
-        canonical, ctype = canonical_multipart(data, opacity)
+        canonical, ctype = canonical_multipart(data, opacity, pixels)
         del data
         kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length", b"transfer-encoding")]
         scope = {

@@ -223,7 +223,12 @@
     const o = res.ood || res.out_of_distribution;
     const box = $("ood");
     if (o && (o.flag === true || o.warning === true || o.in_distribution === false)) {
-      box.textContent = "Unusual image for this model: " + (o.reason || "it differs from the training images") +
+      // Which check fired: the image statistics, the model's own features (embedding), or both.
+      const names = {image: "image statistics", embedding: "the model's internal features"};
+      const fired = Array.isArray(o.fired) && o.fired.length ? o.fired : (o.group ? [o.group] : []);
+      box.textContent = "Unusual image for this model" +
+        (fired.length ? " (" + fired.map((g) => names[g] || g).join(" and ") + ")" : "") + ": " +
+        (o.reason || "it differs from the training images") +
         (isNum(o.score) ? " (score " + o.score.toFixed(2) + (isNum(o.threshold) ? ", threshold " + o.threshold.toFixed(2) : "") + ")" : "") +
         ". The prediction may be unreliable.";
       show(box, true);
