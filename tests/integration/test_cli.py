@@ -150,6 +150,6 @@ def test_exp_run_finds_dvc_without_the_venv_on_path(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     epochs, python = (proj / "probe.txt").read_text().split(" ", 1)
     assert epochs == "3"  # the preset reached the stage through `dvc exp run -S`
-    assert Path(python).parent == BIN  # and the stage ran with the venv's python
+    assert Path(python).parent.resolve() == BIN.resolve()  # and the stage ran with the venv's python
     dry = _invoke("exp-run", str(ROOT / "params" / "fracatlas.yaml"), "--dry-run")
     assert dry.exit_code == 0 and dry.stdout.startswith("dvc exp run -n fracatlas -S ")
