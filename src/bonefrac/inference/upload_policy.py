@@ -236,7 +236,6 @@ def decode_upload(
     ``max_side_hint`` (see :func:`decode_side_hint`): a large JPEG is decoded at reduced scale.
     """
     check_upload(data, spatial_dims, limits, max_side_hint)
-    fmt = content_format(data)
     try:
         img = read_image(data, max_pixels=limits.max_pixels, expected_dims=spatial_dims, max_side_hint=max_side_hint)
     except ImageDecodeError as err:
@@ -245,6 +244,7 @@ def decode_upload(
         raise InputRejected(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, "image too large to decode") from None
     except Exception as err:  # any decoder failure is the file's, never a 500
         # The message may quote header values or names from the file: log and return the type only.
+        fmt = content_format(data)  # only here: the gate above already sniffed it (a parse for preamble-less DICOM)
         logger.warning("decoder raised %s on a %s upload", type(err).__name__, fmt)
         raise InputRejected(
             HTTPStatus.UNPROCESSABLE_ENTITY, f"corrupt {fmt.upper()}: the decoder failed ({type(err).__name__})"

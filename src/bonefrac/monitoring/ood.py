@@ -182,7 +182,7 @@ class OODDetector:
         ratios: dict[str, float] = {}
         distances: dict[str, float] = {}
         skipped: list[str] = []
-        worst: tuple[float, str, np.ndarray] | None = None
+        worst: tuple[float, str] | None = None
         for name, g in self.groups.items():
             vals = [features.get(c) for c in g.columns]
             if any(v is None or not np.isfinite(float(v)) for v in vals):
@@ -193,10 +193,10 @@ class OODDetector:
             distances[name] = round(d, 3)
             ratios[name] = round(d / g.threshold, 3) if g.threshold > 0 else float("inf")
             if worst is None or ratios[name] > worst[0]:
-                worst = (ratios[name], name, g.zscores(x)[0])
+                worst = (ratios[name], name)
         if worst is None:
             raise OODError("no feature group could be scored: the image features are missing")
-        score, group, _ = worst
+        score, group = worst
         flag = bool(score > 1.0)
         fired = sorted((n for n, r in ratios.items() if r > 1.0), key=lambda n: -ratios[n])
 
