@@ -178,7 +178,7 @@ def phantom_benchmark(
 def fracatlas_benchmark(
     root: Path, params: DriftParams, repeats: int, n_ref: int, n_cur: int, seed: int
 ) -> list[dict[str, Any]]:
-    from bonefrac.monitoring.reference import decode_all
+    from bonefrac.monitoring.reference import map_decoded
 
     meta = pd.read_csv(root / "dataset.csv")
     folder = {1: "Fractured", 0: "Non_fractured"}
@@ -192,8 +192,8 @@ def fracatlas_benchmark(
     for part, n in parts.items():
         rows = meta[(meta[part] == 1) & (meta["mixed"] == 0)]
         rows = rows.sample(n=min(n, len(rows)), random_state=seed)
-        decoded, skipped = decode_all(list(rows["path"]))
-        tables[part] = pd.DataFrame([image_features(*d) for d in decoded if d is not None])
+        stats, skipped = map_decoded(list(rows["path"]), image_features)
+        tables[part] = pd.DataFrame([d for d in stats if d is not None])
         if skipped:
             print(f"fracatlas {part}: {len(skipped)} undecodable images skipped", file=sys.stderr)
     out = []

@@ -146,3 +146,42 @@ def test_embedding_from_the_penultimate_layer_and_pca() -> None:
     red = EmbeddingReducer.fit(emb, dims=2)
     assert red.to_frame(emb).shape == (10, 2)
     assert list(red.to_frame(emb).columns) == ["emb_0", "emb_1"]
+
+
+def test_reference_features_keep_one_decoded_image_at_a_time() -> None:
+    """A drift reference or OOD fit over 1,000 radiographs must not hold them all decoded at once
+    (~1.2 GB of float32 on FracAtlas): each full-resolution array is released after its statistics
+    are taken. Fails if the decode-everything-first list comes back; undecodable files are named by
+    position and error type only."""
+    import gc
+    import weakref
+
+    from bonefrac.monitoring.features import image_features
+    from bonefrac.monitoring.reference import map_decoded
+
+    alive: list[weakref.ref] = []
+    most_alive = 0
+
+    class Decoded:
+        def __init__(self, seed: int) -> None:
+            self.array = np.random.default_rng(seed).integers(0, 255, (64, 48)).astype(np.float32)
+            self.bit_depth = 8
+            alive.append(weakref.ref(self.array))
+
+    def read(path: str) -> Decoded:
+        if path.endswith("patient_Jane_Doe.png"):
+            raise OSError(f"cannot identify image file {path!r}")
+        return Decoded(len(alive))
+
+    def stats(arr: np.ndarray, bit_depth: int, value_range: object) -> dict[str, float]:
+        nonlocal most_alive
+        gc.collect()
+        most_alive = max(most_alive, sum(r() is not None for r in alive))
+        return image_features(arr, bit_depth, value_range)
+
+    paths = [f"/x/{i}.png" for i in range(6)] + ["/x/patient_Jane_Doe.png"]
+    rows, skipped = map_decoded(paths, stats, read)
+    assert most_alive == 1
+    assert [r is None for r in rows] == [False] * 6 + [True]
+    assert rows[0]["height"] == 64 and rows[0]["width"] == 48
+    assert skipped == ["image 7 of 7: OSError"]

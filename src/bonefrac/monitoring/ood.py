@@ -306,14 +306,19 @@ def texture(array: np.ndarray, side: int = 128) -> float:
     return float(np.mean(np.hypot(gx, gy)))
 
 
-def _feature_frame(decoded: Sequence[Any], embeddings: np.ndarray | None, reducer: Any | None) -> pd.DataFrame:
+def _feature_frame(
+    image_rows: Sequence[dict[str, float] | None], embeddings: np.ndarray | None, reducer: Any | None
+) -> pd.DataFrame:
+    """Image features per row (``None``: not decodable) joined with the embedding features."""
     rows = []
-    for i, d in enumerate(decoded):
-        if d is None:
+    for i, feats in enumerate(image_rows):
+        if feats is None:
             rows.append({c: np.nan for c in IMAGE_STAT_COLUMNS})
             continue
         emb = embeddings[i] if embeddings is not None and len(embeddings) > i else None
-        rows.append(image_ood_features(d[0], d[1], d[2], emb, reducer))
+        if emb is not None and reducer is not None:
+            feats = {**feats, **embedding_ood_features(emb, reducer)}
+        rows.append(feats)
     return pd.DataFrame(rows)
 
 
@@ -336,7 +341,7 @@ def build_ood_detector(
     (``reducer``; without one the detector has the image group only).
     """
     from bonefrac.monitoring.features import model_outputs
-    from bonefrac.monitoring.reference import decode_all
+    from bonefrac.monitoring.reference import map_decoded
     from bonefrac.preprocess.cache import load_cache
 
     images, index = load_cache(Path(cache_dir))
@@ -350,12 +355,12 @@ def build_ood_detector(
             raise OODError(f"the cache at {cache_dir} has no {split!r} rows")
         if len(rows) > max_rows:
             rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
-        decoded, _ = decode_all([str(p) for p in rows["path"]], read_fn)
+        image_rows, _ = map_decoded([str(p) for p in rows["path"]], image_ood_features, read_fn)
         emb = None
         if model is not None:
             tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
             _, emb = model_outputs(bundle, tensors, model=model)
-        frames[split] = _feature_frame(decoded, emb, reducer)
+        frames[split] = _feature_frame(image_rows, emb, reducer)
     det = OODDetector.fit(
         frames["train"],
         frames["val"],

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,7 @@ META_JSON = "reference.json"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".nii", ".gz"}
 
 ReadFn = Callable[[str], Any]
+T = TypeVar("T")
 
 
 class ReferenceError(BonefracError):
@@ -59,17 +60,22 @@ def _read(path: str) -> Any:
     return read_image(path)
 
 
-def decode_all(paths: Sequence[str], read_fn: ReadFn | None = None) -> tuple[list[Any], list[str]]:
-    """``(array, bit_depth, value_range)`` per file (``None`` where it does not decode) and why not.
+def map_decoded(
+    paths: Sequence[str], fn: Callable[[np.ndarray, int, Any], T], read_fn: ReadFn | None = None
+) -> tuple[list[T | None], list[str]]:
+    """``fn(array, bit_depth, value_range)`` of each file, decoded one at a time; ``None`` where it
+    does not decode, and why not.
 
-    Undecodable files are skipped, not fatal: a drift check must not stop on one bad file.
-    Each skipped file is named by its position in ``paths`` and the error's type only,
-    e.g. ``"image 3 of 40: UnidentifiedImageError"``: a hospital file name (and a decoder's
-    message, which often quotes it) can identify a patient, and these lines reach consoles
-    and run logs.
+    Only ``fn``'s result is kept: a full-resolution radiograph is ~1 MB of float32 on average on
+    FracAtlas (up to 27 MB), and holding a thousand of them at once for a reference was the
+    evaluate stage's largest allocation. Undecodable files are skipped, not fatal: a drift check
+    must not stop on one bad file. Each skipped file is named by its position in ``paths`` and the
+    error's type only, e.g. ``"image 3 of 40: UnidentifiedImageError"``: a hospital file name (and
+    a decoder's message, which often quotes it) can identify a patient, and these lines reach
+    consoles and run logs.
     """
     reader = read_fn or _read
-    decoded: list[Any] = []
+    results: list[T | None] = []
     skipped: list[str] = []
     for i, p in enumerate(paths):
         try:
@@ -77,16 +83,28 @@ def decode_all(paths: Sequence[str], read_fn: ReadFn | None = None) -> tuple[lis
             arr = np.asarray(getattr(img, "array", img), dtype=np.float32)
             bit_depth = int(getattr(img, "bit_depth", 8 if arr.max() <= 255 else 16))
             value_range = (getattr(img, "meta", None) or {}).get("value_range")
-            decoded.append((arr, bit_depth, value_range))
         except Exception as err:  # decoder errors are varied; their messages quote the path
             skipped.append(f"image {i + 1} of {len(paths)}: {type(err).__name__}")
-            decoded.append(None)
-    return decoded, skipped
+            results.append(None)
+            continue
+        results.append(fn(arr, bit_depth, value_range))
+        del img, arr
+    return results, skipped
 
 
-def _image_frame(decoded: list[Any]) -> pd.DataFrame:
-    rows = [image_features(*d) if d is not None else {c: np.nan for c in IMAGE_COLUMNS} for d in decoded]
+def _image_frame(stats: list[dict[str, float] | None]) -> pd.DataFrame:
+    rows = [d if d is not None else {c: np.nan for c in IMAGE_COLUMNS} for d in stats]
     return pd.DataFrame(rows, columns=IMAGE_COLUMNS)
+
+
+def _features_and_input(bundle: ModelBundle | None) -> Callable[[np.ndarray, int, Any], tuple[dict, Any]]:
+    """Per decoded image: its statistics and (with a ``bundle``) the model's input made from it."""
+
+    def one(arr: np.ndarray, bit_depth: int, value_range: Any) -> tuple[dict, Any]:
+        x = bundle.preprocess(arr).numpy() if bundle is not None else None
+        return image_features(arr, bit_depth, value_range), x
+
+    return one
 
 
 def split_features(
@@ -114,16 +132,20 @@ def split_features(
         raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
     if len(rows) > max_rows:
         rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
-    decoded, skipped = decode_all([str(resolve(p)) for p in rows["path"]], read_fn)
-    img_frame = _image_frame(decoded)
-    if cache_spec(Path(cache_dir)) == bundle.preprocess_spec:
+    from_cache = cache_spec(Path(cache_dir)) == bundle.preprocess_spec
+    # Otherwise another model's preprocessing (e.g. a champion trained elsewhere): inputs from the files.
+    decoded, skipped = map_decoded(
+        [str(resolve(p)) for p in rows["path"]], _features_and_input(None if from_cache else bundle), read_fn
+    )
+    img_frame = _image_frame([d[0] if d is not None else None for d in decoded])
+    if from_cache:
         keep = list(range(len(rows)))
         tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
-    else:  # another model's preprocessing (e.g. a champion trained elsewhere): from the files
+    else:
         keep = [i for i, d in enumerate(decoded) if d is not None]
         if not keep:
             raise ReferenceError(f"none of the {len(rows)} {split!r} images of {cache_dir} could be read")
-        tensors = np.stack([bundle.preprocess(decoded[i][0]).numpy() for i in keep])
+        tensors = np.stack([decoded[i][1] for i in keep])
     model = bundle.build_model()
     if reducer is None and embedding_dims > 0:
         _, emb = model_feature_frame(bundle, tensors, None, model)
@@ -202,12 +224,12 @@ def current_from_images(
     read_fn: ReadFn | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Features of a batch of new images: image statistics, plus score/embedding when a bundle is given."""
-    decoded, skipped = decode_all(paths, read_fn)
-    img_frame = _image_frame(decoded)
+    decoded, skipped = map_decoded(paths, _features_and_input(bundle), read_fn)
+    img_frame = _image_frame([d[0] if d is not None else None for d in decoded])
     if bundle is None:
         return img_frame, skipped
     ok = [i for i, d in enumerate(decoded) if d is not None]
-    tensors = np.stack([bundle.preprocess(decoded[i][0]).numpy() for i in ok]) if ok else np.zeros((0,))
+    tensors = np.stack([decoded[i][1] for i in ok]) if ok else np.zeros((0,))
     model_frame, _ = model_feature_frame(bundle, tensors, reducer)
     model_frame.index = ok
     return pd.concat([img_frame, model_frame.reindex(range(len(img_frame)))], axis=1), skipped
