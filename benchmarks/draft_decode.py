@@ -12,6 +12,13 @@ side. Reported: decode + preprocess ms per image, max / p99 / median |Δp| again
 full resolution, and the probe's AUROC per path (the same fitted probe).
 
     python -m benchmarks.draft_decode [--quick] [--image-size 128] [--n-train 600] [--n-test 600]
+
+With ``--bundle model.pt --cache data/processed`` (a FracAtlas run's bundle and its preprocessed
+cache) the served model itself scores every path, with its own preprocessing and calibration, on
+images of that run's test split only (no probe is fitted): the question "does the served
+probability change?" asked of the model that is served.
+
+    python -m benchmarks.draft_decode --bundle /path/to/run/models/model.pt --cache /path/to/run/data/processed
 """
 
 from __future__ import annotations
@@ -74,7 +81,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-train", type=int, default=600)
     ap.add_argument("--n-test", type=int, default=600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundle", type=Path, default=None, help="score with this served bundle instead of a probe")
+    ap.add_argument("--cache", type=Path, default=None, help="with --bundle: its run's preprocessed cache "
+                    "(test split images only)")
     args = ap.parse_args(argv)
+    if args.bundle is not None:
+        return _main_bundle(args, argv)
     if not FRACATLAS.is_dir():
         raise SystemExit(f"FracAtlas not found at {FRACATLAS}")
     import torch
@@ -172,6 +184,101 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "test set: every FracAtlas image with a shortest side over 1000 px (the ones a reduced-scale decode "
             "touches at these sizes) plus random smaller ones; random split, not grouped (paths are compared, "
             "not the probe's absolute AUROC)",
+        ],
+    )
+    path = write_result(NAME, result)
+    print_goals(goals)
+    print(f"wrote {path}")
+    return result
+
+
+def _test_split_images(cache: Path, n_test: int, seed: int) -> list[tuple[Path, int]]:
+    """The run's test-split images (never trained on): every large one, then random others up to ``n_test``.
+
+    The index's paths are relative to the run's root (the folder holding ``data/processed``)."""
+    from PIL import Image
+
+    from bonefrac.preprocess.cache import load_cache
+
+    run_root = cache.resolve().parent.parent
+    index = load_cache(cache)[1]
+    test = index[(index["split"] == "test") & index["label"].isin([0, 1])]
+    items = [((run_root / p).resolve(), int(y)) for p, y in zip(test["path"], test["label"], strict=True)]
+    large = [it for it in items if min(Image.open(it[0]).size) > 1000]
+    rest = [it for it in items if it not in large]
+    order = np.random.default_rng(seed).permutation(len(rest))
+    return large[:n_test] + [rest[i] for i in order[: max(0, n_test - len(large))]]
+
+
+def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The served model on each decode path: Δp of its calibrated probability, its AUROC, decode ms."""
+    import torch
+    from PIL import Image
+    from sklearn.metrics import roc_auc_score
+
+    from bonefrac.data.imageio import read_image
+    from bonefrac.inference.upload_policy import DRAFT_MARGIN, decode_side_hint
+    from bonefrac.model.bundle import ModelBundle
+
+    if args.cache is None:
+        raise SystemExit("--bundle needs --cache (the run's preprocessed cache: its test split is scored)")
+    torch.set_num_threads(1)
+    bundle = ModelBundle.load(args.bundle)
+    net = bundle.build_model().eval()
+    size = bundle.preprocess_spec.image_size
+    test = _test_split_images(args.cache, 200 if args.quick else args.n_test, args.seed)
+    served_hint = decode_side_hint(2, size)
+    paths = {"full": None, "hint 1x": size, f"hint {DRAFT_MARGIN}x (served)": served_hint}
+    measured: dict[str, list[list[float]]] = {k: [[], [], []] for k in paths}
+    keys = list(paths)
+    for i, (p, _) in enumerate(test):
+        data = p.read_bytes()
+        for k in keys[i % len(keys):] + keys[: i % len(keys)]:
+            t0 = time.perf_counter()
+            img = read_image(data, expected_dims=2, max_side_hint=paths[k])
+            x = bundle.preprocess(img.array)
+            ms = (time.perf_counter() - t0) * 1000
+            with torch.inference_mode():
+                z = net(x[None]).numpy()
+            prob = float(bundle.calibrate(z).prob[0])
+            for lst, v in zip(measured[k], (prob, ms, float(img.meta.get("decode_scale", 1.0))), strict=True):
+                lst.append(v)
+    y_test = np.array([y for _, y in test])
+    large = np.array([min(Image.open(f).size) > 1000 for f, _ in test])
+    rows: list[dict[str, Any]] = []
+    full = np.asarray(measured["full"][0])
+    for label, hint in paths.items():
+        prob, ms, scales = (np.asarray(v) for v in measured[label])
+        row: dict[str, Any] = {
+            "path": label, "hint_px": hint, "decoded_at_reduced_scale": int((scales > 1).sum()),
+            "ms_per_image_all": float(ms.mean()),
+            "ms_per_image_large": float(ms[large].mean()) if large.any() else None,
+            "auroc": float(roc_auc_score(y_test, prob)) if len(set(y_test)) == 2 else None,
+        }
+        if label != "full":
+            dp = np.abs(prob - full)
+            row.update({"max_abs_dp": float(dp.max()), "p99_abs_dp": float(np.percentile(dp, 99)),
+                        "median_abs_dp": float(np.median(dp))})
+        rows.append(row)
+        print(f"  {label}: {row}", flush=True)
+    chosen = rows[-1]
+    goals = [
+        goal(f"max abs Δp vs full resolution (hint {DRAFT_MARGIN}× input side)", chosen.get("max_abs_dp"),
+             MAX_ABS_DP, "<="),
+        goal("decode + preprocess speed-up on large radiographs (full / reduced)",
+             rows[0]["ms_per_image_large"] / chosen["ms_per_image_large"] if chosen["ms_per_image_large"] else None,
+             2.0, ">="),
+    ]
+    argv_used = list(argv) if argv is not None else sys.argv[1:]
+    result = envelope(
+        NAME, command_line("benchmarks.draft_decode", argv_used), rows,
+        settings={"image_size": size, "n_train": 0, "n_test": len(test), "n_test_large": int(large.sum()),
+                  "draft_margin": DRAFT_MARGIN, "seed": args.seed, "scorer": f"served bundle ({bundle.arch})"},
+        goals=goals,
+        notes=[
+            f"scorer: the served bundle itself ({bundle.arch} at {size} px, its own preprocessing and calibration); "
+            "images: its run's test split only (every image with a shortest side over 1000 px, then random others)",
+            "timings: the three paths run back to back on each image in rotating order (decode + preprocess only)",
         ],
     )
     path = write_result(NAME, result)

@@ -60,12 +60,16 @@ def pick_images(paths: Sequence[Path] | None, n: int = 16) -> list[tuple[str, by
     return [(f"synthetic{i}.png", test_png(512 + 64 * i)) for i in range(4)]
 
 
-def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, seconds: float) -> dict[str, Any]:
+def in_process(
+    bundle_path: Path, images: list[tuple[str, bytes]], batch: int, seconds: float, reduced_decode: bool
+) -> dict[str, Any]:
     """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue).
 
     End to end is the service's own per-request pipeline in one process: the same upload
-    policy and reduced-scale JPEG decode, preprocessing, the image statistics the prediction
-    log records, the model on batches, calibration.
+    policy, the same JPEG decode as the served service (reduced DCT scale only when
+    ``reduced_decode``, i.e. ``serving.reduced_jpeg_decode``, is on for the servers too),
+    preprocessing, the image statistics the prediction log records, the model on batches,
+    calibration.
     """
     from bonefrac.inference.backends import default_device, select_backend
     from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
@@ -74,7 +78,7 @@ def in_process(bundle_path: Path, images: list[tuple[str, bytes]], batch: int, s
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())
-    hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size)
+    hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size) if reduced_decode else None
     limits = SafetyLimits()
 
     def prepare(data: bytes) -> np.ndarray:
@@ -153,6 +157,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-latency-ms", type=int, default=None, help="default: params.yaml's serving value")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--reduced-decode", choices=["on", "off"], default=None,
+                    help="serving.reduced_jpeg_decode for the service and the in-process pipeline alike "
+                         "(default: params.yaml's)")
     ap.add_argument("--soak", type=float, default=0.0,
                     help="seconds of extra load at the peak level of the first BentoML setting, counting stalls")
     ap.add_argument("--stall-s", type=float, default=5.0, help="a request slower than this is a stall")
@@ -165,6 +172,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     duration = args.duration or (5.0 if args.quick else 15.0)
     workers = args.front_workers or ([1] if args.quick else [1, 2])
     images = pick_images(args.images)
+    if args.reduced_decode is None:  # what the service does by default
+        from bonefrac.config import load_params
+
+        reduced = load_params(REPO_ROOT / "params.yaml").serving.reduced_jpeg_decode
+    else:
+        reduced = args.reduced_decode == "on"
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bonefrac-bench-service-") as tmp:
@@ -174,12 +187,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         b = ModelBundle.load(bundle)
         print(f"model {b.arch} at {b.preprocess_spec.image_size} px; {len(images)} images", flush=True)
-        raw = in_process(bundle, images, args.max_batch_size, 3.0 if args.quick else 10.0)
+        raw = in_process(bundle, images, args.max_batch_size, 3.0 if args.quick else 10.0, reduced)
         print(f"in-process ({raw['backend']}): model only {raw['model_only_ips']:.1f} img/s, "
               f"end to end {raw['end_to_end_ips']:.1f} img/s", flush=True)
         servers: list[tuple[str, Any]] = []
         for w in workers:
-            env = {"BONEFRAC_WORKERS": str(w), "BONEFRAC_MAX_BATCH_SIZE": str(args.max_batch_size)}
+            env = {"BONEFRAC_WORKERS": str(w), "BONEFRAC_MAX_BATCH_SIZE": str(args.max_batch_size),
+                   "BONEFRAC_REDUCED_JPEG_DECODE": "true" if reduced else "false"}
             if args.max_latency_ms:
                 env["BONEFRAC_MAX_LATENCY_MS"] = str(args.max_latency_ms)
             servers.append((f"bentoml-{w}w", lambda env=env: bentoml_server(bundle, work, env)))
@@ -243,7 +257,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows,
         settings={"levels": levels, "duration_s": duration, "front_workers": workers, "arch": b.arch,
                   "image_size": b.preprocess_spec.image_size, "n_images": len(images),
-                  "images": [n for n, _ in images], "max_batch_size": args.max_batch_size},
+                  "images": [n for n, _ in images], "max_batch_size": args.max_batch_size,
+                  "reduced_jpeg_decode": reduced,
+                  "weights": "random weights" if args.bundle is None else f"trained bundle {args.bundle.name}"},
         goals=goals,
         notes=notes,
         raw=raw,
@@ -276,8 +292,11 @@ def render_markdown(result: dict[str, Any]) -> str:
             )
         table.append(cells)
     return "\n".join([
-        f"Model: {s['arch']} (random weights) at {s['image_size']} px; {s['n_images']} images cycled; "
-        f"{s['duration_s']:.0f} s per level after a warm-up; max batch {s['max_batch_size']}.",
+        f"Model: {s['arch']} ({s.get('weights', 'random weights')}) at {s['image_size']} px; "
+        f"{s['n_images']} images cycled; {s['duration_s']:.0f} s per level after a warm-up; "
+        f"max batch {s['max_batch_size']}; JPEG decode "
+        f"{'at reduced DCT scale' if s.get('reduced_jpeg_decode') else 'at full resolution'} in the service and "
+        "the in-process pipeline alike.",
         "",
         f"In-process raw baseline ({raw['backend']}, batch {raw['batch']}; {raw['backend_reason']}): "
         f"model only **{fmt(raw['model_only_ips'])} img/s**; decode + preprocess + model in one process "
