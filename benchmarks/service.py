@@ -157,6 +157,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-batch-size", type=int, default=16)
     ap.add_argument("--max-latency-ms", type=int, default=None, help="default: params.yaml's serving value")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--result-name", default=NAME, help="results/<name>.json (a second configuration kept beside "
+                    "the main one; `run_all` renders only the main one)")
     ap.add_argument("--reduced-decode", choices=["on", "off"], default=None,
                     help="serving.reduced_jpeg_decode for the service and the in-process pipeline alike "
                          "(default: params.yaml's)")
@@ -207,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     for r in load_levels(srv.url, images, levels, duration, soaks.get(label, 0.0), args.stall_s):
                         rows.append({"server": label, **r})
                     if label.startswith("bentoml"):  # kept: the stall investigation reads it
-                        log_copy = REPO_ROOT / "benchmarks" / "results" / f"service-{label}.log"
+                        log_copy = REPO_ROOT / "benchmarks" / "results" / f"{args.result_name}-{label}.log"
                         log_copy.write_bytes(srv.log.read_bytes()[-300_000:])
             except ServerError as err:
                 notes.append(f"{label} failed: {err}")
@@ -264,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         notes=notes,
         raw=raw,
     )
-    path = write_result(NAME, result)
+    path = write_result(args.result_name, result)
     print_goals(goals)
     print(f"wrote {path}")
     return result

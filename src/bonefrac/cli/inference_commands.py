@@ -129,8 +129,6 @@ def predict(
             device=device,
             progress=progress,
             notify=_note,
-
-
             on_prediction=_prediction_logger(loaded) if log_predictions else None,
         )  # type: ignore[arg-type]
     except (PredictInputError, *user_error_types()) as err:
