@@ -296,9 +296,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([
         f"Model: {s['arch']} ({s.get('weights', 'random weights')}) at {s['image_size']} px; "
         f"{s['n_images']} images cycled; {s['duration_s']:.0f} s per level after a warm-up; "
-        f"max batch {s['max_batch_size']}; JPEG decode "
-        f"{'at reduced DCT scale' if s.get('reduced_jpeg_decode') else 'at full resolution'} in the service and "
-        "the in-process pipeline alike.",
+        f"max batch {s['max_batch_size']}" + (
+            "." if "reduced_jpeg_decode" not in s else  # runs before the setting was recorded
+            f"; JPEG decode {'at reduced DCT scale' if s['reduced_jpeg_decode'] else 'at full resolution'} "
+            "in the service and the in-process pipeline alike."
+        ),
         "",
         f"In-process raw baseline ({raw['backend']}, batch {raw['batch']}; {raw['backend_reason']}): "
         f"model only **{fmt(raw['model_only_ips'])} img/s**; decode + preprocess + model in one process "
