@@ -41,7 +41,7 @@ def verdicts() -> dict[str, str]:
     assert len(files) > 100, "pydicom's bundled test files are missing"
     out = {}
     for f in files:
-        key = str(Path(f).relative_to(Path(get_testdata_file("CT_small.dcm")).parent))
+        key = str(Path(f).relative_to(Path(get_testdata_file("CT_small.dcm", download=False)).parent))
         out[key] = _verdict(f)  # any exception other than ImageDecodeError fails here
     return out
 
@@ -106,7 +106,7 @@ def test_expected_verdict(verdicts, name):
 def test_radiograph_policy_refuses_ct_mr_slices():
     for name in ("CT_small.dcm", "MR_small_jp2klossless.dcm"):
         with pytest.raises(ImageDecodeError, match=r"DICOM modality (CT|MR) refused: accepted here CR, DX, RF, XA"):
-            read_image(get_testdata_file(name), expected_dims=2)
+            read_image(get_testdata_file(name, download=False), expected_dims=2)
 
 
 @pytest.mark.parametrize(
@@ -120,10 +120,10 @@ def test_radiograph_policy_refuses_ct_mr_slices():
 )
 def test_lossless_codecs_match_the_uncompressed_file(name, reference):
     try:
-        ref_path = get_testdata_file(reference)
+        ref_path = get_testdata_file(reference, download=False)
     except (ValueError, OSError):
         ref_path = None
-    img = read_image(get_testdata_file(name), modalities="any", content_limits=None)
+    img = read_image(get_testdata_file(name, download=False), modalities="any", content_limits=None)
     assert img.array.ndim == 2 and img.array.std() > 0
     if ref_path is not None:  # SC_rgb.dcm is not in every pydicom wheel
         ref = read_image(ref_path, modalities="any", content_limits=None)
@@ -140,7 +140,7 @@ def test_lossless_codecs_match_the_uncompressed_file(name, reference):
     ],
 )
 def test_codecs_decode_whatever_the_modality(name, bits):
-    img = read_image(get_testdata_file(name), modalities="any", content_limits=None)
+    img = read_image(get_testdata_file(name, download=False), modalities="any", content_limits=None)
     assert img.bit_depth == bits and img.array.std() > 0 and np.isfinite(img.array).all()
 
 
@@ -148,4 +148,4 @@ def test_undecodable_codestream_is_a_decode_error():
     # JPEG-lossy.dcm has a 12-bit codestream libjpeg rejects (pydicom's own tests expect
     # pylibjpeg to fail on it): a clear refusal, not a traceback.
     with pytest.raises(ImageDecodeError, match="cannot decode DICOM pixel data"):
-        read_image(get_testdata_file("JPEG-lossy.dcm"), modalities="any")
+        read_image(get_testdata_file("JPEG-lossy.dcm", download=False), modalities="any")

@@ -40,7 +40,7 @@ def corpus(tmp_path_factory) -> dict[str, object]:
     tmp = tmp_path_factory.mktemp("pydicom")
     root = tmp / "export"
     cls = root / "Non_fractured"
-    shutil.copytree(Path(get_testdata_file("CT_small.dcm")).parent, cls)
+    shutil.copytree(Path(get_testdata_file("CT_small.dcm", download=False)).parent, cls)
     n_files = sum(1 for p in cls.rglob("*") if p.is_file())
     table = ingest("dicom", root, tmp / "out" / "manifest.csv", workers=1, max_pixels=MAX_PIXELS, expected_dims=2)
     # the files ingest read, in its order (rows are in walk order: pseudonymous ids cannot be traced back)

@@ -115,7 +115,7 @@ def test_dual_personality_dicom_sniffed_as_dicom():
 
     from bonefrac.data.imageio import sniff_format
 
-    path = get_testdata_file("CT_small.dcm")
+    path = get_testdata_file("CT_small.dcm", download=False)
     head = Path(path).read_bytes()[:1024]
     assert head[:4] == b"II*\x00" and head[128:132] == b"DICM"  # a TIFF header in the preamble
     assert sniff_format(head) == "dicom"
@@ -250,5 +250,5 @@ def test_pydicom_badvr_file_is_a_bad_header():
     from pydicom.data import get_testdata_file
 
     with pytest.raises(ImageDecodeError, match="bad DICOM header: NumberOfFrames") as info:
-        read_image(get_testdata_file("badVR.dcm"))
+        read_image(get_testdata_file("badVR.dcm", download=False))
     assert "1A" not in str(info.value)

@@ -250,6 +250,6 @@ def test_preambleless_dicom_upload_is_read_as_dicom(name):
     """
     from pydicom.data import get_testdata_file
 
-    with open(get_testdata_file(name), "rb") as fh:
+    with open(get_testdata_file(name, download=False), "rb") as fh:
         err = _reject(fh.read())
     assert err.status == 422 and str(err).startswith("DICOM modality RTPLAN refused"), str(err)
