@@ -86,8 +86,28 @@ def test_dense_bundle_scores_from_pixels_like_the_head_on_its_cache(trained):
     fresh = build_model("efficientnet_lite0_dense", 0, "efficientnet_lite_offline").state_dict()
     assert not torch.equal(fresh["head.out.weight"], bundle.state_dict["head.out.weight"])
     assert torch.equal(fresh["trunk.blocks.4.0.conv_pw.weight"], bundle.state_dict["trunk.blocks.4.0.conv_pw.weight"])
+    assert torch.equal(fresh[B6_WEIGHT], bundle.state_dict[B6_WEIGHT])  # blocks.6 frozen by default
     summary = json.loads((result.out_dir / SUMMARY).read_text())
     assert summary["train_with_boxes"] == 4 and summary["feature_cache_passes"] == 20 + 16  # train mirrored
+
+
+B6_WEIGHT = "head.blocks6.0.conv_pw.weight"
+
+
+def test_train_late_blocks_trains_blocks6_on_the_same_trunk_cache(trained):
+    """The FracAtlas preset's `train.dense.train_late_blocks: true`: blocks.6 learns with the head,
+    on the trunk features already cached for the frozen run (same cache key: no second trunk pass)."""
+    tmp, cache, _ = trained
+    mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
+    tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1,
+                     dense=DenseTrainParams(feature_dtype="float32", train_late_blocks=True))
+    result = run_training(cache, tmp / "train_late", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                          features_dir=tmp / "features")  # fmt: skip
+    assert len([p for p in (tmp / "features").iterdir() if p.is_dir()]) == 1
+    bundle = ModelBundle.load(result.best_model_path)
+    fresh = build_model("efficientnet_lite0_dense", 0, "efficientnet_lite_offline").state_dict()
+    assert not torch.equal(fresh[B6_WEIGHT], bundle.state_dict[B6_WEIGHT])
+    assert torch.equal(fresh["trunk.blocks.4.0.conv_pw.weight"], bundle.state_dict["trunk.blocks.4.0.conv_pw.weight"])
 
 
 def test_box_targets_land_where_the_manifest_boxes_are():
