@@ -25,6 +25,7 @@ def _preprocess(params_path: str) -> str:
         test_fraction=p.split.test_fraction,
         seed=p.split.seed,
         near_duplicate_max_distance=p.validation.near_duplicate_max_distance,
+        stratify_fracture_type=p.split.stratify_fracture_type,
     )
     report_path = resolve(p.paths.metrics) / "splits.json"
     report_path.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,19 @@ class PhantomParams(Strict):
     spatial_dims: Literal[2, 3] = 2
     volume_shape: tuple[int, int, int] = (48, 96, 96)
     seed: int = 7
+    # Azimuth range (degrees from the frontal plane) of an *oblique* fracture's plane. null keeps
+    # the default data set's ±34.4° (±0.6 rad), with which the lateral view sees the plane nearly
+    # edge-on (41 % of lateral oblique views project under 12°, i.e. look transverse). [25, 65]
+    # keeps the plane visibly oblique (≥ 13.7°) in both the frontal and the lateral view
+    # (benchmarks/phantom_oblique_projection.py); the other types are unchanged.
+    oblique_azimuth_deg: tuple[float, float] | None = None
+
+    @field_validator("oblique_azimuth_deg")
+    @classmethod
+    def _azimuth_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not (-90.0 <= v[0] <= v[1] <= 90.0):
+            raise ValueError(f"oblique_azimuth_deg must be [lo, hi] with -90 <= lo <= hi <= 90, got {list(v)}")
+        return v
 
 
 class DataParams(Strict):
@@ -125,6 +138,8 @@ class SplitParams(Strict):
     val_fraction: float = Field(0.15, gt=0.0, lt=0.5)
     test_fraction: float = Field(0.2, gt=0.0, lt=0.5)
     seed: int = 42
+    # Also stratify fractured images by fracture type (a type head scored on every type, issue 14).
+    stratify_fracture_type: bool = False
 
 
 # --------------------------------------------------------------- preprocess

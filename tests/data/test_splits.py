@@ -89,3 +89,37 @@ def test_refuses_what_cannot_be_split() -> None:
     bad.loc[0, "label"] = 3
     with pytest.raises(SplitError, match="0 or 1"):
         assign_splits(bad, 0.15, 0.2, seed=0)
+
+
+def _types_preset_manifest() -> pd.DataFrame:
+    """The rows of params/phantom_types.yaml's data set, from its study plan (no images rendered)."""
+    from bonefrac.config import PhantomParams
+    from bonefrac.data.phantom_plan import study_plan
+
+    return pd.DataFrame([
+        {"image_id": f"{st['study_id']}-{v}", "label": int(st["fracture_type"] is not None),
+         "fracture_type": st["fracture_type"] or "", "body_part": st["region"],
+         "patient_id": st["patient_id"], "study_id": st["study_id"]}
+        for st in study_plan(PhantomParams(n_patients=360, fracture_fraction=0.9)) for v in ("fro", "lat")
+    ])
+
+
+def test_type_stratified_split_scores_every_type_and_default_split_is_unchanged() -> None:
+    import hashlib
+
+    df = _types_preset_manifest()
+    plain = assign_splits(df, 0.15, 0.25, seed=42)
+    # The split before stratify_fracture_type existed (recorded from that code): default must not move.
+    code = "".join(plain.sort_values("image_id")["split"].str[:2])
+    assert hashlib.sha256(code.encode()).hexdigest() == (
+        "0ad820b3c39b5a99423b6012260ed3032d71e908d47ef46e4ce55aa755a0c50e"
+    )
+    fx = plain[(plain["split"] == "test") & (plain["label"] == 1)]
+    assert fx["fracture_type"].value_counts().min() < 20  # why the option exists: segmental gets 16
+    for seed in (42, 7):
+        out = assign_splits(df, 0.15, 0.25, seed=seed, stratify_fracture_type=True)
+        _no_group_crosses(out)
+        for split, lo in (("test", 20), ("val", 12)):
+            counts = out[(out["split"] == split) & (out["label"] == 1)]["fracture_type"].value_counts()
+            assert len(counts) == 6 and counts.min() >= lo, (seed, split, counts.to_dict())
+            assert counts.max() - counts.min() <= 6, (seed, split, counts.to_dict())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -192,3 +193,35 @@ def test_contact_sheet(small_dataset: tuple[Path, pd.DataFrame], tmp_path: Path)
         make_contact_sheet(df.iloc[:0], root, tmp_path / "none.png")
     with pytest.raises(ContactSheetError, match="path"):
         make_contact_sheet(df.drop(columns=["path"]), root, tmp_path / "none.png")
+
+
+# sha256 of SMALL's oblique study (PHS0000000, both views) as the generator wrote it before
+# oblique_azimuth_deg existed: the default data set (and so dvc.lock's generate output) must not move.
+_OBLIQUE_BEFORE = {
+    "PHS0000000-fro.png": "e264d799a5ab31f3cfd063d1c1f402fa6349aa38e87c0ad1db386e6fee17245b",
+    "PHS0000000-lat.png": "baa1307f6b33adfd86f67dfca04f94ddecf8e04e9010f7fb298607e08fd58ee8",
+    "PHS0000100-lat.png": "90ac27395dfce029f571e7b05357104f04efca79bac6589fc307934172c278d6",
+}
+
+
+def test_oblique_azimuth_default_keeps_data_and_setting_moves_only_oblique_planes(
+    small_dataset: tuple[Path, pd.DataFrame], tmp_path: Path,
+) -> None:
+    root, _ = small_dataset
+    now = _hashes(root / "images")
+    assert {k: now[k] for k in _OBLIQUE_BEFORE} == _OBLIQUE_BEFORE
+    generate_phantom_dataset(tmp_path, PhantomParams(**{**SMALL, "oblique_azimuth_deg": (25, 65)}))
+    moved = {k for k, h in _hashes(tmp_path / "images").items() if h != now[k]}
+    assert moved == {"PHS0000000-fro.png", "PHS0000000-lat.png"}  # the oblique study, nothing else
+    # The plane stays visibly oblique in both views: projected line >= 12 deg (transverse's range).
+    for i in range(200):
+        base = phantom.sample_fracture(np.random.default_rng(i), "oblique")
+        fr = phantom.sample_fracture(np.random.default_rng(i), "oblique", (25, 65))
+        assert fr == replace(base, azimuth=fr.azimuth) and 25 <= np.degrees(fr.azimuth) <= 65
+        for view in ("frontal", "lateral"):
+            beta = np.radians(phantom.VIEWS[view])
+            assert np.degrees(np.arctan(abs(np.tan(fr.obliquity) * np.cos(beta - fr.azimuth)))) > 12
+        other = phantom.sample_fracture(np.random.default_rng(i), "transverse", (25, 65))
+        assert other == phantom.sample_fracture(np.random.default_rng(i), "transverse")
+    with pytest.raises(ValueError, match="oblique_azimuth_deg"):
+        PhantomParams(oblique_azimuth_deg=(65, 25))

@@ -238,12 +238,18 @@ def sample_anatomy(rng: np.random.Generator, region: str) -> Anatomy:
                    fracture_bone=frac_bone, fov_mm=float(fov))
 
 
-def sample_fracture(rng: np.random.Generator, kind: str) -> FractureSpec:
+def sample_fracture(
+    rng: np.random.Generator, kind: str, oblique_azimuth_deg: tuple[float, float] | None = None,
+) -> FractureSpec:
     """Draw the 3D parameters of a fracture of type ``kind``.
 
     Sizes are fractions of the bone's radius, so a fracture of a finger bone is
     as visible relative to its bone as one of a femur. The gap has a floor in
     pixels applied at render time so it survives the pipeline's 2x downsampling.
+
+    ``oblique_azimuth_deg`` (an oblique fracture only) maps the azimuth draw linearly onto
+    that range instead of ±0.6 rad; ``rng`` is consumed exactly as without it, so every other
+    parameter, and every other type, is drawn identically (``None`` gives today's data set).
     """
     if kind not in FRACTURE_TYPES_PHANTOM:
         raise PhantomError(f"unknown fracture type {kind!r}; allowed: {', '.join(FRACTURE_TYPES_PHANTOM)}")
@@ -255,10 +261,17 @@ def sample_fracture(rng: np.random.Generator, kind: str) -> FractureSpec:
     disp_dir = rng.uniform(0, 2 * math.pi)
     ang = math.radians(rng.uniform(4, 15))
     ang_dir = rng.uniform(0, 2 * math.pi)
+
+    def azimuth(draw: float) -> float:  # drawn in place below: the stream's order is the data set
+        if oblique_azimuth_deg is None or kind != "oblique":
+            return draw
+        lo, hi = (math.radians(a) for a in oblique_azimuth_deg)
+        return lo + (draw + 0.6) / 1.2 * (hi - lo)
+
     return FractureSpec(
         kind=kind,
         gap=rng.uniform(0.45, 0.8) if kind != "greenstick" else rng.uniform(0.6, 0.9),
-        obliquity=math.radians(obl) * sign(), azimuth=rng.uniform(-0.6, 0.6),
+        obliquity=math.radians(obl) * sign(), azimuth=azimuth(rng.uniform(-0.6, 0.6)),
         disp_ml=disp * math.cos(disp_dir), disp_ap=disp * math.sin(disp_dir),
         ang_ml=ang * math.cos(ang_dir), ang_ap=ang * math.sin(ang_dir),
         spiral_len=rng.uniform(2.2, 3.6) * sign(),
@@ -759,7 +772,7 @@ def generate_phantom_dataset(out_dir: Path, params: PhantomParams) -> pd.DataFra
         s_anat, s_frac, s_views = srng.spawn(3)
         anatomy = sample_anatomy(s_anat, str(st["region"]))
         kind = st["fracture_type"]
-        fracture = sample_fracture(s_frac, str(kind)) if kind else None
+        fracture = sample_fracture(s_frac, str(kind), params.oblique_azimuth_deg) if kind else None
         views = _views(params.views_per_study)
         for view, vrng in zip(views, s_views.spawn(len(views)), strict=True):
             a_rng, n_rng = vrng.spawn(2)

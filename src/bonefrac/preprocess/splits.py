@@ -65,18 +65,35 @@ def assign_groups(df: pd.DataFrame, near_duplicate_max_distance: int = 4) -> pd.
     return pd.Series(groups, index=df.index, name="group_id")
 
 
-def _strata(df: pd.DataFrame, n_splits: int) -> np.ndarray:
-    """label x body_part, falling back to label alone for strata too small to spread over the folds."""
+def _strata(df: pd.DataFrame, n_splits: int, by_type: bool = False) -> np.ndarray:
+    """label x body_part, falling back to label alone for strata too small to spread over the folds.
+
+    ``by_type``: label x fracture type x body_part, falling back to label x fracture type, then label.
+    """
     label = df["label"].astype(int).astype(str)
     bp = _text(df["body_part"]) if "body_part" in df.columns else pd.Series([""] * len(df), index=df.index)
+    if by_type and "fracture_type" in df.columns:
+        label = label + "|" + _text(df["fracture_type"])
+        label = np.where(label.map(label.value_counts()) >= n_splits, label, df["label"].astype(int).astype(str))
+        label = pd.Series(label, index=df.index)
     fine = label + "|" + bp
     counts = fine.map(fine.value_counts())
     return np.where(counts >= n_splits, fine, label).astype(str)
 
 
-def _pick_fold(df: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
-    """Boolean mask of the held-out fold (about 1/n_splits of rows) closest in label mix to the whole."""
-    y = _strata(df, n_splits)
+def _type_mix(df: pd.DataFrame, held: np.ndarray) -> float:
+    """L1 distance between the fracture-type mix of the fractured rows in ``held`` and in the whole."""
+    fx = df["label"].to_numpy() == 1
+    types = _text(df["fracture_type"]).to_numpy()
+    whole = pd.Series(types[fx]).value_counts(normalize=True)
+    part = pd.Series(types[held][fx[held]]).value_counts(normalize=True)
+    return float(whole.sub(part, fill_value=0.0).abs().sum())
+
+
+def _pick_fold(df: pd.DataFrame, n_splits: int, seed: int, by_type: bool = False) -> np.ndarray:
+    """Boolean mask of the held-out fold (about 1/n_splits of rows) closest in label (and type) mix to the whole."""
+    by_type = by_type and "fracture_type" in df.columns
+    y = _strata(df, n_splits, by_type)
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     target = df["label"].mean()
     best: tuple[float, np.ndarray] | None = None
@@ -87,6 +104,8 @@ def _pick_fold(df: pd.DataFrame, n_splits: int, seed: int) -> np.ndarray:
             has_both = 0.0 if (lab == 1).any() and (lab == 0).any() else 1.0
             size_err = abs(len(held) / len(df) - 1.0 / n_splits)
             score = has_both * 10 + abs(lab.mean() - target) + size_err
+            if by_type:
+                score += _type_mix(df, held)
             if best is None or score < best[0]:
                 mask = np.zeros(len(df), bool)
                 mask[held] = True
@@ -101,12 +120,16 @@ def assign_splits(
     test_fraction: float,
     seed: int,
     near_duplicate_max_distance: int = 4,
+    stratify_fracture_type: bool = False,
 ) -> pd.DataFrame:
     """Return a copy of ``df`` with ``group_id`` and ``split`` (train/val/test) columns.
 
     Deterministic for a seed and independent of row order (rows are processed
     sorted by ``image_id``). Raises :class:`SplitError` when a split would get
-    no positive or no negative image.
+    no positive or no negative image. ``stratify_fracture_type`` also stratifies the
+    fractured rows by their ``fracture_type`` (and picks the fold whose type mix is closest
+    to the whole), so a type head is scored on every type (issue 14); off by default, so
+    existing splits do not move.
     """
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
         raise SplitError(
@@ -137,10 +160,10 @@ def assign_splits(
         )
 
     k_test = max(2, round(1.0 / test_fraction))
-    test_mask = _pick_fold(work, k_test, seed)
+    test_mask = _pick_fold(work, k_test, seed, stratify_fracture_type)
     rest = work[~test_mask]
     k_val = max(2, round((1.0 - test_fraction) / val_fraction))
-    val_mask_rest = _pick_fold(rest, k_val, seed + 1)
+    val_mask_rest = _pick_fold(rest, k_val, seed + 1, stratify_fracture_type)
 
     split = np.full(len(work), "train", dtype=object)
     split[test_mask] = "test"
