@@ -43,7 +43,7 @@ def model(tmp_path_factory) -> Path:
 
 
 def test_folder_with_broken_files_exits_2_and_keeps_going(model, tmp_path):
-    d = tmp_path / "studies"
+    d = tmp_path / "DOE^JANE_19650302"  # a patient-named export folder
     (d / "sub").mkdir(parents=True)
     make_png(d / "a.png", seed=1)
     make_png(d / "sub" / "b16.png", bit_depth=16, seed=2)
@@ -67,12 +67,19 @@ def test_folder_with_broken_files_exits_2_and_keeps_going(model, tmp_path):
     )
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr
-    assert "2 could not be read" in r.stdout and "broken.jpg" in r.stderr
+    assert "2 could not be read" in r.stdout
+    # The failures are named by their row in the output, never by file or folder name (stderr ends up
+    # in job logs, and an export's names may identify the patient).
+    assert "DOE^JANE" not in r.stderr + r.stdout and "broken.jpg" not in r.stderr
+    df = pd.read_csv(out, keep_default_na=False)
+    failed_rows = [i + 1 for i in range(len(df)) if df["error"][i]]
+    for row in failed_rows:
+        assert f"unreadable: row {row} of the output: {df['error'][row - 1]}" in r.stderr
     # It talks: what it loads and where it decides first, then the total (the bar's ETA needs it)...
     err = r.stderr.splitlines()
     assert err[0].startswith("bonefrac predict: loading")
     assert err[1].startswith("model bonefrac-test:t0 (custom_cnn, 64 px); operating points: high-sensitivity p >= ")
-    assert f"5 images to read in {d}" in r.stderr and "/5 [" in r.stderr  # tqdm: n/total [elapsed<remaining]
+    assert "5 images to read" in r.stderr and "/5 [" in r.stderr  # tqdm: n/total [elapsed<remaining]
     # ...and the positives per operating point at the end.
     assert "high-sensitivity at p >= " in r.stdout and "high-specificity at p >= " in r.stdout
     assert " of 3 positive" in r.stdout

@@ -254,3 +254,26 @@ def test_service_and_train_input_sections_render_their_numbers() -> None:
           "speedup_cached_vs_decode": 1.3, "loader_only_speedup": 2.5, "cache_build_s": 1.5}
     md = train_input.render_markdown(ti)
     assert "| cached | 13.00 | 7.4 | 6.0% | 120.0 |" in md and "**1.30×** per training epoch" in md
+
+
+def test_service_soak_lasts_long_enough_for_the_requested_count(monkeypatch) -> None:
+    """The stall goal counts requests: a soak sized in seconds fell short when the service got slower."""
+    from benchmarks import service
+
+    calls: list[tuple[int, float]] = []
+
+    def fake_load(url, images, concurrency, duration, stall_s=5.0):  # 25 req/s whatever the level
+        calls.append((concurrency, duration))
+        return {"concurrency": concurrency, "throughput_rps": 25.0 + concurrency / 100, "requests": int(25 * duration),
+                "latency_ms_p50": 1.0, "latency_ms_p99": 2.0, "latency_ms_max": 3.0, "errors": 0, "stalls": 0}
+
+    monkeypatch.setattr(service, "run_load", fake_load)
+    rows = service.load_levels("http://x", [], [1, 8], 10.0, soak=60.0, soak_requests=20_000)
+    soak = rows[-1]
+    assert soak["soak"] and calls[-1][0] == 8  # at the peak level
+    # 500 requests in the levels; 19,500 more at ~25 req/s with a 10 % margin: ~858 s, not the 60 asked.
+    assert calls[-1][1] == pytest.approx(1.1 * 19_500 / 25.08)
+    assert sum(r["requests"] for r in rows) >= 20_000
+    calls.clear()
+    service.load_levels("http://x", [], [1, 8], 10.0, soak=900.0, soak_requests=20_000)
+    assert calls[-1][1] == 900.0  # a longer soak asked in seconds is kept

@@ -140,8 +140,9 @@ def predict(
     )
     for line in summary.counts_lines(dict(loaded.bundle.operating_points)):
         typer.echo(f"  {line}")
-    for path, err in summary.failures[:5]:
-        typer.echo(f"  unreadable: {path}: {err}", err=True)
+    # Row numbers, not paths: a file or folder name may identify a patient, and stderr lands in logs.
+    for row, err in summary.failures[:5]:
+        typer.echo(f"  unreadable: row {row} of the output: {err}", err=True)
     if summary.exit_code:
         raise typer.Exit(summary.exit_code)
 

@@ -215,7 +215,7 @@ class PredictSummary:
     n_ok: int = 0
     n_failed: int = 0
     backend: str = ""
-    failures: list[tuple[str, str]] = field(default_factory=list)  # first few (path, error)
+    failures: list[tuple[int, str]] = field(default_factory=list)  # first few (output row, error): no paths
     positives: dict[str, int] = field(default_factory=dict)  # operating point -> images decided positive
 
     def counts_lines(self, thresholds: dict[str, float]) -> list[str]:
@@ -243,7 +243,7 @@ def _load(
             try:
                 data = Path(path).read_bytes()
             except FileNotFoundError:
-                return None, None, f"file not found: {path}"
+                return None, None, "file not found"
             except OSError as err:
                 return None, None, f"cannot read file: {err.strerror or type(err).__name__}"
             limits = SafetyLimits(
@@ -307,8 +307,9 @@ def predict_to_file(
     say(f"backend: {choice.name} on {device}")
     total = count_inputs(source, bundle.spatial_dims)
     if total == 0:
-        raise PredictInputError(f"no images found in {source}")
-    say(f"{total} image{'s' if total != 1 else ''} to read in {source}")
+        raise PredictInputError("no images found in the given input (supported: PNG, JPEG, DICOM, NIfTI)")
+    # Counts only: the input path may name a patient, and stderr ends up in job logs.
+    say(f"{total} image{'s' if total != 1 else ''} to read")
     ops = list(bundle.operating_points)
     writer = RowWriter(out, fmt, output_columns(bundle.type_names, ops))
     summary = PredictSummary(out=out, backend=choice.name, positives=dict.fromkeys(ops, 0))
@@ -359,13 +360,13 @@ def predict_to_file(
                     if err:
                         summary.n_failed += 1
                         if len(summary.failures) < 20:
-                            summary.failures.append((path, err))
+                            summary.failures.append((summary.n_total, err))
                     else:
                         summary.n_ok += 1
                 bar.update(len(batch))
                 bar.set_postfix(failed=summary.n_failed)
         if summary.n_total == 0:
-            raise PredictInputError(f"no images found in {source}")
+            raise PredictInputError("no images found in the given input (supported: PNG, JPEG, DICOM, NIfTI)")
         writer.commit()
     except BaseException:
         writer.abort()
