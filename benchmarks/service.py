@@ -68,12 +68,15 @@ def in_process(
     End to end is the service's own per-request pipeline in one process: the same upload
     policy, the same JPEG decode as the served service (reduced DCT scale only when
     ``reduced_decode``, i.e. ``serving.reduced_jpeg_decode``, is on for the servers too),
-    preprocessing, the image statistics the prediction log records, the model on batches,
-    calibration.
+    preprocessing, the image statistics the prediction log records, the model on batches
+    with the embedding output the model worker returns, the per-image OOD check when the
+    bundle carries a detector, calibration. "Model only" is that same forward pass (logits +
+    embedding) on preprocessed batches: the served model's raw throughput.
     """
     from bonefrac.inference.backends import default_device, select_backend
     from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
     from bonefrac.model.bundle import ModelBundle
+    from bonefrac.monitoring.ood import OODDetector, decoded_image_ood_features
     from bonefrac.monitoring.prediction_log import image_statistics
 
     bundle = ModelBundle.load(bundle_path)
@@ -81,11 +84,19 @@ def in_process(
     hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size) if reduced_decode else None
     limits = SafetyLimits()
 
+    ood_dict = bundle.describe().get("ood")
+    detector = OODDetector.from_dict(ood_dict) if ood_dict else None
+    forward = choice.runner.with_embedding  # what ServedModel.infer runs in the model worker
+
     def prepare(data: bytes) -> np.ndarray:
+        x, _ = prepare_with_features(data)
+        return x
+
+    def prepare_with_features(data: bytes) -> tuple[np.ndarray, dict[str, float] | None]:
         img = decode_upload(data, bundle.spatial_dims, limits, max_side_hint=hint)
         x = bundle.preprocess(img.array).numpy()
         image_statistics(img)
-        return x
+        return x, decoded_image_ood_features(img) if detector is not None else None
 
     pre = np.stack([prepare(d) for _, d in images])
     reps = int(np.ceil(batch / len(pre)))
@@ -101,10 +112,15 @@ def in_process(
         return out
 
     def end_to_end() -> None:
-        arr = np.stack([prepare(images[i % len(images)][1]) for i in range(batch)])
-        bundle.calibrate(choice.runner(arr))
+        prepared = [prepare_with_features(images[i % len(images)][1]) for i in range(batch)]
+        logits, emb = forward(np.stack([p for p, _ in prepared]))
+        if detector is not None:
+            for (_, feats), e in zip(prepared, np.asarray(emb).reshape(batch, -1), strict=True):
+                if feats is not None:
+                    detector.score(feats, e)
+        bundle.calibrate(np.asarray(logits))
 
-    model_only = summarize(rate(lambda: choice.runner(x)))
+    model_only = summarize(rate(lambda: forward(x)))
     e2e = summarize(rate(end_to_end))
     return {
         "backend": choice.name,
@@ -114,6 +130,7 @@ def in_process(
         "model_only_iqr": model_only.iqr,
         "end_to_end_ips": e2e.median,
         "end_to_end_iqr": e2e.iqr,
+        "ood_check": detector is not None,
     }
 
 

@@ -51,7 +51,7 @@ from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
 from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.monitoring.ood import OODDetector, image_ood_features
+from bonefrac.monitoring.ood import OODDetector, decoded_image_ood_features
 from bonefrac.monitoring.prediction_log import append_prediction, image_fields, prediction_record
 from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag, load_embedded, resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
@@ -561,13 +561,10 @@ class FractureService:
         and the prediction goes out without it.
         """
         detector = detector if detector is not None else self._ood
-        if detector is None or img.array.ndim != 2:
+        if detector is None:
             return None
         try:
-            feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
-            h, w = stored_size(img)  # a JPEG decoded at reduced scale: the size is the stored one
-            feats["log10_pixels"] = float(np.log10(max(1, h * w)))
-            return feats
+            return decoded_image_ood_features(img)
         except (ValueError, KeyError, TypeError, FloatingPointError) as err:
             logger.warning("OOD check skipped: %s", type(err).__name__)
             return None
