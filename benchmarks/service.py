@@ -38,6 +38,7 @@ from benchmarks._common import (
     fmt,
     goal,
     goals_markdown,
+    machine_info,
     markdown_table,
     print_goals,
     summarize,
@@ -200,6 +201,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    machine = machine_info()  # the load *before* this run's own servers add to it
     levels = args.concurrency or ([1, 8] if args.quick else [1, 2, 4, 8, 16, 32, 64])
     duration = args.duration or (5.0 if args.quick else 15.0)
     workers = args.front_workers or ([1] if args.quick else [1, 2])
@@ -296,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         goals=goals,
         notes=notes,
         raw=raw,
+        machine=machine,
     )
     path = write_result(args.result_name, result)
     print_goals(goals)
