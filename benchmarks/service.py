@@ -77,8 +77,9 @@ def in_process(
     from bonefrac.inference.backends import default_device, select_backend
     from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
     from bonefrac.model.bundle import ModelBundle
-    from bonefrac.monitoring.ood import OODDetector, decoded_image_ood_features
+    from bonefrac.monitoring.ood import OODDetector
     from bonefrac.monitoring.prediction_log import image_statistics
+    from bonefrac.serving.upload_ood import decoded_image_ood_features
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())

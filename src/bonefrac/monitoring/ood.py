@@ -275,22 +275,6 @@ def image_ood_features(
     return feats
 
 
-def decoded_image_ood_features(img: Any) -> dict[str, float] | None:
-    """:func:`image_ood_features` of a decoded upload (a 2D ``DecodedImage``), ``None`` for a volume.
-
-    The pixel count is the stored one: a JPEG decoded at reduced scale must not look like a
-    smaller image than the training references (one function for the service and its benchmark).
-    """
-    from bonefrac.inference.upload_policy import stored_size
-
-    if img.array.ndim != 2:
-        return None
-    feats = image_ood_features(img.array, int(img.bit_depth), (img.meta or {}).get("value_range"))
-    h, w = stored_size(img)
-    feats["log10_pixels"] = float(np.log10(max(1, h * w)))
-    return feats
-
-
 def embedding_ood_features(embedding: np.ndarray, reducer: EmbeddingReducer) -> dict[str, float]:
     """``emb_0..k-1`` (the PCA coordinates) and ``emb_residual`` (log10 of 1 + the off-axes norm)."""
     emb = np.asarray(embedding, dtype=np.float64).reshape(1, -1)

@@ -51,7 +51,7 @@ from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
 from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.monitoring.ood import OODDetector, decoded_image_ood_features
+from bonefrac.monitoring.ood import OODDetector
 from bonefrac.monitoring.prediction_log import append_prediction, image_fields, prediction_record
 from bonefrac.registry.resolve import MODEL_PATH_ENV, LoadedModel, champion_tag, load_embedded, resolve_model
 from bonefrac.serving.auth import APIKeyMiddleware, require_api_key, send_json_error
@@ -60,6 +60,7 @@ from bonefrac.serving.input_safety import InputRejected, SafetyLimits, UploadLim
 from bonefrac.serving.model_slot import ModelSlot, serve, split_model_output
 from bonefrac.serving.paths import PUBLIC_PATHS, STATIC_DIR, UnknownPathMiddleware, install_before_bentoml_middleware
 from bonefrac.serving.upload_form import ErrorShapeMiddleware, UploadFormMiddleware
+from bonefrac.serving.upload_ood import decoded_image_ood_features
 
 logger = logging.getLogger("bonefrac.serving")
 
