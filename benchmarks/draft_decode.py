@@ -91,7 +91,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"FracAtlas not found at {FRACATLAS}")
     import torch
     from sklearn.linear_model import LogisticRegressionCV
-    from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -148,19 +147,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         x, ms, scales = measured[label]
         p = sigmoid(probe.decision_function(x))
         probs[label] = p
-        drafted = np.asarray(scales) > 1
-        row: dict[str, Any] = {
-            "path": label,
-            "hint_px": hint,
-            "decoded_at_reduced_scale": int(drafted.sum()),
-            "ms_per_image_all": float(np.mean(ms)),
-            "ms_per_image_large": float(np.mean(np.asarray(ms)[large])) if large.any() else None,
-            "auroc": float(roc_auc_score(y_test, p)),
-        }
-        if label != "full":
-            row.update(_dp_stats(p, probs["full"]))
-        rows.append(row)
-        print(f"  {label}: {row}", flush=True)
+        rows.append(_path_row(label, hint, scales, ms, large, y_test, p, probs["full"]))
+        print(f"  {label}: {rows[-1]}", flush=True)
     goals = _goals(rows, DRAFT_MARGIN)
     argv_used = list(argv) if argv is not None else sys.argv[1:]
     result = envelope(
@@ -181,6 +169,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print_goals(goals)
     print(f"wrote {path}")
     return result
+
+
+def _path_row(
+    label: str, hint: int | None, scales: Any, ms: Any, large: np.ndarray, y_test: np.ndarray,
+    prob: np.ndarray, full: np.ndarray,
+) -> dict[str, Any]:
+    """One decode path's row (probe and served-bundle runs alike): cost, AUROC, and |dp| vs full resolution."""
+    from sklearn.metrics import roc_auc_score
+
+    ms = np.asarray(ms, dtype=float)
+    row: dict[str, Any] = {
+        "path": label, "hint_px": hint, "decoded_at_reduced_scale": int((np.asarray(scales) > 1).sum()),
+        "ms_per_image_all": float(ms.mean()),
+        "ms_per_image_large": float(ms[large].mean()) if large.any() else None,
+        "auroc": float(roc_auc_score(y_test, prob)) if len(set(y_test)) == 2 else None,
+    }
+    if label != "full":
+        row.update(_dp_stats(prob, full))
+    return row
 
 
 def _dp_stats(p: np.ndarray, full: np.ndarray) -> dict[str, float]:
@@ -224,7 +231,6 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
     """The served model on each decode path: Δp of its calibrated probability, its AUROC, decode ms."""
     import torch
     from PIL import Image
-    from sklearn.metrics import roc_auc_score
 
     from bonefrac.data.imageio import read_image
     from bonefrac.inference.upload_policy import DRAFT_MARGIN, decode_side_hint
@@ -259,16 +265,8 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
     full = np.asarray(measured["full"][0])
     for label, hint in paths.items():
         prob, ms, scales = (np.asarray(v) for v in measured[label])
-        row: dict[str, Any] = {
-            "path": label, "hint_px": hint, "decoded_at_reduced_scale": int((scales > 1).sum()),
-            "ms_per_image_all": float(ms.mean()),
-            "ms_per_image_large": float(ms[large].mean()) if large.any() else None,
-            "auroc": float(roc_auc_score(y_test, prob)) if len(set(y_test)) == 2 else None,
-        }
-        if label != "full":
-            row.update(_dp_stats(prob, full))
-        rows.append(row)
-        print(f"  {label}: {row}", flush=True)
+        rows.append(_path_row(label, hint, scales, ms, large, y_test, prob, full))
+        print(f"  {label}: {rows[-1]}", flush=True)
     goals = _goals(rows, DRAFT_MARGIN)
     argv_used = list(argv) if argv is not None else sys.argv[1:]
     result = envelope(
