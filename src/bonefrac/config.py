@@ -313,10 +313,12 @@ class ServingParams(Strict):
     # Resources the Bento declares: "on" = one GPU for the model worker (build it with
     # bentofile.gpu.yaml, a CUDA base image); "off" = CPU only; "auto" = whatever this machine has.
     gpu: Literal["auto", "on", "off"] = "auto"
-    # Large JPEGs decoded at reduced DCT scale (libjpeg 1/2..1/8; ~4.6x faster decode on
-    # radiographs). Off by default: the percentile window is then taken on the reduced image, so
-    # a probability can differ from `bonefrac predict` and evaluation (measured: median |dp|
-    # 0.006, max 0.37, benchmarks.draft_decode); on only where speed matters more than parity.
+    # Only for models of preprocessing version 1 (newer models define their decode scale
+    # themselves, the same in training, `bonefrac predict` and here): large JPEGs decoded at
+    # reduced DCT scale (libjpeg 1/2..1/8; ~4.6x faster decode on radiographs). Off by default:
+    # version 1 takes the percentile window on the decoded image, so a probability can differ
+    # from `bonefrac predict` and evaluation (measured: median |dp| 0.006, max 0.37,
+    # benchmarks.draft_decode); on only where speed matters more than parity.
     reduced_jpeg_decode: bool = False
 
     @field_validator("max_batch_size")

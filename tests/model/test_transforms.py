@@ -20,7 +20,13 @@ import pytest
 import torch
 from monai.transforms import ScaleIntensityRangePercentiles
 
-from bonefrac.model.transforms import PREPROCESS_VERSION, FastPercentileWindow, PreprocessError, PreprocessSpec
+from bonefrac.model.transforms import (
+    PREPROCESS_VERSION,
+    SUPPORTED_PREPROCESS_VERSIONS,
+    FastPercentileWindow,
+    PreprocessError,
+    PreprocessSpec,
+)
 
 GOLDEN = Path(__file__).with_name("golden_preprocess.json")
 
@@ -93,19 +99,23 @@ def _summary(out: torch.Tensor) -> dict[str, list[float] | list[int]]:
 
 
 def _regenerate(tmp: Path) -> None:
-    data = {"version": PREPROCESS_VERSION}
-    for name, (spec, arr) in _golden_inputs(tmp).items():
-        data[name] = _summary(spec.apply(arr))
-    GOLDEN.write_text(json.dumps(data, indent=1) + "\n")
+    data: dict[str, dict] = {}
+    for version in SUPPORTED_PREPROCESS_VERSIONS:
+        data[version] = {
+            name: _summary(spec.model_copy(update={"version": version}).apply(arr))
+            for name, (spec, arr) in _golden_inputs(tmp).items()
+        }
+    GOLDEN.write_text(json.dumps({"versions": data}, indent=1) + "\n")
 
 
-def test_golden_outputs_pin_the_transform(tmp_path: Path) -> None:
-    golden = json.loads(GOLDEN.read_text())
-    assert golden["version"] == PREPROCESS_VERSION, (
-        "PREPROCESS_VERSION changed: regenerate the goldens with python tests/model/test_transforms.py"
+@pytest.mark.parametrize("version", SUPPORTED_PREPROCESS_VERSIONS)
+def test_golden_outputs_pin_the_transform(tmp_path: Path, version: str) -> None:
+    goldens = json.loads(GOLDEN.read_text())["versions"]
+    assert sorted(goldens) == sorted(SUPPORTED_PREPROCESS_VERSIONS), (
+        "a preprocessing version was added: generate its goldens with python tests/model/test_transforms.py"
     )
     for name, (spec, arr) in _golden_inputs(tmp_path).items():
-        got, want = _summary(spec.apply(arr)), golden[name]
+        got, want = _summary(spec.model_copy(update={"version": version}).apply(arr)), goldens[version][name]
         assert got["shape"] == want["shape"], name
         for key in ("stats", "row_means", "pixels"):
             np.testing.assert_allclose(got[key], want[key], atol=2e-5, err_msg=f"{name}: {key}")
@@ -133,11 +143,53 @@ def test_volume_size_changes_the_output() -> None:
     assert PreprocessSpec(spatial_dims=3, volume_size=(6, 8, 10)).apply(v).shape == (1, 6, 8, 10)
 
 
+def test_decode_scale_is_part_of_the_definition() -> None:
+    assert PreprocessSpec(image_size=96).decode_side_hint == 96  # version 2: a JPEG decoded down to the input side
+    assert PreprocessSpec(image_size=96, version="1").decode_side_hint is None  # version 1: every pixel
+    assert PreprocessSpec(spatial_dims=3).decode_side_hint is None
+
+
+def _radiograph_jpeg_with_hardware() -> bytes:
+    """1400 x 1100 px: smooth anatomy, noise, and two thin bright bars (wire, a marker) that
+    hold the 99.5th percentile at full resolution but are averaged away by a 1/8-scale decode."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:1400, 0:1100]
+    arr = 90 + 60 * np.sin(xx / 60.0) * np.cos(yy / 90.0) + rng.normal(0, 12, yy.shape)
+    arr[200:206, 300:360] = 255
+    arr[900:904, 100:700] = 250
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def test_version_2_windows_after_the_resize_so_a_reduced_decode_gives_nearly_the_same_input() -> None:
+    """Why version 2 exists: windowing the working-resolution image makes the model's input nearly
+    independent of the JPEG's decode scale; version 1's window moved with it (the 1/8 decode averages
+    the bright hardware out of the 99.5th percentile). Fails if version 2 windows before resizing."""
+    from bonefrac.data.imageio import read_image
+
+    data = _radiograph_jpeg_with_hardware()
+    full = read_image(data).array
+    reduced = read_image(data, max_side_hint=128)
+    assert reduced.meta["decode_scale"] > 7  # libjpeg's 1/8 path: 138 x 175 px
+    gap = {}
+    for version in SUPPORTED_PREPROCESS_VERSIONS:
+        spec = PreprocessSpec(image_size=128, version=version)
+        gap[version] = float((spec.apply(full) - spec.apply(reduced.array)).abs().mean())
+    assert gap["2"] <= 0.015, gap  # measured 0.009
+    assert gap["1"] >= 2.5 * gap["2"], gap  # measured 0.033
+
+
 def test_spec_validation_and_version() -> None:
     with pytest.raises(ValueError, match="lower_percentile"):
         PreprocessSpec(lower_percentile=60.0)
     with pytest.raises(ValueError):
         PreprocessSpec(image_size=16)
+    assert PreprocessSpec().version == PREPROCESS_VERSION == SUPPORTED_PREPROCESS_VERSIONS[-1]
     with pytest.raises(PreprocessError, match="version '0'"):
         PreprocessSpec(version="0").apply(np.zeros((8, 8), dtype=np.float32))
     with pytest.raises(PreprocessError, match="2D image"):

@@ -31,9 +31,7 @@ class ExternalValidationError(BonefracError):
     """The external dataset cannot be evaluated (no images, a single class, bad layout)."""
 
 
-def _filter_body_parts(
-    df: pd.DataFrame, include: list[str] | None, exclude: list[str] | None
-) -> pd.DataFrame:
+def _filter_body_parts(df: pd.DataFrame, include: list[str] | None, exclude: list[str] | None) -> pd.DataFrame:
     parts = df["body_part"].astype(str).str.lower()
     if include:
         df = df[parts.isin([p.lower() for p in include])]
@@ -53,6 +51,7 @@ def build_external_cache(
     ``width``/``height`` of the decoded images are added so boxes can be mapped.
     """
     from bonefrac.data.imageio import ImageDecodeError, read_image
+    from bonefrac.inference.upload_policy import stored_size
     from bonefrac.preprocess.cache import INDEX_FILE, build_cache
 
     failures: dict[str, str] = {}
@@ -61,13 +60,15 @@ def build_external_cache(
 
     def read_fn(path: str) -> np.ndarray:
         try:
-            img = read_image(path, max_pixels=max_pixels, expected_dims=sd)
+            img = read_image(
+                path, max_pixels=max_pixels, expected_dims=sd, max_side_hint=bundle.preprocess_spec.decode_side_hint
+            )
         except (ImageDecodeError, MemoryError) as err:
             failures[path] = str(err) or type(err).__name__
             # Placeholder row (dropped below); not constant, so windowing does not warn.
             shape = (8, 8) if sd == 2 else (4, 8, 8)
             return np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
-        sizes[path] = (int(img.array.shape[-2]), int(img.array.shape[-1]))
+        sizes[path] = stored_size(img)  # boxes are in stored pixels, also after a reduced-scale decode
         return img.array
 
     build_cache(records, cache_dir, bundle.preprocess_spec, read_fn=read_fn, workers=1)
@@ -117,9 +118,11 @@ def validate_external(
     # Rows refused at intake (unknown sub-folder, burned-in annotation, path outside the root)
     # are not read; they count as unreadable with their reason (no file name in it).
     intake_error = records["intake_error"] if "intake_error" in records.columns else None
-    refused = [] if intake_error is None else [
-        {"path": r["image_id"], "error": r["intake_error"]} for _, r in records[intake_error != ""].iterrows()
-    ]
+    refused = (
+        []
+        if intake_error is None
+        else [{"path": r["image_id"], "error": r["intake_error"]} for _, r in records[intake_error != ""].iterrows()]
+    )
     if intake_error is not None:
         records = records[intake_error == ""]
     if max_images is not None and len(records) > max_images:

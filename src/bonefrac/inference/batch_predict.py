@@ -172,9 +172,7 @@ class RowWriter:
         self._atomic = atomic_path(out)
         self.tmp = self._atomic.__enter__()
         self.fh = self.tmp.open("w", newline="", encoding="utf-8")
-        self.csv = (
-            csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
-        )
+        self.csv = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
         if self.csv:
             self.csv.writeheader()
 
@@ -250,7 +248,7 @@ def _load(
                 max_upload_bytes=max(len(data), 1),  # local files: no upload limit
                 max_pixels=max_pixels if max_pixels is not None else 2**62,
             )
-            img = decode_upload(data, bundle.spatial_dims, limits)
+            img = decode_upload(data, bundle.spatial_dims, limits, bundle.preprocess_spec.decode_side_hint)
         return img, bundle.preprocess(img.array), ""
     except InputRejected as err:
         return None, None, err.message
@@ -318,9 +316,7 @@ def predict_to_file(
     try:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             for batch in batched(iter_inputs(source, bundle.spatial_dims), batch_size):
-                loaded_items = list(
-                    pool.map(lambda p: _load(p, bundle, max_pixels), batch)
-                )
+                loaded_items = list(pool.map(lambda p: _load(p, bundle, max_pixels), batch))
                 ok = [i for i, (_, x, _) in enumerate(loaded_items) if x is not None]
                 rows: dict[int, dict[str, Any]] = {}
                 answers: list[dict[str, Any]] = []
@@ -338,9 +334,7 @@ def predict_to_file(
                             on_prediction(loaded_items[i][0], {**r, "latency_ms": per_image_ms})  # type: ignore[arg-type]
                         row: dict[str, Any] = {"probability": r["probability"], "logit": r["logit"]}
                         row.update({f"decision_{k}": v for k, v in r["decisions"].items()})
-                        row.update(
-                            {f"type_prob_{k}": v for k, v in r.get("fracture_type_probabilities", {}).items()}
-                        )
+                        row.update({f"type_prob_{k}": v for k, v in r.get("fracture_type_probabilities", {}).items()})
                         rows[i] = row
                     if explainer is not None:
                         explainer([loaded_items[i][0] for i in ok], x, [batch[i] for i in ok], answers)  # type: ignore[misc]

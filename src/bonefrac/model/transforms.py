@@ -8,9 +8,21 @@ preprocess stage caches :meth:`PreprocessSpec.apply`'s output, and evaluation,
 method, so a model sees identical tensors in training and in the clinic.
 
 ``PREPROCESS_VERSION`` names the transform's *definition* (windowing rule, resize
-mode, padding). Golden outputs in the tests pin it: whoever changes the
-definition must bump the version, and bundles trained under another version are
-refused at load time instead of silently receiving shifted inputs.
+mode, padding, the scale a JPEG is decoded at). Golden outputs in the tests pin
+every supported version: whoever changes the definition must add a version, and
+bundles trained under a version this release does not implement are refused at
+load time instead of silently receiving shifted inputs.
+
+Version 2 (2D) resizes first and windows the percentiles on the working-resolution
+image, and asks the decoder for a JPEG at the smallest DCT scale that keeps both
+sides >= ``image_size`` (:attr:`PreprocessSpec.decode_side_hint`). Why: version 1
+windowed the full-resolution array, so every request paid a percentile partition
+and a float copy of up to 6.6 MP before the resize, and a JPEG could not be decoded
+at reduced scale without moving the window (reduced decoding averages away the
+0.5/99.5 % extremes). Windowing the resized image makes the window nearly
+independent of the decode scale, so training, evaluation, ``bonefrac predict`` and
+the service all decode the same reduced JPEG. Version 1 stays supported for
+bundles trained with it.
 """
 
 from __future__ import annotations
@@ -26,8 +38,11 @@ from pydantic import ConfigDict
 from bonefrac.config import PreprocessParams
 from bonefrac.errors import BonefracError
 
-#: Version of the transform's definition; bump it (and the golden test outputs) on any change.
-PREPROCESS_VERSION = "1"
+#: Version of the transform's definition new models are trained with; add one (and its golden test
+#: outputs) on any change.
+PREPROCESS_VERSION = "2"
+#: Every definition this release can apply (older bundles keep theirs).
+SUPPORTED_PREPROCESS_VERSIONS = ("1", "2")
 #: Interpolation of the 2D resize (area: an average over source pixels, no aliasing on downscale).
 RESIZE_MODE_2D = "area"
 RESIZE_MODE_3D = "trilinear"
@@ -64,24 +79,24 @@ def deterministic_transform(
     volume_size: Sequence[int],
     lower_percentile: float,
     upper_percentile: float,
+    version: str = PREPROCESS_VERSION,
 ) -> Compose:
     """Channel-first array in stored units → float32 tensor on [0, 1] of a fixed shape.
 
-    2D: robust percentile windowing, longest side resized to ``image_size`` (aspect
-    kept, area interpolation), then zero-padded to a square. 3D: the same
-    windowing, then trilinear resize to ``volume_size`` (D, H, W).
+    2D: longest side resized to ``image_size`` (aspect kept, area interpolation),
+    robust percentile windowing of that image, then zero-padding to a square
+    (version 1: windowing before the resize). 3D: percentile windowing, then
+    trilinear resize to ``volume_size`` (D, H, W).
     """
+    if version not in SUPPORTED_PREPROCESS_VERSIONS:
+        raise PreprocessError(f"unknown preprocessing version {version!r}")
     scale = FastPercentileWindow(
         lower=lower_percentile, upper=upper_percentile, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32
     )
     if spatial_dims == 2:
-        return Compose(
-            [
-                scale,
-                Resize(spatial_size=image_size, size_mode="longest", mode=RESIZE_MODE_2D),
-                SpatialPad(spatial_size=(image_size, image_size), mode="constant"),
-            ]
-        )
+        resize = Resize(spatial_size=image_size, size_mode="longest", mode=RESIZE_MODE_2D)
+        pad = SpatialPad(spatial_size=(image_size, image_size), mode="constant")
+        return Compose([scale, resize, pad] if version == "1" else [resize, scale, pad])
     if spatial_dims == 3:
         return Compose([scale, Resize(spatial_size=tuple(volume_size), mode=RESIZE_MODE_3D)])
     raise PreprocessError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -106,14 +121,27 @@ class PreprocessSpec(PreprocessParams):
         return cls(spatial_dims=spatial_dims, **preprocess.model_dump())
 
     def check_version(self) -> None:
-        """Refuse a spec written for another definition of the transform."""
-        if self.version != PREPROCESS_VERSION:
+        """Refuse a spec written for a definition of the transform this release does not implement."""
+        if self.version not in SUPPORTED_PREPROCESS_VERSIONS:
             raise PreprocessError(
                 f"the model was trained with preprocessing version {self.version!r}, but this bonefrac "
-                f"implements version {PREPROCESS_VERSION!r}: its inputs would differ from training. "
+                f"implements versions {', '.join(SUPPORTED_PREPROCESS_VERSIONS)}: its inputs would differ "
+                "from training. "
                 "Retrain the model with this version (dvc repro), or install the bonefrac release it was "
                 "trained with."
             )
+
+    @property
+    def decode_side_hint(self) -> int | None:
+        """The shortest side a JPEG is decoded to (DCT-domain 1/2..1/8 scaling); ``None``: full resolution.
+
+        Part of the definition: every path that feeds this model (preprocess cache, feature
+        cache, ``bonefrac predict``, the service) passes it to the decoder, so all of them see
+        the same pixels. Version 1 decoded at full resolution.
+        """
+        if self.spatial_dims != 2 or self.version == "1":
+            return None
+        return int(self.image_size)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -126,7 +154,12 @@ class PreprocessSpec(PreprocessParams):
         """The MONAI transform (channel-first array in stored units → float32 on [0, 1])."""
         self.check_version()
         return deterministic_transform(
-            self.spatial_dims, self.image_size, self.volume_size, self.lower_percentile, self.upper_percentile
+            self.spatial_dims,
+            self.image_size,
+            self.volume_size,
+            self.lower_percentile,
+            self.upper_percentile,
+            self.version,
         )
 
     def apply(self, array: np.ndarray) -> torch.Tensor:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,10 +55,10 @@ class Reference:
     meta: dict[str, Any]
 
 
-def _read(path: str) -> Any:
+def _read(path: str, max_side_hint: int | None = None) -> Any:
     from bonefrac.data.imageio import read_image
 
-    return read_image(path)
+    return read_image(path, max_side_hint=max_side_hint)
 
 
 def map_decoded(
@@ -224,7 +225,17 @@ def current_from_images(
     read_fn: ReadFn | None = None,
 ) -> tuple[pd.DataFrame, list[str]]:
     """Features of a batch of new images: image statistics, plus score/embedding when a bundle is given."""
-    decoded, skipped = map_decoded(paths, _features_and_input(bundle), read_fn)
+    hint = bundle.preprocess_spec.decode_side_hint if bundle is not None else None
+    if hint is None or read_fn is not None:
+        decoded, skipped = map_decoded(paths, _features_and_input(bundle), read_fn)
+    else:
+        # The statistics describe the file as stored (as the reference's do); the model's input is
+        # decoded at the scale the bundle's preprocessing defines (a large JPEG at reduced DCT
+        # scale), as in training and serving: two decodes, so the score is the service's.
+        stats, skipped = map_decoded(paths, _features_and_input(None), None)
+        reader = partial(_read, max_side_hint=hint)
+        inputs, _ = map_decoded(paths, lambda a, _b, _v: bundle.preprocess(a).numpy(), reader)
+        decoded = [(s[0], x) if s is not None and x is not None else None for s, x in zip(stats, inputs, strict=True)]
     img_frame = _image_frame([d[0] if d is not None else None for d in decoded])
     if bundle is None:
         return img_frame, skipped

@@ -49,11 +49,13 @@ class CacheError(BonefracError, RuntimeError):
     """The cache cannot be built or read; the message names the file or column at fault."""
 
 
-def _default_read(source: str) -> Any:
+def _default_read(source: str, spec: PreprocessSpec) -> Any:
     # Imported lazily: the decoder lives in another area and pulls in pydicom/nibabel.
     from bonefrac.data.imageio import read_image
 
-    return read_image(resolve(source))  # table paths are relative to the project root
+    # Table paths are relative to the project root; the spec says at which scale a JPEG is
+    # decoded (its definition, shared with `bonefrac predict` and the service).
+    return read_image(resolve(source), max_side_hint=spec.decode_side_hint)
 
 
 def _as_array(decoded: Any) -> np.ndarray:
@@ -63,9 +65,9 @@ def _as_array(decoded: Any) -> np.ndarray:
 
 
 def _process_one(path: str, read_fn: ReadFn | None, spec: PreprocessSpec) -> np.ndarray:
-    reader = read_fn or _default_read
     try:
-        out = spec.apply(_as_array(reader(path)))
+        decoded = read_fn(path) if read_fn is not None else _default_read(path, spec)
+        out = spec.apply(_as_array(decoded))
     except Exception as err:  # the decoder's own errors are already clear; add which file
         raise CacheError(f"cannot preprocess {path}: {type(err).__name__}: {err}") from err
     return out.numpy().astype(np.float16)
@@ -87,7 +89,8 @@ def build_cache(
 
     ``df`` needs a ``path`` column (and usually ``split``, ``label``); every
     column is kept in ``index.csv``. ``read_fn(path)`` returns a ``DecodedImage``
-    or an array; it defaults to ``bonefrac.data.imageio.read_image``. With
+    or an array; it defaults to ``bonefrac.data.imageio.read_image`` at the spec's
+    ``decode_side_hint`` (a custom reader must honour it too). With
     ``workers > 1`` images are decoded in a process pool (``read_fn`` must then
     be picklable, i.e. a module-level function). Returns ``out_dir``.
     """

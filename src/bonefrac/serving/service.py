@@ -437,29 +437,36 @@ class FractureService:
     ) -> tuple[Any, np.ndarray, dict[str, float], dict[str, Any]]:
         """Upload → (decoded image or None, model input batch (1, 1, ...), timings, image facts).
 
-        A large JPEG is decoded at the smallest DCT scale that still serves the model's input
-        (and ``display_side``, the picture /explain returns): :func:`decode_side_hint`.
-        Everything that needs the full pixel array (the facts for the answer, the log and the
-        OOD check) is done while the decode gate holds its memory; the array is then dropped
-        unless ``keep_image`` (/explain draws it), so what waits for the model is small.
+        The model's input is decoded at the scale its preprocessing defines
+        (``PreprocessSpec.decode_side_hint``: a large JPEG at the smallest DCT scale that
+        keeps both sides >= the input side), exactly as in training and ``bonefrac predict``.
+        A model of preprocessing version 1 decodes at full resolution unless
+        ``serving.reduced_jpeg_decode`` (then also for ``display_side``, the picture
+        /explain returns). Everything that needs the pixels (the facts for the answer, the
+        log and the OOD check) is done while the decode gate holds its memory; the array is
+        then dropped unless ``keep_image`` (/explain draws it, from a full-resolution decode
+        when the model's own was reduced), so what waits for the model is small.
         """
         dims = int(info["spatial_dims"])
-        hint = (
-            decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
-            if SETTINGS.reduced_jpeg_decode
-            else None  # full resolution: the same pixels as `bonefrac predict` and evaluation
-        )
+        contract: ModelBundle = info["_contract"]
+        hint = contract.preprocess_spec.decode_side_hint
+        if hint is None and SETTINGS.reduced_jpeg_decode:
+            hint = decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
+        display_hint = hint if contract.preprocess_spec.decode_side_hint is None else None
         try:
             data = await asyncio.to_thread(file.read_bytes)
         except OSError as err:
             raise InputRejected(HTTPStatus.BAD_REQUEST, "the upload could not be read") from err
-        # Refused from the header before queueing (bombs, formats); else the decode's memory need.
-        need = check_upload(data, dims, self.limits, hint)
+        # Refused from the header before queueing (bombs, formats); else the decode's memory need
+        # (the larger display decode's when /explain needs the picture too).
+        need = check_upload(data, dims, self.limits, display_hint if keep_image else hint)
         t_wait = time.perf_counter()
         async with self._decode_gate.admit(need):
             t0 = time.perf_counter()
             try:
                 img, x, facts, t1, t2 = await self._decode_and_measure(data, info, hint, keep_image)
+                if keep_image and display_hint != hint and (img.meta or {}).get("full_size"):
+                    img = await asyncio.to_thread(decode_upload, data, dims, self.limits, display_hint)
             finally:
                 del data
                 if need >= TRIM_AFTER_BYTES:  # hand the decode's freed arenas back to the OS

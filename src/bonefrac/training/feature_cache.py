@@ -90,11 +90,11 @@ def _decode(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor, dict]:
     t0 = time.perf_counter()
     err = ""
     try:
-        img = read_image(path, expected_dims=2, max_side_hint=spec.image_size)
+        img = read_image(path, expected_dims=2, max_side_hint=spec.decode_side_hint)
     except ImageDecodeError as e:  # e.g. a content check: keep the image, note why
         err = str(e)[:200]
         try:
-            img = read_image(path, expected_dims=2, content_limits=None, max_side_hint=spec.image_size)
+            img = read_image(path, expected_dims=2, content_limits=None, max_side_hint=spec.decode_side_hint)
         except ImageDecodeError as e2:  # truncated / corrupt: the pipeline's validation drops these
             info = {"decode_error": f"{UNDECODABLE}: {e2}"[:200], "orig_h": 0, "orig_w": 0, "phash": ""}
             info["decode_ms"] = (time.perf_counter() - t0) * 1000
