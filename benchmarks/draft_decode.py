@@ -243,8 +243,12 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
     net = bundle.build_model().eval()
     size = bundle.preprocess_spec.image_size
     test = _test_split_images(args.cache, 200 if args.quick else args.n_test, args.seed)
-    served_hint = decode_side_hint(2, size)
-    paths = {"full": None, "hint 1x": size, f"hint {DRAFT_MARGIN}x (served)": served_hint}
+    served_hint = bundle.preprocess_spec.decode_side_hint  # preprocessing version 2: part of the model
+    if served_hint is None:  # version 1: the service's opt-in reduced decode (serving.reduced_jpeg_decode)
+        served_hint = decode_side_hint(2, size)
+        paths = {"full": None, "hint 1x": size, f"hint {DRAFT_MARGIN}x (served)": served_hint}
+    else:
+        paths = {"full": None, f"hint {DRAFT_MARGIN}x": DRAFT_MARGIN * size, "hint 1x (served)": served_hint}
     measured: dict[str, list[list[float]]] = {k: [[], [], []] for k in paths}
     keys = list(paths)
     for i, (p, _) in enumerate(test):
@@ -267,12 +271,13 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
         prob, ms, scales = (np.asarray(v) for v in measured[label])
         rows.append(_path_row(label, hint, scales, ms, large, y_test, prob, full))
         print(f"  {label}: {rows[-1]}", flush=True)
-    goals = _goals(rows, DRAFT_MARGIN)
+    goals = _goals(rows, served_hint // size)
     argv_used = list(argv) if argv is not None else sys.argv[1:]
     result = envelope(
         NAME, command_line("benchmarks.draft_decode", argv_used), rows,
         settings={"image_size": size, "n_train": 0, "n_test": len(test), "n_test_large": int(large.sum()),
-                  "draft_margin": DRAFT_MARGIN, "seed": args.seed, "scorer": f"served bundle ({bundle.arch})"},
+                  "draft_margin": DRAFT_MARGIN, "seed": args.seed, "scorer": f"served bundle ({bundle.arch})",
+                  "served_hint_px": served_hint, "preprocess_version": bundle.preprocess_spec.version},
         goals=goals,
         notes=[
             f"scorer: the served bundle itself ({bundle.arch} at {size} px, its own preprocessing and calibration); "
@@ -296,7 +301,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([
         f"Model input {s['image_size']} px; {s['n_train']} train / {s['n_test']} test FracAtlas images "
         f"({s['n_test_large']} with a shortest side over 1000 px); "
-        f"the service uses hint = {s['draft_margin']}× the input side.",
+        (f"the model's preprocessing (version {s['preprocess_version']}) decodes at hint = "
+         f"{s['served_hint_px']} px everywhere: training, `bonefrac predict`, the service."
+         if s.get("preprocess_version", "1") != "1" else
+         f"the service uses hint = {s['draft_margin']}× the input side."),
         "",
         markdown_table(head, table),
         "",

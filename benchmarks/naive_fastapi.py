@@ -47,7 +47,12 @@ def readyz() -> dict[str, str]:
 def predict(file: UploadFile = File(...)) -> dict:
     t0 = time.perf_counter()
     try:
-        img = read_image(file.file.read(), max_pixels=60_000_000, expected_dims=predictor().spatial_dims)
+        img = read_image(
+            file.file.read(),
+            max_pixels=60_000_000,
+            expected_dims=predictor().spatial_dims,
+            max_side_hint=predictor().bundle.preprocess_spec.decode_side_hint,  # the contract's decode scale
+        )
     except ImageDecodeError as err:
         raise HTTPException(status_code=422, detail=str(err)) from None
     with _lock:

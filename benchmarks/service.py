@@ -67,8 +67,9 @@ def in_process(
     """Raw throughput of the service's own backend, called in-process (no HTTP, no batching queue).
 
     End to end is the service's own per-request pipeline in one process: the same upload
-    policy, the same JPEG decode as the served service (reduced DCT scale only when
-    ``reduced_decode``, i.e. ``serving.reduced_jpeg_decode``, is on for the servers too),
+    policy, the same JPEG decode as the served service (the scale the bundle's preprocessing
+    defines; for a version-1 bundle reduced DCT scale only when ``reduced_decode``, i.e.
+    ``serving.reduced_jpeg_decode``, is on for the servers too),
     preprocessing, the image statistics the prediction log records, the model on batches
     with the embedding output the model worker returns, the per-image OOD check when the
     bundle carries a detector, calibration. "Model only" is that same forward pass (logits +
@@ -83,7 +84,9 @@ def in_process(
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())
-    hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size) if reduced_decode else None
+    hint = bundle.preprocess_spec.decode_side_hint
+    if hint is None and reduced_decode:
+        hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size)
     limits = SafetyLimits()
 
     ood_dict = bundle.describe().get("ood")
@@ -295,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   "image_size": b.preprocess_spec.image_size, "n_images": len(images),
                   "images": [n for n, _ in images], "max_batch_size": args.max_batch_size,
                   "reduced_jpeg_decode": reduced,
+                  "preprocess_version": b.preprocess_spec.version,
+                  "decode_side_hint": b.preprocess_spec.decode_side_hint,
                   "weights": "random weights" if args.bundle is None else f"trained bundle {args.bundle.name}"},
         goals=goals,
         notes=notes,
@@ -309,6 +314,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else float(a) / float(b)
+
+
+def _decode_note(s: dict[str, Any]) -> str:
+    """How JPEGs were decoded in this run (older runs recorded less)."""
+    if s.get("decode_side_hint"):
+        return (f"; JPEG decoded at the scale the model's preprocessing (version {s['preprocess_version']}) "
+                f"defines, shortest side >= {s['decode_side_hint']} px, in the service, the in-process "
+                "pipeline and the naive server alike.")
+    if "reduced_jpeg_decode" not in s:
+        return "."
+    how = "at reduced DCT scale" if s["reduced_jpeg_decode"] else "at full resolution"
+    return f"; JPEG decode {how} in the service and the in-process pipeline alike."
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -331,11 +348,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([
         f"Model: {s['arch']} ({s.get('weights', 'random weights')}) at {s['image_size']} px; "
         f"{s['n_images']} images cycled; {s['duration_s']:.0f} s per level after a warm-up; "
-        f"max batch {s['max_batch_size']}" + (
-            "." if "reduced_jpeg_decode" not in s else  # runs before the setting was recorded
-            f"; JPEG decode {'at reduced DCT scale' if s['reduced_jpeg_decode'] else 'at full resolution'} "
-            "in the service and the in-process pipeline alike."
-        ),
+        f"max batch {s['max_batch_size']}" + _decode_note(s),
         "",
         f"In-process raw baseline ({raw['backend']}, batch {raw['batch']}; {raw['backend_reason']}): "
         f"model only **{fmt(raw['model_only_ips'])} img/s**; decode + preprocess + model in one process "

@@ -112,6 +112,30 @@ def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
         assert im.mode == "RGB" and im.size[0] >= 48 and im.size[1] > 64 + 80
 
 
+def test_gradcam_overlay_pixels_never_carry_the_file_name(tmp_path, model):
+    """The same image under a patient-named file and a neutral one gives identical overlay pixels:
+    no identifier is burned into the picture (only the overlay's own file name mirrors the input)."""
+    from PIL import Image
+
+    from bonefrac.explain.display import overlay_writer
+
+    (tmp_path / "in").mkdir()
+    src = make_png(tmp_path / "in" / "DOE^JANE_19650302.png", size=(64, 48), seed=7)
+    neutral = tmp_path / "in2" / "a.png"
+    neutral.parent.mkdir()
+    neutral.write_bytes(src.read_bytes())
+    pixels = []
+    for path in (src, neutral):
+        cams = tmp_path / f"cams_{path.parent.name}"
+        writer = overlay_writer(model.bundle.build_model(), model.bundle.preprocess_spec.image_size, cams, None)
+        predict_to_file(path, model, tmp_path / f"{path.parent.name}.csv", explainer=writer, backend="torch",
+                        progress=False)
+        (png,) = cams.glob("*.png")
+        with Image.open(png) as im:
+            pixels.append(np.asarray(im.convert("RGB")))
+    assert np.array_equal(pixels[0], pixels[1])
+
+
 def test_summary_counts_positives_per_operating_point(folder, model, tmp_path):
     out = tmp_path / "p.csv"
     s = predict_to_file(folder, model, out, backend="torch", progress=False, batch_size=2)
@@ -135,7 +159,7 @@ def test_annotated_overlay_tints_only_above_the_floor_and_carries_a_panel():
     cam = np.zeros((60, 80), np.float32)
     cam[10:30, 10:30] = 1.0
     cam[40:50, 50:70] = 0.1  # under the 0.2 floor
-    args = {"name": "x.png", "decisions": {"high_sensitivity": True, "high_specificity": False}}
+    args = {"title": "t", "decisions": {"high_sensitivity": True, "high_specificity": False}}
     pic = annotated_overlay(gray, cam, probability=0.73, **args, thresholds={"high_sensitivity": 0.3})
     h, w = pic.shape[:2]
     assert h > 60 + 80 and w >= 80

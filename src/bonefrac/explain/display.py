@@ -186,6 +186,9 @@ def gradcam_name(path: str, root: Path | None) -> str:
     return f"{stem}.png"
 
 
+#: The overlay panel's title. Never the file name: an export's names can identify the patient, and
+#: text burned into pixels survives every copy of the PNG (the PNG's own file name links it to its input).
+OVERLAY_TITLE = "bonefrac: calibrated probability and evidence map"
 OVERLAY_FLOOR = 0.2  # CAM below 20 % of its maximum: no tint (the whole image blue said nothing)
 _PANEL_MIN_WIDTH = 560
 
@@ -207,7 +210,7 @@ def annotated_overlay(
     gray: np.ndarray,
     cam: np.ndarray,
     *,
-    name: str,
+    title: str,
     probability: float,
     decisions: dict[str, bool],
     thresholds: dict[str, float] | None = None,
@@ -215,7 +218,7 @@ def annotated_overlay(
     opacity: float = 0.5,
 ) -> np.ndarray:
     """The overlay a reader can file: heatmap only above ``floor``, and a panel below the image with
-    the file name, the calibrated probability, the decision at each operating point and a labelled
+    a ``title``, the calibrated probability, the decision at each operating point and a labelled
     colour bar of the heatmap scale."""
     from PIL import ImageDraw
 
@@ -228,7 +231,7 @@ def annotated_overlay(
     draw = ImageDraw.Draw(canvas)
     big, small = _font(16), _font(12)
     y = h + 8
-    draw.text((10, y), name, fill=(235, 235, 235), font=big)
+    draw.text((10, y), title, fill=(235, 235, 235), font=big)
     y += 22
     thresholds = thresholds or {}
     parts = []
@@ -280,7 +283,7 @@ def overlay_writer(
             picture = annotated_overlay(
                 pics["image"],
                 pics["cam"],
-                name=Path(path).name,
+                title=OVERLAY_TITLE,
                 probability=float(row["probability"]),
                 decisions=dict(row["decisions"]),
                 thresholds=thresholds,
