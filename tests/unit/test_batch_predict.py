@@ -194,8 +194,9 @@ def test_bad_inputs(tmp_path, model):
     with pytest.raises(PredictInputError, match="column"):
         list(iter_inputs(tmp_path / "bad.csv"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(PredictInputError, match="no images"):
+    with pytest.raises(PredictInputError, match="no images") as err:
         predict_to_file(tmp_path / "empty", model, tmp_path / "o.csv", backend="torch", progress=False)
+    assert err.value.args[0].endswith("this 2D model reads DICOM, JPEG, PNG)")  # no NIfTI for a 2D model
     assert not (tmp_path / "o.csv").exists()  # nothing half-written
 
 

@@ -35,7 +35,7 @@ import torch
 from bonefrac.atomic import atomic_path
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, read_image, sniff_format
 from bonefrac.errors import BonefracError
-from bonefrac.inference.upload_policy import InputRejected, SafetyLimits, decode_upload
+from bonefrac.inference.upload_policy import ACCEPTED_FORMATS, InputRejected, SafetyLimits, decode_upload
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.transforms import PreprocessError
 
@@ -231,6 +231,12 @@ class PredictSummary:
         return 0 if self.n_failed == 0 else EXIT_SOME_FAILED
 
 
+def _no_images_message(spatial_dims: int) -> str:
+    """"No images" naming what this model reads (a 2D model takes no NIfTI; a 3D one no PNG/JPEG)."""
+    kinds = ", ".join(f.upper() if f != "nifti" else "NIfTI" for f in sorted(ACCEPTED_FORMATS[spatial_dims]))
+    return f"no images found in the given input (this {spatial_dims}D model reads {kinds})"
+
+
 def _load(
     path: str, bundle: ModelBundle, max_pixels: int | None
 ) -> tuple[DecodedImage | None, torch.Tensor | None, str]:
@@ -305,7 +311,7 @@ def predict_to_file(
     say(f"backend: {choice.name} on {device}")
     total = count_inputs(source, bundle.spatial_dims)
     if total == 0:
-        raise PredictInputError("no images found in the given input (supported: PNG, JPEG, DICOM, NIfTI)")
+        raise PredictInputError(_no_images_message(bundle.spatial_dims))
     # Counts only: the input path may name a patient, and stderr ends up in job logs.
     say(f"{total} image{'s' if total != 1 else ''} to read")
     ops = list(bundle.operating_points)
@@ -360,7 +366,7 @@ def predict_to_file(
                 bar.update(len(batch))
                 bar.set_postfix(failed=summary.n_failed)
         if summary.n_total == 0:
-            raise PredictInputError("no images found in the given input (supported: PNG, JPEG, DICOM, NIfTI)")
+            raise PredictInputError(_no_images_message(bundle.spatial_dims))
         writer.commit()
     except BaseException:
         writer.abort()
