@@ -45,10 +45,10 @@ def test_predict_arrays_uses_the_shared_preprocessing(predictor: Predictor) -> N
     # ignored the bundle's spec and used the defaults (0.5–99.5 %) would differ.
     from monai.transforms import Resize, SpatialPad
 
-    def by_hand(a: np.ndarray) -> torch.Tensor:
-        w = FastPercentileWindow(lower=2.0, upper=98.0, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)(a[None])
-        r = Resize(spatial_size=32, size_mode="longest", mode="area")(w)
-        return torch.as_tensor(SpatialPad(spatial_size=(32, 32))(r))
+    def by_hand(a: np.ndarray) -> torch.Tensor:  # preprocessing version 2: resize, window, pad
+        r = Resize(spatial_size=32, size_mode="longest", mode="area")(a[None])
+        w = FastPercentileWindow(lower=2.0, upper=98.0, b_min=0.0, b_max=1.0, clip=True, dtype=np.float32)(r)
+        return torch.as_tensor(SpatialPad(spatial_size=(32, 32))(w))
 
     x = torch.stack([by_hand(a) for a in arrays])
     assert np.allclose(out.logit, predictor.predict_tensor(x).logit, atol=1e-5)
