@@ -304,6 +304,14 @@ def test_large_jpeg_scores_like_predict_and_its_reduced_scale_decode_stays_close
     assert abs(p_draft - p_full) <= 0.02, (p_draft, p_full)
     assert float((x[0] - x[1]).abs().mean()) <= 0.01
 
+    # /explain scores the same pixels but draws the picture from its own, larger decode (timed apart).
+    ex = client.post("/explain", files={"file": ("x.jpg", data)})
+    assert ex.status_code == 200, ex.text
+    assert ex.json()["probability"] == pytest.approx(p_draft, abs=1e-6)
+    overlay = Image.open(io.BytesIO(base64.b64decode(ex.json()["explanation"]["overlay_png"])))
+    assert overlay.size[1] > 360  # not the model's 1/8-scale decode
+    assert ex.json()["timing_ms"]["display_decode"] > 0 and "display_decode" not in body["timing_ms"]
+
 
 def test_explain_returns_overlay_and_heatmap(client, tmp_path):
     r = _post(client, make_png(tmp_path / "x.png", size=(96, 64)), "/explain")

@@ -465,19 +465,22 @@ class FractureService:
             t0 = time.perf_counter()
             try:
                 img, x, facts, t1, t2 = await self._decode_and_measure(data, info, hint, keep_image)
+                t3 = time.perf_counter()
                 if keep_image and display_hint != hint and (img.meta or {}).get("full_size"):
                     img = await asyncio.to_thread(decode_upload, data, dims, self.limits, display_hint)
             finally:
                 del data
                 if need >= TRIM_AFTER_BYTES:  # hand the decode's freed arenas back to the OS
                     await asyncio.to_thread(release_memory)
-            t3 = time.perf_counter()
+            t4 = time.perf_counter()
         timings = {
             "queue": (t0 - t_wait) * 1000,
             "decode": (t1 - t0) * 1000,
             "preprocess": (t2 - t1) * 1000,
             "statistics": (t3 - t2) * 1000,
         }
+        if keep_image:  # /explain: the picture's own decode (when the model's was reduced) and the memory trim
+            timings["display_decode"] = (t4 - t3) * 1000
         return img, x.numpy()[None], timings, facts
 
     async def _decode_and_measure(
