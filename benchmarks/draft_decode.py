@@ -301,7 +301,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join([
         f"Model input {s['image_size']} px; {s['n_train']} train / {s['n_test']} test FracAtlas images "
         f"({s['n_test_large']} with a shortest side over 1000 px); "
-        (f"the model's preprocessing (version {s['preprocess_version']}) decodes at hint = "
+        + (f"the model's preprocessing (version {s['preprocess_version']}) decodes at hint = "
          f"{s['served_hint_px']} px everywhere: training, `bonefrac predict`, the service."
          if s.get("preprocess_version", "1") != "1" else
          f"the service uses hint = {s['draft_margin']}× the input side."),

@@ -277,3 +277,30 @@ def test_service_soak_lasts_long_enough_for_the_requested_count(monkeypatch) -> 
     calls.clear()
     service.load_levels("http://x", [], [1, 8], 10.0, soak=900.0, soak_requests=20_000)
     assert calls[-1][1] == 900.0  # a longer soak asked in seconds is kept
+
+
+def test_every_committed_result_renders_with_its_own_renderer() -> None:
+    """``run_all`` swallows a renderer's exception (the numbers are kept as a generic table), so a
+    broken ``render_markdown`` would only show up as a degraded BENCHMARKS.md: call each one directly
+    on the committed result it renders, and on the older result files kept beside it."""
+    import importlib
+
+    from benchmarks._common import RESULTS_DIR, load_result
+    from benchmarks.run_all import BENCHES, module_present
+
+    rendered = 0
+    for bench in BENCHES:
+        if not module_present(bench.module):
+            continue
+        mod = importlib.import_module(f"benchmarks.{bench.module}")
+        if not hasattr(mod, "render_markdown"):
+            continue
+        names = {*bench.results, *(p.stem for p in RESULTS_DIR.glob(f"{bench.results[0]}_*.json"))}
+        for name in sorted(names):
+            result = load_result(name)
+            if result is None:
+                continue
+            body = mod.render_markdown(result)
+            assert "|" in body, f"{name}: no table rendered"
+            rendered += 1
+    assert rendered >= 5

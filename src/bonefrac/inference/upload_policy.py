@@ -39,6 +39,7 @@ from http import HTTPStatus
 from bonefrac.config import ServingParams
 from bonefrac.data import dicom as _dicom
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, content_format, read_image
+from bonefrac.model.transforms import PreprocessSpec
 
 #: Formats the service accepts, by spatial dims of the model. TIFF/BMP/GIF/WebP decode
 #: fine but are not clinical exchange formats; refusing them keeps the contract small.
@@ -175,6 +176,25 @@ def decode_side_hint(spatial_dims: int, image_size: int, display_side: int = 0) 
     if spatial_dims != 2 or image_size <= 0:
         return None
     return max(DRAFT_MARGIN * int(image_size), int(display_side))
+
+
+def upload_decode_hints(
+    spec: PreprocessSpec, reduced_jpeg_decode: bool, display_side: int = 0
+) -> tuple[int | None, int | None]:
+    """(the model's decode hint, the display picture's) for an upload scored by a model of ``spec``.
+
+    A spec that defines its own decode scale (preprocessing version 2) is decoded exactly so, in
+    the service as in training, whatever ``reduced_jpeg_decode`` says; the picture /explain draws
+    then needs its own full-resolution decode (``None``). A version-1 model decodes at full
+    resolution unless the opt-in ``reduced_jpeg_decode`` asks for a reduced scale that keeps both
+    the model's margin and ``display_side`` (one decode then serves both).
+    """
+    if spec.decode_side_hint is not None:
+        return spec.decode_side_hint, None
+    if not reduced_jpeg_decode:
+        return None, None
+    hint = decode_side_hint(spec.spatial_dims, spec.image_size, display_side)
+    return hint, hint
 
 
 def stored_size(img: DecodedImage) -> tuple[int, int]:

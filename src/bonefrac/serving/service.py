@@ -49,7 +49,7 @@ from bonefrac.config import load_settings, resolve
 from bonefrac.errors import BonefracError
 from bonefrac.explain import display as visual
 from bonefrac.inference.backends import default_device
-from bonefrac.inference.upload_policy import check_upload, decode_side_hint, stored_size
+from bonefrac.inference.upload_policy import check_upload, stored_size, upload_decode_hints
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.ood import OODDetector
 from bonefrac.monitoring.prediction_log import append_prediction, image_fields, prediction_record
@@ -449,10 +449,7 @@ class FractureService:
         """
         dims = int(info["spatial_dims"])
         contract: ModelBundle = info["_contract"]
-        hint = contract.preprocess_spec.decode_side_hint
-        if hint is None and SETTINGS.reduced_jpeg_decode:
-            hint = decode_side_hint(dims, int(info["preprocess"]["image_size"]), display_side)
-        display_hint = hint if contract.preprocess_spec.decode_side_hint is None else None
+        hint, display_hint = upload_decode_hints(contract.preprocess_spec, SETTINGS.reduced_jpeg_decode, display_side)
         try:
             data = await asyncio.to_thread(file.read_bytes)
         except OSError as err:
