@@ -76,7 +76,7 @@ def in_process(
     embedding) on preprocessed batches: the served model's raw throughput.
     """
     from bonefrac.inference.backends import default_device, select_backend
-    from bonefrac.inference.upload_policy import SafetyLimits, decode_side_hint, decode_upload
+    from bonefrac.inference.upload_policy import SafetyLimits, decode_upload, upload_decode_hints
     from bonefrac.model.bundle import ModelBundle
     from bonefrac.monitoring.ood import OODDetector
     from bonefrac.monitoring.prediction_log import image_statistics
@@ -84,9 +84,7 @@ def in_process(
 
     bundle = ModelBundle.load(bundle_path)
     choice = select_backend(bundle, "auto", default_device())
-    hint = bundle.preprocess_spec.decode_side_hint
-    if hint is None and reduced_decode:
-        hint = decode_side_hint(bundle.spatial_dims, bundle.preprocess_spec.image_size)
+    hint, _ = upload_decode_hints(bundle.preprocess_spec, reduced_decode)  # the service's own rule
     limits = SafetyLimits()
 
     ood_dict = bundle.describe().get("ood")
