@@ -233,7 +233,7 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
     from PIL import Image
 
     from bonefrac.data.imageio import read_image
-    from bonefrac.inference.upload_policy import DRAFT_MARGIN, decode_side_hint
+    from bonefrac.inference.upload_policy import DRAFT_MARGIN, upload_decode_hints
     from bonefrac.model.bundle import ModelBundle
 
     if args.cache is None:
@@ -243,9 +243,9 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
     net = bundle.build_model().eval()
     size = bundle.preprocess_spec.image_size
     test = _test_split_images(args.cache, 200 if args.quick else args.n_test, args.seed)
-    served_hint = bundle.preprocess_spec.decode_side_hint  # preprocessing version 2: part of the model
-    if served_hint is None:  # version 1: the service's opt-in reduced decode (serving.reduced_jpeg_decode)
-        served_hint = decode_side_hint(2, size)
+    # The service's own rule: version 2 decodes at its spec's scale; version 1 as with the opt-in on.
+    served_hint, _ = upload_decode_hints(bundle.preprocess_spec, reduced_jpeg_decode=True)
+    if bundle.preprocess_spec.decode_side_hint is None:
         paths = {"full": None, "hint 1x": size, f"hint {DRAFT_MARGIN}x (served)": served_hint}
     else:
         paths = {"full": None, f"hint {DRAFT_MARGIN}x": DRAFT_MARGIN * size, "hint 1x (served)": served_hint}
