@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import random
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -55,6 +56,23 @@ FAKE_PRIVATE_VALUE = "PRIVATE-SECRET-778899"
 def phi_strings() -> list[str]:
     """Every made-up identifier a test should never find after de-identification."""
     return [*FAKE_PHI.values(), FAKE_PRIVATE_VALUE]
+
+
+def contains_identifier(needle: str | bytes, haystack: str | bytes, digit: bytes = b"[0-9]") -> bool:
+    """``needle`` in ``haystack``; an all-digit identifier (a DICOM date or time) only as a whole number.
+
+    Logs, databases and manifests are full of timestamps and floats: "101112" (the made-up
+    StudyTime) occurs inside ``12:51:38.210111`` + ``2026-…`` by chance, once in a few runs (a CI
+    failure, 2026-12-01). Digit boundaries keep such chance matches out; a leaked date or time is
+    still found, alone or run together with its neighbour (StudyDate + StudyTime is a needle of
+    its own where a test needs it). ``digit`` is the pattern of one digit in ``haystack``'s
+    encoding (``b"[0-9]\\x00"`` for UTF-16-LE).
+    """
+    b = needle.encode() if isinstance(needle, str) else needle
+    data = haystack.encode("utf-8", "backslashreplace") if isinstance(haystack, str) else haystack
+    if not b.replace(b"\x00", b"").isdigit():
+        return b in data
+    return re.search(b"(?<!" + digit + b")" + re.escape(b) + b"(?!" + digit + b")", data) is not None
 
 
 # ------------------------------------------------------------------ arrays

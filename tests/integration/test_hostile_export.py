@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import pandas as pd
 import pytest
 import yaml
 from pydicom.dataset import Dataset
-from tests._factories import FAKE_PHI, make_dicom, make_png, phi_strings
+from tests._factories import FAKE_PHI, contains_identifier, make_dicom, make_png, phi_strings
 
 pytestmark = pytest.mark.integration
 
@@ -146,18 +145,6 @@ def _params(path: Path, out: Path, **data) -> Path:
     return path
 
 
-def _found(needle: bytes, data: bytes, digit: bytes = b"[0-9]") -> bool:
-    """``needle`` in ``data``; an all-digit identifier (a DICOM date or time) only as a whole number.
-
-    Prefect's database holds timestamps such as ``12:51:38.210111`` + ``2026-…``: "101112" (the
-    made-up StudyTime) occurs there by chance, once in a few runs. Digit boundaries keep that out,
-    and a DICOM date-time (StudyDate + StudyTime run together) is a needle of its own.
-    """
-    if not needle.replace(b"\x00", b"").isdigit():
-        return needle in data
-    return re.search(b"(?<!" + digit + b")" + re.escape(needle) + b"(?!" + digit + b")", data) is not None
-
-
 def _all_hits(folders: list[Path], texts: dict[str, str]) -> list[str]:
     needles = [(s, s.encode()) for s in _identifiers()]
     needles += [("M\\xfcller", b"M\xfcller"), ("\\xe9l\\xe8ve", b"\xe9l\xe8ve")]  # the non-UTF-8 names
@@ -166,7 +153,7 @@ def _all_hits(folders: list[Path], texts: dict[str, str]) -> list[str]:
         for dirpath, dirnames, filenames in os.walk(os.fsencode(folder)):
             for name in [*dirnames, *filenames]:
                 for s, b in needles:
-                    if _found(b, name):
+                    if contains_identifier(b, name):
                         hits.append(f"{s!r} in the name {os.fsdecode(os.path.join(dirpath, name))}")
             for name in filenames:
                 p = os.path.join(dirpath, name)
@@ -174,22 +161,23 @@ def _all_hits(folders: list[Path], texts: dict[str, str]) -> list[str]:
                     continue
                 data = Path(os.fsdecode(p)).read_bytes()
                 for s, b in needles:
-                    if _found(b, data) or _found(s.encode("utf-16-le"), data, b"[0-9]\x00"):
+                    if contains_identifier(b, data) or contains_identifier(s.encode("utf-16-le"), data, b"[0-9]\x00"):
                         hits.append(f"{s!r} in {os.fsdecode(p)}")
     for where, text in texts.items():
         for s, _ in needles:
-            if _found(s.encode(), text.encode("utf-8", "backslashreplace")):
+            if contains_identifier(s.encode(), text.encode("utf-8", "backslashreplace")):
                 hits.append(f"{s!r} in {where}")
     return hits
 
 
 def test_identifier_search_finds_whole_numbers_not_digits_inside_timestamps() -> None:
-    assert not _found(b"101112", b"2026-12-01 12:51:38.2101112026-12-01")  # a chance match (CI, 2026-12-01)
-    assert _found(b"101112", b'{"StudyTime": "101112"}') and _found(b"101112", b"t=101112\n")
-    assert _found(b"DOE^JANE", b"xDOE^JANEx")  # names: anywhere
+    chance = b"2026-12-01 12:51:38.2101112026-12-01"  # a chance match (CI, 2026-12-01)
+    assert not contains_identifier(b"101112", chance)
+    assert contains_identifier(b"101112", b'{"StudyTime": "101112"}') and contains_identifier(b"101112", b"t=101112\n")
+    assert contains_identifier(b"DOE^JANE", b"xDOE^JANEx")  # names: anywhere
     wide = "time 101112".encode("utf-16-le")
-    assert _found("101112".encode("utf-16-le"), wide, b"[0-9]\x00")
-    assert not _found("101112".encode("utf-16-le"), "2101112".encode("utf-16-le"), b"[0-9]\x00")
+    assert contains_identifier("101112".encode("utf-16-le"), wide, b"[0-9]\x00")
+    assert not contains_identifier("101112".encode("utf-16-le"), "2101112".encode("utf-16-le"), b"[0-9]\x00")
 
 
 def _check_counts(out: Path) -> tuple[dict, dict]:
