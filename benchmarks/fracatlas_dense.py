@@ -86,7 +86,8 @@ VARIANTS: dict[str, dict] = {
     # name: head kind, head kwargs, box-loss weight; optional: "s32" (which stride-32 input the head
     # gets: "b6" = frozen blocks.6 applied once (default), "raw" = blocks.5 output (the head trains
     # blocks.6), "none" = the head trains blocks.5 + blocks.6 from the stride-16 map), "epochs"
-    # (overrides --epochs), "exact_flips" (False: mirror the feature maps instead of the cached mirror view)
+    # (overrides --epochs), "exact_flips" (False: mirror the feature maps instead of the cached mirror view),
+    # "seed" (offset of the training seeds: a seed ensemble's members differ only here)
     "gap_plain": {"kind": "gap", "kw": {}, "box_weight": 0.0},
     "dense_lse_imgonly": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 0.0},
     "dense_lse_box": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0},
@@ -95,6 +96,12 @@ VARIANTS: dict[str, dict] = {
     "dense_lse_box_mapflip": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0, "exact_flips": False},
     "dense_lse_box_b6": {
         "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw",
+    },
+    "dense_lse_box_b6_s1": {
+        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw", "seed": 1,
+    },
+    "dense_lse_box_b6_s2": {
+        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw", "seed": 2,
     },
     "dense_lse_box_b56": {
         "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True, "train_blocks5": True},
@@ -447,10 +454,11 @@ def stage_cv(
         for f in range(k):
             te, va = folds[f], folds[(f + 1) % k]
             tr = np.concatenate([folds[j] for j in range(k) if j not in (f, (f + 1) % k)])
-            torch.manual_seed(f)
+            seed = f + 1000 * int(v.get("seed", 0))
+            torch.manual_seed(seed)
             head = build_head(v["kind"], **v["kw"])
             info = train_head(
-                head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=f),
+                head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=seed),
                 progress=lambda _m: None,
             )
             zv, _ = predict(head, vdata, va)
@@ -473,7 +481,8 @@ def stage_cv(
                 f"pointing {m['pointing']:.3f} (top-k {m['pointing_topk']:.3f})  "
                 f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
             )
-        extra = {"epochs": ep, "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True)}
+        extra = {"epochs": ep, "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
+                 "seed": int(v.get("seed", 0))}
         summarise(name, per_fold, pz, py, extra)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)
         for ens in ensembles or []:  # as soon as its members are trained

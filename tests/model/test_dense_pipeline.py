@@ -139,3 +139,30 @@ def test_the_map_shown_is_the_models_own(trained):
     assert info["localisation"]["n"] == 6  # fractured images with boxes (in every split here)
     # Other networks keep Grad-CAM.
     assert map_methods(build_model("efficientnet_lite0", 0)) == ["gradcam", "gradcam++"]
+
+
+def test_head_ensemble_trains_each_member_and_averages_their_logits_and_maps(trained):
+    """`efficientnet_lite0_dense_x3`: three heads on one trunk cache, seeds 0, 1, 2; the bundle's logit
+    and map are the members' means (a dropped member, a shared seed or a max instead of a mean fails)."""
+    tmp, cache, _ = trained
+    mp = ModelParams(arch="efficientnet_lite0_dense_x3", pretrained="efficientnet_lite_offline", multitask=False)
+    tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(feature_dtype="float32"))
+    result = run_training(cache, tmp / "train_x3", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                          features_dir=tmp / "features")  # fmt: skip
+    assert len([p for p in (tmp / "features").iterdir() if p.is_dir()]) == 1  # the same trunk cache
+    bundle = ModelBundle.load(result.best_model_path)
+    assert len(bundle.metadata["member_val_auroc"]) == 3
+    fresh = build_model("efficientnet_lite0_dense_x3", 0, "efficientnet_lite_offline").state_dict()
+    outs = [bundle.state_dict[f"head.members.{i}.out.weight"] for i in range(3)]
+    assert all(not torch.equal(w, fresh[f"head.members.{i}.out.weight"]) for i, w in enumerate(outs))  # all trained
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])  # with different seeds
+    net = bundle.build_model().eval()
+    images, _ = load_cache(cache)
+    x = torch.from_numpy(np.asarray(images[:6], dtype=np.float32))
+    with torch.no_grad():
+        s16, s32 = net.trunk(x)
+        each = [m(s16, s32) for m in net.head.members]
+        z, own_map = net(x), net.evidence_map(x)
+    assert torch.allclose(z, torch.stack([e[0] for e in each]).mean(0), atol=1e-6)
+    assert torch.allclose(own_map, torch.stack([e[1] for e in each]).mean(0), atol=1e-6)
+    assert float(torch.stack([e[0] for e in each]).std(0).max()) > 1e-4  # the members disagree somewhere

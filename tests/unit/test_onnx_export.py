@@ -72,14 +72,19 @@ def test_select_backend(bundle, tmp_path, preference):
 SERVABLE = [
     ("custom_cnn", 2), ("custom_cnn", 3), ("vgg16", 2), ("resnet18", 2), ("resnet50", 2), ("densenet121", 2),
     ("efficientnet_lite0", 2), ("monai_densenet3d", 3), ("monai_resnet3d", 3), ("mip_efficientnet3d", 3),
+    ("efficientnet_lite0_dense", 2), ("efficientnet_lite0_dense_b5", 2), ("efficientnet_lite0_dense_x3", 2),
 ]  # fmt: skip
-REAL_WEIGHTS = {"efficientnet_lite0", "mip_efficientnet3d"}
+REAL_WEIGHTS = {
+    "efficientnet_lite0", "mip_efficientnet3d",
+    "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5", "efficientnet_lite0_dense_x3",
+}  # fmt: skip
 
 
 def test_every_servable_arch_is_in_the_parity_test():
+    from bonefrac.model.dense import DENSE_ARCHS
     from bonefrac.model.networks import ARCHS
 
-    assert {a for a, _ in SERVABLE} == set(ARCHS)
+    assert {a for a, _ in SERVABLE} == set(ARCHS) | set(DENSE_ARCHS)
 
 
 def _servable_bundle(arch: str, dims: int) -> ModelBundle:
@@ -88,10 +93,11 @@ def _servable_bundle(arch: str, dims: int) -> ModelBundle:
 
     torch.manual_seed(0)
     pretrained = "efficientnet_lite_offline" if arch in REAL_WEIGHTS else "none"
-    model = build_model(arch, num_types=2, pretrained=pretrained, spatial_dims=dims).eval()
+    types = [] if "_dense" in arch else ["a", "b"]  # the dense archs have no type head
+    model = build_model(arch, num_types=len(types), pretrained=pretrained, spatial_dims=dims).eval()
     volume = (8, 32, 32) if arch.startswith("mip") else (16, 16, 16)
     spec = PreprocessSpec(spatial_dims=dims, image_size=64, volume_size=volume)
-    return ModelBundle(arch=arch, state_dict=model.state_dict(), preprocess_spec=spec, type_names=["a", "b"])
+    return ModelBundle(arch=arch, state_dict=model.state_dict(), preprocess_spec=spec, type_names=types)
 
 
 @pytest.mark.parametrize(("arch", "dims"), [c for c in SERVABLE if c != ("custom_cnn", 2)])  # 2D CNN: see above

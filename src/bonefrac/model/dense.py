@@ -25,6 +25,7 @@ Imports only torch/timm and the model layer's own ImageNet helpers.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -239,6 +240,30 @@ def build_head(
     raise ValueError(f"unknown head kind {kind!r}; choose dense or gap")
 
 
+class HeadEnsemble(nn.Module):
+    """Dense heads trained apart (different seeds) on the same trunk: their mean logit and mean map.
+
+    Why: on FracAtlas the heads of different seeds disagree on single images (folds move by
+    ±0.01 AUROC from the seed alone), and each costs ~2 minutes on the cached trunk features
+    against the trunk's ~10, so averaging a few buys AUROC at little training cost. The image
+    logit is the mean of the members' pooled logits (what each was trained and validated on);
+    the map is the mean of their logit maps, i.e. the evidence all members share.
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    @property
+    def blocks5(self) -> nn.Module | None:
+        """The members' ``blocks.5`` (frozen at the trunk cache: equal weights), if they hold one."""
+        return getattr(self.members[0], "blocks5", None)
+
+    def forward(self, s16: torch.Tensor, s32: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        outs = [m(s16, s32) for m in self.members]
+        return torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0)
+
+
 class DenseFractureNet(nn.Module):
     """Trunk + head, end to end from pixels: ``(N, 1, H, W)`` on [0, 1] → ``(N, 1)`` fracture logits.
 
@@ -294,6 +319,7 @@ class DenseArch:
     width: int = 64
     dropout: float = 0.1
     trunk_last_block: int = 5  # 5: the head holds blocks.6; 4: it holds blocks.5 and blocks.6
+    members: int = 1  # > 1: a HeadEnsemble of this many heads (trained with seeds seed, seed + 1, ...)
 
 
 #: The registry of dense archs (``model.arch``); :func:`bonefrac.model.networks.build_model` builds them.
@@ -303,6 +329,8 @@ DENSE_ARCHS: dict[str, DenseArch] = {
     "efficientnet_lite0_dense": DenseArch(),
     # Lite0 stem..blocks.4 frozen, head = blocks.5 + blocks.6 + FPN (blocks.5 can train too).
     "efficientnet_lite0_dense_b5": DenseArch(trunk_last_block=4),
+    # Three heads of the first kind on one trunk, logits and maps averaged (HeadEnsemble).
+    "efficientnet_lite0_dense_x3": DenseArch(members=3),
 }
 
 
@@ -311,11 +339,17 @@ def build_dense_net(arch: str, pretrained: str = "efficientnet_lite_offline") ->
     spec = DENSE_ARCHS[arch]
     lite = _lite0(pretrained)
     trunk = FrozenTrunk.from_lite0(lite, spec.trunk_last_block)
-    b5 = lite.backbone.blocks[5] if spec.trunk_last_block == 4 else None
-    head = DenseFractureHead(
-        lite.backbone.blocks[6], pool=spec.pool, lse_r=spec.lse_r, topk=spec.topk, width=spec.width,
-        dropout=spec.dropout, blocks5=b5,
-    )
+
+    def one_head(i: int) -> DenseFractureHead:  # each member starts from its own copy of the ImageNet blocks
+        b5 = lite.backbone.blocks[5] if spec.trunk_last_block == 4 else None
+        b6 = lite.backbone.blocks[6]
+        if i > 0:
+            b5, b6 = copy.deepcopy(b5), copy.deepcopy(b6)
+        return DenseFractureHead(
+            b6, pool=spec.pool, lse_r=spec.lse_r, topk=spec.topk, width=spec.width, dropout=spec.dropout, blocks5=b5
+        )
+
+    head: nn.Module = one_head(0) if spec.members == 1 else HeadEnsemble([one_head(i) for i in range(spec.members)])
     return DenseFractureNet(trunk, head, arch=arch)
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.model.dense import dense_loss
+from bonefrac.model.dense import HeadEnsemble, dense_loss
 from bonefrac.training.loop import BEST_MODEL, SUMMARY, TrainResult, _Curves, seed_everything
 
 log = logging.getLogger(__name__)
@@ -178,6 +178,29 @@ def train_head(
 
 
 # ----------------------------------------------------------------- the train stage for dense archs
+def _combined(infos: list[dict], val_logits: list[np.ndarray], y_val: np.ndarray) -> dict:
+    """One training record for one head or a HeadEnsemble's members.
+
+    The history is the members' mean per epoch (losses, val AUROC); the best validation AUROC is
+    the ensemble's own (its mean logit on validation), which is what the bundle holds.
+    """
+    if len(infos) == 1:
+        return infos[0]
+    history = [
+        {k: (v if k == "epoch" else float(np.mean([inf["history"][e][k] for inf in infos])))
+         for k, v in infos[0]["history"][e].items()}
+        for e in range(len(infos[0]["history"]))
+    ]
+    return {
+        "history": history,
+        "best_val_auroc": float(roc_auc_score(y_val, np.mean(val_logits, axis=0))),
+        "train_minutes": float(sum(inf["train_minutes"] for inf in infos)),
+        "best_epoch": infos[0]["best_epoch"],
+        "member_best_epochs": [inf["best_epoch"] for inf in infos],
+        "member_val_auroc": [float(inf["best_val_auroc"]) for inf in infos],
+    }
+
+
 class _AfterLate(nn.Module):
     """The head with its (frozen) late Lite0 blocks skipped: it trains on their precomputed output."""
 
@@ -266,19 +289,21 @@ def train_dense_model(
     cache_minutes = (time.perf_counter() - t_cache) / 60
 
     # In memory: the stride-16 maps, and the stride-32 input the trainable part needs.
+    members = list(net.head.members) if isinstance(net.head, HeadEnsemble) else [net.head]
     s16 = torch.from_numpy(np.array(feats.s16[0]))
     s16f = torch.from_numpy(np.array(feats.s16[1])) if mirror.any() else None
     late_frozen = not dp.train_late_blocks
-    if late_frozen:  # precompute the frozen late blocks once; train the FPN + logit head on their output
-        s32 = _apply_late(net.head, feats.s16[0], feats.s32[0])
-        s32f = _apply_late(net.head, feats.s16[1], feats.s32[1]) if mirror.any() else None
-        trainee: nn.Module = _AfterLate(net.head)
+    if late_frozen:  # precompute the frozen late blocks once (equal in every member); train FPN + logit heads
+        s32 = _apply_late(members[0], feats.s16[0], feats.s32[0])
+        s32f = _apply_late(members[0], feats.s16[1], feats.s32[1]) if mirror.any() else None
+        trainees: list[nn.Module] = [_AfterLate(m) for m in members]
     else:
         s32 = torch.from_numpy(np.array(feats.s32[0]))
         s32f = torch.from_numpy(np.array(feats.s32[1])) if mirror.any() else None
-        trainee = net.head
+        trainees = members
     for name, p in net.head.named_parameters():
-        p.requires_grad_(dp.train_late_blocks or not name.startswith(("blocks5.", "blocks6.")))
+        late_block = bool({"blocks5", "blocks6"} & set(name.split(".")))
+        p.requires_grad_(dp.train_late_blocks or not late_block)
     labels = torch.tensor(rows_df["label"].astype(int).to_numpy(), dtype=torch.float32)
     boxes = [row_boxes(r, size) for _, r in rows_df.iterrows()]
     targets = torch.stack([box_target_map(b, size, grid, grow=dp.box_grow_cells) for b in boxes])
@@ -290,14 +315,19 @@ def train_dense_model(
         "dense head: %d train (%d fractured, %d with boxes), %d val; feature cache %.1f min",
         n_tr, int(labels[:n_tr].sum()), int(has_boxes[:n_tr].sum()), len(va_rows), cache_minutes,
     )  # fmt: skip
-    cfg = HeadTrainConfig(
-        epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay,
-        box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, flip_aug=dp.flip != "none", seed=seed,
-        class_weighted=tp.imbalance.loss != "bce",
-    )  # fmt: skip
     idx_tr, idx_va = np.arange(n_tr), np.arange(n_tr, len(rows))
-    info = train_head(trainee, data, idx_tr, idx_va, cfg, progress=log.info)
+    infos = []
+    for i, trainee in enumerate(trainees):  # a HeadEnsemble's members: seeds seed, seed + 1, ...
+        cfg = HeadTrainConfig(
+            epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay,
+            box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, flip_aug=dp.flip != "none", seed=seed + i,
+            class_weighted=tp.imbalance.loss != "bce",
+        )  # fmt: skip
+        if len(trainees) > 1:
+            log.info("dense head: member %d of %d (seed %d)", i + 1, len(trainees), seed + i)
+        infos.append(train_head(trainee, data, idx_tr, idx_va, cfg, progress=log.info))
     net.eval()
+    info = _combined(infos, [predict(t, data, idx_va)[0] for t in trainees], labels[n_tr:].numpy())
 
     history = [
         {"epoch": h["epoch"] - 1, "train/loss": h["loss_img"] + dp.box_weight * h["loss_dense"],
@@ -322,6 +352,8 @@ def train_dense_model(
             "val_auroc": float(info["best_val_auroc"]),
             "monitor": "val/auroc",
             "seed": seed,
+            **({"member_best_epochs": [e - 1 for e in info["member_best_epochs"]],
+                "member_val_auroc": info["member_val_auroc"]} if "member_best_epochs" in info else {}),
             "arch": mp.arch,
             "epochs_completed": len(history),
             "stopped_early": False,
