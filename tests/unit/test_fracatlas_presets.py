@@ -10,15 +10,19 @@ from bonefrac.presets import load_preset, set_args
 
 
 @pytest.mark.parametrize(
-    ("preset", "excluded"), [("params/fracatlas.yaml", None), ("params/fracatlas_legs_out.yaml", ["leg"])]
+    ("preset", "excluded", "arch", "size"),
+    [
+        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 512),
+        ("params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384),
+    ],
 )
-def test_fracatlas_presets_validate(preset: str, excluded: list[str] | None) -> None:
+def test_fracatlas_presets_validate(preset: str, excluded: list[str] | None, arch: str, size: int) -> None:
     args = set_args(preset)  # what `bonefrac exp-run` passes to `dvc exp run` (validates the merged params)
-    assert "-S" in args and "model.arch=efficientnet_lite0_dense" in args
+    assert "-S" in args and f"model.arch={arch}" in args
     p = load_params("params.yaml", overrides=load_preset(preset))
     assert p.data.source == "fracatlas" and p.data.exclude_body_parts == excluded
     assert p.model.arch in DENSE_ARCHS and not p.model.multitask
-    assert p.preprocess.image_size == 384 and p.preprocess.image_size % 32 == 0
+    assert p.preprocess.image_size == size and p.preprocess.image_size % 32 == 0
     assert p.evaluate.calibration == "platt" and p.evaluate.operating_points.high_sensitivity_target == 0.90
     assert p.train.dense.flip == "exact"
 

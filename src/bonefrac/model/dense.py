@@ -274,35 +274,52 @@ class DenseFractureNet(nn.Module):
     not a post-hoc Grad-CAM (``bonefrac.explain.heatmaps`` routes on this method).
     """
 
-    def __init__(self, trunk: FrozenTrunk, head: nn.Module, arch: str = "") -> None:
+    def __init__(self, trunk: FrozenTrunk, head: nn.Module, arch: str = "", flip_tta: bool = False) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
         self.arch = arch
         self.num_types = 0
         self.spatial_dims = 2
+        self.flip_tta = flip_tta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(*self.trunk(x))[0]
-
-    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image logits and :meth:`features` from one pass (the drift/OOD embedding; an ONNX output)."""
-        s16, s32 = self.trunk(x)
+    def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image logits, logit map, embedding) from one pass; with ``flip_tta`` the image and its
+        left-right mirror go through as one batch and their logits and maps (mirrored back) are
+        averaged, exactly as the cached mirror view is scored in training and cross-validation.
+        The embedding is the unmirrored image's (drift and OOD statistics do not change with TTA)."""
+        n = x.shape[0]
+        xs = torch.cat([x, x.flip(-1)]) if self.flip_tta else x
+        s16, s32 = self.trunk(xs)
         head = self.head
         if hasattr(head, "late") and hasattr(head, "forward_after_late"):
             late = head.late(s16, s32)
-            return head.forward_after_late(s16, late)[0], late.mean(dim=(2, 3))
-        return head(s16, s32)[0], s32.mean(dim=(2, 3))
+            z, m = head.forward_after_late(s16, late)
+            emb = late.mean(dim=(2, 3))
+        else:
+            z, m = head(s16, s32)
+            emb = s32.mean(dim=(2, 3))
+        if self.flip_tta:
+            z, m, emb = (z[:n] + z[n:]) / 2, (m[:n] + m[n:].flip(-1)) / 2, emb[:n]
+        return z, m, emb
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._outputs(x)[0]
+
+    def forward_with_embedding(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image logits and :meth:`features` from one pass (the drift/OOD embedding; an ONNX output)."""
+        z, _, emb = self._outputs(x)
+        return z, emb
 
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
         """``(N, 1, h, w)`` logit map on the head's grid (stride 16 for the dense head)."""
-        return self.head(*self.trunk(x))[1]
+        return self._outputs(x)[1]
 
     # the historical name (benchmarks)
     evidence = evidence_map
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled stride-32 features ``(N, C)`` after the late blocks: embeddings for drift monitoring."""
-        return self.forward_with_embedding(x)[1]
+        return self._outputs(x)[2]
 
 
 @dataclass(frozen=True)
@@ -320,6 +337,7 @@ class DenseArch:
     dropout: float = 0.1
     trunk_last_block: int = 5  # 5: the head holds blocks.6; 4: it holds blocks.5 and blocks.6
     members: int = 1  # > 1: a HeadEnsemble of this many heads (trained with seeds seed, seed + 1, ...)
+    flip_tta: bool = False  # score the image and its mirror, average logits and maps (2 trunk passes)
 
 
 #: The registry of dense archs (``model.arch``); :func:`bonefrac.model.networks.build_model` builds them.
@@ -331,6 +349,8 @@ DENSE_ARCHS: dict[str, DenseArch] = {
     "efficientnet_lite0_dense_b5": DenseArch(trunk_last_block=4),
     # Three heads of the first kind on one trunk, logits and maps averaged (HeadEnsemble).
     "efficientnet_lite0_dense_x3": DenseArch(members=3),
+    # The first kind, scored with flip test-time augmentation (same module layout and training).
+    "efficientnet_lite0_dense_tta": DenseArch(flip_tta=True),
 }
 
 
@@ -350,7 +370,7 @@ def build_dense_net(arch: str, pretrained: str = "efficientnet_lite_offline") ->
         )
 
     head: nn.Module = one_head(0) if spec.members == 1 else HeadEnsemble([one_head(i) for i in range(spec.members)])
-    return DenseFractureNet(trunk, head, arch=arch)
+    return DenseFractureNet(trunk, head, arch=arch, flip_tta=spec.flip_tta)
 
 
 def box_target_map(
