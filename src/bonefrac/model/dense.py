@@ -243,9 +243,10 @@ def build_head(
 class HeadEnsemble(nn.Module):
     """Dense heads trained apart (different seeds) on the same trunk: their mean logit and mean map.
 
-    Why: on FracAtlas the heads of different seeds disagree on single images (folds move by
-    ±0.01 AUROC from the seed alone), and each costs ~2 minutes on the cached trunk features
-    against the trunk's ~10, so averaging a few buys AUROC at little training cost. The image
+    Why: heads trained with different seeds disagree on single images, and one head costs a few
+    minutes on the cached trunk features against the trunk pass the cache already paid for, so
+    averaging a few may buy AUROC at little training cost (not yet measured on FracAtlas: the
+    benchmark's seed variants ``dense_lse_box_b6_s1``/``_s2`` are there for it). The image
     logit is the mean of the members' pooled logits (what each was trained and validated on);
     the map is the mean of their logit maps, i.e. the evidence all members share.
     """
@@ -285,7 +286,7 @@ class DenseFractureNet(nn.Module):
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image logits, logit map, embedding) from one pass; with ``flip_tta`` the image and its
         left-right mirror go through as one batch and their logits and maps (mirrored back) are
-        averaged, exactly as the cached mirror view is scored in training and cross-validation.
+        averaged, as the cross-validation benchmark's "+ TTA" scores the cached mirror view.
         The embedding is the unmirrored image's (drift and OOD statistics do not change with TTA)."""
         n = x.shape[0]
         xs = torch.cat([x, x.flip(-1)]) if self.flip_tta else x
