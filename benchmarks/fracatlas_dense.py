@@ -97,17 +97,13 @@ VARIANTS: dict[str, dict] = {
     "dense_lse_box_b6": {
         "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw",
     },
-    "dense_lse_box_b6_s1": {
-        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw", "seed": 1,
-    },
-    "dense_lse_box_b6_s2": {
-        "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True}, "box_weight": 1.0, "s32": "raw", "seed": 2,
-    },
     "dense_lse_box_b56": {
         "kind": "dense", "kw": {"pool": "lse", "train_blocks6": True, "train_blocks5": True},
         "box_weight": 1.0, "s32": "none",
     },
 }
+# Seed-ensemble members: the preset's variant with the training seeds offset.
+VARIANTS.update({f"dense_lse_box_b6_s{k}": {**VARIANTS["dense_lse_box_b6"], "seed": k} for k in (1, 2)})
 
 
 def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):

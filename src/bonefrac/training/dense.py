@@ -179,13 +179,11 @@ def train_head(
 
 # ----------------------------------------------------------------- the train stage for dense archs
 def _combined(infos: list[dict], val_logits: list[np.ndarray], y_val: np.ndarray) -> dict:
-    """One training record for one head or a HeadEnsemble's members.
+    """One training record for a HeadEnsemble's members.
 
     The history is the members' mean per epoch (losses, val AUROC); the best validation AUROC is
     the ensemble's own (its mean logit on validation), which is what the bundle holds.
     """
-    if len(infos) == 1:
-        return infos[0]
     history = [
         {k: (v if k == "epoch" else float(np.mean([inf["history"][e][k] for inf in infos])))
          for k, v in infos[0]["history"][e].items()}
@@ -327,7 +325,8 @@ def train_dense_model(
             log.info("dense head: member %d of %d (seed %d)", i + 1, len(trainees), seed + i)
         infos.append(train_head(trainee, data, idx_tr, idx_va, cfg, progress=log.info))
     net.eval()
-    info = _combined(infos, [predict(t, data, idx_va)[0] for t in trainees], labels[n_tr:].numpy())
+    info = infos[0] if len(infos) == 1 else _combined(infos, [predict(t, data, idx_va)[0] for t in trainees],
+                                                      labels[n_tr:].numpy())
 
     history = [
         {"epoch": h["epoch"] - 1, "train/loss": h["loss_img"] + dp.box_weight * h["loss_dense"],
