@@ -35,6 +35,7 @@ from tests.integration._server import make_tiny_bundle, running_server
 from bonefrac.data.imageio import read_image
 from bonefrac.evaluation.evaluate import predict_rows
 from bonefrac.inference.batch_predict import predict_to_file
+from bonefrac.inference.cache_outputs import CacheOutputs
 from bonefrac.inference.predictor import Predictor
 from bonefrac.monitoring.prediction_log import read_prediction_log
 from bonefrac.monitoring.reference import current_from_images
@@ -175,7 +176,7 @@ def test_same_probabilities_as_predictor_and_cli(client, served, tmp_path):
         ref = bundle.calibrate(bundle.build_model()(x).numpy())
 
     # evaluation's scoring function (run_evaluation and external validation use it)
-    evaluation = predict_rows(Predictor(bundle), x.numpy(), np.arange(len(files))).prob
+    evaluation = predict_rows(CacheOutputs(Predictor(bundle), x.numpy()), np.arange(len(files)), bundle).prob
     # bonefrac predict
     predict_to_file(folder, loaded, tmp_path / "p.csv", backend="torch", progress=False)
     cli = pd.read_csv(tmp_path / "p.csv").set_index("path")["probability"]

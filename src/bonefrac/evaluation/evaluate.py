@@ -48,6 +48,7 @@ from bonefrac.explain.gallery import GalleryItem, png_bytes, select_cases, tile
 from bonefrac.explain.gradcam import CamError, resolve_layer
 from bonefrac.explain.heatmaps import EVIDENCE, LABELS, heatmaps, map_methods
 from bonefrac.explain.localisation import localisation_summary, pointing_game
+from bonefrac.inference.cache_outputs import CacheOutputs
 from bonefrac.inference.predictor import Predictor
 from bonefrac.model.boxes import row_boxes
 from bonefrac.model.bundle import ModelBundle
@@ -84,13 +85,10 @@ def _rows_tensor(images: np.ndarray, rows: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(images[np.asarray(rows, dtype=int)], dtype=np.float32))
 
 
-def predict_rows(
-    predictor: Predictor, images: np.ndarray, rows: np.ndarray, chunk: int = 256
-) -> Prediction:
-    """Predict cached rows in chunks (the cache is memory-mapped; never load it whole)."""
-    rows = np.asarray(rows, dtype=int)
-    logits = [predictor.logits(_rows_tensor(images, rows[i : i + chunk])) for i in range(0, rows.size, chunk)]
-    return predictor.bundle.calibrate(np.concatenate(logits) if logits else np.zeros((0, 1)))
+def predict_rows(outputs: CacheOutputs, rows: np.ndarray, bundle: ModelBundle) -> Prediction:
+    """``bundle``'s calibrated predictions of cached rows (each row's forward pass made once, in
+    small batches from the memory map: :class:`CacheOutputs`)."""
+    return bundle.calibrate(outputs.logits(rows))
 
 
 def _with_predictions(df: pd.DataFrame, pred: Prediction, type_names: list[str]) -> pd.DataFrame:
@@ -330,8 +328,7 @@ def make_figures(report: Mapping[str, Any], test: pd.DataFrame, n_bins: int) -> 
 # and the same seed and data must give the same bytes in any checkout. External
 # validation (not a DVC output) records when it ran.
 def _evaluate(
-    predictor: Predictor,
-    images: np.ndarray,
+    outputs: CacheOutputs,
     test_df: pd.DataFrame,
     val_df: pd.DataFrame | None,
     *,
@@ -349,7 +346,11 @@ def _evaluate(
     params_snapshot: Mapping[str, Any] | None,
     validation_summary: Mapping[str, Any] | None,
 ) -> tuple[dict[str, Any], dict[str, bytes], list[GalleryItem], ModelBundle, pd.DataFrame]:
-    """Shared by the pipeline stage (refits on val) and external validation (``val_df`` None: no refit)."""
+    """Shared by the pipeline stage (refits on val) and external validation (``val_df`` None: no refit).
+
+    ``outputs`` holds the network and the preprocessed rows the frames' ``cache_row`` points at.
+    """
+    predictor, images = outputs.predictor, outputs.images
     bundle = copy.copy(predictor.bundle)
     names = list(bundle.type_names)
     external = val_df is None
@@ -357,7 +358,7 @@ def _evaluate(
     val_ops: dict[str, dict[str, float | None]] = {}
     if not external:
         val = _with_predictions(
-            val_df, predict_rows(predictor, images, val_df["cache_row"].to_numpy()), names
+            val_df, predict_rows(outputs, val_df["cache_row"].to_numpy(), bundle), names
         )
         yv = val["label"].to_numpy()
         if yv.min() == yv.max():
@@ -370,7 +371,6 @@ def _evaluate(
         thresholds = choose_thresholds(pv, yv, targets[f"{HIGH_SENSITIVITY}"], targets["high_specificity"])
         bundle.calibration = calibration
         bundle.operating_points = thresholds
-        predictor.bundle = bundle  # test predictions below use the fitted values
         cal_val = _calibration_stats(val["logit"].to_numpy(), yv, calibration, n_bins)
         for name, d in bundle.decide(pv).items():
             val_ops[name] = {
@@ -386,7 +386,7 @@ def _evaluate(
             )
         val_ops = {name: {"sensitivity": None, "specificity": None} for name in thresholds}
 
-    test = _with_predictions(test_df, predict_rows(predictor, images, test_df["cache_row"].to_numpy()), names)
+    test = _with_predictions(test_df, predict_rows(outputs, test_df["cache_row"].to_numpy(), bundle), names)
     numbers = assess(test, thresholds, calibration, n_bootstrap, ci_level, n_bins, seed, names)
     pp = bundle.preprocess_spec.model_dump(mode="json")
     report: dict[str, Any] = {
@@ -530,8 +530,13 @@ def run_evaluation(
     data_version: str,
     seed: int,
     model_card_path: Path | None = None,
+    outputs: CacheOutputs | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage (see module docstring). Returns the report dict.
+
+    ``outputs``: the network's outputs on the cache's rows, shared with the stage's drift and
+    OOD references so no row is passed through the network twice (made here when not given;
+    it must hold the model at ``model_path``'s network and the cache at ``cache_dir``).
 
     Writes the calibrated bundle (``out_model_path``), the flat metrics JSON, the
     DVC plot CSVs (``plots_dir``), PNGs + ``report.html`` + ``report.json``
@@ -552,11 +557,12 @@ def run_evaluation(
     if validation_summary is not None and Path(validation_summary).exists():
         summary = json.loads(Path(validation_summary).read_text())
     torch.manual_seed(seed)
-    predictor = Predictor(bundle)
+    if outputs is None:
+        outputs = CacheOutputs(Predictor(bundle), images)
+    outputs.check_network(bundle)
     op = params.operating_points
     report, figures, gallery, calibrated, test = _evaluate(
-        predictor,
-        images,
+        outputs,
         test_df,
         val_df,
         n_bootstrap=params.bootstrap_samples,
@@ -655,8 +661,7 @@ def evaluate_external(
     if index.empty:
         raise EvaluationError("no external images to evaluate")
     report, figures, gallery, _, test = _evaluate(
-        predictor,
-        images,
+        CacheOutputs(predictor, images),
         index,
         None,
         n_bootstrap=n_bootstrap,

@@ -38,7 +38,7 @@ def map_methods(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def evidence_heatmaps(model: nn.Module, x: torch.Tensor, batch_size: int = 16) -> np.ndarray:
+def evidence_heatmaps(model: nn.Module, x: torch.Tensor, batch_size: int = 8) -> np.ndarray:
     """``(N, H, W)`` per-cell fracture probabilities on [0, 1], bilinearly upsampled to ``x``'s size.
 
     Not rescaled per image (unlike Grad-CAM): a confident normal image stays dark.

@@ -54,7 +54,8 @@ class Predictor:
     def spatial_dims(self) -> int:
         return int(self.bundle.spatial_dims)
 
-    def _check_input(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as float32 ``(N, 1, ...)`` for this model, all finite; else :class:`PredictionError`."""
         x = torch.as_tensor(x)
         want = 2 + self.spatial_dims
         if x.ndim != want or x.shape[1] != 1:
@@ -71,7 +72,7 @@ class Predictor:
     @torch.inference_mode()
     def logits(self, x: torch.Tensor) -> np.ndarray:
         """Raw network output (N, 1 + T), computed in batches."""
-        x = self._check_input(x)
+        x = self.check_input(x)
         outs = [self.model(b.to(self.device)).float().cpu() for b in self._batches(x)]
         out = torch.cat(outs).numpy()
         return out[:, None] if out.ndim == 1 else out
@@ -101,7 +102,7 @@ class Predictor:
         Uses the model's ``features(x)`` when it has one (pooling any spatial
         axes left), otherwise the input of the classifier's last linear layer.
         """
-        x = self._check_input(x)
+        x = self.check_input(x)
         feats_fn = getattr(self.model, "features", None)
         outs: list[torch.Tensor] = []
         captured: list[torch.Tensor] = []

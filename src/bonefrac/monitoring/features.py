@@ -111,7 +111,7 @@ def features_from_prediction_log(log: pd.DataFrame) -> pd.DataFrame:
 
 # ------------------------------------------------------------------ model
 def model_outputs(
-    bundle: ModelBundle, images: np.ndarray, batch_size: int = 32, model: Any | None = None
+    bundle: ModelBundle, images: np.ndarray, batch_size: int | None = None, model: Any | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated scores ``(N,)`` and embeddings ``(N, F)`` from one forward pass.
 
@@ -122,7 +122,10 @@ def model_outputs(
     """
     import torch
 
+    from bonefrac.inference.cache_outputs import BATCH_SIZE
     from bonefrac.model.networks import forward_with_embedding
+
+    batch_size = batch_size or BATCH_SIZE
 
     model = model if model is not None else bundle.build_model()
     model.eval()
@@ -198,12 +201,9 @@ class EmbeddingReducer:
         return cls(mean=np.asarray(d["mean"]), components=np.asarray(d["components"]))
 
 
-def model_feature_frame(
-    bundle: ModelBundle, images: np.ndarray, reducer: EmbeddingReducer | None, model: Any | None = None
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """``score`` (+ ``emb_*`` with a reducer) for preprocessed ``images``; also the raw embeddings."""
-    scores, emb = model_outputs(bundle, images, model=model)
-    frame = pd.DataFrame({SCORE_COLUMN: scores.astype(np.float64)})
-    if reducer is not None and len(emb):
-        frame = pd.concat([frame, reducer.to_frame(emb)], axis=1)
-    return frame, emb
+def score_frame(scores: np.ndarray, embeddings: np.ndarray, reducer: EmbeddingReducer | None) -> pd.DataFrame:
+    """``score`` (+ the ``emb_*`` PCA coordinates with a reducer) per row, from the model's outputs."""
+    frame = pd.DataFrame({SCORE_COLUMN: np.asarray(scores, dtype=np.float64)})
+    if reducer is not None and len(embeddings):
+        frame = pd.concat([frame, reducer.to_frame(embeddings)], axis=1)
+    return frame

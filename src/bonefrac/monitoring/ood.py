@@ -37,7 +37,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -58,6 +58,9 @@ IMAGE_STAT_COLUMNS = [
 ]
 OOD_JSON = "ood.json"
 RESIDUAL_COLUMN = f"{EMBEDDING_PREFIX}residual"
+if TYPE_CHECKING:
+    from bonefrac.inference.cache_outputs import CacheOutputs
+
 GROUP_WORDS = {"image": "image statistics", "embedding": "the model's internal features (embedding)"}
 
 
@@ -333,33 +336,34 @@ def build_ood_detector(
     read_fn: Any | None = None,
     quantile: float = 0.99,
     margin: float = 1.25,
+    outputs: CacheOutputs | None = None,
 ) -> OODDetector:
     """Fit on the cache's ``train`` rows, threshold on its ``val`` rows; write ``out_path`` (JSON).
 
     As the drift reference does: image statistics from the original files, the embedding
     from the model run on the cached tensors, projected with the reference's PCA
-    (``reducer``; without one the detector has the image group only).
+    (``reducer``; without one the detector has the image group only). The training sample is
+    the drift reference's (same ``max_rows`` and ``seed``), so with the stage's shared
+    ``outputs`` its embeddings cost no second forward pass.
     """
-    from bonefrac.monitoring.features import model_outputs
-    from bonefrac.monitoring.reference import map_decoded
+    from bonefrac.inference.cache_outputs import CacheOutputs
+    from bonefrac.inference.predictor import Predictor
+    from bonefrac.monitoring.reference import map_decoded, sample_split
     from bonefrac.preprocess.cache import load_cache
 
     images, index = load_cache(Path(cache_dir))
     if "split" not in index.columns:
         raise OODError(f"{cache_dir}: the cache index has no 'split' column")
-    model = bundle.build_model() if reducer is not None else None
+    if reducer is not None:
+        outputs = outputs if outputs is not None else CacheOutputs(Predictor(bundle), images)
+        outputs.check_network(bundle)
     frames = {}
     for split in ("train", "val"):
-        rows = index[index["split"] == split]
+        rows = sample_split(index, split, max_rows, seed)
         if rows.empty:
             raise OODError(f"the cache at {cache_dir} has no {split!r} rows")
-        if len(rows) > max_rows:
-            rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
         image_rows, _ = map_decoded([str(p) for p in rows["path"]], image_ood_features, read_fn)
-        emb = None
-        if model is not None:
-            tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
-            _, emb = model_outputs(bundle, tensors, model=model)
+        emb = outputs.embeddings(rows["cache_row"]) if reducer is not None and outputs is not None else None
         frames[split] = _feature_frame(image_rows, emb, reducer)
     det = OODDetector.fit(
         frames["train"],

@@ -26,12 +26,15 @@ import pandas as pd
 
 from bonefrac.config import resolve
 from bonefrac.errors import BonefracError
+from bonefrac.inference.cache_outputs import CacheOutputs
+from bonefrac.inference.predictor import Predictor
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.features import (
     IMAGE_COLUMNS,
     EmbeddingReducer,
     image_features,
-    model_feature_frame,
+    model_outputs,
+    score_frame,
 )
 from bonefrac.monitoring.io import atomic_write_text, read_table, write_table
 
@@ -118,21 +121,22 @@ def split_features(
     max_rows: int = 1000,
     seed: int = 0,
     read_fn: ReadFn | None = None,
+    outputs: CacheOutputs | None = None,
 ) -> tuple[pd.DataFrame, EmbeddingReducer | None, list[str]]:
     """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache, the PCA used, skipped files.
 
     Image statistics from the original files, score and embedding from the model on the cached
     tensors. Without a ``reducer``, one of ``embedding_dims`` axes is fitted on these rows (the
-    reference's own); the test split of a run is projected with the reference's.
+    reference's own); the test split of a run is projected with the reference's. ``outputs``:
+    the network's outputs on this cache already computed by an earlier step (the evaluate stage
+    shares one); each row goes through the network once either way.
     """
     from bonefrac.preprocess.cache import cache_spec, load_cache
 
     images, index = load_cache(Path(cache_dir))
-    rows = index[index["split"] == split] if "split" in index.columns else index
+    rows = sample_split(index, split, max_rows, seed)
     if rows.empty:
         raise ReferenceError(f"the cache at {cache_dir} has no {split!r} rows to build a reference from")
-    if len(rows) > max_rows:
-        rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
     from_cache = cache_spec(Path(cache_dir)) == bundle.preprocess_spec
     # Otherwise another model's preprocessing (e.g. a champion trained elsewhere): inputs from the files.
     decoded, skipped = map_decoded(
@@ -141,20 +145,31 @@ def split_features(
     img_frame = _image_frame([d[0] if d is not None else None for d in decoded])
     if from_cache:
         keep = list(range(len(rows)))
-        tensors = np.asarray(images[rows["cache_row"].to_numpy()], dtype=np.float32)
+        outputs = outputs if outputs is not None else CacheOutputs(Predictor(bundle), images)
+        outputs.check_network(bundle)
+        scores = bundle.calibrate(outputs.logits(rows["cache_row"])).prob
+        emb = outputs.embeddings(rows["cache_row"])
     else:
         keep = [i for i, d in enumerate(decoded) if d is not None]
         if not keep:
             raise ReferenceError(f"none of the {len(rows)} {split!r} images of {cache_dir} could be read")
-        tensors = np.stack([decoded[i][1] for i in keep])
-    model = bundle.build_model()
+        scores, emb = model_outputs(bundle, np.stack([decoded[i][1] for i in keep]))
     if reducer is None and embedding_dims > 0:
-        _, emb = model_feature_frame(bundle, tensors, None, model)
         reducer = EmbeddingReducer.fit(emb, embedding_dims, seed) if len(emb) >= 2 else None
-    model_frame, _ = model_feature_frame(bundle, tensors, reducer, model)
+    model_frame = score_frame(scores, emb, reducer)
     model_frame.index = keep
     table = pd.concat([img_frame.reset_index(drop=True), model_frame.reindex(range(len(rows)))], axis=1)
     return table, reducer, skipped
+
+
+def sample_split(index: pd.DataFrame, split: str, max_rows: int, seed: int) -> pd.DataFrame:
+    """The ``split`` rows of a cache index (all rows without a split column), at most ``max_rows`` of
+    them drawn with ``seed``, in cache order: the drift reference and the OOD detector draw the
+    same training sample, so its outputs are computed once."""
+    rows = index[index["split"] == split] if "split" in index.columns else index
+    if len(rows) > max_rows:
+        rows = rows.sample(n=max_rows, random_state=seed).sort_values("cache_row")
+    return rows
 
 
 def build_reference(
@@ -168,6 +183,7 @@ def build_reference(
     seed: int = 0,
     read_fn: ReadFn | None = None,
     provenance: dict[str, Any] | None = None,
+    outputs: CacheOutputs | None = None,
 ) -> Reference:
     """Feature table of (up to ``max_rows`` of) the ``split`` rows of the cache; written to ``out_dir``.
 
@@ -176,9 +192,17 @@ def build_reference(
     the cache (another input size, e.g. after a manual promotion of a model trained
     elsewhere), its inputs are made from the original files with its own
     ``bundle.preprocess``, so the embedding is always the one the model computes.
+    ``outputs``: see :func:`split_features`.
     """
     table, reducer, skipped = split_features(
-        cache_dir, bundle, split=split, embedding_dims=embedding_dims, max_rows=max_rows, seed=seed, read_fn=read_fn
+        cache_dir,
+        bundle,
+        split=split,
+        embedding_dims=embedding_dims,
+        max_rows=max_rows,
+        seed=seed,
+        read_fn=read_fn,
+        outputs=outputs,
     )
     meta = {
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -241,6 +265,7 @@ def current_from_images(
         return img_frame, skipped
     ok = [i for i, d in enumerate(decoded) if d is not None]
     tensors = np.stack([decoded[i][1] for i in ok]) if ok else np.zeros((0,))
-    model_frame, _ = model_feature_frame(bundle, tensors, reducer)
+    scores, emb = model_outputs(bundle, tensors)
+    model_frame = score_frame(scores, emb, reducer)
     model_frame.index = ok
     return pd.concat([img_frame, model_frame.reindex(range(len(img_frame)))], axis=1), skipped

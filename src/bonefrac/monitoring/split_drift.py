@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bonefrac.config import DriftParams
+from bonefrac.inference.cache_outputs import CacheOutputs
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.monitoring.drift import DriftError, DriftResult, run_drift
 from bonefrac.monitoring.reference import build_reference, split_features
@@ -48,12 +49,14 @@ def split_drift(
     current_split: str = "test",
     reference_split: str = "train",
     seed: int = 0,
+    outputs: CacheOutputs | None = None,
 ) -> tuple[dict[str, Any], DriftResult | None]:
     """Build the reference from ``reference_split`` into ``out_dir/reference``, compare ``current_split``.
 
     Writes Evidently's ``drift_report.html`` and ``drift_summary.json`` into ``out_dir``. A split
     too small to test (fewer rows than a test needs) gives ``{"skipped": reason}``, not an error:
-    a small run must still finish.
+    a small run must still finish. ``outputs``: the network's outputs on this cache, shared with
+    the evaluation (:class:`bonefrac.inference.cache_outputs.CacheOutputs`).
     """
     out = Path(out_dir)
     ref = build_reference(
@@ -64,8 +67,11 @@ def split_drift(
         split=reference_split,
         seed=seed,
         provenance={"model": bundle.arch, "purpose": f"pipeline run: {current_split} vs {reference_split}"},
+        outputs=outputs,
     )
-    current, _, _skipped = split_features(cache_dir, bundle, split=current_split, reducer=ref.reducer, seed=seed)
+    current, _, _skipped = split_features(
+        cache_dir, bundle, split=current_split, reducer=ref.reducer, seed=seed, outputs=outputs
+    )
     try:
         result = run_drift(ref.table, current, params, out)
     except DriftError as err:
