@@ -23,7 +23,8 @@ from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.networks import forward_with_embedding
 from bonefrac.monitoring.features import EmbeddingReducer
 from bonefrac.monitoring.ood import build_ood_detector
-from bonefrac.monitoring.split_drift import split_drift
+from bonefrac.monitoring.reference import load_reference
+from bonefrac.monitoring.split_drift import REFERENCE_SUBDIR, split_drift
 
 
 class _CountingRows:
@@ -104,3 +105,41 @@ def test_a_sampled_reference_and_the_ood_detector_draw_the_same_training_rows(tm
     assert outputs.n_computed == 25 and len(ref.table) == 25
     build_ood_detector(cache, tmp_path / "ood.json", reducer=ref.reducer, **kw)
     assert outputs.n_computed == 25 + 16  # the OOD fit reused the reference's 25 training rows
+
+
+def test_the_evaluate_flow_hands_its_outputs_to_the_drift_reference_and_the_ood_detector(tmp_path, bundle, monkeypatch):
+    """The stage's own helpers (flows/evaluate.py): after the evaluation's val + test passes, the drift
+    report runs the network on the 40 training rows only and the OOD fit on none. Every forward pass of
+    any :class:`CacheOutputs` is counted, so a helper that made its own would show."""
+    import yaml
+    from flows.evaluate import _attach_serving_facts, _drift_report
+
+    import bonefrac.inference.cache_outputs as cache_outputs
+    from bonefrac.config import load_params
+    from bonefrac.preprocess.cache import load_cache
+
+    passed: list[int] = []
+
+    def counting(model, x):
+        passed.append(len(x))
+        return forward_with_embedding(model, x)
+
+    monkeypatch.setattr(cache_outputs, "forward_with_embedding", counting)
+    cache = _cache(tmp_path, {"train": 40, "test": 24, "val": 16}, bundle)
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    paths = {"processed": str(cache), "metrics": str(proj / "metrics"), "reports": str(proj / "reports")}
+    (proj / "params.yaml").write_text(yaml.safe_dump({"paths": paths, "drift": PARAMS.model_dump()}))
+    monkeypatch.chdir(proj)
+    p = load_params("params.yaml")
+    model_path = proj / "model.pt"
+    bundle.save(model_path)
+    outputs = CacheOutputs(Predictor(bundle), load_cache(cache)[0])
+    outputs.logits(range(40, 80))  # what run_evaluation computes: test and val
+    assert sum(passed) == 40
+    line = _drift_report(p, model_path, cache, proj / "drift", outputs)
+    assert sum(passed) == 80 and "drift test vs train" in line  # + the 40 training rows, once
+    reducer = load_reference(proj / "drift" / REFERENCE_SUBDIR).reducer
+    _attach_serving_facts(model_path, cache, "phantom", reducer, outputs)
+    assert sum(passed) == 80  # the OOD detector reused them all
+    assert "embedding" in ModelBundle.load(model_path).metadata["ood"]["groups"]
