@@ -19,6 +19,12 @@ images of that run's test split only (no probe is fitted): the question "does th
 probability change?" asked of the model that is served.
 
     python -m benchmarks.draft_decode --bundle /path/to/run/models/model.pt --cache /path/to/run/data/processed
+
+``--spec-version 3`` scores a bundle trained under preprocessing version 2 with version 3's
+definition (every format block-averaged to the decoder's scale), after checking from the
+image headers that version 3 gives every image of that run's cache the tensor version 2 gave
+it (no image over twice the input side after the decoder's reduction): the network is then
+the one a version-3 run trains, without retraining it.
 """
 
 from __future__ import annotations
@@ -84,6 +90,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--bundle", type=Path, default=None, help="score with this served bundle instead of a probe")
     ap.add_argument("--cache", type=Path, default=None, help="with --bundle: its run's preprocessed cache "
                     "(test split images only)")
+    ap.add_argument("--spec-version", default=None, help="with --bundle: score under this preprocessing version "
+                    "(only where it provably gives the bundle's training tensors)")
     args = ap.parse_args(argv)
     if args.bundle is not None:
         return _main_bundle(args, argv)
@@ -227,6 +235,34 @@ def _test_split_images(cache: Path, n_test: int, seed: int) -> list[tuple[Path, 
     return large[:n_test] + [rest[i] for i in order[: max(0, n_test - len(large))]]
 
 
+def _as_version(bundle: Any, cache: Path, version: str) -> Any:
+    """The bundle scored under preprocessing ``version``, refused unless every cached image gets the same tensor.
+
+    Versions 2 and 3 differ only on images whose decoded shortest side (after a JPEG's DCT
+    reduction) exceeds twice the input side: version 3 block-averages those first. The
+    check reads every image header of the run's index (all splits: the network trained on them).
+    """
+    import dataclasses
+
+    from PIL import Image
+
+    from bonefrac.inference.upload_policy import jpeg_draft_scale
+    from bonefrac.model.transforms import reduction_factor
+    from bonefrac.preprocess.cache import load_cache
+
+    spec = bundle.preprocess_spec
+    if {spec.version, version} != {"2", "3"}:
+        raise SystemExit(f"--spec-version: only 2 <-> 3 is checked, not {spec.version} -> {version}")
+    run_root, hint = cache.resolve().parent.parent, spec.decode_side_hint
+    for rel in load_cache(cache)[1]["path"]:
+        with Image.open(run_root / rel) as im:
+            (width, height), fmt = im.size, im.format
+        scale = jpeg_draft_scale(width, height, hint) if fmt == "JPEG" else 1
+        if reduction_factor(-(-height // scale), -(-width // scale), spec.image_size) != 1:
+            raise SystemExit(f"--spec-version {version}: {rel} would get another tensor; retrain instead")
+    return dataclasses.replace(bundle, preprocess_spec=spec.model_copy(update={"version": version}))
+
+
 def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
     """The served model on each decode path: Δp of its calibrated probability, its AUROC, decode ms."""
     import torch
@@ -240,6 +276,8 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
         raise SystemExit("--bundle needs --cache (the run's preprocessed cache: its test split is scored)")
     torch.set_num_threads(1)
     bundle = ModelBundle.load(args.bundle)
+    if args.spec_version is not None:
+        bundle = _as_version(bundle, args.cache, args.spec_version)
     net = bundle.build_model().eval()
     size = bundle.preprocess_spec.image_size
     test = _test_split_images(args.cache, 200 if args.quick else args.n_test, args.seed)
@@ -277,7 +315,8 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
         NAME, command_line("benchmarks.draft_decode", argv_used), rows,
         settings={"image_size": size, "n_train": 0, "n_test": len(test), "n_test_large": int(large.sum()),
                   "draft_margin": DRAFT_MARGIN, "seed": args.seed, "scorer": f"served bundle ({bundle.arch})",
-                  "served_hint_px": served_hint, "preprocess_version": bundle.preprocess_spec.version},
+                  "served_hint_px": served_hint, "preprocess_version": bundle.preprocess_spec.version,
+                  "trained_preprocess_version": ModelBundle.load(args.bundle).preprocess_spec.version},
         goals=goals,
         notes=[
             f"scorer: the served bundle itself ({bundle.arch} at {size} px, its own preprocessing and calibration); "
@@ -304,7 +343,11 @@ def render_markdown(result: dict[str, Any]) -> str:
         + (f"the model's preprocessing (version {s['preprocess_version']}) decodes at hint = "
          f"{s['served_hint_px']} px everywhere: training, `bonefrac predict`, the service."
          if s.get("preprocess_version", "1") != "1" else
-         f"the service uses hint = {s['draft_margin']}× the input side."),
+         f"the service uses hint = {s['draft_margin']}× the input side.")
+        + (f" The bundle was trained under version {s['trained_preprocess_version']} and is scored under "
+           f"version {s['preprocess_version']} (`--spec-version`): every image of its run's cache gets the same "
+           "tensor under both (checked from the image headers before scoring)."
+           if s.get("trained_preprocess_version", s.get("preprocess_version")) != s.get("preprocess_version") else ""),
         "",
         markdown_table(head, table),
         "",

@@ -23,9 +23,11 @@ from monai.transforms import ScaleIntensityRangePercentiles
 from bonefrac.model.transforms import (
     PREPROCESS_VERSION,
     SUPPORTED_PREPROCESS_VERSIONS,
+    BlockMeanReduce,
     FastPercentileWindow,
     PreprocessError,
     PreprocessSpec,
+    reduction_factor,
 )
 
 GOLDEN = Path(__file__).with_name("golden_preprocess.json")
@@ -82,6 +84,8 @@ def _golden_inputs(tmp: Path) -> dict[str, tuple[PreprocessSpec, np.ndarray]]:
             make_array((130, 47), 16, seed=2).astype(np.float32),
         ),
         "dicom_12bit": (PreprocessSpec(image_size=36), read_image(dcm).array.astype(np.float32)),
+        # over twice the input side: version 3 block-averages it (1/4) before the resize
+        "8bit_large": (PreprocessSpec(image_size=32), make_array((300, 233), 8, seed=4).astype(np.float32)),
         "volume": (PreprocessSpec(spatial_dims=3, volume_size=(8, 12, 10)), volume),
     }
 
@@ -144,7 +148,8 @@ def test_volume_size_changes_the_output() -> None:
 
 
 def test_decode_scale_is_part_of_the_definition() -> None:
-    assert PreprocessSpec(image_size=96).decode_side_hint == 96  # version 2: a JPEG decoded down to the input side
+    assert PreprocessSpec(image_size=96).decode_side_hint == 96  # versions 2-3: a JPEG decoded down to the input side
+    assert PreprocessSpec(image_size=96, version="2").decode_side_hint == 96
     assert PreprocessSpec(image_size=96, version="1").decode_side_hint is None  # version 1: every pixel
     assert PreprocessSpec(spatial_dims=3).decode_side_hint is None
 
@@ -182,6 +187,49 @@ def test_version_2_windows_after_the_resize_so_a_reduced_decode_gives_nearly_the
         gap[version] = float((spec.apply(full) - spec.apply(reduced.array)).abs().mean())
     assert gap["2"] <= 0.015, gap  # measured 0.009
     assert gap["1"] >= 2.5 * gap["2"], gap  # measured 0.033
+
+
+def test_version_3_reduces_every_format_as_the_reduced_jpeg_decode_does() -> None:
+    """Why version 3 exists: the same radiograph decoded at every pixel (a PNG or DICOM export, the
+    viewer's full decode) must reach the model as the DCT-scaled JPEG decode does. Version 2 resized
+    the full array straight to the input side (measured gap 0.009); version 3 block-averages it to
+    the decoder's scale first (measured 0.0007). Fails if the block mean is dropped or its factor
+    differs from libjpeg's."""
+    from bonefrac.data.imageio import read_image
+
+    data = _radiograph_jpeg_with_hardware()
+    full = read_image(data).array
+    reduced = read_image(data, max_side_hint=128)
+    assert reduced.meta["decode_scale"] > 7
+    gap = {}
+    for version in ("2", "3"):
+        spec = PreprocessSpec(image_size=128, version=version)
+        gap[version] = float((spec.apply(full) - spec.apply(reduced.array)).abs().mean())
+    assert gap["3"] <= 0.002, gap
+    assert gap["2"] >= 5 * gap["3"], gap
+
+
+@pytest.mark.parametrize("shape", [(256, 200), (256, 257), (90, 61)])
+def test_version_3_equals_version_2_within_twice_the_input_side(shape: tuple[int, int]) -> None:
+    """A reduced JPEG decode is already within twice the input side, so version 3 must give version
+    2's tensors exactly there: models retrained under 3 on JPEG data see the same inputs."""
+    a = np.random.default_rng(7).gamma(2.0, 300.0, shape).astype(np.float32)
+    v2, v3 = (PreprocessSpec(image_size=128, version=v).apply(a) for v in ("2", "3"))
+    assert torch.equal(v2, v3)
+
+
+def test_block_mean_reduce_is_libjpegs_scale_and_edge_rule() -> None:
+    """Factor and output size as Pillow's draft decodes a JPEG (ceil(side / s)); partial edge blocks
+    average only the pixels they hold; repeated until within twice the side (1/8 is libjpeg's last)."""
+    a = np.random.default_rng(3).random((1, 37, 50)).astype(np.float32)
+    out = BlockMeanReduce(8)(a)
+    assert reduction_factor(37, 50, 8) == 4 and out.shape == (1, 10, 13)
+    assert out[0, 0, 0] == pytest.approx(a[0, :4, :4].mean(), rel=1e-5)
+    assert out[0, -1, -1] == pytest.approx(a[0, 36:, 48:].mean(), rel=1e-5)
+    big = np.ones((1, 2100, 2100), dtype=np.float32)
+    assert BlockMeanReduce(64)(big).shape == (1, 66, 66)  # 1/8 then 1/4: 2100 -> 263 -> 66
+    assert BlockMeanReduce(64)(a) is a  # nothing to reduce: the array itself
+    assert [reduction_factor(h, 1000, 100) for h in (200, 201, 399, 400, 799, 800, 5000)] == [1, 2, 2, 4, 4, 8, 8]
 
 
 def test_spec_validation_and_version() -> None:

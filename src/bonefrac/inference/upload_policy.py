@@ -39,7 +39,7 @@ from http import HTTPStatus
 from bonefrac.config import ServingParams
 from bonefrac.data import dicom as _dicom
 from bonefrac.data.imageio import DecodedImage, ImageDecodeError, content_format, read_image
-from bonefrac.model.transforms import PreprocessSpec
+from bonefrac.model.transforms import PreprocessSpec, reduction_factor
 
 #: Formats the service accepts, by spatial dims of the model. TIFF/BMP/GIF/WebP decode
 #: fine but are not clinical exchange formats; refusing them keeps the contract small.
@@ -110,10 +110,7 @@ _MODE_BITS = {
 
 def jpeg_draft_scale(width: int, height: int, max_side_hint: int | None) -> int:
     """The 1, 2, 4 or 8 that :func:`bonefrac.data.imageio.read_image` (Pillow's ``draft``) decodes a JPEG at."""
-    if not max_side_hint or min(width, height) <= 2 * max_side_hint:
-        return 1
-    fit = min(width // max_side_hint, height // max_side_hint)
-    return next(s for s in (8, 4, 2, 1) if s <= fit)
+    return reduction_factor(height, width, max_side_hint) if max_side_hint else 1
 
 
 def decode_memory_estimate(data: bytes, fmt: str, max_side_hint: int | None = None) -> int | None:

@@ -23,6 +23,19 @@ at reduced scale without moving the window (reduced decoding averages away the
 independent of the decode scale, so training, evaluation, ``bonefrac predict`` and
 the service all decode the same reduced JPEG. Version 1 stays supported for
 bundles trained with it.
+
+Version 3 (2D) makes that reduced scale part of the transform for every format: an
+image whose shortest side exceeds twice ``image_size`` is first averaged over s × s
+blocks, s the 8, 4 or 2 libjpeg would decode it at (:func:`reduction_factor`), then
+resized and windowed as in version 2. Why: under version 2 only a JPEG was reduced,
+so the same radiograph exported as PNG or DICOM, or a JPEG decoded at full
+resolution (the viewer, another tool), reached the resize at 2-4x the size and the
+model answered differently (FracAtlas test split, 512 px: max |Δp| 0.36 over the 57
+images a reduced decode touches; with the block mean 0.019,
+``benchmarks.draft_decode``). The libjpeg DCT-scaled decode is a fast path to
+(nearly) the same array: the block mean finds it already reduced. On JPEGs whose
+reduced decode is already within twice ``image_size`` (every FracAtlas image at 192-512
+px) version 3 gives version 2's tensors exactly.
 """
 
 from __future__ import annotations
@@ -32,7 +45,14 @@ from typing import Literal
 
 import numpy as np
 import torch
-from monai.transforms import Compose, Resize, ScaleIntensityRange, ScaleIntensityRangePercentiles, SpatialPad
+from monai.transforms import (
+    Compose,
+    Resize,
+    ScaleIntensityRange,
+    ScaleIntensityRangePercentiles,
+    SpatialPad,
+    Transform,
+)
 from pydantic import ConfigDict
 
 from bonefrac.config import PreprocessParams
@@ -40,12 +60,50 @@ from bonefrac.errors import BonefracError
 
 #: Version of the transform's definition new models are trained with; add one (and its golden test
 #: outputs) on any change.
-PREPROCESS_VERSION = "2"
+PREPROCESS_VERSION = "3"
 #: Every definition this release can apply (older bundles keep theirs).
-SUPPORTED_PREPROCESS_VERSIONS = ("1", "2")
+SUPPORTED_PREPROCESS_VERSIONS = ("1", "2", "3")
 #: Interpolation of the 2D resize (area: an average over source pixels, no aliasing on downscale).
 RESIZE_MODE_2D = "area"
 RESIZE_MODE_3D = "trilinear"
+#: The integer factors libjpeg decodes a JPEG at in the DCT domain, largest first.
+DCT_SCALES = (8, 4, 2)
+
+
+def reduction_factor(height: int, width: int, min_side: int) -> int:
+    """The 1, 2, 4 or 8 an image of this size is reduced by first, keeping both sides >= ``min_side``.
+
+    libjpeg's (and Pillow's ``draft``) rule: the largest DCT scale that keeps both sides at
+    least ``min_side``; images within twice ``min_side`` stay as they are.
+    """
+    if min_side <= 0 or min(height, width) <= 2 * min_side:
+        return 1
+    fit = min(height // min_side, width // min_side)
+    return next(s for s in DCT_SCALES if s <= fit)
+
+
+class BlockMeanReduce(Transform):
+    """Average over s × s blocks, s = :func:`reduction_factor`, until the image is within twice ``min_side``.
+
+    What libjpeg's DCT-scaled decode computes (the 1/8 scale is exactly the block mean; 1/2
+    and 1/4 a close low-pass), done to the decoded pixels of any format, so that a PNG,
+    a DICOM and a reduced or full JPEG decode of one radiograph reach the model alike.
+    Partial blocks at the right and bottom edge average the pixels they hold, as libjpeg's
+    ``ceil(side / s)`` output does. Hand-written because no MONAI transform reduces by an
+    integer block mean with libjpeg's edge rule; ``avg_pool2d`` does the arithmetic.
+    """
+
+    def __init__(self, min_side: int) -> None:
+        self.min_side = int(min_side)
+
+    def __call__(self, img: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        height, width = img.shape[-2:]
+        if reduction_factor(height, width, self.min_side) == 1:
+            return img
+        out = torch.as_tensor(np.asarray(img) if not isinstance(img, torch.Tensor) else img, dtype=torch.float32)
+        while (s := reduction_factor(*out.shape[-2:], self.min_side)) > 1:
+            out = torch.nn.functional.avg_pool2d(out[None], s, s, ceil_mode=True, count_include_pad=False)[0]
+        return out.numpy() if isinstance(img, np.ndarray) else out
 
 
 class PreprocessError(BonefracError, ValueError):
@@ -83,9 +141,10 @@ def deterministic_transform(
 ) -> Compose:
     """Channel-first array in stored units → float32 tensor on [0, 1] of a fixed shape.
 
-    2D: longest side resized to ``image_size`` (aspect kept, area interpolation),
-    robust percentile windowing of that image, then zero-padding to a square
-    (version 1: windowing before the resize). 3D: percentile windowing, then
+    2D: a large image block-averaged to within twice ``image_size`` (version 3,
+    :class:`BlockMeanReduce`), longest side resized to ``image_size`` (aspect kept,
+    area interpolation), robust percentile windowing of that image, then zero-padding
+    to a square (version 1: windowing before the resize; versions 1-2: no block mean). 3D: percentile windowing, then
     trilinear resize to ``volume_size`` (D, H, W).
     """
     if version not in SUPPORTED_PREPROCESS_VERSIONS:
@@ -96,7 +155,11 @@ def deterministic_transform(
     if spatial_dims == 2:
         resize = Resize(spatial_size=image_size, size_mode="longest", mode=RESIZE_MODE_2D)
         pad = SpatialPad(spatial_size=(image_size, image_size), mode="constant")
-        return Compose([scale, resize, pad] if version == "1" else [resize, scale, pad])
+        if version == "1":
+            return Compose([scale, resize, pad])
+        if version == "2":
+            return Compose([resize, scale, pad])
+        return Compose([BlockMeanReduce(image_size), resize, scale, pad])
     if spatial_dims == 3:
         return Compose([scale, Resize(spatial_size=tuple(volume_size), mode=RESIZE_MODE_3D)])
     raise PreprocessError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
@@ -137,7 +200,8 @@ class PreprocessSpec(PreprocessParams):
 
         Part of the definition: every path that feeds this model (preprocess cache, feature
         cache, ``bonefrac predict``, the service) passes it to the decoder, so all of them see
-        the same pixels. Version 1 decoded at full resolution.
+        the same pixels. Version 1 decoded at full resolution; version 3 reduces every
+        format to this scale in the transform itself, the decoder's reduction being a fast path.
         """
         if self.spatial_dims != 2 or self.version == "1":
             return None
