@@ -122,17 +122,23 @@ def serve(loaded: LoadedModel, settings: ServingParams, device: str) -> ServedMo
     return ServedModel(loaded, choice, copy.deepcopy(model).to(device).eval(), device)
 
 
-def warm_up(runner: LogitRunner, input_shape: tuple[int, ...], max_batch_size: int) -> None:
-    """One forward pass (with the embedding, as :meth:`ServedModel.infer` runs it) at the largest batch.
+#: Forward passes :func:`warm_up` makes at the largest batch (measured: the first two are the slow ones).
+WARM_UP_PASSES = 2
 
-    Why: the first call at a batch size the runtime has not seen grows its memory arena. With
-    the 512-px two-view FracAtlas model on 2 cores the first batch of 16 took 2.8 s where the
-    next ones took 1.3-1.5 s, so the 16-client level's p99 was 2.1x its p50 (the benchmark's
-    server log); after a start or a champion swap that cost fell on the first full batch of
-    radiologists' requests. Smaller batches reuse the arena sized here. The model worker
-    is not ready (and a swapped-in champion not current) until this returns.
+
+def warm_up(runner: LogitRunner, input_shape: tuple[int, ...], max_batch_size: int) -> None:
+    """Forward passes (with the embedding, as :meth:`ServedModel.infer` runs them) at the largest batch.
+
+    Why: the first calls at a batch size the runtime has not seen are slower while it sizes its
+    memory. Measured with the 512-px two-view FracAtlas model (ONNX Runtime, 2 cores, quiet, after
+    the backend choice's batch-8 timing): batch 16 took 1.78 s and 2.02 s on its first two calls,
+    then 1.28 and 1.31 s (batch 12 in between: 1.18 s). Without this the first full batches after a
+    start or a champion swap pay that, on radiologists' requests. The model worker is not ready
+    (and a swapped-in champion not current) until this returns.
     """
-    runner.with_embedding(np.zeros((max(1, int(max_batch_size)), *input_shape), dtype=np.float32))
+    x = np.zeros((max(1, int(max_batch_size)), *input_shape), dtype=np.float32)
+    for _ in range(WARM_UP_PASSES):
+        runner.with_embedding(x)
 
 
 class ModelSlot:
