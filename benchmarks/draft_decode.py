@@ -276,6 +276,7 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
         raise SystemExit("--bundle needs --cache (the run's preprocessed cache: its test split is scored)")
     torch.set_num_threads(1)
     bundle = ModelBundle.load(args.bundle)
+    trained_version = bundle.preprocess_spec.version
     if args.spec_version is not None:
         bundle = _as_version(bundle, args.cache, args.spec_version)
     net = bundle.build_model().eval()
@@ -316,7 +317,7 @@ def _main_bundle(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[s
         settings={"image_size": size, "n_train": 0, "n_test": len(test), "n_test_large": int(large.sum()),
                   "draft_margin": DRAFT_MARGIN, "seed": args.seed, "scorer": f"served bundle ({bundle.arch})",
                   "served_hint_px": served_hint, "preprocess_version": bundle.preprocess_spec.version,
-                  "trained_preprocess_version": ModelBundle.load(args.bundle).preprocess_spec.version},
+                  "trained_preprocess_version": trained_version},
         goals=goals,
         notes=[
             f"scorer: the served bundle itself ({bundle.arch} at {size} px, its own preprocessing and calibration); "

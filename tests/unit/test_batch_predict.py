@@ -89,6 +89,30 @@ def test_folder_with_broken_files(folder, model, tmp_path):
     assert good["probability"].astype(float).std() > 1e-3
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_a_non_utf8_file_name_gets_its_row_not_a_crash(tmp_path, model, fmt):
+    """A PACS export's Latin-1 name (bytes that are not UTF-8) is scored and written back as the
+    same bytes (CSV) or an escaped string (JSON lines); strict UTF-8 output crashed the whole run."""
+    import os
+
+    root = tmp_path / "in"
+    root.mkdir()
+    make_png(root / "plain.png", seed=4)
+    name = os.fsencode(root) + b"/M\xfcller_\xff.png"
+    with open(name, "wb") as fh:
+        fh.write((root / "plain.png").read_bytes())
+    out = tmp_path / f"preds.{fmt}"
+    s = predict_to_file(root, model, out, batch_size=2, backend="torch", progress=False)
+    assert (s.n_total, s.n_ok, s.exit_code) == (2, 2, 0)
+    if fmt == "csv":
+        rows = pd.read_csv(out, keep_default_na=False, encoding="utf-8", encoding_errors="surrogateescape")
+        assert os.fsencode(rows["path"].iloc[0]) == name or os.fsencode(rows["path"].iloc[1]) == name
+    else:
+        rows = pd.DataFrame([json.loads(line) for line in out.read_text().splitlines()])
+        assert sorted(os.fsencode(p) for p in rows["path"]) == sorted([name, os.fsencode(root / "plain.png")])
+    assert rows["probability"].astype(float).nunique() == 1  # the same pixels, the same answer
+
+
 def test_all_ok_exit_code_jsonl_and_gradcam(tmp_path, model):
     img = make_png(tmp_path / "x.png", size=(64, 48))
     out = tmp_path / "p.jsonl"

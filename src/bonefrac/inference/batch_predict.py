@@ -171,7 +171,9 @@ class RowWriter:
         # Rows stream into a temp file beside ``out``; commit() renames it into place.
         self._atomic = atomic_path(out)
         self.tmp = self._atomic.__enter__()
-        self.fh = self.tmp.open("w", newline="", encoding="utf-8")
+        # surrogateescape: a file name that is not UTF-8 (os.fsdecode keeps its bytes as surrogates) is
+        # written back as those bytes, so the row names the file the user gave; strict UTF-8 crashed here.
+        self.fh = self.tmp.open("w", newline="", encoding="utf-8", errors="surrogateescape")
         self.csv = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore") if fmt == "csv" else None
         if self.csv:
             self.csv.writeheader()
