@@ -81,6 +81,81 @@ def stage_cache(cache_dir: Path, size: int, budget_s: float | None) -> None:
     )
 
 
+S8_FILE, S8_DONE = "s8.f16", "done8.npy"
+
+
+def _s8_shape(cache) -> tuple[int, ...]:
+    from bonefrac.model.dense import S8_CHANNELS
+
+    g8 = cache.image_size // 8
+    return (2, len(cache.records), S8_CHANNELS, g8, g8)
+
+
+def stage_cache8(cache_dir: Path, batch_size: int = 16, check_batches: int = 4) -> None:
+    """Add the stride-8 tap (``blocks.2``, 40 ch) to an existing cache: ``s8.f16`` + ``done8.npy``, resumable.
+
+    Every image is decoded again with the cache's own preprocessing spec (``meta.json``) and run
+    through the frozen stem..blocks.2; for the first ``check_batches`` batches the pass continues to
+    ``blocks.4`` and must reproduce the stored stride-16 map (else the decode differs: refused).
+    """
+    from bonefrac.model.dense import FrozenTrunk
+    from bonefrac.model.transforms import PreprocessSpec
+    from bonefrac.training.feature_cache import _decode
+
+    cache = open_feature_cache(cache_dir)
+    spec = PreprocessSpec(**cache.meta["preprocess"])
+    shape = _s8_shape(cache)
+    if not (cache_dir / S8_DONE).exists():
+        np.memmap(cache_dir / S8_FILE, dtype=np.float16, mode="w+", shape=shape).flush()
+        np.save(cache_dir / S8_DONE, np.zeros(shape[:2], dtype=bool))
+    s8 = np.memmap(cache_dir / S8_FILE, dtype=np.float16, mode="r+", shape=shape)
+    done8 = np.load(cache_dir / S8_DONE)
+    paths = cache.records["path"].tolist()
+    todo = [(v, i) for v in (0, 1) for i in range(shape[1]) if cache.done[v, i] and not done8[v, i]]
+    log(f"stride-8 tap: {len(todo)} passes to run ({int(done8.sum())} cached), preprocessing v{spec.version}")
+    trunk = FrozenTrunk(last_block=4)
+    t0 = time.perf_counter()
+    for nb, b0 in enumerate(range(0, len(todo), batch_size)):
+        chunk = todo[b0 : b0 + batch_size]
+        x = torch.stack([_decode(paths[i], spec)[0] for _, i in chunk])
+        flip = torch.tensor([v == 1 for v, _ in chunk])
+        x[flip] = x[flip].flip(-1)
+        with torch.inference_mode():
+            h = trunk.bn1(trunk.conv_stem(trunk.input_adapter(x)))
+            for k in range(3):
+                h = trunk.blocks[k](h)
+            if nb < check_batches:
+                s16 = trunk.blocks[4](trunk.blocks[3](h))
+                stored = torch.from_numpy(np.stack([cache.s16[v, i] for v, i in chunk]).astype(np.float32))
+                err = float((s16 - stored).abs().max())
+                if err > 0.05:
+                    raise SystemExit(f"stride-16 map not reproduced (max |diff| {err:.3g}): decode differs")
+        for j, (v, i) in enumerate(chunk):
+            s8[v, i] = h[j].numpy().astype(np.float16)
+            done8[v, i] = True
+        if nb % 20 == 19 or b0 + batch_size >= len(todo):
+            s8.flush()
+            np.save(cache_dir / S8_DONE, done8)
+            nd = min(b0 + batch_size, len(todo))
+            el = time.perf_counter() - t0
+            log(f"  {nd}/{len(todo)}  {el / 60:.1f} min  eta {(len(todo) - nd) * el / nd / 60:.1f} min")
+
+
+def attach_s8(data, cache_dir: Path, cache) -> None:
+    """Load the stride-8 tap and the dense targets on its grid into ``data`` (for variants with ``"s8": True``)."""
+    from bonefrac.model.dense import box_target_map
+
+    shape = _s8_shape(cache)
+    done8 = np.load(cache_dir / S8_DONE)
+    if not (done8 >= cache.done).all():
+        raise SystemExit("the stride-8 tap is incomplete: run --stage cache8 first")
+    s8 = np.memmap(cache_dir / S8_FILE, dtype=np.float16, mode="r", shape=shape)
+    data.s8_all = torch.from_numpy(np.ascontiguousarray(s8[0]))
+    data.s8f_all = torch.from_numpy(np.ascontiguousarray(s8[1])) if data.s16_flip is not None else None
+    grid = shape[-1]
+    data.targets8 = torch.stack([box_target_map(b, cache.image_size, grid) for b in data.boxes_cache])
+
+
 # ------------------------------------------------------------------ training and evaluation
 VARIANTS: dict[str, dict] = {
     # name: head kind, head kwargs, box-loss weight; optional: "s32" (which stride-32 input the head
@@ -104,6 +179,13 @@ VARIANTS: dict[str, dict] = {
 }
 # Seed-ensemble members: the preset's variant with the training seeds offset.
 VARIANTS.update({f"dense_lse_box_b6_s{k}": {**VARIANTS["dense_lse_box_b6"], "seed": k} for k in (1, 2)})
+# The stride-8 level: FPN on blocks.2 (frozen, cached by --stage cache8), a logit per 8-px cell.
+VARIANTS["dense_lse_box_b6_s8"] = {
+    **VARIANTS["dense_lse_box_b6"], "kw": {**VARIANTS["dense_lse_box_b6"]["kw"], "s8_channels": 40}, "s8": True,
+}
+# Box targets peaked at the box centre (train.dense.box_profile: centre) instead of flat over the grown box.
+VARIANTS["dense_lse_box_b6_centre"] = {**VARIANTS["dense_lse_box_b6"], "profile": "centre"}
+VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 
 def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
@@ -145,7 +227,11 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
         targets[i] = box_target_map(mapped, size, grid)
     has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
     has_map = (labels == 0) | has_boxes
+    # The centre-peaked profile (variant "profile": "centre") on the same grid.
+    data_centre = torch.stack([box_target_map(b, size, grid, profile="centre") for b in boxes_cache])
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
+    data.boxes_cache = boxes_cache  # type: ignore[attr-defined]
+    data.targets_centre = data_centre  # type: ignore[attr-defined]
     # The raw blocks.5 maps, for heads that train blocks.6 themselves (variant "s32": "raw").
     data.s32_raw = torch.from_numpy(s32_raw)  # type: ignore[attr-defined]
     data.s32f_raw = (  # type: ignore[attr-defined]
@@ -166,6 +252,12 @@ def variant_data(data, v: dict):
         d = dataclasses.replace(data, s32=torch.zeros(len(data.labels), 1, 1, 1, dtype=torch.float16),
                                 s32_flip=None if data.s32_flip is None else
                                 torch.zeros(len(data.labels), 1, 1, 1, dtype=torch.float16))
+    if v.get("s8"):
+        d = dataclasses.replace(d, s8=data.s8_all, s8_flip=data.s8f_all, targets=data.targets8)
+    if v.get("profile") == "centre":
+        if v.get("s8"):
+            raise SystemExit("centre-profile targets are built on the stride-16 grid only")
+        d = dataclasses.replace(d, targets=data.targets_centre)
     if v.get("exact_flips", True) is False:
         d = dataclasses.replace(d, flip_ok=torch.zeros(len(data.labels), dtype=torch.bool))
     return d
@@ -375,7 +467,7 @@ def stage_cv(
 
     Each variant is scored alone and with flip TTA (mean of the logits and maps of the image and
     its exact mirror); ``ensembles`` (``a+b``) average the logits of variants trained on the same
-    folds (the map shown is the first member's)."""
+    folds (and their maps where all are dense maps on one grid; else the map is the first member's)."""
     from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -390,6 +482,8 @@ def stage_cv(
     skf = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=42)
     folds = [rows[te] for _, te in skf.split(rows, strata, sp["group_id"].to_numpy()[rows])]
     data, boxes = load_cached_set(cache, df)
+    if any(VARIANTS[v].get("s8") for v in variants):
+        attach_s8(data, cache_dir, cache)
     y = data.labels.numpy().astype(int)
     size = cache.image_size
     result = {"name": "fracatlas_dense_cv", "k": k, "epochs": epochs, "n": len(rows), "rows": []}
@@ -428,11 +522,14 @@ def stage_cv(
                 if tta:
                     zv = np.mean([(p["zv"] + p["zv2"]) / 2 for p in ps], axis=0)
                     zt = np.mean([(p["zt"] + p["zt2"]) / 2 for p in ps], axis=0)
-                    mt = (ps[0]["mt"] + ps[0]["mt2"]) / 2
+                    maps = [(p["mt"] + p["mt2"]) / 2 for p in ps]
                 else:
                     zv = np.mean([p["zv"] for p in ps], axis=0)
                     zt = np.mean([p["zt"] for p in ps], axis=0)
-                    mt = ps[0]["mt"]
+                    maps = [p["mt"] for p in ps]
+                # Members on one grid (a seed ensemble): the mean logit map, as HeadEnsemble shows it.
+                same_grid = all(mm.shape == maps[0].shape for mm in maps) and kind == "dense"
+                mt = np.mean(maps, axis=0) if same_grid else maps[0]
                 m = score(kind, zv, zt, mt, va, te)
                 m.update(train_minutes=0.0, n_test=len(te), pos_test=int(y[te].sum()))
                 per_fold.append(m)
@@ -478,7 +575,7 @@ def stage_cv(
                 f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
             )
         extra = {"epochs": ep, "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
-                 "seed": int(v.get("seed", 0))}
+                 "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area")}
         summarise(name, per_fold, pz, py, extra)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)
         for ens in ensembles or []:  # as soon as its members are trained
@@ -511,7 +608,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["cache", "train", "cv", "all"], default="all")
+    ap.add_argument("--stage", choices=["cache", "cache8", "train", "cv", "all"], default="all")
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--cache-dir", type=Path, default=REPO / "tmp" / "dense_cache")
     ap.add_argument("--cache-budget-s", type=float, default=None)
@@ -525,6 +622,8 @@ def main() -> None:
     cache_dir = args.cache_dir / f"s{args.size}"
     if args.stage in ("cache", "all"):
         stage_cache(cache_dir, args.size, args.cache_budget_s)
+    if args.stage == "cache8":
+        stage_cache8(cache_dir)
     if args.stage in ("train", "all"):
         stage_train(cache_dir, records(), args.out, args.variants.split(","), args.epochs)
     if args.stage == "cv":

@@ -159,6 +159,7 @@ class ModelParams(Strict):
         "monai_densenet3d", "monai_resnet3d", "mip_efficientnet3d",
         "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5", "efficientnet_lite0_dense_x3",
         "efficientnet_lite0_dense_tta",
+        "efficientnet_lite0_dense_s8_tta",
     ] = "efficientnet_lite0"
     # none | imagenet (torchvision's mechanism) | efficientnet_lite_offline | path to a checkpoint
     pretrained: str = "efficientnet_lite_offline"
@@ -202,6 +203,9 @@ class DenseTrainParams(Strict):
 
     box_weight: float = Field(1.0, ge=0.0, description="weight of the dense box loss beside the image loss")
     box_grow_cells: float = Field(0.5, ge=0.0, le=4.0, description="boxes grown by this many map cells per side")
+    box_profile: Literal["area", "centre"] = Field(
+        "area", description="dense target inside a box: flat (area share) or peaked at the box centre (Gaussian)"
+    )
     focal_gamma: float = Field(0.0, ge=0.0, description="focal modulation of the dense loss (0: plain BCE)")
     # exact: the mirrored image through the trunk (cached; costs a second trunk pass per training image);
     # features: mirror the cached feature maps (approximate, free); none: no flip augmentation.

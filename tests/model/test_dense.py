@@ -140,3 +140,46 @@ def test_flip_tta_arch_averages_the_image_and_its_mirror():
         assert torch.allclose(m, (m1 + m2.flip(-1)) / 2, atol=1e-5)
         assert torch.allclose(tta(x.flip(-1)), z, atol=1e-5)
         assert torch.allclose(tta.features(x), plain.features(x), atol=1e-5)  # the embedding: the image's own
+
+
+def test_stride8_level_refines_the_map_from_the_blocks2_tap():
+    """A head with ``s8_channels`` maps per stride-8 cell, needs the stride-8 input (and a head
+    without the level refuses one); the trunk with ``tap8`` returns blocks.2's output as that input."""
+    from bonefrac.model.dense import FrozenTrunk
+
+    trunk = FrozenTrunk(pretrained="none", last_block=6, tap8=True)
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        s16, s32, s8 = trunk(x)
+        h = trunk.bn1(trunk.conv_stem(trunk.input_adapter(x)))
+        for i in range(3):
+            h = trunk.blocks[i](h)
+    assert torch.equal(s8, h) and s8.shape == (2, 40, 8, 8) and s16.shape[-1] == 4
+    assert len(FrozenTrunk(pretrained="none", last_block=6)(x)) == 2
+    head = DenseFractureHead(s16_channels=112, s32_channels=320, s8_channels=40).eval()
+    z, m = head(s16, s32, s8)
+    assert m.shape == (2, 1, 8, 8) and z.shape == (2, 1)
+    # The fine tap moves the map: the same stride-16/32 inputs with another s8 give another map.
+    assert not torch.allclose(head(s16, s32, torch.randn_like(s8))[1], m)
+    with pytest.raises(ValueError, match="stride-8"):
+        head(s16, s32)
+    with pytest.raises(ValueError, match="stride-8"):
+        DenseFractureHead(s16_channels=112, s32_channels=320)(s16, s32, s8)
+
+
+def test_centre_profile_peaks_inside_the_box_where_the_area_profile_is_a_plateau():
+    """A 33 × 30 px box at 512 px (a median FracAtlas fracture): the flat (area) target is 1 on four
+    cells and up to 0.8 on cells whose centres lie outside the box; the centre profile is 1 on the one
+    cell holding the box centre and small on every cell whose centre is outside the box."""
+    box = [[100.0, 100.0, 33.0, 30.0]]
+    area = box_target_map(box, 512, 32)
+    centre = box_target_map(box, 512, 32, profile="centre")
+    centres = (torch.arange(32) + 0.5) * 16
+    inside = ((centres >= 100) & (centres <= 130))[:, None] & ((centres >= 100) & (centres <= 133))[None, :]
+    assert int((area == 1).sum()) == 4 and float(area[~inside].max()) > 0.5
+    assert int((centre == 1).sum()) == 1 and bool(inside[centre == 1].all())
+    assert int(centre.argmax()) == 7 * 32 + 7  # the cell of the box centre (116.5, 115)
+    assert float(centre[~inside].max()) < 0.2
+    assert torch.allclose(box_target_map(box, 512, 32, flip=True, profile="centre"), centre.flip(-1))
+    with pytest.raises(ValueError, match="profile"):
+        box_target_map(box, 512, 32, profile="gauss")  # type: ignore[arg-type]

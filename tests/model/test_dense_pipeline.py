@@ -166,3 +166,63 @@ def test_head_ensemble_trains_each_member_and_averages_their_logits_and_maps(tra
     assert torch.allclose(z, torch.stack([e[0] for e in each]).mean(0), atol=1e-6)
     assert torch.allclose(own_map, torch.stack([e[1] for e in each]).mean(0), atol=1e-6)
     assert float(torch.stack([e[0] for e in each]).std(0).max()) > 1e-4  # the members disagree somewhere
+
+
+def test_stride8_arch_trains_on_a_cached_blocks2_tap_and_maps_per_8px_cell(trained):
+    """`efficientnet_lite0_dense_s8_tta`: the trunk cache stores blocks.2 (stride 8) too, in its own
+    folder (same weights, one more map); the logit map is on the stride-8 grid (the dense loss
+    would refuse stride-16 targets); the bundle from pixels matches the head on the cached maps and
+    averages the image with its mirror. Fails if the tap is dropped, the cache key ignores the extra
+    output (the two-map folder would be reused), the s8 level does not train or is skipped at inference."""
+    tmp, cache, _ = trained
+    arch = "efficientnet_lite0_dense_s8_tta"
+    mp = ModelParams(arch=arch, pretrained="efficientnet_lite_offline", multitask=False)
+    tp = TrainParams(epochs=2, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(feature_dtype="float32"))
+    result = run_training(cache, tmp / "train_s8", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                          features_dir=tmp / "features")  # fmt: skip
+    folders = [p for p in (tmp / "features").iterdir() if p.is_dir()]
+    with_s8 = [p for p in folders if (p / "s8.npy").exists()]
+    assert len(folders) >= 2 and len(with_s8) == 1  # a folder of its own beside the two-map cache
+    rows = np.load(with_s8[0] / "rows.npy")
+    s16, s32, s8 = (np.load(with_s8[0] / f"{k}.npy")[0] for k in ("s16", "s32", "s8"))
+    assert s8.shape[1:] == (40, SIZE // 8, SIZE // 8)
+    bundle = ModelBundle.load(result.best_model_path)
+    fresh = build_model(arch, 0, "efficientnet_lite_offline").state_dict()
+    assert not torch.equal(fresh["head.lat8.weight"], bundle.state_dict["head.lat8.weight"])  # the s8 level trained
+    tta, plain = bundle.build_model().eval(), bundle.build_model().eval()
+    plain.flip_tta = False
+    images, _ = load_cache(cache)
+    x = torch.from_numpy(np.asarray(images[rows], dtype=np.float32))
+    with torch.no_grad():
+        z_cache, m_cache = tta.head(*(torch.from_numpy(a) for a in (s16, s32, s8)))
+        z, m = plain(x), plain.evidence_map(x)
+        z_mirror, m_mirror = plain(x.flip(-1)), plain.evidence_map(x.flip(-1))
+        z_tta, m_tta = tta(x), tta.evidence_map(x)
+    assert m.shape == (len(rows), 1, SIZE // 8, SIZE // 8)
+    assert torch.allclose(z, z_cache, atol=1e-4) and torch.allclose(m, m_cache, atol=1e-4)
+    assert torch.allclose(z_tta, (z + z_mirror) / 2, atol=1e-5)
+    assert torch.allclose(m_tta, (m + m_mirror.flip(-1)) / 2, atol=1e-5)
+    assert compute_cam(tta, x[:2]).shape == (2, SIZE, SIZE)
+
+
+def test_box_profile_setting_reaches_the_dense_targets(trained, monkeypatch):
+    """`train.dense.box_profile` is what the train stage builds its dense targets with (a dropped
+    setting would train the flat area targets whatever the params say)."""
+    import bonefrac.model.dense as dense
+
+    tmp, cache, _ = trained
+    seen: list[str] = []
+    real = dense.box_target_map
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("profile", "area"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dense, "box_target_map", spy)
+    mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
+    for profile in ("centre", "area"):
+        tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1,
+                         dense=DenseTrainParams(feature_dtype="float32", box_profile=profile))
+        run_training(cache, tmp / f"train_{profile}", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                     features_dir=tmp / "features")  # fmt: skip
+    assert seen and set(seen[: len(seen) // 2]) == {"centre"} and set(seen[len(seen) // 2 :]) == {"area"}

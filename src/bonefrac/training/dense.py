@@ -35,7 +35,7 @@ from torch import nn
 from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.model.dense import HeadEnsemble, dense_loss
+from bonefrac.model.dense import S8_CHANNELS, S16_CHANNELS, S32_CHANNELS, HeadEnsemble, dense_loss
 from bonefrac.training.loop import BEST_MODEL, SUMMARY, TrainResult, _Curves, seed_everything
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ class CachedSet:
     s16_flip: torch.Tensor | None = None  # exact mirrored view where available
     s32_flip: torch.Tensor | None = None
     flip_ok: torch.Tensor | None = None  # (N,) bool
+    s8: torch.Tensor | None = None  # (N, C8, 2G, 2G) float16: the stride-8 tap, for heads with an s8 level
+    s8_flip: torch.Tensor | None = None
 
 
 @dataclass
@@ -68,23 +70,24 @@ class HeadTrainConfig:
     class_weighted: bool = True  # image BCE weighted by n_neg / n_pos (the logit shift Platt scaling undoes)
 
 
-def _views(data: CachedSet, idx: torch.Tensor, flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s16 = data.s16[idx].float()
-    s32 = data.s32[idx].float()
+def _views(
+    data: CachedSet, idx: torch.Tensor, flip: torch.Tensor
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """The head's inputs ``(s16, s32[, s8])`` (float32) and dense targets for rows ``idx``, mirrored where ``flip``."""
+    levels = [(data.s16, data.s16_flip), (data.s32, data.s32_flip)]
+    if data.s8 is not None:
+        levels.append((data.s8, data.s8_flip))
+    feats = [orig[idx].float() for orig, _ in levels]
     tgt = data.targets[idx].clone()
     if bool(flip.any()):
         f = flip.nonzero().flatten()
         exact = data.flip_ok[idx[f]] if data.flip_ok is not None else torch.zeros(len(f), dtype=torch.bool)
         for k, fi in enumerate(f.tolist()):
             i = int(idx[fi])
-            if bool(exact[k]):
-                s16[fi] = data.s16_flip[i].float()
-                s32[fi] = data.s32_flip[i].float()
-            else:
-                s16[fi] = s16[fi].flip(-1)
-                s32[fi] = s32[fi].flip(-1)
+            for x, (_, mirrored) in zip(feats, levels, strict=True):
+                x[fi] = mirrored[i].float() if bool(exact[k]) else x[fi].flip(-1)
         tgt[f] = tgt[f].flip(-1)
-    return s16, s32, tgt
+    return tuple(feats), tgt
 
 
 @torch.no_grad()
@@ -97,8 +100,8 @@ def predict(
     t = torch.as_tensor(np.asarray(idx))
     for b in range(0, len(t), batch_size):
         bi = t[b : b + batch_size]
-        s16, s32, _ = _views(data, bi, torch.full((len(bi),), flip))
-        z, m = head(s16, s32)
+        feats, _ = _views(data, bi, torch.full((len(bi),), flip))
+        z, m = head(*feats)
         if flip:
             m = m.flip(-1)
         logits.append(z[:, 0])
@@ -137,8 +140,8 @@ def train_head(
             flip = (
                 torch.as_tensor(rng.random(len(bi)) < 0.5) if cfg.flip_aug else torch.zeros(len(bi), dtype=torch.bool)
             )
-            s16, s32, tgt = _views(data, bi, flip)
-            z, m = head(s16, s32)
+            feats, tgt = _views(data, bi, flip)
+            z, m = head(*feats)
             li = F.binary_cross_entropy_with_logits(z[:, 0], y[bi], pos_weight=pos_weight)
             loss = li
             if cfg.box_weight > 0:
@@ -206,8 +209,10 @@ class _AfterLate(nn.Module):
         super().__init__()
         self.head = head
 
-    def forward(self, s16: torch.Tensor, late32: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head.forward_after_late(s16, late32)
+    def forward(
+        self, s16: torch.Tensor, late32: torch.Tensor, s8: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head.forward_after_late(s16, late32, s8)
 
 
 @torch.no_grad()
@@ -221,14 +226,14 @@ def _apply_late(head: nn.Module, s16: np.ndarray, s32: np.ndarray, batch: int = 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _trunk_fn(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Pixels → (blocks.4, blocks.5) maps with the pretrained weights, whatever the arch's split."""
+def _trunk_fn(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Pixels → (blocks.4, blocks.5[, blocks.2]) maps with the pretrained weights, whatever the arch's split."""
 
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s16, s32 = net.trunk(x)
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s16, s32, *s8 = net.trunk(x)
         if s32 is None:  # the head holds blocks.5: the cache stores its pretrained output
             s32 = net.head.blocks5(s16)
-        return s16, s32
+        return (s16, s32, *s8)
 
     return run
 
@@ -256,7 +261,7 @@ def train_dense_model(
     from bonefrac.model.networks import build_model
     from bonefrac.preprocess.cache import IMAGES_FILE, cache_spec, load_cache
     from bonefrac.training.data import DataError, split_rows
-    from bonefrac.training.feature_cache import build_trunk_cache, trunk_cache_key
+    from bonefrac.training.feature_cache import TRUNK_OUTPUTS, build_trunk_cache, trunk_cache_key
 
     tp, mp, dp = train_params, model_params, train_params.dense
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
@@ -274,41 +279,55 @@ def train_dense_model(
     rows_df = pd.concat([tr_rows, va_rows])
     n_tr = len(tr_rows)
     net = build_model(mp.arch, 0, mp.pretrained).eval()
-    size, grid = spec.image_size, spec.image_size // 16
+    tap8 = bool(getattr(net.trunk, "tap8", False))
+    size = spec.image_size
+    grid = size // (8 if tap8 else 16)  # the logit map's grid: the dense targets'
+    shapes = [(S16_CHANNELS, size // 16, size // 16), (S32_CHANNELS, size // 32, size // 32)]
+    if tap8:
+        shapes.append((S8_CHANNELS, size // 8, size // 8))
     mirror = np.array([dp.flip == "exact"] * n_tr + [False] * len(va_rows))
     rows = rows_df["cache_row"].to_numpy(dtype=np.int64)
     frozen = nn.ModuleList([net.trunk] + ([net.head.blocks5] if net.head.blocks5 is not None else []))
-    key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen, dp.feature_dtype)
+    key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen, dp.feature_dtype, shapes)
     t_cache = time.perf_counter()
     feats = build_trunk_cache(
-        images, rows, mirror, Path(features_dir) / key, _trunk_fn(net),
-        ((112, grid, grid), (192, size // 32, size // 32)), dp.feature_dtype, progress=log.info,
+        images, rows, mirror, Path(features_dir) / key, _trunk_fn(net), shapes, dp.feature_dtype, progress=log.info,
     )  # fmt: skip
     cache_minutes = (time.perf_counter() - t_cache) / 60
+    del images  # unmap the preprocessed pixels: their pages count in the stage's peak memory
 
-    # In memory: the stride-16 maps, and the stride-32 input the trainable part needs.
+    # In memory: the stride-16 maps, the stride-32 input the trainable part needs (and the stride-8 tap).
+    # Read whole (not through the memmaps): mapped pages and their copies would count twice.
+    arrays = {name: np.load(feats.root / f"{name}.npy") for name in TRUNK_OUTPUTS if getattr(feats, name) is not None}
+    del feats
     members = list(net.head.members) if isinstance(net.head, HeadEnsemble) else [net.head]
-    s16 = torch.from_numpy(np.array(feats.s16[0]))
-    s16f = torch.from_numpy(np.array(feats.s16[1])) if mirror.any() else None
+    s16 = torch.from_numpy(arrays["s16"][0])
+    s16f = torch.from_numpy(arrays["s16"][1]) if mirror.any() else None
     late_frozen = not dp.train_late_blocks
     if late_frozen:  # precompute the frozen late blocks once (equal in every member); train FPN + logit heads
-        s32 = _apply_late(members[0], feats.s16[0], feats.s32[0])
-        s32f = _apply_late(members[0], feats.s16[1], feats.s32[1]) if mirror.any() else None
+        s32 = _apply_late(members[0], arrays["s16"][0], arrays["s32"][0])
+        s32f = _apply_late(members[0], arrays["s16"][1], arrays["s32"][1]) if mirror.any() else None
+        del arrays["s32"]
         trainees: list[nn.Module] = [_AfterLate(m) for m in members]
     else:
-        s32 = torch.from_numpy(np.array(feats.s32[0]))
-        s32f = torch.from_numpy(np.array(feats.s32[1])) if mirror.any() else None
+        s32 = torch.from_numpy(arrays["s32"][0])
+        s32f = torch.from_numpy(arrays["s32"][1]) if mirror.any() else None
         trainees = members
     for name, p in net.head.named_parameters():
         late_block = bool({"blocks5", "blocks6"} & set(name.split(".")))
         p.requires_grad_(dp.train_late_blocks or not late_block)
     labels = torch.tensor(rows_df["label"].astype(int).to_numpy(), dtype=torch.float32)
     boxes = [row_boxes(r, size) for _, r in rows_df.iterrows()]
-    targets = torch.stack([box_target_map(b, size, grid, grow=dp.box_grow_cells) for b in boxes])
+    targets = torch.stack(
+        [box_target_map(b, size, grid, grow=dp.box_grow_cells, profile=dp.box_profile) for b in boxes]
+    )
     has_boxes = torch.tensor([len(b) > 0 for b in boxes])
     has_map = (labels == 0) | has_boxes
     flip_ok = torch.from_numpy(mirror.copy()) if dp.flip == "exact" else torch.zeros(len(rows), dtype=torch.bool)
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
+    if "s8" in arrays:
+        data.s8 = torch.from_numpy(arrays["s8"][0])
+        data.s8_flip = torch.from_numpy(arrays["s8"][1]) if mirror.any() else None
     log.info(
         "dense head: %d train (%d fractured, %d with boxes), %d val; feature cache %.1f min",
         n_tr, int(labels[:n_tr].sum()), int(has_boxes[:n_tr].sum()), len(va_rows), cache_minutes,

@@ -224,8 +224,9 @@ def build_feature_cache(
 class TrunkFeatures:
     """The train stage's cache of frozen-trunk features for chosen rows of the preprocessed cache.
 
-    ``s16[v, k]`` / ``s32[v, k]``: view ``v`` (0 = the image, 1 = its mirror) of ``rows[k]``
-    (a row of ``data/processed/images.npy``); the mirror view exists where ``mirrored[k]``.
+    ``s16[v, k]`` / ``s32[v, k]`` (/ ``s8[v, k]`` for a trunk with the stride-8 tap): view ``v``
+    (0 = the image, 1 = its mirror) of ``rows[k]`` (a row of ``data/processed/images.npy``); the
+    mirror view exists where ``mirrored[k]``.
     """
 
     root: Path
@@ -233,11 +234,24 @@ class TrunkFeatures:
     mirrored: np.ndarray
     s16: np.ndarray
     s32: np.ndarray
+    s8: np.ndarray | None = None
 
 
-def trunk_cache_key(images_path: Path, rows: np.ndarray, mirror: np.ndarray, trunk: torch.nn.Module, dtype: str) -> str:
+#: The trunk outputs in the order a trunk function returns them (the stride-8 tap last, optional).
+TRUNK_OUTPUTS = ("s16", "s32", "s8")
+
+
+def trunk_cache_key(
+    images_path: Path,
+    rows: np.ndarray,
+    mirror: np.ndarray,
+    trunk: torch.nn.Module,
+    dtype: str,
+    shapes: Sequence[tuple[int, ...]] = (),
+) -> str:
     """Content hash of everything the features depend on: the preprocessed pixels, the rows, the
-    mirrored rows, the trunk's weights and the storage dtype. A changed input makes a new folder."""
+    mirrored rows, the trunk's weights, the storage dtype and the stored outputs' shapes (a trunk
+    with the stride-8 tap has the same weights but stores one more map). A changed input makes a new folder."""
     import hashlib
 
     h = hashlib.sha256()
@@ -250,6 +264,8 @@ def trunk_cache_key(images_path: Path, rows: np.ndarray, mirror: np.ndarray, tru
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(dtype.encode())
+    if len(shapes) > 2:  # two-output keys stay as they were (existing caches remain valid)
+        h.update(repr([tuple(sh) for sh in shapes]).encode())
     return h.hexdigest()[:16]
 
 
@@ -258,8 +274,8 @@ def build_trunk_cache(
     rows: Sequence[int],
     mirror: Sequence[bool],
     root: Path | str,
-    trunk_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
-    shapes: tuple[tuple[int, ...], tuple[int, ...]],
+    trunk_fn: Callable[[torch.Tensor], tuple[torch.Tensor, ...]],
+    shapes: Sequence[tuple[int, ...]],
     dtype: str = "float16",
     batch_size: int = 16,
     progress: Callable[[str], None] = log.info,
@@ -267,16 +283,18 @@ def build_trunk_cache(
     """Run ``trunk_fn`` (frozen, eval mode) once per row of ``images`` (and once more on the
     left-right mirror where ``mirror``) into ``.npy`` memmaps under ``root``; resumes an interrupted build.
 
-    ``shapes``: the per-image shapes of the stride-16 and stride-32 outputs. Deterministic:
-    the same pixels and weights give the same bytes, so the folder is a pure cache (keyed by
-    :func:`trunk_cache_key`), rebuilt only when an input changes.
+    ``shapes``: the per-image shapes of the outputs ``trunk_fn`` returns, in :data:`TRUNK_OUTPUTS`
+    order (stride 16, stride 32, and optionally stride 8). Deterministic: the same pixels and
+    weights give the same bytes, so the folder is a pure cache (keyed by :func:`trunk_cache_key`),
+    rebuilt only when an input changes.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     rows = np.asarray(rows, dtype=np.int64)
     mirrored = np.asarray(mirror, dtype=bool)
     n = len(rows)
-    paths = {"s16": root / "s16.npy", "s32": root / "s32.npy"}
+    names = TRUNK_OUTPUTS[: len(shapes)]
+    paths = {name: root / f"{name}.npy" for name in names}
     done_path = root / "done.npy"
     if not done_path.exists():
         for p, sh in zip(paths.values(), shapes, strict=True):
@@ -284,8 +302,7 @@ def build_trunk_cache(
         np.save(root / "rows.npy", rows)
         np.save(root / "mirrored.npy", mirrored)
         np.save(done_path, np.zeros((2, n), dtype=bool))
-    s16 = np.load(paths["s16"], mmap_mode="r+")
-    s32 = np.load(paths["s32"], mmap_mode="r+")
+    maps = {name: np.load(p, mmap_mode="r+") for name, p in paths.items()}
     done = np.load(done_path)
     todo = [(0, k) for k in range(n) if not done[0, k]] + [(1, k) for k in range(n) if mirrored[k] and not done[1, k]]
     if todo:
@@ -297,14 +314,14 @@ def build_trunk_cache(
         flip = torch.tensor([v == 1 for v, _ in chunk])
         x[flip] = x[flip].flip(-1)
         with torch.inference_mode():
-            a, b = trunk_fn(x.contiguous(memory_format=torch.channels_last))
+            outs = trunk_fn(x.contiguous(memory_format=torch.channels_last))
         for j, (v, k) in enumerate(chunk):
-            s16[v, k] = a[j].numpy()
-            s32[v, k] = b[j].numpy()
+            for m, out in zip(maps.values(), outs, strict=True):
+                m[v, k] = out[j].numpy()
             done[v, k] = True
         if (b0 // batch_size) % 20 == 19 or b0 + batch_size >= len(todo):
-            s16.flush()
-            s32.flush()
+            for m in maps.values():
+                m.flush()
             np.save(done_path, done)
             el = time.perf_counter() - t0
             nd = min(b0 + batch_size, len(todo))
@@ -312,8 +329,8 @@ def build_trunk_cache(
                 f"  trunk features {nd}/{len(todo)}: {el / 60:.1f} min, {el / nd * 1000:.0f} ms/pass, "
                 f"eta {(len(todo) - nd) * el / nd / 60:.1f} min"
             )
-    s16.flush()
-    s32.flush()
+    for m in maps.values():
+        m.flush()
     np.save(done_path, done)
-    s16, s32 = (np.load(paths[k], mmap_mode="r") for k in ("s16", "s32"))
-    return TrunkFeatures(root, rows, mirrored, s16, s32)
+    loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
+    return TrunkFeatures(root, rows, mirrored, **loaded)
