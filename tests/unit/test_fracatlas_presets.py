@@ -10,13 +10,15 @@ from bonefrac.presets import load_preset, set_args
 
 
 @pytest.mark.parametrize(
-    ("preset", "excluded", "arch", "size"),
+    ("preset", "excluded", "arch", "size", "profile"),
     [
-        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 512),
-        ("params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384),
+        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 512, "centre"),
+        ("params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384, "area"),
     ],
 )
-def test_fracatlas_presets_validate(preset: str, excluded: list[str] | None, arch: str, size: int) -> None:
+def test_fracatlas_presets_validate(
+    preset: str, excluded: list[str] | None, arch: str, size: int, profile: str
+) -> None:
     args = set_args(preset)  # what `bonefrac exp-run` passes to `dvc exp run` (validates the merged params)
     assert "-S" in args and f"model.arch={arch}" in args
     p = load_params("params.yaml", overrides=load_preset(preset))
@@ -24,7 +26,7 @@ def test_fracatlas_presets_validate(preset: str, excluded: list[str] | None, arc
     assert p.model.arch in DENSE_ARCHS and not p.model.multitask
     assert p.preprocess.image_size == size and p.preprocess.image_size % 32 == 0
     assert p.evaluate.calibration == "platt" and p.evaluate.operating_points.high_sensitivity_target == 0.90
-    assert p.train.dense.flip == "exact"
+    assert p.train.dense.flip == "exact" and p.train.dense.box_profile == profile
 
 
 def test_every_dense_arch_is_a_valid_model_arch() -> None:
