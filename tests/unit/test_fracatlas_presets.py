@@ -12,7 +12,7 @@ from bonefrac.presets import load_preset, set_args
 @pytest.mark.parametrize(
     ("preset", "excluded", "arch", "size", "profile"),
     [
-        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 512, "centre"),
+        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 512, "area"),
         ("params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384, "area"),
     ],
 )
