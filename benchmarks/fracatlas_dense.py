@@ -185,6 +185,9 @@ VARIANTS["dense_lse_box_b6_s8"] = {
 }
 # Box targets peaked at the box centre (train.dense.box_profile: centre) instead of flat over the grown box.
 VARIANTS["dense_lse_box_b6_centre"] = {**VARIANTS["dense_lse_box_b6"], "profile": "centre"}
+# The dense loss weighted 3x against the image loss; boxes not grown (targets = each cell's box overlap).
+VARIANTS["dense_lse_box_b6_bw3"] = {**VARIANTS["dense_lse_box_b6"], "box_weight": 3.0}
+VARIANTS["dense_lse_box_b6_grow0"] = {**VARIANTS["dense_lse_box_b6"], "grow": 0.0}
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 
@@ -227,11 +230,8 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
         targets[i] = box_target_map(mapped, size, grid)
     has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
     has_map = (labels == 0) | has_boxes
-    # The centre-peaked profile (variant "profile": "centre") on the same grid.
-    data_centre = torch.stack([box_target_map(b, size, grid, profile="centre") for b in boxes_cache])
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
     data.boxes_cache = boxes_cache  # type: ignore[attr-defined]
-    data.targets_centre = data_centre  # type: ignore[attr-defined]
     # The raw blocks.5 maps, for heads that train blocks.6 themselves (variant "s32": "raw").
     data.s32_raw = torch.from_numpy(s32_raw)  # type: ignore[attr-defined]
     data.s32f_raw = (  # type: ignore[attr-defined]
@@ -254,10 +254,15 @@ def variant_data(data, v: dict):
                                 torch.zeros(len(data.labels), 1, 1, 1, dtype=torch.float16))
     if v.get("s8"):
         d = dataclasses.replace(d, s8=data.s8_all, s8_flip=data.s8f_all, targets=data.targets8)
-    if v.get("profile") == "centre":
+    profile, grow = v.get("profile", "area"), float(v.get("grow", 0.5))
+    if (profile, grow) != ("area", 0.5):  # targets other than the preset's, built for this variant
         if v.get("s8"):
-            raise SystemExit("centre-profile targets are built on the stride-16 grid only")
-        d = dataclasses.replace(d, targets=data.targets_centre)
+            raise SystemExit("non-default box targets are built on the stride-16 grid only")
+        from bonefrac.model.dense import box_target_map
+
+        size, grid = data.targets.shape[-1] * 16, data.targets.shape[-1]
+        d = dataclasses.replace(d, targets=torch.stack(
+            [box_target_map(b, size, grid, grow=grow, profile=profile) for b in data.boxes_cache]))
     if v.get("exact_flips", True) is False:
         d = dataclasses.replace(d, flip_ok=torch.zeros(len(data.labels), dtype=torch.bool))
     return d
@@ -460,7 +465,7 @@ def _topk_centroid_pointing(maps: np.ndarray, boxes: list, size: int, k: int = 4
 
 def stage_cv(
     cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5,
-    ensembles: list[str] | None = None,
+    ensembles: list[str] | None = None, only_folds: list[int] | None = None,
 ) -> dict:
     """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
     test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains.
@@ -486,11 +491,14 @@ def stage_cv(
         attach_s8(data, cache_dir, cache)
     y = data.labels.numpy().astype(int)
     size = cache.image_size
+    fold_ids = sorted(only_folds) if only_folds else list(range(k))  # a screening run may score a subset
     result = {"name": "fracatlas_dense_cv", "k": k, "epochs": epochs, "n": len(rows), "rows": []}
+    if only_folds:
+        result["folds_run"] = [f + 1 for f in fold_ids]
     if out_path.exists():  # keep rows of variants measured in earlier runs
         old = json.loads(out_path.read_text())
         result["rows"] = [r for r in old.get("rows", []) if r["variant"] not in variants]
-    preds: dict[str, list[dict]] = {}
+    preds: dict[str, dict[int, dict]] = {}
     keys = ("auroc", "ece_platt", "spec_at_val_hs90", "sens_at_val_hs90", "pointing", "pointing_topk",
             "energy_ratio")
 
@@ -516,7 +524,7 @@ def stage_cv(
         kind = VARIANTS[members[0]]["kind"]
         for tta in (False, True):
             per_fold, pz, py = [], [], []
-            for f in range(k):
+            for f in fold_ids:
                 te, va = folds[f], folds[(f + 1) % k]
                 ps = [preds[mb][f] for mb in members]
                 if tta:
@@ -543,8 +551,8 @@ def stage_cv(
         ep = int(v.get("epochs", epochs))
         vdata = variant_data(data, v)
         per_fold, per_fold_tta, pz, pz_tta, py = [], [], [], [], []
-        preds[name] = []
-        for f in range(k):
+        preds[name] = {}
+        for f in fold_ids:
             te, va = folds[f], folds[(f + 1) % k]
             tr = np.concatenate([folds[j] for j in range(k) if j not in (f, (f + 1) % k)])
             seed = f + 1000 * int(v.get("seed", 0))
@@ -558,7 +566,7 @@ def stage_cv(
             zt, mt = predict(head, vdata, te)
             zv2, _ = predict(head, vdata, va, flip=True)
             zt2, mt2 = predict(head, vdata, te, flip=True)
-            preds[name].append({"zv": zv, "zt": zt, "mt": mt, "zv2": zv2, "zt2": zt2, "mt2": mt2})
+            preds[name][f] = {"zv": zv, "zt": zt, "mt": mt, "zv2": zv2, "zt2": zt2, "mt2": mt2}
             m = score(v["kind"], zv, zt, mt, va, te)
             mtta = score(v["kind"], (zv + zv2) / 2, (zt + zt2) / 2, (mt + mt2) / 2, va, te)
             for mm in (m, mtta):
@@ -574,7 +582,8 @@ def stage_cv(
                 f"pointing {m['pointing']:.3f} (top-k {m['pointing_topk']:.3f})  "
                 f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
             )
-        extra = {"epochs": ep, "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
+        extra = {"epochs": ep, "box_weight": v["box_weight"], "grow": float(v.get("grow", 0.5)),
+                 "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
                  "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area")}
         summarise(name, per_fold, pz, py, extra)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)
@@ -615,6 +624,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--folds", default="", help="cv: run only these folds (1-based, comma-separated): a screen")
     ap.add_argument("--ensembles", default="", help="cv: comma-separated a+b logit-averaged ensembles")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -629,7 +639,8 @@ def main() -> None:
     if args.stage == "cv":
         out = args.out.with_name(args.out.stem + "_cv.json")
         stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs,
-                 ensembles=[e for e in args.ensembles.split(",") if e])
+                 ensembles=[e for e in args.ensembles.split(",") if e],
+                 only_folds=[int(f) - 1 for f in args.folds.split(",") if f])
 
 
 if __name__ == "__main__":

@@ -345,3 +345,31 @@ def make_nifti(
     raw = img.to_bytes()
     path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
     return path
+
+
+def displayed_box_to_stored_by_pil(box: list[float], stored_wh: tuple[int, int], orientation: int) -> list[float]:
+    """Where a box drawn on the EXIF-turned image lies in stored pixels, worked out by PIL itself.
+
+    An image whose pixel values are their own stored index is turned by
+    ``ImageOps.exif_transpose``; the indices under the box (whole pixels it covers) give the
+    stored pixels. Independent of :mod:`bonefrac.data.exif_boxes`, so tests can check it.
+    """
+    from PIL import ImageOps
+
+    w, h = stored_wh
+    index = Image.fromarray(np.arange(w * h, dtype=np.int32).reshape(h, w))
+    index.getexif()[0x0112] = orientation
+    shown = np.asarray(ImageOps.exif_transpose(index))
+    x, y, bw, bh = (round(v) for v in box)
+    ys, xs = np.divmod(shown[y : y + bh, x : x + bw], w)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
+
+
+def make_oriented_jpeg(path: str | Path, stored_wh: tuple[int, int], orientation: int) -> Path:
+    """A gray JPEG of ``stored_wh`` pixels whose EXIF says to show it turned by ``orientation``."""
+    path = Path(path)
+    img = Image.fromarray(make_array((stored_wh[1], stored_wh[0])).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    img.save(path, format="JPEG", quality=90, exif=exif)
+    return path

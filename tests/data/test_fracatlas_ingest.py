@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from tests._factories import displayed_box_to_stored_by_pil
 
 from bonefrac.data.ingest import ingest
 from bonefrac.data.sources import FRACATLAS_BODY_PARTS, FRACATLAS_VIEWS
@@ -33,8 +34,17 @@ def _coco(root: Path) -> dict:
     return json.loads((root / COCO).read_text())
 
 
+def _orientation(path: Path) -> int | None:
+    with Image.open(path) as f:
+        return f.getexif().get(0x0112)
+
+
 def _expected_boxes(root: Path, coco: dict) -> dict[str, list[list[float]]]:
-    """COCO boxes scaled to the stored file size, recomputed independently of the adapter."""
+    """COCO boxes scaled to the stored file size, recomputed independently of the adapter.
+
+    A file whose EXIF orientation turns it by 90° and whose COCO size is the turned one was
+    annotated as shown turned: its box is taken back to stored pixels by PIL's own transpose.
+    """
     by_id = {im["id"]: im for im in coco["images"]}
     out: dict[str, list[list[float]]] = {}
     for ann in coco["annotations"]:
@@ -42,11 +52,17 @@ def _expected_boxes(root: Path, coco: dict) -> dict[str, list[list[float]]]:
         folder = (
             "Fractured" if (root / "images" / "Fractured" / im["file_name"]).exists() else "Non_fractured"
         )
-        with Image.open(root / "images" / folder / im["file_name"]) as f:
+        path = root / "images" / folder / im["file_name"]
+        with Image.open(path) as f:
             w, h = f.size
-        sx, sy = w / im["width"], h / im["height"]
+        orientation = _orientation(path)
+        turned = orientation in (5, 6, 7, 8) and (im["width"] > im["height"]) != (w > h)
+        sx, sy = ((h, w) if turned else (w, h))[0] / im["width"], ((h, w) if turned else (w, h))[1] / im["height"]
         x, y, bw, bh = ann["bbox"]
-        out.setdefault(Path(im["file_name"]).stem, []).append([x * sx, y * sy, bw * sx, bh * sy])
+        box = [x * sx, y * sy, bw * sx, bh * sy]
+        if turned:
+            box = displayed_box_to_stored_by_pil(box, (w, h), orientation)
+        out.setdefault(Path(im["file_name"]).stem, []).append(box)
     return out
 
 
@@ -61,9 +77,11 @@ def small_copy(tmp_path_factory) -> Path:
     for folder, n in (("Fractured", 8), ("Non_fractured", 12)):
         (root / "images" / folder).mkdir(parents=True)
         names = sorted(p.name for p in (FRACATLAS / "images" / folder).iterdir())
-        if folder == "Fractured":  # make sure annotated images are among them
+        if folder == "Fractured":  # annotated images, and every annotated one EXIF turns
             names = [x for x in names if x in annotated]
-        for name in names[:n]:
+            turned = [x for x in names[n:] if _orientation(FRACATLAS / "images" / folder / x) not in (None, 1)]
+            names = names[:n] + turned
+        for name in names[: n + len(turned) if folder == "Fractured" else n]:
             (root / "images" / folder / name).symlink_to(FRACATLAS / "images" / folder / name)
             picked.append(name)
     sub = table[table["image_id"].isin(picked)]
@@ -85,8 +103,10 @@ def test_small_fracatlas_layout(small_copy, tmp_path, caplog):
     table_csv = pd.read_csv(small_copy / "dataset.csv", dtype=str).set_index("image_id")
     with caplog.at_level(logging.INFO):
         t = ingest("fracatlas", small_copy, tmp_path / "manifest.csv").set_index("image_id")
-    assert len(t) == 21
-    assert t["label"].sum() == 8
+    n_fractured = len(list((small_copy / "images" / "Fractured").iterdir()))
+    assert n_fractured >= 8
+    assert len(t) == n_fractured + 12 + 1
+    assert t["label"].sum() == n_fractured
     # folder is the label
     for _, row in t.drop(index="ghost_listed_but_missing").iterrows():
         assert ("/Fractured/" in row["path"]) == bool(row["label"])
@@ -108,13 +128,14 @@ def test_small_fracatlas_layout(small_copy, tmp_path, caplog):
         got = json.loads(row["boxes"])
         want = expected.get(iid, [])
         assert len(got) == len(want)
+        tol = 1.0 if got and _orientation(Path(row["path"])) not in (None, 1) else 0.01  # PIL: whole pixels
         for g, w in zip(got, want, strict=True):
-            assert g == pytest.approx(w, abs=0.01)
+            assert g == pytest.approx(w, abs=tol)
             assert g[0] >= 0 and g[0] + g[2] <= row["width"] + 1 and g[1] + g[3] <= row["height"] + 1
     ok = t[t["decodes_ok"]]
     assert (ok["format"] == "jpeg").all() and (ok["bit_depth"] == 8).all()
     assert ok["sha256"].str.len().eq(64).all() and ok["phash"].str.len().eq(16).all()
-    assert "21 images" in caplog.text and "1 undecodable" in caplog.text
+    assert f"{len(t)} images" in caplog.text and "1 undecodable" in caplog.text
 
 
 @pytest.mark.slow
@@ -132,6 +153,12 @@ def test_full_fracatlas_ingest(tmp_path, caplog):
         for im in coco["images"]
         if any(a["image_id"] == im["id"] for a in coco["annotations"])
     }
+    expected = _expected_boxes(FRACATLAS, coco)  # where: scaled, and turned back where EXIF turned them
+    for iid, boxes in t.set_index("image_id")["boxes"].items():
+        got = json.loads(boxes)
+        assert len(got) == len(expected.get(iid, []))
+        for g, w in zip(got, expected.get(iid, []), strict=True):
+            assert g == pytest.approx(w, abs=1.0), iid
     # every verdict of "truncated" is confirmed independently: no end marker after the last scan
     bad = t[~t["decodes_ok"]]
     for _, row in bad.iterrows():

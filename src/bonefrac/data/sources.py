@@ -43,6 +43,7 @@ from PIL import Image
 from bonefrac.atomic import atomic_link_or_copy
 from bonefrac.data.deid import deidentify_file, pseudonymise, warn_if_dev_key
 from bonefrac.data.dicom import DicomError, looks_like_dicom
+from bonefrac.data.exif_boxes import annotated_on_display, box_to_stored, displayed_size
 from bonefrac.data.ingest_cache import IngestCache, content_sha256
 from bonefrac.data.schema import (
     INTAKE_ERROR,
@@ -648,22 +649,33 @@ def _coco_boxes(coco_path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _scaled_boxes(path: Path, entry: dict[str, Any] | None) -> list[list[float]]:
-    """COCO boxes in pixels of the stored file (header read only, no decoding)."""
+    """COCO boxes in pixels of the stored file (header read only, no decoding).
+
+    Scaled from the size COCO records to the stored size; a box drawn on the EXIF-turned
+    image (COCO's size is the displayed one) is first turned back (:mod:`bonefrac.data.exif_boxes`).
+    """
     if not entry or not entry["bboxes"]:
         return []
-    sx = sy = 1.0
     cw, ch = entry["size"]
-    if cw and ch:
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-            sx, sy = w / float(cw), h / float(ch)
-        except Exception:  # unreadable or missing: keep COCO's coordinates; metadata flags the file
-            pass
-    return [
-        [round(x * sx, 2), round(y * sy, 2), round(bw * sx, 2), round(bh * sy, 2)]
-        for x, y, bw, bh in entry["bboxes"]
-    ]
+    as_recorded = [[round(float(v), 2) for v in b[:4]] for b in entry["bboxes"]]
+    if not (cw and ch):  # no recorded size: nothing says which frame or scale the boxes are in
+        return as_recorded
+    try:
+        with Image.open(path) as im:
+            stored = im.size
+            orientation = im.getexif().get(0x0112)
+    except Exception:  # unreadable or missing: keep COCO's coordinates; metadata flags the file
+        return as_recorded
+    turned = annotated_on_display((cw, ch), stored, orientation)
+    frame = displayed_size(stored, orientation) if turned else stored
+    sx, sy = frame[0] / float(cw), frame[1] / float(ch)
+    out = []
+    for x, y, bw, bh in entry["bboxes"]:
+        box = [x * sx, y * sy, bw * sx, bh * sy]
+        if turned:
+            box = box_to_stored(box, orientation, stored)
+        out.append([round(v, 2) for v in box])
+    return out
 
 
 # ------------------------------------------------------------------ DICOM de-identification

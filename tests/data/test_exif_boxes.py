@@ -1,0 +1,44 @@
+"""Boxes drawn on the EXIF-turned image land on the same stored pixels (checked against PIL)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tests._factories import displayed_box_to_stored_by_pil, make_oriented_jpeg
+
+from bonefrac.data.exif_boxes import annotated_on_display, box_to_stored, displayed_size
+from bonefrac.data.sources import _scaled_boxes
+
+STORED = (60, 40)  # width, height: not square, so a 90° turn shows
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_each_orientation_maps_a_box_back_to_the_pixels_pil_shows_there(orientation):
+    dw, dh = displayed_size(STORED, orientation)
+    box = [7.0, 5.0, 11.0, 6.0]  # on the displayed image; off-centre and oblong, so any mix-up moves it
+    assert box[0] + box[2] <= dw and box[1] + box[3] <= dh
+    want = displayed_box_to_stored_by_pil(box, STORED, orientation)
+    assert box_to_stored(box, orientation, STORED) == pytest.approx(want, abs=1e-6)
+
+
+def test_the_recorded_size_tells_which_frame_a_box_was_drawn_on():
+    assert annotated_on_display((40, 60), STORED, 8)  # COCO recorded the turned size
+    assert annotated_on_display((80, 120), STORED, 6)  # ... or a rescale of it
+    assert not annotated_on_display((60, 40), STORED, 8)  # the tool ignored EXIF
+    assert not annotated_on_display((40, 60), STORED, None)
+    assert annotated_on_display((60, 40), STORED, 3)  # a 180° turn: sides unchanged, taken as shown
+
+
+def test_coco_boxes_of_a_turned_jpeg_are_turned_back_and_scaled(tmp_path):
+    path = make_oriented_jpeg(tmp_path / "turned.jpg", STORED, 8)
+    box = [7.0, 5.0, 11.0, 6.0]
+    # The tool showed the image turned (40 x 60) and recorded it at twice that size.
+    entry = {"size": (80, 120), "bboxes": [[v * 2 for v in box]]}
+    want = displayed_box_to_stored_by_pil(box, STORED, 8)
+    assert _scaled_boxes(path, entry) == [pytest.approx(want, abs=0.01)]
+    # A tool that ignored EXIF recorded the stored size: only scaled, not turned.
+    assert _scaled_boxes(path, {"size": (120, 80), "bboxes": [[14.0, 10.0, 22.0, 12.0]]}) == [[7.0, 5.0, 11.0, 6.0]]
+    # No recorded size: nothing to go on, the boxes are kept as they are.
+    assert _scaled_boxes(path, {"size": (None, None), "bboxes": [box]}) == [box]
+    json.dumps(_scaled_boxes(path, entry))  # the manifest stores them as JSON
