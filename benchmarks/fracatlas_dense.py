@@ -100,7 +100,7 @@ def stage_cache8(cache_dir: Path, batch_size: int = 16, check_batches: int = 4) 
     """
     from bonefrac.model.dense import FrozenTrunk
     from bonefrac.model.transforms import PreprocessSpec
-    from bonefrac.training.feature_cache import _decode
+    from bonefrac.training.feature_cache import decode_for_cache
 
     cache = open_feature_cache(cache_dir)
     spec = PreprocessSpec(**cache.meta["preprocess"])
@@ -117,7 +117,7 @@ def stage_cache8(cache_dir: Path, batch_size: int = 16, check_batches: int = 4) 
     t0 = time.perf_counter()
     for nb, b0 in enumerate(range(0, len(todo), batch_size)):
         chunk = todo[b0 : b0 + batch_size]
-        x = torch.stack([_decode(paths[i], spec)[0] for _, i in chunk])
+        x = torch.stack([decode_for_cache(paths[i], spec)[0] for _, i in chunk])
         flip = torch.tensor([v == 1 for v, _ in chunk])
         x[flip] = x[flip].flip(-1)
         with torch.inference_mode():

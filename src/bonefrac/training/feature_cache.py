@@ -86,7 +86,14 @@ def open_feature_cache(root: Path | str, mode: str = "r") -> FeatureCache:
     return FeatureCache(root, meta, records, s16, s32, np.load(root / "done.npy"))
 
 
-def _decode(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor, dict]:
+def decode_for_cache(path: str, spec: PreprocessSpec) -> tuple[torch.Tensor, dict]:
+    """One file → the preprocessed input tensor and what the cache records about it.
+
+    A file refused only by a content check (e.g. "not a radiograph") is still decoded and its
+    reason noted; an undecodable one gives zeros and ``decode_error`` starting with
+    ``UNDECODABLE`` (the pipeline's validation drops those). Public so that a benchmark that
+    caches another trunk tap decodes exactly as the cache did.
+    """
     t0 = time.perf_counter()
     err = ""
     try:
@@ -185,7 +192,7 @@ def build_feature_cache(
         chunk = todo[b0 : b0 + batch_size]
         xs = []
         for v, i in chunk:
-            x, info = _decode(paths[i], spec)
+            x, info = decode_for_cache(paths[i], spec)
             if v == 0:
                 for k, val in info.items():
                     records.at[i, k] = val
