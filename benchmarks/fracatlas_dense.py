@@ -185,9 +185,10 @@ VARIANTS["dense_lse_box_b6_s8"] = {
 }
 # Box targets peaked at the box centre (train.dense.box_profile: centre) instead of flat over the grown box.
 VARIANTS["dense_lse_box_b6_centre"] = {**VARIANTS["dense_lse_box_b6"], "profile": "centre"}
-# The dense loss weighted 3x against the image loss; boxes not grown (targets = each cell's box overlap).
-VARIANTS["dense_lse_box_b6_bw3"] = {**VARIANTS["dense_lse_box_b6"], "box_weight": 3.0}
+# The dense loss weighted 3x / 6x against the image loss; boxes not grown (targets = each cell's box overlap).
+VARIANTS.update({f"dense_lse_box_b6_bw{w}": {**VARIANTS["dense_lse_box_b6"], "box_weight": float(w)} for w in (3, 6)})
 VARIANTS["dense_lse_box_b6_grow0"] = {**VARIANTS["dense_lse_box_b6"], "grow": 0.0}
+VARIANTS["dense_lse_box_b6_bw3_grow0"] = {**VARIANTS["dense_lse_box_b6_bw3"], "grow": 0.0}
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 

@@ -205,24 +205,35 @@ def test_stride8_arch_trains_on_a_cached_blocks2_tap_and_maps_per_8px_cell(train
     assert compute_cam(tta, x[:2]).shape == (2, SIZE, SIZE)
 
 
-def test_box_profile_setting_reaches_the_dense_targets(trained, monkeypatch):
-    """`train.dense.box_profile` is what the train stage builds its dense targets with (a dropped
-    setting would train the flat area targets whatever the params say)."""
+def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeypatch):
+    """`train.dense.box_profile`, `box_grow_cells` and `box_weight` are what the train stage builds
+    its dense targets and trains its head with (a dropped setting would train the defaults —
+    flat targets grown half a cell, the box loss weighted 1 — whatever the params say)."""
     import bonefrac.model.dense as dense
+    import bonefrac.training.dense as training_dense
 
     tmp, cache, _ = trained
-    seen: list[str] = []
-    real = dense.box_target_map
+    targets: list[tuple[str, float]] = []
+    weights: list[float] = []
+    real_targets, real_train = dense.box_target_map, training_dense.train_head
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("profile", "area"))
-        return real(*args, **kwargs)
+    def spy_targets(*args, **kwargs):
+        targets.append((kwargs.get("profile", "area"), kwargs.get("grow", 0.5)))
+        return real_targets(*args, **kwargs)
 
-    monkeypatch.setattr(dense, "box_target_map", spy)
+    def spy_train(head, data, idx_tr, idx_va, cfg, **kwargs):
+        weights.append(cfg.box_weight)
+        return real_train(head, data, idx_tr, idx_va, cfg, **kwargs)
+
+    monkeypatch.setattr(dense, "box_target_map", spy_targets)
+    monkeypatch.setattr(training_dense, "train_head", spy_train)
     mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
-    for profile in ("centre", "area"):
-        tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1,
-                         dense=DenseTrainParams(feature_dtype="float32", box_profile=profile))
+    settings = [("centre", 0.0, 3.0), ("area", 0.5, 1.0)]
+    for profile, grow, weight in settings:
+        tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(
+            feature_dtype="float32", box_profile=profile, box_grow_cells=grow, box_weight=weight))
         run_training(cache, tmp / f"train_{profile}", mp, tp, spatial_dims=2, type_names=[], seed=0,
                      features_dir=tmp / "features")  # fmt: skip
-    assert seen and set(seen[: len(seen) // 2]) == {"centre"} and set(seen[len(seen) // 2 :]) == {"area"}
+    half = len(targets) // 2
+    assert targets and set(targets[:half]) == {("centre", 0.0)} and set(targets[half:]) == {("area", 0.5)}
+    assert weights == [3.0, 1.0]
