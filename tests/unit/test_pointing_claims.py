@@ -31,3 +31,25 @@ def test_readme_quotes_the_centre_profile_cv():
     assert f"{round(100 * tta['pointing'][0])} ± {round(100 * tta['pointing'][1])} %" in readme
     assert f"{tta['energy_ratio'][0]:.1f} ± {tta['energy_ratio'][1]:.1f} × uniform" in readme
     assert f"0.36 → {rows['dense_lse_box_b6_centre']['pointing'][0]:.2f} without TTA" in readme
+
+
+def test_readme_and_benchmarks_quote_the_box_loss_cv():
+    """Round 9's adopted setting: the README's CV numbers are the result file's, and the preset is it."""
+    from bonefrac.config import load_params
+    from bonefrac.presets import load_preset
+
+    cv = json.loads((RESULTS / "fracatlas_dense_bw3_grow0_cv.json").read_text())
+    rows = {r["variant"]: r for r in cv["rows"]}
+    tta = rows["dense_lse_box_b6_bw3_grow0+tta"]
+    assert tta["box_weight"] == 3.0 and tta["grow"] == 0.0 and len(tta["folds"]) == cv["k"] == 5
+    ms = tta["mean_std"]
+    readme = (ROOT / "README.md").read_text()
+    assert f"0.40 → {ms['pointing'][0]:.2f} ± {ms['pointing'][1]:.2f}" in readme
+    assert f"AUROC **{ms['auroc'][0]:.3f} ± {ms['auroc'][1]:.3f}**" in readme
+    assert f"{round(100 * ms['pointing'][0])} ± {round(100 * ms['pointing'][1])} %" in readme
+    assert f"{ms['energy_ratio'][0]:.1f} ± {ms['energy_ratio'][1]:.1f} × uniform" in readme
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    per_fold = ", ".join(f"{f['pointing']:.3f}" for f in tta["folds"])
+    assert all(f"→ **{f['pointing']:.3f}**" in benchmarks for f in tta["folds"]), per_fold
+    p = load_params(ROOT / "params.yaml", overrides=load_preset(ROOT / "params" / "fracatlas.yaml"))
+    assert (p.train.dense.box_weight, p.train.dense.box_grow_cells) == (tta["box_weight"], tta["grow"])
