@@ -53,3 +53,18 @@ def test_readme_and_benchmarks_quote_the_box_loss_cv():
     assert all(f"→ **{f['pointing']:.3f}**" in benchmarks for f in tta["folds"]), per_fold
     p = load_params(ROOT / "params.yaml", overrides=load_preset(ROOT / "params" / "fracatlas.yaml"))
     assert (p.train.dense.box_weight, p.train.dense.box_grow_cells) == (tta["box_weight"], tta["grow"])
+
+
+def test_readme_quotes_the_round9_run_and_its_misses():
+    """The committed preset's pipeline numbers in the README are its run's and its misses file's."""
+    run = json.loads((RESULTS / "run_fracatlas_512_tta_bw3.json").read_text())
+    ev = run["evaluate"]
+    misses = json.loads((RESULTS / "pointing_misses_round9.json").read_text())
+    assert misses["pointing"] == ev["evidence_map_pointing_hit_rate"]  # the same model, the same rule
+    readme = (ROOT / "README.md").read_text()
+    assert f"AUROC **{ev['auroc']:.3f} (95 % CI {ev['auroc_ci_low']:.3f}–{ev['auroc_ci_high']:.3f})**" in readme
+    assert f"ECE **{ev['ece']:.3f}**" in readme and f"**{ev['evidence_map_pointing_hit_rate']:.3f}**" in readme
+    assert f"**{ev['evidence_map_energy_vs_uniform']:.1f}×** a uniform map" in readme
+    assert f"| {_pct(ev['evidence_map_pointing_hit_rate'])} | — | {ev['evidence_map_energy_in_box']:.3f} |" in readme
+    shares = misses["shares"]
+    assert " / ".join(_pct(shares[k]) for k in ("within_8px", "8_to_24px", "far")) in readme
