@@ -233,6 +233,7 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
     has_map = (labels == 0) | has_boxes
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
     data.boxes_cache = boxes_cache  # type: ignore[attr-defined]
+    data.image_size = size  # type: ignore[attr-defined]
     # The raw blocks.5 maps, for heads that train blocks.6 themselves (variant "s32": "raw").
     data.s32_raw = torch.from_numpy(s32_raw)  # type: ignore[attr-defined]
     data.s32f_raw = (  # type: ignore[attr-defined]
@@ -261,9 +262,9 @@ def variant_data(data, v: dict):
             raise SystemExit("non-default box targets are built on the stride-16 grid only")
         from bonefrac.model.dense import box_target_map
 
-        size, grid = data.targets.shape[-1] * 16, data.targets.shape[-1]
+        grid = data.targets.shape[-1]
         d = dataclasses.replace(d, targets=torch.stack(
-            [box_target_map(b, size, grid, grow=grow, profile=profile) for b in data.boxes_cache]))
+            [box_target_map(b, data.image_size, grid, grow=grow, profile=profile) for b in data.boxes_cache]))
     if v.get("exact_flips", True) is False:
         d = dataclasses.replace(d, flip_ok=torch.zeros(len(data.labels), dtype=torch.bool))
     return d

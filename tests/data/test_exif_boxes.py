@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 from tests._factories import displayed_box_to_stored_by_pil, make_oriented_jpeg
 
@@ -41,4 +39,3 @@ def test_coco_boxes_of_a_turned_jpeg_are_turned_back_and_scaled(tmp_path):
     assert _scaled_boxes(path, {"size": (120, 80), "bboxes": [[14.0, 10.0, 22.0, 12.0]]}) == [[7.0, 5.0, 11.0, 6.0]]
     # No recorded size: nothing to go on, the boxes are kept as they are.
     assert _scaled_boxes(path, {"size": (None, None), "bboxes": [box]}) == [box]
-    json.dumps(_scaled_boxes(path, entry))  # the manifest stores them as JSON

@@ -68,10 +68,11 @@ def annotated_on_display(
     """True when an annotation's recorded size says it was drawn on the EXIF-turned image.
 
     Decided by the aspect ratio (the recorded size may be a rescale of either frame): the
-    turned frame must fit clearly better than the stored one. For orientations that do not
+    turned frame must fit at least as well as the stored one. For orientations that do not
     swap the sides (mirrors, 180°), and for square images, both frames fit equally and the
-    tool's behaviour cannot be read from the size; they count as displayed, as every mainstream annotation tool
-    (browsers since CSS ``image-orientation: from-image`` became the default) shows them so.
+    tool's behaviour cannot be read from the size; they count as displayed, as mainstream
+    annotation tools (and browsers, since CSS ``image-orientation: from-image`` became the
+    default) show them so.
     """
     if orientation in (None, 1) or not recorded_wh[0] or not recorded_wh[1]:
         return False
