@@ -189,6 +189,15 @@ VARIANTS["dense_lse_box_b6_centre"] = {**VARIANTS["dense_lse_box_b6"], "profile"
 VARIANTS.update({f"dense_lse_box_b6_bw{w}": {**VARIANTS["dense_lse_box_b6"], "box_weight": float(w)} for w in (3, 6)})
 VARIANTS["dense_lse_box_b6_grow0"] = {**VARIANTS["dense_lse_box_b6"], "grow": 0.0}
 VARIANTS["dense_lse_box_b6_bw3_grow0"] = {**VARIANTS["dense_lse_box_b6_bw3"], "grow": 0.0}
+# Seed ensembles of the round-9 preset: members at the preset's 12 epochs, or at 6 epochs each (three
+# 6-epoch heads cost what 1.5 preset heads do).
+VARIANTS.update({
+    f"dense_lse_box_b6_bw3_grow0_s{k}": {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "seed": k} for k in (1, 2)
+})
+VARIANTS.update({
+    f"dense_lse_box_b6_bw3_grow0_e6_s{k}": {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "seed": k, "epochs": 6}
+    for k in (0, 1, 2)
+})
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 
@@ -467,7 +476,7 @@ def _topk_centroid_pointing(maps: np.ndarray, boxes: list, size: int, k: int = 4
 
 def stage_cv(
     cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5,
-    ensembles: list[str] | None = None, only_folds: list[int] | None = None,
+    ensembles: list[str] | None = None, only_folds: list[int] | None = None, per_epoch: bool = False,
 ) -> dict:
     """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
     test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains.
@@ -521,6 +530,26 @@ def stage_cv(
         m["pointing_topk"] = _topk_centroid_pointing(mt, bt, size)
         return m
 
+    def pointing_tta(head, vdata, idx) -> float:
+        """Pointing game of the head's flip-TTA map on the boxed fractures among ``idx``."""
+        _, m1 = predict(head, vdata, idx)
+        _, m2 = predict(head, vdata, idx, flip=True)
+        from bonefrac.explain.localisation import localisation_summary
+        from bonefrac.model.calibrate import sigmoid
+
+        keep = [j for j, i in enumerate(idx) if y[i] and boxes[i]]
+        heat = _upsample(sigmoid((m1[keep] + m2[keep]) / 2), size)
+        return float(localisation_summary(list(heat), [boxes[idx[j]] for j in keep])["pointing_hit_rate"])
+
+    def epoch_scores(head, vdata, va, te) -> dict:
+        """Per-epoch diagnostics (--per-epoch): flip-TTA pointing on validation and test, test AUROC."""
+        zt, _ = predict(head, vdata, te)
+        return {
+            "val_pointing_tta": pointing_tta(head, vdata, va),
+            "test_pointing_tta": pointing_tta(head, vdata, te),
+            "test_auroc": float(roc_auc_score(y[te], zt)),
+        }
+
     def run_ensemble(ens: str) -> None:
         members = ens.split("+")
         kind = VARIANTS[members[0]]["kind"]
@@ -563,6 +592,7 @@ def stage_cv(
             info = train_head(
                 head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=seed),
                 progress=lambda _m: None,
+                on_epoch=(lambda _e, h, d=vdata, va=va, te=te: epoch_scores(h, d, va, te)) if per_epoch else None,
             )
             zv, _ = predict(head, vdata, va)
             zt, mt = predict(head, vdata, te)
@@ -573,6 +603,9 @@ def stage_cv(
             mtta = score(v["kind"], (zv + zv2) / 2, (zt + zt2) / 2, (mt + mt2) / 2, va, te)
             for mm in (m, mtta):
                 mm.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
+                mm.update(best_epoch=info["best_epoch"])
+            if per_epoch:
+                m["history"] = info["history"]
             per_fold.append(m)
             per_fold_tta.append(mtta)
             pz.append(zt)
@@ -627,6 +660,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--folds", default="", help="cv: run only these folds (1-based, comma-separated): a screen")
+    ap.add_argument("--per-epoch", action="store_true",
+                    help="cv: record each epoch's flip-TTA pointing (val and test) and test AUROC (a diagnostic)")
     ap.add_argument("--ensembles", default="", help="cv: comma-separated a+b logit-averaged ensembles")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -642,7 +677,7 @@ def main() -> None:
         out = args.out.with_name(args.out.stem + "_cv.json")
         stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs,
                  ensembles=[e for e in args.ensembles.split(",") if e],
-                 only_folds=[int(f) - 1 for f in args.folds.split(",") if f])
+                 only_folds=[int(f) - 1 for f in args.folds.split(",") if f], per_epoch=args.per_epoch)
 
 
 if __name__ == "__main__":

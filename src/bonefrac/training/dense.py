@@ -116,8 +116,13 @@ def train_head(
     val_idx: np.ndarray,
     cfg: HeadTrainConfig,
     progress: Callable[[str], None] = print,
+    on_epoch: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
-    """Train ``head`` in place (best-val-AUROC weights restored); returns the history and timing."""
+    """Train ``head`` in place (best-val-AUROC weights restored); returns the history and timing.
+
+    ``on_epoch(epoch, head)``, when given, is called after each epoch's validation with the head in
+    eval mode; the numbers it returns join that epoch's history entry (a benchmark's per-epoch
+    scores: it must not change the head)."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     y = data.labels
@@ -164,6 +169,8 @@ def train_head(
                 "minutes": (time.perf_counter() - t0) / 60,
             }
         )
+        if on_epoch is not None:
+            history[-1].update(on_epoch(ep + 1, head))
         progress(
             f"    epoch {ep + 1}/{cfg.epochs}  img {history[-1]['loss_img']:.3f}  dense "
             f"{history[-1]['loss_dense']:.3f}  val AUROC {auc:.3f}  {history[-1]['minutes']:.1f} min"
