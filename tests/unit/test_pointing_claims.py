@@ -68,3 +68,20 @@ def test_readme_quotes_the_round9_run_and_its_misses():
     assert f"| {_pct(ev['evidence_map_pointing_hit_rate'])} | — | {ev['evidence_map_energy_in_box']:.3f} |" in readme
     shares = misses["shares"]
     assert " / ".join(_pct(shares[k]) for k in ("within_8px", "8_to_24px", "far")) in readme
+
+
+def test_benchmarks_quote_the_seed_ensemble_screen():
+    """Round 10's table: every number is the screen file's, and the verdict (no pointing gain) holds."""
+    screen = json.loads((RESULTS / "fracatlas_dense_seed_screen_fold1_cv.json").read_text())
+    assert screen["folds_run"] == [1]
+    fold1 = {r["variant"]: r["folds"][0] for r in screen["rows"]}
+    base = "dense_lse_box_b6_bw3_grow0"
+    singles = [f"{base}+tta", f"{base}_s1+tta", f"{base}_s2+tta"]
+    ens = f"ens[{base}+{base}_s1+{base}_s2]+tta"
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    for key in ("auroc", "pointing", "ece_platt"):
+        assert " / ".join(f"{fold1[v][key]:.3f}" for v in singles) in benchmarks, key
+    assert f"| three 12-epoch heads averaged | **{fold1[ens]['auroc']:.3f}** | {fold1[ens]['pointing']:.3f} |" in benchmarks
+    members = sum(fold1[v]["pointing"] for v in singles) / 3
+    assert f"0.539 against its members'\n{members:.3f}" in benchmarks
+    assert fold1[ens]["pointing"] - members < 2 / fold1[ens]["n_boxed"]  # "not pointing": under two images
