@@ -61,8 +61,12 @@ def main() -> None:
     ap.add_argument("--result", type=Path, default=None)
     args = ap.parse_args()
     cv = json.loads(args.cv.read_text())
-    row = next(r for r in cv["rows"] if r["variant"] == args.variant)
-    histories = [f["history"] for f in row["folds"]]
+    rows = [r for r in cv["rows"] if r["variant"] == args.variant]
+    if not rows and cv.get("in_progress", {}).get("variant") == args.variant:
+        rows = [cv["in_progress"]]  # a run stopped mid-variant: the folds it finished
+    if not rows:
+        raise SystemExit(f"{args.cv}: no per-fold results for {args.variant}")
+    histories = [f["history"] for f in rows[0]["folds"]]
     result = {"cv": args.cv.name, "variant": args.variant, "folds": len(histories), "rules": score_rules(histories)}
     for name, r in result["rules"].items():
         print(f"{name:32s} epochs {r['epochs']}  pointing {r['pointing_mean_sd']} {r['test_pointing_tta']}  "

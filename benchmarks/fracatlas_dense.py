@@ -617,10 +617,15 @@ def stage_cv(
                 f"pointing {m['pointing']:.3f} (top-k {m['pointing_topk']:.3f})  "
                 f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
             )
+            # Each finished fold reaches the file at once: a stopped run keeps what it measured.
+            result["in_progress"] = {"variant": name, "folds_done": len(per_fold), "folds": per_fold,
+                                     "folds_tta": per_fold_tta}
+            out_path.write_text(json.dumps(result, indent=2))
         extra = {"epochs": ep, "box_weight": v["box_weight"], "grow": float(v.get("grow", 0.5)),
                  "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
                  "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area")}
         summarise(name, per_fold, pz, py, extra)
+        result.pop("in_progress", None)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)
         for ens in ensembles or []:  # as soon as its members are trained
             if ens not in done_ens and all(mb in preds for mb in ens.split("+")):
