@@ -162,7 +162,8 @@ VARIANTS: dict[str, dict] = {
     # gets: "b6" = frozen blocks.6 applied once (default), "raw" = blocks.5 output (the head trains
     # blocks.6), "none" = the head trains blocks.5 + blocks.6 from the stride-16 map), "epochs"
     # (overrides --epochs), "exact_flips" (False: mirror the feature maps instead of the cached mirror view),
-    # "seed" (offset of the training seeds: a seed ensemble's members differ only here)
+    # "seed" (offset of the training seeds: a seed ensemble's members differ only here), "keep" (the epoch
+    # whose weights are kept: "best_val_auroc", the default, or "last")
     "gap_plain": {"kind": "gap", "kw": {}, "box_weight": 0.0},
     "dense_lse_imgonly": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 0.0},
     "dense_lse_box": {"kind": "dense", "kw": {"pool": "lse"}, "box_weight": 1.0},
@@ -198,6 +199,8 @@ VARIANTS.update({
     f"dense_lse_box_b6_bw3_grow0_e6_s{k}": {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "seed": k, "epochs": 6}
     for k in (0, 1, 2)
 })
+# The round-9 preset keeping its last epoch instead of the best-validation-AUROC one (train.dense.keep_epoch).
+VARIANTS["dense_lse_box_b6_bw3_grow0_last"] = {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "keep": "last"}
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 
@@ -590,7 +593,8 @@ def stage_cv(
             torch.manual_seed(seed)
             head = build_head(v["kind"], **v["kw"])
             info = train_head(
-                head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=seed),
+                head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=seed,
+                                                 keep=v.get("keep", "best_val_auroc")),
                 progress=lambda _m: None,
                 on_epoch=(lambda _e, h, d=vdata, va=va, te=te: epoch_scores(h, d, va, te)) if per_epoch else None,
             )
@@ -623,7 +627,8 @@ def stage_cv(
             out_path.write_text(json.dumps(result, indent=2))
         extra = {"epochs": ep, "box_weight": v["box_weight"], "grow": float(v.get("grow", 0.5)),
                  "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
-                 "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area")}
+                 "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area"),
+                 "keep": v.get("keep", "best_val_auroc")}
         summarise(name, per_fold, pz, py, extra)
         result.pop("in_progress", None)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)

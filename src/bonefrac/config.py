@@ -214,6 +214,10 @@ class DenseTrainParams(Strict):
         False, description="train the head's pretrained Lite0 blocks (blocks.6, and blocks.5 for *_b5) too"
     )
     feature_dtype: Literal["float16", "float32"] = "float16"
+    keep_epoch: Literal["best_val_auroc", "last"] = Field(
+        "best_val_auroc",
+        description="the weights kept: the epoch of best validation AUROC, or the last epoch of the cosine schedule",
+    )
 
 
 class DistributedParams(Strict):

@@ -1,4 +1,5 @@
-"""train_head's per-epoch hook: a benchmark reads the model each epoch without changing the run."""
+"""train_head: the per-epoch hook (a benchmark reads the model each epoch without changing the run)
+and which epoch's weights it keeps."""
 
 from __future__ import annotations
 
@@ -24,11 +25,11 @@ def _cached_set(n: int, seed: int) -> CachedSet:
     return CachedSet(s16=s16, s32=s32, labels=labels, targets=targets, has_map=torch.ones(n, dtype=torch.bool))
 
 
-def _train(on_epoch=None) -> tuple[DenseFractureHead, dict]:
+def _train(on_epoch=None, keep="best_val_auroc", epochs=3, lr=2e-3) -> tuple[DenseFractureHead, dict]:
     torch.manual_seed(0)
     head = DenseFractureHead(None, s16_channels=16, s32_channels=8, width=8, pool="lse", dropout=0.1)
     data = _cached_set(48, seed=0)
-    cfg = HeadTrainConfig(epochs=3, batch_size=16, seed=0)
+    cfg = HeadTrainConfig(epochs=epochs, batch_size=16, seed=0, lr=lr, keep=keep)
     info = train_head(head, data, np.arange(32), np.arange(32, 48), cfg, progress=lambda _m: None, on_epoch=on_epoch)
     return head, info
 
@@ -59,3 +60,37 @@ def test_a_hook_that_runs_the_head_leaves_the_trained_weights_unchanged():
     for (name, a), (_, b) in zip(plain.state_dict().items(), probed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     assert all(np.isfinite(h["mean_logit"]) for h in info["history"])
+
+
+def _snapshots() -> tuple[list[dict], object]:
+    """A hook that copies the head's weights after every epoch."""
+    states: list[dict] = []
+
+    def hook(_epoch: int, head: torch.nn.Module) -> dict:
+        states.append({k: v.clone() for k, v in head.state_dict().items()})
+        return {}
+
+    return states, hook
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_keep_best_restores_the_best_validation_epoch_and_keep_last_the_final_weights():
+    """The two settings of train.dense.keep_epoch: the weights are that epoch's, and the result names it.
+    (A high learning rate over 6 epochs makes the best validation epoch an early one here.)"""
+    best_states, best_hook = _snapshots()
+    best_head, best_info = _train(best_hook, keep="best_val_auroc", epochs=6, lr=5e-2)
+    aurocs = [h["val_auroc"] for h in best_info["history"]]
+    best_epoch = int(np.argmax(aurocs)) + 1
+    assert best_epoch < 6, "the test needs a run whose best validation epoch is not the last"
+    assert best_info["best_epoch"] == best_epoch and best_info["best_val_auroc"] == max(aurocs)
+    assert _same(best_head.state_dict(), best_states[best_epoch - 1])
+
+    last_states, last_hook = _snapshots()
+    last_head, last_info = _train(last_hook, keep="last", epochs=6, lr=5e-2)
+    assert last_info["best_epoch"] == 6 and last_info["best_val_auroc"] == last_info["history"][-1]["val_auroc"]
+    kept = last_head.state_dict()
+    assert _same(kept, last_states[-1]) and not _same(kept, last_states[best_epoch - 1])
+    assert [h["val_auroc"] for h in last_info["history"]] == aurocs  # the same run, only the kept weights differ

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -68,6 +69,10 @@ class HeadTrainConfig:
     flip_aug: bool = True
     seed: int = 0
     class_weighted: bool = True  # image BCE weighted by n_neg / n_pos (the logit shift Platt scaling undoes)
+    # The weights kept: the epoch of best validation AUROC, or the last epoch (the cosine schedule's end;
+    # benchmarks/epoch_selection.py: the best-AUROC pick on ~420 validation images stops early, at a
+    # noisy maximum, where the map points worse).
+    keep: Literal["best_val_auroc", "last"] = "best_val_auroc"
 
 
 def _views(
@@ -118,7 +123,10 @@ def train_head(
     progress: Callable[[str], None] = print,
     on_epoch: Callable[[int, nn.Module], dict] | None = None,
 ) -> dict:
-    """Train ``head`` in place (best-val-AUROC weights restored); returns the history and timing.
+    """Train ``head`` in place; returns the history and timing.
+
+    ``cfg.keep``: the best-validation-AUROC epoch's weights are restored, or the last epoch's kept.
+    ``best_epoch`` (1-based) and ``best_val_auroc`` in the result are the kept epoch's.
 
     ``on_epoch(epoch, head)``, when given, is called after each epoch's validation with the head in
     eval mode; the numbers it returns join that epoch's history entry (a benchmark's per-epoch
@@ -176,14 +184,17 @@ def train_head(
             f"{history[-1]['loss_dense']:.3f}  val AUROC {auc:.3f}  {history[-1]['minutes']:.1f} min"
         )
         if auc > best:
-            best, best_state = auc, copy.deepcopy(head.state_dict())
-    if best_state is not None:
+            best = auc
+            if cfg.keep == "best_val_auroc":
+                best_state = copy.deepcopy(head.state_dict())
+    kept = len(history) - 1 if cfg.keep == "last" else int(np.argmax([h["val_auroc"] for h in history]))
+    if cfg.keep == "best_val_auroc" and best_state is not None:
         head.load_state_dict(best_state)
     return {
         "history": history,
-        "best_val_auroc": best,
+        "best_val_auroc": float(history[kept]["val_auroc"]) if history else best,
         "train_minutes": (time.perf_counter() - t0) / 60,
-        "best_epoch": int(np.argmax([h["val_auroc"] for h in history]) + 1),
+        "best_epoch": kept + 1,
     }
 
 
@@ -345,7 +356,7 @@ def train_dense_model(
         cfg = HeadTrainConfig(
             epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay,
             box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, flip_aug=dp.flip != "none", seed=seed + i,
-            class_weighted=tp.imbalance.loss != "bce",
+            class_weighted=tp.imbalance.loss != "bce", keep=dp.keep_epoch,
         )  # fmt: skip
         if len(trainees) > 1:
             log.info("dense head: member %d of %d (seed %d)", i + 1, len(trainees), seed + i)
@@ -375,7 +386,7 @@ def train_dense_model(
         metadata={
             "best_epoch": best_epoch,
             "val_auroc": float(info["best_val_auroc"]),
-            "monitor": "val/auroc",
+            "monitor": "val/auroc" if dp.keep_epoch == "best_val_auroc" else "last epoch",
             "seed": seed,
             **({"member_best_epochs": [e - 1 for e in info["member_best_epochs"]],
                 "member_val_auroc": info["member_val_auroc"]} if "member_best_epochs" in info else {}),
