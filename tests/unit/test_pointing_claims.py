@@ -86,3 +86,35 @@ def test_benchmarks_quote_the_seed_ensemble_screen():
     members = sum(fold1[v]["pointing"] for v in singles) / 3
     assert f"0.539 against its members'\n{members:.3f}" in benchmarks
     assert fold1[ens]["pointing"] - members < 2 / fold1[ens]["n_boxed"]  # "not pointing": under two images
+
+
+def test_benchmarks_quote_the_epoch_selection_rules():
+    """Round 11's table is the selection file's, which is the per-epoch CV's histories scored anew;
+    the preset's rule reproduces the round-9 CV's per-fold pointing (the same folds and seeds)."""
+    from benchmarks.epoch_selection import score_rules
+
+    cv = json.loads((RESULTS / "fracatlas_dense_per_epoch_cv.json").read_text())
+    row = next(r for r in cv["rows"] if r["variant"] == "dense_lse_box_b6_bw3_grow0")
+    rules = score_rules([f["history"] for f in row["folds"]])
+    committed = json.loads((RESULTS / "fracatlas_epoch_selection.json").read_text())["rules"]
+    assert rules == committed
+    round9 = json.loads((RESULTS / "fracatlas_dense_bw3_grow0_cv.json").read_text())
+    tta9 = next(r for r in round9["rows"] if r["variant"] == "dense_lse_box_b6_bw3_grow0+tta")
+    preset = rules["best_val_auroc (the preset)"]
+    assert preset["test_pointing_tta"] == [round(f["pointing"], 3) for f in tta9["folds"]]
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    for r in rules.values():
+        cells = (
+            ", ".join(str(e) for e in r["epochs"]),
+            ", ".join(f"{p:.3f}" for p in r["test_pointing_tta"]),
+            f"{r['pointing_mean_sd'][0]:.3f} ± {r['pointing_mean_sd'][1]:.3f}",
+            f"{r['auroc_mean_sd'][0]:.3f} ± {r['auroc_mean_sd'][1]:.3f}",
+        )
+        assert all(c in benchmarks for c in cells), cells
+    last = rules["last_epoch"]
+    assert last["pointing_mean_sd"][0] > preset["pointing_mean_sd"][0]  # the finding the section reports
+    readme = (ROOT / "README.md").read_text()
+    p0, p1 = preset["pointing_mean_sd"][0], last["pointing_mean_sd"]
+    assert f"pointing {p0:.2f} → {p1[0]:.2f} ± {p1[1]:.2f}, up\non four of five folds" in readme
+    up = sum(b > a for a, b in zip(preset["test_pointing_tta"], last["test_pointing_tta"], strict=True))
+    assert up == 4
