@@ -118,3 +118,26 @@ def test_benchmarks_quote_the_epoch_selection_rules():
     assert f"pointing {p0:.2f} → {p1[0]:.2f} ± {p1[1]:.2f}, up\non four of five folds" in readme
     up = sum(b > a for a, b in zip(preset["test_pointing_tta"], last["test_pointing_tta"], strict=True))
     assert up == 4
+
+
+def test_readme_and_benchmarks_quote_the_round11_run():
+    """The preset as committed (round 11: the last epoch kept): its run's numbers in README and BENCHMARKS."""
+    from bonefrac.config import load_params
+    from bonefrac.presets import load_preset
+
+    run = json.loads((RESULTS / "run_fracatlas_512_tta_last.json").read_text())
+    ev = run["evaluate"]
+    assert run["exit_code"] == 0
+    readme = (ROOT / "README.md").read_text()
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    auroc = f"**{ev['auroc']:.3f} (95 % CI {ev['auroc_ci_low']:.3f}–{ev['auroc_ci_high']:.3f})**"
+    assert f"test AUROC {auroc}" in readme
+    assert f"pointing game **{ev['evidence_map_pointing_hit_rate']:.3f}**" in readme
+    assert f"pointing 0.456 → **{ev['evidence_map_pointing_hit_rate']:.3f}**" in benchmarks
+    assert f"ECE after Platt 0.048 → **{ev['ece']:.3f}**" in benchmarks
+    assert f"energy 13.5× → **{ev['evidence_map_energy_vs_uniform']:.1f}×**" in benchmarks
+    row = f"| {_pct(ev['evidence_map_pointing_hit_rate'])} | — | {ev['evidence_map_energy_in_box']:.3f} | 0.006 |"
+    assert f"(round 11: round 9 keeping its last epoch), same split {row}" in readme
+    assert f"**{run['max_rss_kb'] * 1024 / 2**30:.2f} GiB** peak RSS" in benchmarks
+    p = load_params(ROOT / "params.yaml", overrides=load_preset(ROOT / "params" / "fracatlas.yaml"))
+    assert p.train.dense.keep_epoch == "last"
