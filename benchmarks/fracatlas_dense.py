@@ -156,6 +156,89 @@ def attach_s8(data, cache_dir: Path, cache) -> None:
     data.targets8 = torch.stack([box_target_map(b, cache.image_size, grid) for b in data.boxes_cache])
 
 
+SHIFT_FILE, SHIFT_ROWS = "shift_{}.f16", "shift_rows.npy"
+
+
+def stage_cacheshift(cache_dir: Path, batch_size: int = 8) -> None:
+    """Trunk features of the :func:`~bonefrac.model.dense.stitch_shifts` views of every boxed fracture:
+    for each of the four shifts, the image and its mirror (8 passes per image), blocks.4 (``s16``) and
+    blocks.5 (``s32``) as the main cache stores them. Scores the shift-and-stitch map (``cv --stitch``)
+    without a forward pass of the trunk per fold. The unshifted view of the first batch must reproduce
+    the stored maps (else the decode differs: refused)."""
+    from bonefrac.model.dense import S16_CHANNELS, S32_CHANNELS, FrozenTrunk, shift_image, stitch_shifts
+    from bonefrac.model.transforms import PreprocessSpec
+    from bonefrac.training.feature_cache import decode_for_cache
+
+    cache = open_feature_cache(cache_dir)
+    spec = PreprocessSpec(**cache.meta["preprocess"])
+    df = records()
+    rows = np.array([i for i, b in enumerate(df["boxes"]) if df["label"].iat[i] == 1 and parse_boxes(b)])
+    g = cache.image_size // 16
+    shifts = stitch_shifts(16)
+    s16 = np.memmap(cache_dir / SHIFT_FILE.format("s16"), dtype=np.float16, mode="w+",
+                    shape=(len(rows), len(shifts), 2, S16_CHANNELS, g, g))
+    s32 = np.memmap(cache_dir / SHIFT_FILE.format("s32"), dtype=np.float16, mode="w+",
+                    shape=(len(rows), len(shifts), 2, S32_CHANNELS, g // 2, g // 2))
+    paths = cache.records["path"].tolist()
+    trunk = FrozenTrunk(last_block=5)
+    log(f"shifted views: {len(rows)} boxed fractures x {len(shifts)} shifts x 2 mirrors")
+    t0 = time.perf_counter()
+    for b0 in range(0, len(rows), batch_size):
+        chunk = rows[b0 : b0 + batch_size]
+        x = torch.stack([decode_for_cache(paths[i], spec)[0] for i in chunk])
+        with torch.inference_mode():
+            if b0 == 0:
+                err = float((trunk(x)[0] - torch.from_numpy(cache.s16[0, chunk].astype(np.float32))).abs().max())
+                if err > 0.05:
+                    raise SystemExit(f"stride-16 map not reproduced (max |diff| {err:.3g}): decode differs")
+            for k, (dy, dx) in enumerate(shifts):
+                xs = shift_image(x, dy, dx)
+                for v, view in enumerate((xs, xs.flip(-1))):
+                    a, b = trunk(view)
+                    s16[b0 : b0 + len(chunk), k, v] = a.numpy().astype(np.float16)
+                    s32[b0 : b0 + len(chunk), k, v] = b.numpy().astype(np.float16)
+        if (b0 // batch_size) % 10 == 9 or b0 + batch_size >= len(rows):
+            nd = min(b0 + batch_size, len(rows))
+            el = time.perf_counter() - t0
+            log(f"  {nd}/{len(rows)}  {el / 60:.1f} min  eta {(len(rows) - nd) * el / nd / 60:.1f} min")
+    s16.flush()
+    s32.flush()
+    np.save(cache_dir / SHIFT_ROWS, rows)
+
+
+def stitched_pointing(head: torch.nn.Module, cache_dir: Path, idx: np.ndarray, boxes: list, size: int) -> dict:
+    """Pointing game of the head's shift-and-stitch flip-TTA map (``DenseFractureNet`` with ``stitch``)
+    on the boxed fractures among ``idx``, from the ``cacheshift`` features, and of its unshifted map."""
+    from bonefrac.explain.localisation import localisation_summary
+    from bonefrac.model.calibrate import sigmoid
+    from bonefrac.model.dense import S16_CHANNELS, S32_CHANNELS, stitch_maps
+
+    rows = np.load(cache_dir / SHIFT_ROWS)
+    pos = {int(r): j for j, r in enumerate(rows)}
+    g = size // 16
+    shape16 = (len(rows), 4, 2, S16_CHANNELS, g, g)
+    s16 = np.memmap(cache_dir / SHIFT_FILE.format("s16"), dtype=np.float16, mode="r", shape=shape16)
+    shape32 = (len(rows), 4, 2, S32_CHANNELS, g // 2, g // 2)
+    s32 = np.memmap(cache_dir / SHIFT_FILE.format("s32"), dtype=np.float16, mode="r", shape=shape32)
+    keep = [int(i) for i in idx if int(i) in pos and boxes[int(i)]]
+    head.eval()
+    heat = []
+    with torch.inference_mode():
+        for i in keep:
+            j = pos[i]
+            a = torch.from_numpy(s16[j].astype(np.float32)).flatten(0, 1)  # (shift, mirror) → batch of 8
+            b = torch.from_numpy(s32[j].astype(np.float32)).flatten(0, 1)
+            _, m = head(a, b)
+            m = m.view(4, 2, 1, g, g)
+            tta = (m[:, 0] + m[:, 1].flip(-1)) / 2  # each shift's flip-TTA map
+            fine = stitch_maps([tta[k][None] for k in range(4)])[0, 0].numpy()
+            heat.append(sigmoid(fine))
+    up = _upsample(np.stack(heat), size)
+    loc = localisation_summary(list(up), [boxes[i] for i in keep])
+    return {"pointing_stitch": loc["pointing_hit_rate"], "energy_stitch": loc["energy_in_box"],
+            "n_stitch": loc["n"]}
+
+
 # ------------------------------------------------------------------ training and evaluation
 VARIANTS: dict[str, dict] = {
     # name: head kind, head kwargs, box-loss weight; optional: "s32" (which stride-32 input the head
@@ -480,6 +563,7 @@ def _topk_centroid_pointing(maps: np.ndarray, boxes: list, size: int, k: int = 4
 def stage_cv(
     cache_dir: Path, df: pd.DataFrame, out_path: Path, variants: list[str], epochs: int, k: int = 5,
     ensembles: list[str] | None = None, only_folds: list[int] | None = None, per_epoch: bool = False,
+    stitch: bool = False,
 ) -> dict:
     """Grouped k-fold CV (near-duplicate groups, stratified by label × body part): each fold is the
     test set once; the next fold is validation (best epoch, Platt, threshold); the rest trains.
@@ -517,14 +601,16 @@ def stage_cv(
             "energy_ratio")
 
     def summarise(name: str, per_fold: list[dict], pooled_z: list, pooled_y: list, extra: dict) -> None:
+        present = [kk for kk in (*keys, "pointing_stitch") if all(kk in m for m in per_fold)]
         summ = {
-            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))] for kk in keys
+            kk: [float(np.mean([m[kk] for m in per_fold])), float(np.std([m[kk] for m in per_fold]))]
+            for kk in present
         }
         summ["pooled_auroc_uncalibrated"] = float(roc_auc_score(np.concatenate(pooled_y), np.concatenate(pooled_z)))
         summ["train_minutes_per_fold"] = float(np.mean([m.get("train_minutes", 0.0) for m in per_fold]))
         result["rows"] = [r for r in result["rows"] if r["variant"] != name]
         result["rows"].append({"variant": name, **extra, "mean_std": summ, "folds": per_fold})
-        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in keys))
+        log(f"  {name}: " + "  ".join(f"{kk} {mv[0]:.3f}±{mv[1]:.3f}" for kk, mv in summ.items() if kk in present))
         out_path.write_text(json.dumps(result, indent=2))
 
     def score(kind, zv, zt, mt, va, te, n_boot=200) -> dict:
@@ -605,6 +691,9 @@ def stage_cv(
             preds[name][f] = {"zv": zv, "zt": zt, "mt": mt, "zv2": zv2, "zt2": zt2, "mt2": mt2}
             m = score(v["kind"], zv, zt, mt, va, te)
             mtta = score(v["kind"], (zv + zv2) / 2, (zt + zt2) / 2, (mt + mt2) / 2, va, te)
+            if stitch:  # the shift-and-stitch map of the same head (TTA), beside the unshifted TTA map's score
+                mtta.update(stitched_pointing(head, cache_dir, te, [boxes[i] if y[i] else [] for i in range(len(y))],
+                                              size))
             for mm in (m, mtta):
                 mm.update(train_minutes=info["train_minutes"], n_test=len(te), pos_test=int(y[te].sum()))
                 mm.update(best_epoch=info["best_epoch"])
@@ -620,6 +709,7 @@ def stage_cv(
                 f"ECE {m['ece_platt']:.3f}  spec@hs90 {m['spec_at_val_hs90']:.3f}  "
                 f"pointing {m['pointing']:.3f} (top-k {m['pointing_topk']:.3f})  "
                 f"energy {m['energy_ratio']:.1f}x  {info['train_minutes']:.1f} min"
+                + (f"  TTA pointing {mtta['pointing']:.3f} stitched {mtta['pointing_stitch']:.3f}" if stitch else "")
             )
             # Each finished fold reaches the file at once: a stopped run keeps what it measured.
             result["in_progress"] = {"variant": name, "folds_done": len(per_fold), "folds": per_fold,
@@ -662,7 +752,7 @@ def print_table(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["cache", "cache8", "train", "cv", "all"], default="all")
+    ap.add_argument("--stage", choices=["cache", "cache8", "cacheshift", "train", "cv", "all"], default="all")
     ap.add_argument("--size", type=int, default=384)
     ap.add_argument("--cache-dir", type=Path, default=REPO / "tmp" / "dense_cache")
     ap.add_argument("--cache-budget-s", type=float, default=None)
@@ -672,6 +762,8 @@ def main() -> None:
     ap.add_argument("--folds", default="", help="cv: run only these folds (1-based, comma-separated): a screen")
     ap.add_argument("--per-epoch", action="store_true",
                     help="cv: record each epoch's flip-TTA pointing (val and test) and test AUROC (a diagnostic)")
+    ap.add_argument("--stitch", action="store_true",
+                    help="cv: also score the shift-and-stitch flip-TTA map (needs --stage cacheshift first)")
     ap.add_argument("--ensembles", default="", help="cv: comma-separated a+b logit-averaged ensembles")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args()
@@ -681,13 +773,16 @@ def main() -> None:
         stage_cache(cache_dir, args.size, args.cache_budget_s)
     if args.stage == "cache8":
         stage_cache8(cache_dir)
+    if args.stage == "cacheshift":
+        stage_cacheshift(cache_dir)
     if args.stage in ("train", "all"):
         stage_train(cache_dir, records(), args.out, args.variants.split(","), args.epochs)
     if args.stage == "cv":
         out = args.out.with_name(args.out.stem + "_cv.json")
         stage_cv(cache_dir, records(), out, args.variants.split(","), args.epochs,
                  ensembles=[e for e in args.ensembles.split(",") if e],
-                 only_folds=[int(f) - 1 for f in args.folds.split(",") if f], per_epoch=args.per_epoch)
+                 only_folds=[int(f) - 1 for f in args.folds.split(",") if f], per_epoch=args.per_epoch,
+                 stitch=args.stitch)
 
 
 if __name__ == "__main__":

@@ -50,8 +50,9 @@ def _train(params_path: str) -> str:
     )
     return (
         f"train: {p.model.arch}, {result.epochs_completed} epochs"
-        f"{' (stopped early)' if result.stopped_early else ''}, best val AUROC {result.best_val_auroc:.3f} "
-        f"at epoch {result.best_epoch + 1}, {result.train_seconds / 60:.1f} min -> {result.best_model_path}"
+        f"{' (stopped early)' if result.stopped_early else ''}, kept epoch {result.best_epoch + 1} "
+        f"({'the last' if result.monitor == 'last epoch' else 'best ' + result.monitor}; val AUROC "
+        f"{result.best_val_auroc:.3f}), {result.train_seconds / 60:.1f} min -> {result.best_model_path}"
     )
 
 

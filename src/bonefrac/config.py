@@ -159,7 +159,7 @@ class ModelParams(Strict):
         "monai_densenet3d", "monai_resnet3d", "mip_efficientnet3d",
         "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5", "efficientnet_lite0_dense_x3",
         "efficientnet_lite0_dense_tta",
-        "efficientnet_lite0_dense_s8_tta",
+        "efficientnet_lite0_dense_s8_tta", "efficientnet_lite0_dense_tta_stitch",
     ] = "efficientnet_lite0"
     # none | imagenet (torchvision's mechanism) | efficientnet_lite_offline | path to a checkpoint
     pretrained: str = "efficientnet_lite_offline"

@@ -183,3 +183,52 @@ def test_centre_profile_peaks_inside_the_box_where_the_area_profile_is_a_plateau
     assert torch.allclose(box_target_map(box, 512, 32, flip=True, profile="centre"), centre.flip(-1))
     with pytest.raises(ValueError, match="profile"):
         box_target_map(box, 512, 32, profile="gauss")  # type: ignore[arg-type]
+
+
+def test_shift_image_moves_the_content_and_keeps_the_size():
+    from bonefrac.model.dense import shift_image
+
+    x = torch.arange(2 * 10 * 12, dtype=torch.float32).view(2, 1, 10, 12)
+    s = shift_image(x, 2, -3)  # two rows down, three columns left
+    assert s.shape == x.shape
+    assert torch.equal(s[..., 2:, :-3], x[..., :-2, 3:])
+    assert torch.equal(s[..., :2, :-3], x[..., :1, 3:].expand(-1, -1, 2, -1))  # the gap repeats the edge row
+
+
+def test_stitch_maps_sample_the_same_map_on_a_grid_twice_as_fine():
+    """A translation-equivariant map (the mean of each 16-px cell) stitched from the four shifted inputs
+    equals the mean over 16-px windows centred on a stride-8 grid's cell centres: a swapped shift
+    direction or interleave order moves each value by 8 px and fails here."""
+    import torch.nn.functional as F
+
+    from bonefrac.model.dense import shift_image, stitch_maps, stitch_shifts
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 128, 128)
+    fine = stitch_maps([F.avg_pool2d(shift_image(x, dy, dx), 16) for dy, dx in stitch_shifts(16)])
+    ref = F.avg_pool2d(F.pad(x, (4, 4, 4, 4), mode="replicate"), 16, stride=8)  # windows centred at 8k + 4
+    assert fine.shape == (2, 1, 16, 16)
+    assert torch.allclose(fine, ref, atol=1e-6)
+    with pytest.raises(ValueError):
+        stitch_shifts(6)
+
+
+def test_stitch_arch_keeps_the_logit_and_refines_only_the_map():
+    """`efficientnet_lite0_dense_tta_stitch`: the TTA arch's weights and image logit; its evidence map is
+    the TTA map of the four shifted inputs interleaved on a grid twice as fine."""
+    from bonefrac.model.dense import shift_image, stitch_shifts
+    from bonefrac.model.networks import build_model
+
+    torch.manual_seed(0)
+    st = build_model("efficientnet_lite0_dense_tta_stitch", 0, "efficientnet_lite_offline").eval()
+    tta = build_model("efficientnet_lite0_dense_tta", 0, "none").eval()
+    tta.load_state_dict(st.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(st(x), tta(x), atol=1e-6)
+        fine, coarse = st.evidence_map(x), tta.evidence_map(x)
+        assert coarse.shape == (2, 1, 4, 4) and fine.shape == (2, 1, 8, 8)
+        for (dy, dx) in stitch_shifts(16):
+            sub = fine[..., (0 if dy > 0 else 1) :: 2, (0 if dx > 0 else 1) :: 2]
+            assert torch.allclose(sub, tta.evidence_map(shift_image(x, dy, dx)), atol=1e-5)
+        assert not torch.allclose(fine[..., 1::2, 1::2], coarse, atol=1e-4)  # the shifts do move the map

@@ -230,11 +230,15 @@ def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeyp
     monkeypatch.setattr(training_dense, "train_head", spy_train)
     mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
     settings = [("centre", 0.0, 3.0, "last"), ("area", 0.5, 1.0, "best_val_auroc")]
+    monitors = []
     for profile, grow, weight, keep in settings:
         tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(
             feature_dtype="float32", box_profile=profile, box_grow_cells=grow, box_weight=weight, keep_epoch=keep))
-        run_training(cache, tmp / f"train_{profile}", mp, tp, spatial_dims=2, type_names=[], seed=0,
-                     features_dir=tmp / "features")  # fmt: skip
+        res = run_training(cache, tmp / f"train_{profile}", mp, tp, spatial_dims=2, type_names=[], seed=0,
+                           features_dir=tmp / "features")  # fmt: skip
+        monitors.append((res.monitor, ModelBundle.load(res.best_model_path).metadata["monitor"]))
+    # what chose the kept epoch, alike in the result (the train flow's log line) and the bundle
+    assert monitors == [("last epoch", "last epoch"), ("val/auroc", "val/auroc")]
     half = len(targets) // 2
     assert targets and set(targets[:half]) == {("centre", 0.0)} and set(targets[half:]) == {("area", 0.5)}
     assert weights == [(3.0, "last"), (1.0, "best_val_auroc")]

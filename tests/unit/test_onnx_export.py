@@ -74,11 +74,12 @@ SERVABLE = [
     ("efficientnet_lite0", 2), ("monai_densenet3d", 3), ("monai_resnet3d", 3), ("mip_efficientnet3d", 3),
     ("efficientnet_lite0_dense", 2), ("efficientnet_lite0_dense_b5", 2), ("efficientnet_lite0_dense_x3", 2),
     ("efficientnet_lite0_dense_tta", 2), ("efficientnet_lite0_dense_s8_tta", 2),
+    ("efficientnet_lite0_dense_tta_stitch", 2),
 ]  # fmt: skip
 REAL_WEIGHTS = {
     "efficientnet_lite0", "mip_efficientnet3d",
     "efficientnet_lite0_dense", "efficientnet_lite0_dense_b5", "efficientnet_lite0_dense_x3",
-    "efficientnet_lite0_dense_tta", "efficientnet_lite0_dense_s8_tta",
+    "efficientnet_lite0_dense_tta", "efficientnet_lite0_dense_s8_tta", "efficientnet_lite0_dense_tta_stitch",
 }  # fmt: skip
 
 

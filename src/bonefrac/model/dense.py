@@ -216,6 +216,44 @@ class DenseFractureHead(nn.Module):
         return image[:, None], logit_map
 
 
+def shift_image(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``x`` ``(N, C, H, W)`` with its content moved by ``(dy, dx)`` px (down/right when positive), same
+    size: the edge rows/columns are repeated into the gap, the ones pushed out are cut off."""
+    h, w = x.shape[-2:]
+    x = F.pad(x, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), mode="replicate")
+    return x[..., max(-dy, 0) : max(-dy, 0) + h, max(-dx, 0) : max(-dx, 0) + w]
+
+
+def stitch_shifts(stride: int) -> tuple[tuple[int, int], ...]:
+    """The four input shifts whose stride-``stride`` maps interleave into one stride-``stride/2`` map
+    (row-major: (-s, -s), (-s, +s), (+s, -s), (+s, +s) with ``s = stride / 4``)."""
+    if stride % 4:
+        raise ValueError(f"shift-and-stitch needs a map stride divisible by 4, got {stride}")
+    s = stride // 4
+    return ((s, s), (s, -s), (-s, s), (-s, -s))
+
+
+def stitch_maps(maps: list[torch.Tensor]) -> torch.Tensor:
+    """Four ``(N, 1, h, w)`` maps of the :func:`stitch_shifts` inputs → one ``(N, 1, 2h, 2w)`` map.
+
+    Shift-and-stitch (Long et al., FCN, 2015): moving the input's content by ``+s`` px puts the
+    cell whose footprint is centred at ``stride·(i + ½)`` on the content at ``stride·i + stride/2 - s``,
+    so the shifts ``±stride/4`` sample the same head at the centres of a grid twice as fine, in the
+    footprint convention every display of the map already uses (a cell of the fine map centred at
+    ``stride/2·(k + ½)``). Why: a stride-16 map can only peak at a cell centre, and a median
+    FracAtlas box (~33 px at 512 px) spans about two cells: on about one boxed fracture in five the
+    peak lands within 8 px of the box but outside it.
+    """
+    if len(maps) != 4:
+        raise ValueError(f"stitching needs the four shifted maps, got {len(maps)}")
+    n, c, h, w = maps[0].shape
+    fine = maps[0].new_zeros(n, c, 2 * h, 2 * w)
+    # content moved +s (down/right) → the cell sees what lies s px up/left of its centre: the fine cell 2i
+    for (dy, dx), m in zip(stitch_shifts(4), maps, strict=True):
+        fine[..., (0 if dy > 0 else 1) :: 2, (0 if dx > 0 else 1) :: 2] = m
+    return fine
+
+
 class GlobalPoolHead(nn.Module):
     """The plain image-level classifier on the stride-32 map: ``neck`` → global average pool → linear.
 
@@ -313,13 +351,16 @@ class DenseFractureNet(nn.Module):
     not a post-hoc Grad-CAM (``bonefrac.explain.heatmaps`` routes on this method).
     """
 
-    def __init__(self, trunk: FrozenTrunk, head: nn.Module, arch: str = "", flip_tta: bool = False) -> None:
+    def __init__(
+        self, trunk: FrozenTrunk, head: nn.Module, arch: str = "", flip_tta: bool = False, stitch: bool = False
+    ) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
         self.arch = arch
         self.num_types = 0
         self.spatial_dims = 2
         self.flip_tta = flip_tta
+        self.stitch = stitch
 
     def _outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(image logits, logit map, embedding) from one pass; with ``flip_tta`` the image and its
@@ -351,8 +392,16 @@ class DenseFractureNet(nn.Module):
         return z, emb
 
     def evidence_map(self, x: torch.Tensor) -> torch.Tensor:
-        """``(N, 1, h, w)`` logit map on the head's grid (stride 16 for the dense head, 8 with its stride-8 level)."""
-        return self._outputs(x)[1]
+        """``(N, 1, h, w)`` logit map on the head's grid (stride 16 for the dense head, 8 with its stride-8 level).
+
+        With ``stitch`` the map is the same head's shift-and-stitch map on a grid twice as fine
+        (:func:`stitch_maps`; four shifted passes, each with the flip TTA where set): the image logit
+        stays the unshifted pass's (:meth:`forward`), so scores, calibration and operating points
+        do not change, only where the map can peak."""
+        if not self.stitch:
+            return self._outputs(x)[1]
+        stride = 8 if self.trunk.tap8 else 16
+        return stitch_maps([self._outputs(shift_image(x, dy, dx))[1] for dy, dx in stitch_shifts(stride)])
 
     # the historical name (benchmarks)
     evidence = evidence_map
@@ -379,6 +428,7 @@ class DenseArch:
     members: int = 1  # > 1: a HeadEnsemble of this many heads (trained with seeds seed, seed + 1, ...)
     flip_tta: bool = False  # score the image and its mirror, average logits and maps (2 trunk passes)
     s8_tap: bool = False  # one more FPN level on blocks.2: a logit per stride-8 cell (the trunk cache stores it)
+    stitch: bool = False  # the evidence map by shift-and-stitch (4 shifted passes; a grid twice as fine)
 
 
 #: The registry of dense archs (``model.arch``); :func:`bonefrac.model.networks.build_model` builds them.
@@ -394,6 +444,8 @@ DENSE_ARCHS: dict[str, DenseArch] = {
     "efficientnet_lite0_dense_tta": DenseArch(flip_tta=True),
     # The TTA kind with a stride-8 level (blocks.2 tapped from the frozen trunk): a logit per 8-px cell.
     "efficientnet_lite0_dense_s8_tta": DenseArch(flip_tta=True, s8_tap=True),
+    # The TTA kind whose evidence map is shift-and-stitched to stride 8 (same weights, logits and training).
+    "efficientnet_lite0_dense_tta_stitch": DenseArch(flip_tta=True, stitch=True),
 }
 
 
@@ -414,7 +466,7 @@ def build_dense_net(arch: str, pretrained: str = "efficientnet_lite_offline") ->
         )  # fmt: skip
 
     head: nn.Module = one_head(0) if spec.members == 1 else HeadEnsemble([one_head(i) for i in range(spec.members)])
-    return DenseFractureNet(trunk, head, arch=arch, flip_tta=spec.flip_tta)
+    return DenseFractureNet(trunk, head, arch=arch, flip_tta=spec.flip_tta, stitch=spec.stitch)
 
 
 BoxProfile = Literal["area", "centre"]

@@ -142,7 +142,7 @@ def train_head(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda k: (k + 1) / warm if k < warm else 0.5 * (1 + np.cos(np.pi * (k - warm) / max(1, steps - warm)))
     )
-    best, best_state, history = -1.0, None, []
+    best_state, history = None, []
     t0 = time.perf_counter()
     for ep in range(cfg.epochs):
         head.train()
@@ -183,16 +183,15 @@ def train_head(
             f"    epoch {ep + 1}/{cfg.epochs}  img {history[-1]['loss_img']:.3f}  dense "
             f"{history[-1]['loss_dense']:.3f}  val AUROC {auc:.3f}  {history[-1]['minutes']:.1f} min"
         )
-        if auc > best:
-            best = auc
-            if cfg.keep == "best_val_auroc":
-                best_state = copy.deepcopy(head.state_dict())
+        # snapshot at a new maximum only (the first of equal maxima, as argmax below picks it)
+        if cfg.keep == "best_val_auroc" and auc > max((h["val_auroc"] for h in history[:-1]), default=-1.0):
+            best_state = copy.deepcopy(head.state_dict())
     kept = len(history) - 1 if cfg.keep == "last" else int(np.argmax([h["val_auroc"] for h in history]))
-    if cfg.keep == "best_val_auroc" and best_state is not None:
+    if best_state is not None:
         head.load_state_dict(best_state)
     return {
         "history": history,
-        "best_val_auroc": float(history[kept]["val_auroc"]) if history else best,
+        "best_val_auroc": float(history[kept]["val_auroc"]) if history else float("nan"),
         "train_minutes": (time.perf_counter() - t0) / 60,
         "best_epoch": kept + 1,
     }
@@ -377,6 +376,7 @@ def train_dense_model(
     curves.end()
     out_dir.mkdir(parents=True, exist_ok=True)
     best_epoch = info["best_epoch"] - 1
+    monitor = "val/auroc" if dp.keep_epoch == "best_val_auroc" else "last epoch"  # what chose the kept epoch
     bundle = ModelBundle(
         arch=mp.arch,
         state_dict={k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
@@ -386,7 +386,7 @@ def train_dense_model(
         metadata={
             "best_epoch": best_epoch,
             "val_auroc": float(info["best_val_auroc"]),
-            "monitor": "val/auroc" if dp.keep_epoch == "best_val_auroc" else "last epoch",
+            "monitor": monitor,
             "seed": seed,
             **({"member_best_epochs": [e - 1 for e in info["member_best_epochs"]],
                 "member_val_auroc": info["member_val_auroc"]} if "member_best_epochs" in info else {}),
@@ -400,7 +400,7 @@ def train_dense_model(
     total = time.perf_counter() - t_start
     result = TrainResult(
         out_dir=out_dir, best_model_path=best_path, best_epoch=best_epoch, best_val_auroc=float(info["best_val_auroc"]),
-        monitor="val/auroc", epochs_completed=len(history), finished=True, stopped_early=False,
+        monitor=monitor, epochs_completed=len(history), finished=True, stopped_early=False,
         train_seconds=info["train_minutes"] * 60, history=history,
     )  # fmt: skip
     atomic_write_json(
