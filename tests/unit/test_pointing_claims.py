@@ -137,7 +137,36 @@ def test_readme_and_benchmarks_quote_the_round11_run():
     assert f"ECE after Platt 0.048 → **{ev['ece']:.3f}**" in benchmarks
     assert f"energy 13.5× → **{ev['evidence_map_energy_vs_uniform']:.1f}×**" in benchmarks
     row = f"| {_pct(ev['evidence_map_pointing_hit_rate'])} | — | {ev['evidence_map_energy_in_box']:.3f} | 0.006 |"
-    assert f"(round 11: round 9 keeping its last epoch), same split {row}" in readme
+    assert f"round 11 (round 9 keeping its last epoch), same split {row}" in readme
     assert f"**{run['max_rss_kb'] * 1024 / 2**30:.2f} GiB** peak RSS" in benchmarks
     p = load_params(ROOT / "params.yaml", overrides=load_preset(ROOT / "params" / "fracatlas.yaml"))
     assert p.train.dense.keep_epoch == "last"
+
+
+def test_readme_and_benchmarks_quote_the_round12_cv_and_run():
+    """Round 12 (the preset as committed): the stitched map's CV and the full run's numbers, and the run
+    differs from round 11's in the map's scores only (the same weights: a changed score means more changed)."""
+    from bonefrac.config import load_params
+    from bonefrac.presets import load_preset
+
+    cv = json.loads((RESULTS / "fracatlas_dense_stitch_cv.json").read_text())
+    tta = next(r for r in cv["rows"] if r["variant"] == "dense_lse_box_b6_bw3_grow0_last+tta")
+    plain, stitched = tta["mean_std"]["pointing"], tta["mean_std"]["pointing_stitch"]
+    readme = (ROOT / "README.md").read_text()
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    cv_text = f"{plain[0]:.3f} ± {plain[1]:.3f} → {stitched[0]:.3f} ± {stitched[1]:.3f}"
+    assert f"**{cv_text}**" in readme
+    per_fold = " | ".join(f"{f['pointing_stitch']:.3f}" for f in tta["folds"])
+    assert f"| **pointing, shift-and-stitch** | {per_fold} | **{stitched[0]:.3f} ± {stitched[1]:.3f}** |" in benchmarks
+    run = json.loads((RESULTS / "run_fracatlas_512_tta_stitch.json").read_text())
+    before = json.loads((RESULTS / "run_fracatlas_512_tta_last.json").read_text())["evaluate"]
+    ev = run["evaluate"]
+    assert run["exit_code"] == 0
+    changed = {k for k in ev if ev[k] != before.get(k)}
+    assert changed <= {"evidence_map_pointing_hit_rate", "evidence_map_energy_in_box", "evidence_map_energy_vs_uniform"}
+    assert f"pointing game 0.480 → **{ev['evidence_map_pointing_hit_rate']:.3f}**" in readme
+    row = f"| {_pct(ev['evidence_map_pointing_hit_rate'])} | — | {ev['evidence_map_energy_in_box']:.3f} | 0.006 |"
+    assert f"(round 12: round 11's map shift-and-stitched to stride 8), same split {row}" in readme
+    assert f"**{run['max_rss_kb'] * 1024 / 2**30:.2f} GiB** peak RSS" in benchmarks
+    p = load_params(ROOT / "params.yaml", overrides=load_preset(ROOT / "params" / "fracatlas.yaml"))
+    assert p.model.arch == "efficientnet_lite0_dense_tta_stitch"
