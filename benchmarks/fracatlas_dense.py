@@ -207,8 +207,9 @@ def stage_cacheshift(cache_dir: Path, batch_size: int = 8) -> None:
 
 
 def stitched_pointing(head: torch.nn.Module, cache_dir: Path, idx: np.ndarray, boxes: list, size: int) -> dict:
-    """Pointing game of the head's shift-and-stitch flip-TTA map (``DenseFractureNet`` with ``stitch``)
-    on the boxed fractures among ``idx``, from the ``cacheshift`` features, and of its unshifted map."""
+    """Pointing game and energy-in-box of the head's shift-and-stitch flip-TTA map (``DenseFractureNet``
+    with ``stitch``) on the boxed fractures among ``idx``, from the ``cacheshift`` features (the unshifted
+    map's scores are the caller's ``score`` of the same head)."""
     from bonefrac.explain.localisation import localisation_summary
     from bonefrac.model.calibrate import sigmoid
     from bonefrac.model.dense import S16_CHANNELS, S32_CHANNELS, stitch_maps
