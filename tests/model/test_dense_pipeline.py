@@ -16,6 +16,7 @@ import torch
 from bonefrac.config import DenseTrainParams, ModelParams, TrainParams
 from bonefrac.evaluation.evaluate import explain
 from bonefrac.explain.display import compute_cam
+from bonefrac.explain.gallery import select_cases
 from bonefrac.explain.heatmaps import map_methods
 from bonefrac.inference.predictor import Predictor
 from bonefrac.model.boxes import row_boxes
@@ -134,9 +135,19 @@ def test_the_map_shown_is_the_models_own(trained):
     np.testing.assert_allclose(shown, expected[:, 0].numpy(), atol=1e-6)
     # The evaluation report scores the same map against the boxes (no Grad-CAM for this network).
     test = index.assign(prob=np.linspace(0.1, 0.9, len(index)))
-    _, info = explain(net, images, test, test["prob"].to_numpy() > 0.5, 1, None, SIZE, 2, "high_sensitivity")
+    decisions = test["prob"].to_numpy() > 0.5
+    mapped: list[int] = []  # how many images each evidence-map call was given
+    own_map = net.evidence_map
+    net.evidence_map = lambda x: (mapped.append(x.shape[0]), own_map(x))[1]
+    gallery, info = explain(net, images, test, decisions, 2, None, SIZE, 2, "high_sensitivity")
     assert info["methods"][0][0] == "evidence_map" and "gradcam" not in info["localisation"]
     assert info["localisation"]["n"] == 6  # fractured images with boxes (in every split here)
+    # Each image's map is computed once: the gallery reuses the boxed fractures' maps.
+    boxed = {i for i in range(len(test)) if test["label"].iat[i] == 1 and row_boxes(test.iloc[i], SIZE)}
+    picks = select_cases(test["label"].to_numpy(), test["prob"].to_numpy(), decisions, 2)
+    shown = {int(i) for idx in picks.values() for i in idx}
+    assert len(gallery) == len(shown) and shown & boxed  # the gallery repeats some boxed images
+    assert sum(mapped) == len(boxed | shown)
     # Other networks keep Grad-CAM.
     assert map_methods(build_model("efficientnet_lite0", 0)) == ["gradcam", "gradcam++"]
 

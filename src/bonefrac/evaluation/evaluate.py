@@ -15,7 +15,7 @@ import datetime as _dt
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +212,27 @@ def _cache_boxes(row: pd.Series, image_size: int) -> list[list[float]]:
     return row_boxes(row, image_size)
 
 
+class _MapsOnce:
+    """Each test image's map, computed once per method however many times it is asked for.
+
+    The localisation score and the gallery want maps of overlapping images (a gallery's true
+    positives and misses are mostly boxed fractures), and a stitched evidence map costs eight
+    trunk passes.
+    """
+
+    def __init__(self, model: torch.nn.Module, images: np.ndarray, cache_rows: np.ndarray, layer: str) -> None:
+        self.model, self.images, self.cache_rows, self.layer = model, images, cache_rows, layer
+        self.done: dict[tuple[str, int], np.ndarray] = {}
+
+    def __call__(self, method: str, test_index: Sequence[int]) -> list[np.ndarray]:
+        todo = list(dict.fromkeys(i for i in test_index if (method, i) not in self.done))
+        if todo:
+            x = _rows_tensor(self.images, self.cache_rows[todo])
+            for i, cam in zip(todo, heatmaps(self.model, x, method=method, layer=self.layer), strict=True):
+                self.done[(method, i)] = cam
+        return [self.done[(method, i)] for i in test_index]
+
+
 def explain(
     model: torch.nn.Module,
     images: np.ndarray,
@@ -249,12 +270,11 @@ def explain(
     with_boxes = [i for i in range(len(test)) if boxes[i] and test["label"].iat[i] == 1][
         :MAX_LOCALISATION_CASES
     ]
+    maps = _MapsOnce(model, images, test["cache_row"].to_numpy(), info["layer"])
     loc: dict[str, Any] = {"n": 0}
     if with_boxes:
-        x = _rows_tensor(images, test["cache_row"].to_numpy()[with_boxes])
         for method in methods:
-            cams = heatmaps(model, x, method=method, layer=info["layer"])
-            loc[method] = localisation_summary(list(cams), [boxes[i] for i in with_boxes])
+            loc[method] = localisation_summary(maps(method, with_boxes), [boxes[i] for i in with_boxes])
         loc["n"] = loc[methods[0]]["n"]
     info["localisation"] = loc
 
@@ -266,7 +286,7 @@ def explain(
         if idx.size == 0:
             continue
         x = _rows_tensor(images, test["cache_row"].to_numpy()[idx])
-        maps = [heatmaps(model, x, method=m, layer=info["layer"]) for m in methods]
+        shown = [maps(m, [int(i) for i in idx]) for m in methods]
         for j, i in enumerate(idx):
             row = test.iloc[int(i)]
             bx = boxes[int(i)]
@@ -280,9 +300,9 @@ def explain(
                     category=category,
                     image_id=str(row.get("image_id", i)),
                     prob=float(row["prob"]),
-                    png=png_bytes(tile(x[j, 0].numpy(), maps[0][j], maps[1][j] if len(maps) > 1 else None, bx)),
+                    png=png_bytes(tile(x[j, 0].numpy(), shown[0][j], shown[1][j] if len(shown) > 1 else None, bx)),
                     caption={"where": where},
-                    pointing_hit=pointing_game(maps[0][j], bx) if bx else None,
+                    pointing_hit=pointing_game(shown[0][j], bx) if bx else None,
                 )
             )
     return items, info
