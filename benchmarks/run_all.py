@@ -115,6 +115,13 @@ BENCHES: tuple[Bench, ...] = (
         "ingest rerun after one of 1,000 phantom images changed: no cache vs cold vs warm per-file cache",
     ),
     Bench(
+        "huge_pages",
+        "huge_pages",
+        "Huge pages for PyTorch's CPU tensors",
+        ("huge_pages",),
+        "`THP_MEM_ALLOC_ENABLE` off vs on (what `import bonefrac` sets): 512 px trunk, stitched map, phantom step",
+    ),
+    Bench(
         "fracatlas_training",
         "",
         "FracAtlas training (filled by the lead)",
