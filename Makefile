@@ -29,7 +29,7 @@ install: $(STAMP)
 # `bonefrac metrics`: the DVC metrics one value per line (`dvc metrics show` puts them all in one
 # ~130-column row). The evaluate stage ends with the drift report of the test split (reports/drift/pipeline).
 run: install
-	$(BIN)/dvc repro
+	$(BIN)/bonefrac run
 	$(BIN)/bonefrac metrics
 
 run-fracatlas: install
@@ -37,11 +37,16 @@ run-fracatlas: install
 	$(BIN)/bonefrac metrics
 
 # Two pytest-xdist workers, one test file each at a time (module fixtures stay whole):
-# most tests use one core, and the ones that start servers mostly wait.
+# most tests use one core, and the ones that start servers mostly wait. Files marked
+# `long` go out first (tests/conftest.py; --no-loadscope-reorder keeps that order: xdist
+# would put the files with most tests first, and the two-pipeline-run file last, alone).
+# Two workers share two cores: OpenMP threads that spin while they wait would hold the
+# core the other worker needs, so they sleep (benchmarks/omp_wait.py; runs keep the default).
 TEST_WORKERS ?= 2
 test: install
 	bash scripts/test_setup.sh
-	$(BIN)/python -m pytest -m "not slow" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(BIN)/python -m pytest -m "not slow" \
+		-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-all: install
 	bash scripts/test_setup.sh

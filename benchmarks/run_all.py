@@ -122,6 +122,13 @@ BENCHES: tuple[Bench, ...] = (
         "`THP_MEM_ALLOC_ENABLE` off vs on (what `import bonefrac` sets): 512 px trunk, stitched map, phantom step",
     ),
     Bench(
+        "omp_wait",
+        "omp_wait",
+        "OpenMP wait policy with two torch processes on two cores",
+        ("omp_wait",),
+        "libgomp default (spin) vs `OMP_WAIT_POLICY=PASSIVE` (`make test`): Lite0 training steps alone and in pairs",
+    ),
+    Bench(
         "fracatlas_training",
         "",
         "FracAtlas training (filled by the lead)",

@@ -5,16 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import yaml
+
+from bonefrac.ops.prefect_api import local_prefect_api
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -61,40 +59,11 @@ def make_project(dst: Path, params_override: dict, commit_date: str | None = Non
 
 @contextlib.contextmanager
 def prefect_server(home: Path, timeout: float = 180) -> Iterator[str]:
-    """A Prefect server on 127.0.0.1 for several pipeline runs; yields its API URL.
-
-    Each stage otherwise starts (and stops) its own ephemeral server, ~10 s apiece.
-    """
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    api = f"http://127.0.0.1:{port}/api"
+    """A Prefect server on 127.0.0.1 for several pipeline runs (``bonefrac.ops.prefect_api``); yields its API URL."""
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     env.pop("PREFECT_API_URL", None)
-    home.mkdir(parents=True, exist_ok=True)
-    with (home / "server.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{api}/health", timeout=5).status_code == 200:
-                        break
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
-            yield api
-        finally:
-            for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
-                if proc.poll() is not None:
-                    break
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=wait)
+    with local_prefect_api(env, timeout_s=timeout) as served:
+        yield served["PREFECT_API_URL"]
 
 
 def env_for(project: Path, api_url: str | None = None) -> dict[str, str]:
@@ -114,5 +83,13 @@ def dvc(project: Path, *args: str, api_url: str | None = None) -> subprocess.Com
     """``dvc *args`` in ``project``; the stages use the Prefect server at ``api_url`` or an ephemeral one."""
     return subprocess.run(
         [str(BIN / "dvc"), *args], cwd=project, env=env_for(project, api_url), capture_output=True, text=True,
+        timeout=1200,
+    )
+
+
+def bonefrac_run(project: Path) -> subprocess.CompletedProcess[str]:
+    """``bonefrac run`` in ``project``, as ``make run``: ``dvc repro``, all stages on one local Prefect server."""
+    return subprocess.run(
+        [str(BIN / "bonefrac"), "run"], cwd=project, env=env_for(project), capture_output=True, text=True,
         timeout=1200,
     )

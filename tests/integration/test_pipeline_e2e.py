@@ -17,10 +17,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from tests.integration._pipeline import bonefrac_run, make_project
 from tests.integration._pipeline import dvc as _dvc
-from tests.integration._pipeline import make_project, prefect_server
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 # Small enough for `make test`, big enough that the model must learn (issue 14): 120 phantom
 # patients at 128 px (240 images: ~128 train, 32 val, 80 test), the default pretrained
@@ -47,9 +47,9 @@ COMMIT_DATE = "2026-01-02T03:04:05Z"
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """`dvc repro` in a fresh copy, each stage with its own ephemeral Prefect server (as `make run`)."""
+    """`bonefrac run` in a fresh copy (as `make run`): `dvc repro`, its stages sharing one local Prefect server."""
     project = make_project(tmp_path_factory.mktemp("one") / "bonefrac", SMALL, COMMIT_DATE)
-    return project, _dvc(project, "repro")
+    return project, bonefrac_run(project)
 
 
 def _out_hashes(project: Path) -> dict[str, str]:
@@ -73,8 +73,7 @@ def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, tmp_path: Path
     one, first = first_run
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     other = make_project(tmp_path / "elsewhere" / "with a longer name" / "bonefrac", SMALL, COMMIT_DATE)
-    with prefect_server(tmp_path / "prefect") as api:  # one server for all stages: faster
-        run = _dvc(other, "repro", api_url=api)
+    run = bonefrac_run(other)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     a, b = _out_hashes(one), _out_hashes(other)

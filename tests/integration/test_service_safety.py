@@ -30,7 +30,7 @@ from bonefrac.inference.batch_predict import predict_to_file
 from bonefrac.registry.resolve import load_file
 from bonefrac.serving.paths import UNKNOWN_PATH
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 API_KEY = "safety-key-51d2"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

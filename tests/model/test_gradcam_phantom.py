@@ -27,6 +27,8 @@ from bonefrac.explain.localisation import energy_in_boxes, localisation_summary,
 from bonefrac.model.networks import build_model
 from bonefrac.model.transforms import PreprocessSpec
 
+pytestmark = pytest.mark.long
+
 RENDER, SIZE = 256, 128  # rendered like the default dataset, cached like the default pipeline
 SITES = (0.2, 0.8)
 

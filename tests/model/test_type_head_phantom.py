@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 from sklearn.metrics import f1_score
 
@@ -32,6 +33,8 @@ from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import build_cache, load_cache
 from bonefrac.training.loop import train_model
+
+pytestmark = pytest.mark.long
 
 SIZE, CROP, INPUT = 256, 96, 64
 N_TRAIN, N_VAL, N_TEST = 40, 15, 30  # per type

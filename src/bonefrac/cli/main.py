@@ -68,9 +68,23 @@ _stage_command(
 def run_pipeline(
     force: Annotated[bool, typer.Option(help="rerun every stage even if nothing changed")] = False,
 ) -> None:
-    """Run the whole pipeline with DVC (`dvc repro`): only what changed is rerun."""
-    cmd = tool_cmd("dvc", "repro", *(["--force"] if force else []))
-    raise typer.Exit(subprocess.call(cmd, cwd=project_root(), env=tool_env()))
+    """Run the whole pipeline with DVC (`dvc repro`): only what changed is rerun.
+
+    The stages share one Prefect server (`PREFECT_API_URL` if set, else one started for the run).
+    """
+    raise typer.Exit(_pipeline_call(tool_cmd("dvc", "repro", *(["--force"] if force else []))))
+
+
+def _pipeline_call(cmd: list[str]) -> int:
+    """``cmd`` (a DVC pipeline run) in the project root, its stages sharing one Prefect API."""
+    from bonefrac.ops.prefect_api import PrefectServerError, local_prefect_api
+
+    try:
+        with local_prefect_api(tool_env()) as env:
+            return subprocess.call(cmd, cwd=project_root(), env=env)
+    except PrefectServerError as err:
+        typer.echo(f"error: {err}", err=True)
+        return 1
 
 
 @app.command("exp-run")
@@ -91,7 +105,7 @@ def exp_run(
     if dry_run:
         typer.echo(" ".join(["dvc", *cmd[3:]]))
         return
-    raise typer.Exit(subprocess.call(cmd, cwd=project_root(), env=tool_env()))
+    raise typer.Exit(_pipeline_call(cmd))
 
 
 @app.command("check-params")

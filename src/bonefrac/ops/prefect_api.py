@@ -1,0 +1,92 @@
+"""One Prefect API for a whole pipeline run: the operator's server if set, else one local server.
+
+Why: every DVC stage is a Prefect flow in its own process (``python -m
+flows.<stage>``). Without ``PREFECT_API_URL`` each of them starts and stops
+Prefect's ephemeral server, a subprocess that imports the server stack and
+opens the database: 14 s of CPU per stage on the 2-core AMD EPYC machine
+(``benchmarks/prefect_api.py`` measures it). A pipeline of six stages paid
+that six times. ``bonefrac run`` and ``bonefrac exp-run`` (``make run``,
+``make run-fracatlas``) start one server for the whole run instead and stop it
+when the run ends, also when the run fails or is interrupted.
+
+An operator's ``PREFECT_API_URL`` (a real server with a UI, a worker's API)
+always wins: then nothing is started and the runs appear there. A plain
+``dvc repro`` still works as before, through the ephemeral servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import httpx
+
+from bonefrac.errors import BonefracError
+from bonefrac.proc import tool_cmd, tool_env
+
+LOG_NAME = "local-server.log"
+
+
+class PrefectServerError(BonefracError):
+    """The local Prefect server did not answer its health check in time."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _healthy(api: str) -> bool:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(f"{api}/health", timeout=5).status_code == 200
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGINT the server's process group (uvicorn shuts down cleanly), SIGKILL after 20 s."""
+    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait_s)
+
+
+@contextlib.contextmanager
+def local_prefect_api(env: Mapping[str, str], timeout_s: float = 120.0) -> Iterator[dict[str, str]]:
+    """``env`` with a ``PREFECT_API_URL`` the run's stages share, for the duration of the block.
+
+    ``env`` must carry the project's ``PREFECT_HOME`` (``make``/``env.sh`` set it):
+    the server keeps its database and its log (``local-server.log``) there. The
+    server listens on 127.0.0.1 only, on a free port, without the UI (nobody
+    could open it before it stops).
+    """
+    if env.get("PREFECT_API_URL"):
+        yield dict(env)
+        return
+    home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect")
+    home.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    server_env = tool_env({**env, "PREFECT_UI_ENABLED": "false"})
+    cmd = tool_cmd("prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
+    with (home / LOG_NAME).open("wb") as log:
+        proc = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _healthy(api):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = (home / LOG_NAME).read_text(errors="replace")[-1500:]
+                    raise PrefectServerError(f"the local Prefect server did not start (log {home / LOG_NAME}):\n{tail}")
+                time.sleep(0.5)
+            yield {**env, "PREFECT_API_URL": api}
+        finally:
+            _stop(proc)
