@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -40,3 +41,13 @@ def test_the_make_recipe_keeps_that_order_and_lets_idle_threads_sleep() -> None:
 )  # fmt: skip
 def test_the_files_that_take_minutes_are_marked_long(path: str) -> None:
     assert "pytest.mark.long" in (ROOT / path).read_text()
+
+
+def test_readme_quotes_the_wait_policy_benchmark() -> None:
+    """PASSIVE only for `make test`: the committed benchmark must show why (pairs gain, a run alone loses)."""
+    rows = {r["case"]: r for r in json.loads((ROOT / "benchmarks/results/omp_wait.json").read_text())["rows"]}
+    pair, alone = rows["pair_2_threads"]["passive_over_default"], rows["alone_2_threads"]["passive_over_default"]
+    assert pair > 1.5, "PASSIVE should pay where two 2-thread trainings share two cores"
+    assert alone < 1.0, "if PASSIVE no longer costs a run alone, `make run` could use it too"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"two such trainings at once ran {pair:.1f}× faster, one alone {1 / alone:.2f}× slower" in readme
