@@ -36,6 +36,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from bonefrac.ops.prefect_api import stop_group
+
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -58,13 +60,7 @@ def _process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
     try:
         yield proc
     finally:
-        for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
-            if proc.poll() is not None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=wait)
+        stop_group(proc)
         fh.close()
 
 

@@ -50,9 +50,12 @@ def _healthy(api: str) -> bool:
     return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGINT the server's process group (uvicorn shuts down cleanly), SIGKILL after 20 s."""
-    for sig, wait_s in ((signal.SIGINT, 20), (signal.SIGKILL, 10)):
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """Stop a child started with ``start_new_session=True`` and all its group: SIGINT, SIGKILL after ``grace_s``.
+
+    SIGINT first, so a server (uvicorn) shuts down cleanly and its own children go with it.
+    """
+    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10.0)):
         if proc.poll() is not None:
             return
         with contextlib.suppress(ProcessLookupError):
@@ -90,4 +93,4 @@ def local_prefect_api(env: Mapping[str, str], timeout_s: float = 120.0) -> Itera
                 time.sleep(0.5)
             yield {**env, "PREFECT_API_URL": api}
         finally:
-            _stop(proc)
+            stop_group(proc)
