@@ -32,6 +32,7 @@ from bonefrac.errors import BonefracError
 from bonefrac.proc import tool_cmd, tool_env
 
 LOG_NAME = "local-server.log"
+STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"  # one start-up limit for both kinds
 
 
 class PrefectServerError(BonefracError):
@@ -65,13 +66,14 @@ def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def local_prefect_api(env: Mapping[str, str], timeout_s: float = 120.0) -> Iterator[dict[str, str]]:
+def local_prefect_api(env: Mapping[str, str], timeout_s: float | None = None) -> Iterator[dict[str, str]]:
     """``env`` with a ``PREFECT_API_URL`` the run's stages share, for the duration of the block.
 
     ``env`` must carry the project's ``PREFECT_HOME`` (``make``/``env.sh`` set it):
     the server keeps its database and its log (``local-server.log``) there. The
     server listens on 127.0.0.1 only, on a free port, without the UI (nobody
-    could open it before it stops).
+    could open it before it stops). It has ``timeout_s`` to answer, by default the
+    start-up time Prefect allows its own temporary servers (``env.mk`` sets 120 s).
     """
     if env.get("PREFECT_API_URL"):
         yield dict(env)
@@ -85,7 +87,8 @@ def local_prefect_api(env: Mapping[str, str], timeout_s: float = 120.0) -> Itera
     with (home / LOG_NAME).open("wb") as log:
         proc = subprocess.Popen(cmd, env=server_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            deadline = time.monotonic() + timeout_s
+            limit_s = timeout_s if timeout_s is not None else float(env.get(STARTUP_TIMEOUT, "120"))
+            deadline = time.monotonic() + limit_s
             while not _healthy(api):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     tail = (home / LOG_NAME).read_text(errors="replace")[-1500:]
