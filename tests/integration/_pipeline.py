@@ -87,9 +87,13 @@ def dvc(project: Path, *args: str, api_url: str | None = None) -> subprocess.Com
     )
 
 
-def bonefrac_run(project: Path) -> subprocess.CompletedProcess[str]:
-    """``bonefrac run`` in ``project``, as ``make run``: ``dvc repro``, all stages on one local Prefect server."""
+def bonefrac_run(project: Path, api_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``bonefrac run`` in ``project``, as ``make run``: ``dvc repro``, all stages on one Prefect server.
+
+    That server is ``api_url``'s (an operator's, which ``bonefrac run`` uses as it is) or, without
+    one, the local server ``bonefrac run`` starts for the run and stops after it.
+    """
     return subprocess.run(
-        [str(BIN / "bonefrac"), "run"], cwd=project, env=env_for(project), capture_output=True, text=True,
+        [str(BIN / "bonefrac"), "run"], cwd=project, env=env_for(project, api_url), capture_output=True, text=True,
         timeout=1200,
     )

@@ -3,7 +3,8 @@
 Proves: `dvc repro` runs every stage through its Prefect flow; outputs, metrics
 and plots exist; `dvc metrics show` / `dvc plots show --json` work; a second
 `dvc repro` reruns nothing; and a second checkout at another absolute path
-writes the same dvc.lock and outputs byte for byte (docs/reproducibility.md).
+writes the same dvc.lock and outputs byte for byte (docs/reproducibility.md; its
+``train`` stage is the first checkout's, see the test).
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import hashlib
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from tests.integration._pipeline import bonefrac_run, make_project
+from tests.integration._pipeline import bonefrac_run, make_project, prefect_server
 from tests.integration._pipeline import dvc as _dvc
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
@@ -46,10 +48,17 @@ COMMIT_DATE = "2026-01-02T03:04:05Z"
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    """`bonefrac run` in a fresh copy (as `make run`): `dvc repro`, its stages sharing one local Prefect server."""
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One local Prefect server for both checkouts' stages (``bonefrac run`` starts its own only without one)."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory: pytest.TempPathFactory, api: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """`bonefrac run` in a fresh copy (as `make run`): `dvc repro`, its stages sharing one Prefect server."""
     project = make_project(tmp_path_factory.mktemp("one") / "bonefrac", SMALL, COMMIT_DATE)
-    return project, bonefrac_run(project)
+    return project, bonefrac_run(project, api)
 
 
 def _out_hashes(project: Path) -> dict[str, str]:
@@ -65,16 +74,39 @@ def _out_hashes(project: Path) -> dict[str, str]:
     return hashes
 
 
+# The train stage's outputs, copied from the first checkout into the second (see the test).
+TRAIN_OUTS = ("models/train/best_model.pt", "dvclive/metrics.json", "dvclive/plots/metrics")
+
+
 # Whichever test runs first also pays for the module fixture's pipeline run (setup counts
 # towards pytest-timeout); on 2 shared cores one run took over 10 minutes.
 @pytest.mark.timeout(1800)
-def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, tmp_path: Path) -> None:
-    """Reproducible to the byte: no absolute path, wall-clock time or unseeded randomness in any output."""
+def test_a_checkout_elsewhere_writes_the_same_dvc_lock(first_run, api: str, tmp_path: Path) -> None:
+    """Reproducible to the byte: no absolute path, wall-clock time or unseeded randomness in any output.
+
+    The second checkout, at a longer absolute path, runs every stage but ``train`` itself:
+    ``train``'s outputs are the first checkout's, committed there with ``dvc commit`` (which
+    records the stage's own deps and params as found in the second checkout), and ``evaluate``
+    then runs on them. Training to the byte in another folder is
+    ``tests/model/test_training.py::test_the_train_stage_writes_the_same_bytes_in_another_folder``;
+    retraining here would double the cost of this file (~2.5 min of `make test` on 2 cores) to
+    prove the same thing.
+    """
     one, first = first_run
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     other = make_project(tmp_path / "elsewhere" / "with a longer name" / "bonefrac", SMALL, COMMIT_DATE)
-    run = bonefrac_run(other)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    upstream = _dvc(other, "repro", "preprocess", api_url=api)
+    assert upstream.returncode == 0, upstream.stdout[-4000:] + upstream.stderr[-4000:]
+    assert "Running stage 'train'" not in upstream.stdout
+    for rel in TRAIN_OUTS:
+        src, dst = one / rel, other / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+    committed = _dvc(other, "commit", "--force", "train")
+    assert committed.returncode == 0, committed.stderr[-2000:]
+    rest = _dvc(other, "repro", api_url=api)
+    assert rest.returncode == 0, rest.stdout[-4000:] + rest.stderr[-4000:]
+    assert "Running stage 'evaluate'" in rest.stdout and "Running stage 'train'" not in rest.stdout
 
     a, b = _out_hashes(one), _out_hashes(other)
     assert a.keys() == b.keys()

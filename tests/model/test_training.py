@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import load_cache
 from bonefrac.training.loop import train_model
+from bonefrac.training.stage import run_training
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +58,31 @@ def test_outputs_and_same_seed_same_metrics(cache: Path, tmp_path: Path) -> None
         x = torch.from_numpy(np.asarray(images[val["cache_row"].to_numpy()], dtype=np.float32))
         probs = torch.sigmoid(model(x)[:, 0]).numpy()
     assert roc_auc_score(val["label"].astype(int), probs) == pytest.approx(a.best_val_auroc, abs=1e-6)
+
+
+def test_the_train_stage_writes_the_same_bytes_in_another_folder(cache: Path, tmp_path: Path) -> None:
+    """The train stage's DVC outputs carry no absolute path, time or unseeded randomness.
+
+    The same cache bytes in two folders (the second deeper, with a space in its name), trained by
+    the stage's entry (:func:`run_training`) with the pipeline's network (pretrained
+    EfficientNet-Lite0, as ``test_pipeline_e2e`` trains it), write the same ``best_model.pt`` and
+    DVCLive files byte for byte. The end-to-end test's second checkout relies on this and does
+    not retrain.
+    """
+    mp, tp = tiny_params(arch="efficientnet_lite0", epochs=2)
+    mp = mp.model_copy(update={"pretrained": "efficientnet_lite_offline"})
+    outs: list[dict[str, bytes]] = []
+    for root in (tmp_path / "a", tmp_path / "elsewhere" / "with a longer name"):
+        here = root / "cache"
+        shutil.copytree(cache, here)
+        run_training(here, root / "models" / "train", mp, tp, 2, TYPES, seed=7, features_dir=root / "features",
+                     dvclive_dir=root / "dvclive")
+        files = [root / "models" / "train" / "best_model.pt", *sorted((root / "dvclive").rglob("*"))]
+        outs.append({f.relative_to(root).as_posix(): f.read_bytes() for f in files if f.is_file()})
+        assert not [k for k, v in outs[-1].items() if str(root).encode() in v], "an output names its folder"
+    assert "dvclive/metrics.json" in outs[0] and any(k.startswith("dvclive/plots/metrics/") for k in outs[0])
+    assert outs[0].keys() == outs[1].keys()
+    assert [k for k in outs[0] if outs[0][k] != outs[1][k]] == []
 
 
 def test_early_stopping(cache: Path, tmp_path: Path) -> None:
