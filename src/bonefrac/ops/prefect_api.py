@@ -39,7 +39,8 @@ class PrefectServerError(BonefracError):
     """The local Prefect server did not answer its health check in time."""
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -80,7 +81,7 @@ def local_prefect_api(env: Mapping[str, str], timeout_s: float | None = None) ->
         return
     home = Path(env.get("PREFECT_HOME") or Path.home() / ".prefect")
     home.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
+    port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     server_env = tool_env({**env, "PREFECT_UI_ENABLED": "false"})
     cmd = tool_cmd("prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port))
