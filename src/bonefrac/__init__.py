@@ -19,9 +19,9 @@ for _key, _value in {
 # Transparent huge pages for PyTorch's large CPU tensors (c10's allocator reads this on its first
 # large allocation, so setting it here works whether torch was imported first or not). A 512 px
 # EfficientNet batch allocates ~100 MB activations per layer; glibc hands each one to mmap, and
-# touching it costs one page fault per 4 KiB page: more system time than arithmetic. Measured here
-# (benchmarks/huge_pages.py, 2 threads): the 512-px trunk 1.7x faster, the stitched map 2.1x, a
-# 128-px phantom training step unchanged. The arithmetic is unchanged (tests/unit/test_huge_pages.py);
+# touching it costs one page fault per 4 KiB page: more system time than arithmetic. What it gains
+# (large trunks and maps) and does not (the small phantom steps) is benchmarks/huge_pages.py's, in
+# BENCHMARKS.md. The arithmetic is unchanged (tests/unit/test_huge_pages.py);
 # where the kernel has THP off it does nothing. An operator's own setting wins (setdefault).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
