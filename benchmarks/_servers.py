@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +18,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._common import REPO_ROOT, child_env, python_exe
+from bonefrac.ops.processes import free_port, stop_group
 
 SERVICE = "bonefrac.serving.service:FractureService"
 NAIVE_APP = "benchmarks.naive_fastapi:app"
@@ -37,23 +36,9 @@ class Server:
     ready_s: float
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
+    """SIGTERM the server's group (BentoML drains in-flight requests), SIGKILL after ``grace``."""
+    stop_group(proc, grace_s=grace, first=signal.SIGTERM)
 
 
 @contextlib.contextmanager

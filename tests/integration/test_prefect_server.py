@@ -35,7 +35,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from bonefrac.ops.prefect_api import free_port, stop_group
+from bonefrac.ops.prefect_api import local_prefect_api
+from bonefrac.ops.processes import stop_group
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
@@ -114,18 +115,6 @@ def _tiny_drift_inputs(tmp: Path) -> tuple[Path, Path]:
     return ref_dir, log_dir
 
 
-def _wait_healthy(api: str, server: subprocess.Popen[bytes], log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"prefect server exited with {server.returncode}:\n{_tail(log)}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{api}/health", timeout=5).status_code == 200:
-                return
-        time.sleep(1)
-    pytest.fail(f"prefect server not healthy after {timeout}s:\n{_tail(log)}")
-
-
 @dataclass
 class _Server:
     api: str
@@ -135,13 +124,11 @@ class _Server:
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server]:
+    """A Prefect server on 127.0.0.1 started the way ``bonefrac run`` starts its own (``local_prefect_api``)."""
     tmp = tmp_path_factory.mktemp("prefect")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {
         **os.environ,
         "PREFECT_HOME": str(tmp / "prefect_home"),
-        "PREFECT_API_URL": api,
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "DO_NOT_TRACK": "1",
         # Runs come only from the tests: the scheduler would otherwise add runs
@@ -149,10 +136,9 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server
         "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     }
     env.pop("PREFECT_PROFILES_PATH", None)
-    log = tmp / "server.log"
-    with _process([*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env, log) as server:
-        _wait_healthy(api, server, log)
-        yield _Server(api, env, tmp)
+    env.pop("PREFECT_API_URL", None)
+    with local_prefect_api(env, timeout_s=180) as served:
+        yield _Server(served["PREFECT_API_URL"], served, tmp)
 
 
 def _wait_final(api: str, run_id: str, log: Path, timeout: float = 300) -> dict[str, Any]:

@@ -18,9 +18,6 @@ always wins: then nothing is started and the runs appear there. A plain
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -29,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from bonefrac.errors import BonefracError
+from bonefrac.ops.processes import free_port, stop_group
 from bonefrac.proc import tool_cmd, tool_env
 
 LOG_NAME = "local-server.log"
@@ -39,31 +37,10 @@ class PrefectServerError(BonefracError):
     """The local Prefect server did not answer its health check in time."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _healthy(api: str) -> bool:
     with contextlib.suppress(httpx.HTTPError):
         return httpx.get(f"{api}/health", timeout=5).status_code == 200
     return False
-
-
-def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
-    """Stop a child started with ``start_new_session=True`` and all its group: SIGINT, SIGKILL after ``grace_s``.
-
-    SIGINT first, so a server (uvicorn) shuts down cleanly and its own children go with it.
-    """
-    for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGKILL, 10.0)):
-        if proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=wait_s)
 
 
 @contextlib.contextmanager
