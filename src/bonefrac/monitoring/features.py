@@ -117,29 +117,18 @@ def model_outputs(
 
     The embedding is :func:`bonefrac.model.networks.forward_with_embedding`'s (the pooled
     features the head reads), the vector the served model returns too, so the reference's
-    PCA and the service's per-image OOD check project the same thing. ``model`` reuses a
-    network already built.
+    PCA and the service's per-image OOD check project the same thing. The passes are
+    :class:`~bonefrac.inference.cache_outputs.CacheOutputs`' (the evaluation's too: one
+    batching, one input check). ``model`` reuses a network already built.
     """
-    import torch
+    from bonefrac.inference.cache_outputs import BATCH_SIZE, CacheOutputs
+    from bonefrac.inference.predictor import Predictor
 
-    from bonefrac.inference.cache_outputs import BATCH_SIZE
-    from bonefrac.model.networks import forward_with_embedding
-
-    batch_size = batch_size or BATCH_SIZE
-
-    model = model if model is not None else bundle.build_model()
-    model.eval()
-    scores: list[np.ndarray] = []
-    embeddings: list[np.ndarray] = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
-            logits, emb = forward_with_embedding(model, x)
-            scores.append(bundle.calibrate(logits.float().cpu().numpy()).prob)
-            embeddings.append(emb.detach().flatten(1).float().cpu().numpy())
-    if not scores:
+    if not len(images):
         return np.zeros(0, dtype=np.float32), np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(scores), np.concatenate(embeddings)
+    outputs = CacheOutputs(Predictor(bundle, model=model), images, batch_size or BATCH_SIZE)
+    rows = np.arange(len(images))
+    return bundle.calibrate(outputs.logits(rows)).prob, outputs.embeddings(rows)
 
 
 # ------------------------------------------------------------------ PCA
