@@ -29,6 +29,7 @@ from bonefrac.errors import BonefracError
 from bonefrac.evaluation import plots
 from bonefrac.evaluation.calibration import expected_calibration_error
 from bonefrac.evaluation.metrics import (
+    SUBGROUPS,
     MetricsError,
     binary_metrics,
     flat_summary,
@@ -122,7 +123,7 @@ def _data_facts(index: pd.DataFrame, params_snapshot: Mapping[str, Any] | None) 
         row: dict[str, Any] = _split_counts(df)
         if facts["has_patient_ids"] and pid is not None:
             row["n_patients"] = int(pid.loc[df.index][pid.loc[df.index] != ""].nunique())
-        for col in ("body_part", "view"):
+        for col in (g.column for g in SUBGROUPS):
             if col in df.columns:
                 counts = df[col].fillna("unknown").astype(str).value_counts()
                 row[col] = {str(k): int(v) for k, v in counts.items()}
@@ -185,8 +186,7 @@ def assess(
         raise EvaluationError(f"test split: {err}") from err
     out: dict[str, Any] = {
         "test": overall,
-        "by_body_part": grouped_metrics(test, "body_part", thresholds, **kw),
-        "by_view": grouped_metrics(test, "view", thresholds, **kw),
+        **{g.key: grouped_metrics(test, g.column, thresholds, **kw) for g in SUBGROUPS},
         "study_level": None,
         "study_level_note": "No study ids are known for the test images.",
         "types": None,
@@ -292,7 +292,7 @@ def explain(
             bx = boxes[int(i)]
             where = " · ".join(
                 str(row[c])
-                for c in ("body_part", "view")
+                for c in (g.column for g in SUBGROUPS)
                 if c in row.index and str(row[c]) not in ("", "unknown", "nan")
             )
             items.append(
@@ -335,11 +335,11 @@ def make_figures(report: Mapping[str, Any], test: pd.DataFrame, n_bins: int) -> 
         if HIGH_SENSITIVITY in t["operating_points"]
         else next(iter(t["operating_points"]), "")
     )
-    for key, label in (("by_body_part", "By body part (test)"), ("by_view", "By view (test)")):
-        if report.get(key):
-            png = plots.group_bars_png(report[key], label, op_name)
+    for g in SUBGROUPS:
+        if report.get(g.key):
+            png = plots.group_bars_png(report[g.key], f"By {g.label} (test)", op_name)
             if png:
-                figs[key] = png
+                figs[g.key] = png
     return figs
 
 
@@ -490,10 +490,10 @@ def headline_metrics(report: Mapping[str, Any]) -> dict[str, float]:
         flat["study_auroc"] = report["study_level"]["auroc"]["value"]
     if report.get("types"):
         flat["type_macro_f1"] = report["types"]["macro_f1"]
-    for group_key, prefix in (("by_body_part", "body_part"), ("by_view", "view")):
-        for g, m in (report.get(group_key) or {}).items():
+    for sg in SUBGROUPS:
+        for g, m in (report.get(sg.key) or {}).items():
             if m.get("auroc"):
-                flat[f"{prefix}.{g}.auroc"] = m["auroc"]["value"]
+                flat[f"{sg.column}.{g}.auroc"] = m["auroc"]["value"]
     loc = report.get("localisation") or {}
     if loc.get("n"):
         # gradcam_* for Grad-CAM, evidence_map_* for a network's own map (dense archs)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -155,6 +156,24 @@ def binary_metrics(
 def _known(series: pd.Series) -> pd.Series:
     s = series.astype(str).str.strip()
     return ~s.str.lower().isin(UNKNOWN_GROUPS)
+
+
+@dataclass(frozen=True)
+class Subgroup:
+    """A manifest column the test metrics are broken down by, and its name in reports (lower case)."""
+
+    column: str
+    label: str
+
+    @property
+    def key(self) -> str:
+        """Its key in the evaluation report (``by_<column>``)."""
+        return f"by_{self.column}"
+
+
+#: The subgroups of every report: the evaluation's metrics, its report and model card, the flat
+#: ``metrics/evaluate.json`` keys and the Prefect artifacts all read this one list.
+SUBGROUPS: tuple[Subgroup, ...] = (Subgroup("body_part", "body part"), Subgroup("view", "view"))
 
 
 def grouped_metrics(

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bonefrac.atomic import atomic_write_text
+from bonefrac.evaluation.metrics import SUBGROUPS
 from bonefrac.evaluation.plots import op_label
 from bonefrac.evaluation.report import _env, num, pct, target_verdicts, weak_subgroups
 
@@ -27,6 +28,8 @@ def render_model_card(report: Mapping[str, Any], report_path: str = "reports/eva
         op_label=op_label,
         verdicts=target_verdicts(report),
         weak=weak_subgroups(report),
+        subgroups=SUBGROUPS,
+        any_subgroup=any(report.get(g.key) for g in SUBGROUPS),
     )
 
 

@@ -20,6 +20,7 @@ import jinja2
 import yaml
 
 from bonefrac.atomic import atomic_write_text
+from bonefrac.evaluation.metrics import SUBGROUPS
 from bonefrac.evaluation.plots import op_label
 from bonefrac.explain.gallery import CATEGORIES, GalleryItem
 
@@ -150,7 +151,8 @@ def target_verdicts(report: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def weak_subgroups(report: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Body parts / views with AUROC < 0.7, or sensitivity/specificity far below the overall value."""
+    """Subgroups (:data:`~bonefrac.evaluation.metrics.SUBGROUPS`) with AUROC < 0.7, or
+    sensitivity/specificity far below the overall value."""
     t = report["test"]
     overall = {
         name: (op or {}).get(metric, {}).get("value")
@@ -159,8 +161,8 @@ def weak_subgroups(report: Mapping[str, Any]) -> list[dict[str, Any]]:
         if metric
     }
     flagged = []
-    for key, label in (("by_body_part", "body part"), ("by_view", "view")):
-        for g, m in (report.get(key) or {}).items():
+    for sg in SUBGROUPS:
+        for g, m in (report.get(sg.key) or {}).items():
             reasons = []
             au = (m.get("auroc") or {}).get("value")
             if isinstance(au, int | float) and au < WEAK_AUROC:
@@ -171,7 +173,7 @@ def weak_subgroups(report: Mapping[str, Any]) -> list[dict[str, Any]]:
                 if isinstance(v, int | float) and isinstance(ref, int | float) and v < ref - WEAK_GAP:
                     reasons.append(f"{metric} {pct(v)} at the {op_label(name).lower()} point vs {pct(ref)} overall")
             if reasons:
-                flagged.append({"group": f"{label} = {g}", "n": m.get("n"), "n_positive": m.get("n_positive"),
+                flagged.append({"group": f"{sg.label} = {g}", "n": m.get("n"), "n_positive": m.get("n_positive"),
                                 "reasons": reasons})
     return flagged
 
@@ -246,6 +248,9 @@ def render_report_html(
         pct=pct,
         num=num,
         op_label=op_label,
+        subgroups=SUBGROUPS,
+        any_subgroup=any(report.get(g.key) for g in SUBGROUPS),
+        figure_names=list(figures),
     )
 
 
@@ -307,9 +312,9 @@ def headline_markdown(report: Mapping[str, Any]) -> str:
 def subgroup_table(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows for a Prefect table artifact: one per body part / view."""
     rows = []
-    for key, label in (("by_body_part", "body_part"), ("by_view", "view")):
-        for g, m in (report.get(key) or {}).items():
-            row: dict[str, Any] = {"group": f"{label}={g}", "n": m["n"], "fractured": m["n_positive"]}
+    for sg in SUBGROUPS:
+        for g, m in (report.get(sg.key) or {}).items():
+            row: dict[str, Any] = {"group": f"{sg.column}={g}", "n": m["n"], "fractured": m["n_positive"]}
             if "auroc" in m:
                 row["auroc"] = round(m["auroc"]["value"], 4)
                 for name, op in m["operating_points"].items():
