@@ -1,0 +1,47 @@
+"""benchmarks.map_variants: the finer shift-and-stitch grid and the image-by-image comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from benchmarks.map_variants import compare, stitch_grid, stitch_offsets
+
+from bonefrac.model.dense import shift_image, stitch_maps, stitch_shifts
+
+
+def _cell_mean(x: torch.Tensor) -> torch.Tensor:
+    """A translation-equivariant stride-16 'map': the mean of each 16-px cell."""
+    return F.avg_pool2d(x, 16)
+
+
+def test_a_two_to_a_cell_grid_is_the_models_own_stitch():
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 96, 96)
+    assert stitch_offsets(16, 2) == (4, -4)
+    ours = stitch_grid(_cell_mean, x, 16, 2)
+    model = stitch_maps([_cell_mean(shift_image(x, dy, dx)) for dy, dx in stitch_shifts(16)])
+    assert torch.equal(ours, model)
+
+
+def test_a_four_to_a_cell_grid_samples_windows_centred_every_4_px():
+    """Fine cell m is centred at 4m + 2: a swapped offset or interleave moves values by 4 px and fails."""
+    torch.manual_seed(1)
+    x = torch.rand(1, 1, 64, 64)
+    fine = stitch_grid(_cell_mean, x, 16, 4)
+    ref = F.avg_pool2d(F.pad(x, (6, 6, 6, 6), mode="replicate"), 16, stride=4)[..., :16, :16]
+    assert fine.shape == (1, 1, 16, 16)
+    assert torch.allclose(fine, ref, atol=1e-6)
+    with pytest.raises(ValueError):
+        stitch_offsets(16, 3)
+
+
+def test_compare_counts_wins_and_losses_against_the_preset():
+    hits = {"stitch8": [True, True, False, False, True], "other": [True, False, True, True, True]}
+    out = compare(hits)
+    assert out["stitch8"] == {"hits": 3, "n": 5, "rate": 0.6, "wins": 0, "losses": 0, "sign_test_p": 1.0}
+    o = out["other"]
+    assert (o["hits"], o["wins"], o["losses"]) == (4, 2, 1)
+    assert o["sign_test_p"] == pytest.approx(1.0)  # 2 against 1 is no evidence
+    many = compare({"stitch8": [False] * 12, "v": [True] * 12})["v"]
+    assert many["wins"] == 12 and many["sign_test_p"] < 0.001
