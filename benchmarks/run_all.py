@@ -129,6 +129,13 @@ BENCHES: tuple[Bench, ...] = (
         "libgomp default (spin) vs `OMP_WAIT_POLICY=PASSIVE` (`make test`): Lite0 training steps alone and in pairs",
     ),
     Bench(
+        "prefect_flow_start",
+        "prefect_flow_start",
+        "A stage's Prefect flow: its own temporary server vs a running one",
+        ("prefect_flow_start",),
+        "a fresh process running a one-task flow with Prefect's ephemeral server vs on `bonefrac run`'s local server",
+    ),
+    Bench(
         "fracatlas_training",
         "",
         "FracAtlas training (filled by the lead)",

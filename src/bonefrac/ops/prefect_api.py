@@ -3,12 +3,11 @@
 Why: every DVC stage is a Prefect flow in its own process (``python -m
 flows.<stage>``). Without ``PREFECT_API_URL`` each of them starts and stops
 Prefect's ephemeral server, a subprocess that imports the server stack and
-opens the database: on the 2-core AMD EPYC machine a minimal flow took 16.6 s
-that way and 4.7 s on a running server. ``bonefrac run`` and ``bonefrac
-exp-run`` (``make run``, ``make run-fracatlas``) start one server for the
-whole run instead (~25 s) and stop it when the run ends, also when the run
-fails or is interrupted. (The phantom ``make run`` did not get measurably
-shorter: 6 min 48 s, within its earlier 6 min 42 s - 7 min 5 s.)
+opens the database, several seconds of every stage (measured by
+``python -m benchmarks.prefect_flow_start``; BENCHMARKS.md). ``bonefrac run``
+and ``bonefrac exp-run`` (``make run``, ``make run-fracatlas``) start one
+server for the whole run instead and stop it when the run ends, also when the
+run fails or is interrupted.
 
 An operator's ``PREFECT_API_URL`` (a real server with a UI, a worker's API)
 always wins: then nothing is started and the runs appear there. A plain
