@@ -68,3 +68,16 @@ def test_a_server_that_cannot_start_is_named_with_its_log(tmp_path: Path) -> Non
     with pytest.raises(PrefectServerError, match="did not start") as err, local_prefect_api(env, timeout_s=60):
         pass
     assert str(tmp_path / LOG_NAME) in str(err.value)
+
+
+def test_readme_quotes_the_prefect_flow_benchmark() -> None:
+    """The README's per-stage figures are the committed benchmark's medians, and the shared server is the faster."""
+    import json
+
+    root = Path(__file__).resolve().parents[2]
+    rows = {r["mode"]: r["seconds"]["median"] for r in json.loads(
+        (root / "benchmarks/results/prefect_flow_start.json").read_text())["rows"]}
+    assert rows["running_server"] < rows["ephemeral_server"]
+    readme = " ".join((root / "README.md").read_text().split())
+    assert (f"took {rows['running_server']:.1f} s on a running server against {rows['ephemeral_server']:.1f} s "
+            "with its own temporary server") in readme
