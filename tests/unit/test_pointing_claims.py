@@ -201,3 +201,58 @@ def test_readme_and_benchmarks_quote_the_huge_pages_rerun():
     assert f"pointing game **{pointing:.3f}** (goal 0.50: **not met**, {0.50 - pointing:.3f} short)" in readme
     row = f"| {_pct(pointing)} | — | {ev['evidence_map_energy_in_box']:.3f} | 0.006 |"
     assert f"(its kernels round differently: other weights), same split {row}" in readme
+
+
+def _fold_row(name: str, values: list[float], bold: bool = False) -> str:
+    """A per-fold table row as BENCHMARKS.md prints it: the folds, then mean ± sd (population sd)."""
+    import numpy as np
+
+    mean = f"{np.mean(values):.3f} ± {np.std(values):.3f}"
+    mean = f"**{mean}**" if bold else mean
+    return f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {mean} |"
+
+
+def test_benchmarks_quote_the_640px_cv_and_its_verdict():
+    """Round 13: the 640-px table is the result file's, against round 12's on the same folds, and the verdict
+    (pointing up on four folds and equal on one, AUROC up on average) holds for those numbers."""
+    new = json.loads((RESULTS / "fracatlas_dense_640_cv.json").read_text())
+    old = json.loads((RESULTS / "fracatlas_dense_stitch_cv.json").read_text())
+    v = "dense_lse_box_b6_bw3_grow0_last+tta"
+    n640 = next(r for r in new["rows"] if r["variant"] == v)["folds"]
+    n512 = next(r for r in old["rows"] if r["variant"] == v)["folds"]
+    assert new["n"] == old["n"] and [f["n_boxed"] for f in n640] == [f["n_boxed"] for f in n512]  # same folds
+    p640, p512 = [f["pointing"] for f in n640], [f["pointing"] for f in n512]
+    pairs = list(zip(p640, p512, strict=True))
+    assert sum(a > b for a, b in pairs) == 4 and sum(a < b for a, b in pairs) == 0
+    assert sum(f["auroc"] for f in n640) > sum(f["auroc"] for f in n512)
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    assert _fold_row("**pointing, 640 px**", p640, bold=True) in benchmarks
+    assert _fold_row("**AUROC, 640 px**", [f["auroc"] for f in n640], bold=True) in benchmarks
+    assert _fold_row("pointing, 512 px", p512) in benchmarks
+    assert _fold_row("pointing, 512 px, stitched (the preset)", [f["pointing_stitch"] for f in n512]) in benchmarks
+    assert _fold_row("AUROC, 512 px", [f["auroc"] for f in n512]) in benchmarks
+    import numpy as np
+
+    readme = (ROOT / "README.md").read_text()
+    a640 = [f["auroc"] for f in n640]
+    assert f"pointing **{np.mean(p512):.3f} ± {np.std(p512):.3f} → {np.mean(p640):.3f} ± {np.std(p640):.3f}**" in readme
+    assert f"AUROC {np.mean([f['auroc'] for f in n512]):.3f} → **{np.mean(a640):.3f} ± {np.std(a640):.3f}**" in readme
+
+
+def test_readme_and_benchmarks_quote_the_map_variants_screen():
+    """Round 13's map-side screen: every row is the result file's, it ran on validation (not test), and the
+    README's gain and loss bounds are the file's extremes against the preset's map."""
+    r = json.loads((RESULTS / "map_variants_val.json").read_text())
+    assert r["split"] == "val" and r["arch"] == "efficientnet_lite0_dense_tta_stitch"
+    v = r["variants"]
+    base = v["stitch8"]["hits"]
+    benchmarks = " ".join((ROOT / "BENCHMARKS.md").read_text().split())
+    for name, m in v.items():
+        assert f"`{name}`:" in benchmarks and f"| {m['hits']} / {m['n']} | {m['rate']:.3f} |" in benchmarks, name
+    best = max((k for k in v if k != "stitch8"), key=lambda k: v[k]["hits"])
+    gain, loss = v[best]["hits"] - base, base - min(m["hits"] for m in v.values())
+    b = v[best]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert (f"gained at most {gain} of {b['n']} validation images (the unstitched map: {b['wins']} wins, "
+            f"{b['losses']} losses, sign test p = {b['sign_test_p']:.2f}) and lost up to {loss}") in readme
+    assert best == "cells16" and b["sign_test_p"] > 0.05  # "no lever there": the best is within noise
