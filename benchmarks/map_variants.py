@@ -38,6 +38,7 @@ from bonefrac.explain.display import compute_cam
 from bonefrac.explain.localisation import pointing_game
 from bonefrac.model.boxes import row_boxes
 from bonefrac.model.bundle import ModelBundle
+from bonefrac.model.calibrate import sigmoid
 from bonefrac.model.dense import DenseFractureNet, shift_image
 from bonefrac.preprocess.cache import load_cache
 
@@ -74,9 +75,10 @@ def stitch_grid(cell_map: Callable[[torch.Tensor], torch.Tensor], x: torch.Tenso
 
 
 def _probability(logit_map: torch.Tensor, size: int) -> np.ndarray:
-    """The displayed map's rule (:func:`bonefrac.explain.heatmaps.evidence_heatmaps`): sigmoid, then bilinear."""
-    p = torch.sigmoid(logit_map.float())
-    return F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[0, 0].numpy()
+    """The displayed map's rule (:func:`bonefrac.explain.heatmaps.evidence_heatmaps`): the project's one
+    sigmoid, then bilinear upsampling to the input."""
+    p = torch.from_numpy(sigmoid(logit_map.float().numpy()).astype(np.float32))
+    return F.interpolate(p, size=(size, size), mode="bilinear", align_corners=False)[0, 0].clamp(0.0, 1.0).numpy()
 
 
 def variant_maps(net: DenseFractureNet, x: torch.Tensor) -> dict[str, np.ndarray]:

@@ -45,3 +45,26 @@ def test_compare_counts_wins_and_losses_against_the_preset():
     assert o["sign_test_p"] == pytest.approx(1.0)  # 2 against 1 is no evidence
     many = compare({"stitch8": [False] * 12, "v": [True] * 12})["v"]
     assert many["wins"] == 12 and many["sign_test_p"] < 0.001
+
+
+def test_variant_maps_use_the_displayed_rule_and_the_preset_map_is_the_users():
+    """`stitch8` is exactly what the viewer shows (compute_cam); `cells16` is the same network's map with the
+    stitch switched off, through the same sigmoid and upsampling (a changed rule would shift argmax ties)."""
+    import numpy as np
+    from benchmarks.map_variants import variant_maps
+
+    from bonefrac.explain.display import compute_cam
+    from bonefrac.model.networks import build_model
+
+    torch.manual_seed(0)
+    net = build_model("efficientnet_lite0_dense_tta_stitch", 0, "none").eval()
+    x = torch.rand(1, 1, 64, 64)
+    with torch.no_grad():
+        maps = variant_maps(net, x)
+        shown = compute_cam(net, x)[0]
+        net.stitch = False
+        plain = compute_cam(net, x)[0]
+    assert np.array_equal(maps["stitch8"], shown)
+    assert np.array_equal(maps["cells16"], plain)
+    assert not np.allclose(maps["stitch4"], shown)
+    assert all(m.shape == (64, 64) for m in maps.values())
