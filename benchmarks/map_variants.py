@@ -33,14 +33,13 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import binomtest
 
+from benchmarks._runs import boxed_fractures
 from bonefrac.config import load_params
 from bonefrac.explain.display import compute_cam
 from bonefrac.explain.localisation import pointing_game
-from bonefrac.model.boxes import row_boxes
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import sigmoid
 from bonefrac.model.dense import DenseFractureNet, shift_image
-from bonefrac.preprocess.cache import load_cache
 
 SCALES = (448, 576, 640)
 PRESET = "stitch8"
@@ -126,15 +125,9 @@ def main() -> None:
     if not (isinstance(net, DenseFractureNet) and net.stitch):
         raise SystemExit(f"{bundle.arch}: the variants are of a shift-and-stitch dense arch's map")
     size = bundle.preprocess_spec.image_size
-    images, index = load_cache(args.run / "data" / "processed")
-    rows = index[(index["split"] == args.split) & (index["label"].astype(str) == "1")]
     hits: dict[str, list[bool]] = {}
     start = time.perf_counter()
-    for _, r in rows.iterrows():
-        boxes = row_boxes(r, size)
-        if not boxes:
-            continue
-        x = torch.from_numpy(np.asarray(images[int(r["cache_row"])], dtype=np.float32))[None]
+    for x, boxes in boxed_fractures(args.run, args.split, size):
         with torch.no_grad():
             maps = variant_maps(net, x)
         for name, m in maps.items():

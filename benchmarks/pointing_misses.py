@@ -24,12 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks._runs import boxed_fractures
 from bonefrac.config import load_params
 from bonefrac.explain.display import compute_cam
 from bonefrac.explain.localisation import box_mask, pointing_game
-from bonefrac.model.boxes import row_boxes
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.preprocess.cache import load_cache
 
 #: Distance classes (px at the model's input), upper bounds inclusive.
 CLASSES = (("hit", 0.0), ("within_8px", 8.0), ("8_to_24px", 24.0), ("far", float("inf")))
@@ -56,15 +55,9 @@ def main() -> None:
     bundle = ModelBundle.load(args.bundle or args.run / "models" / "model.pt")
     net = bundle.build_model().eval()
     size = bundle.preprocess_spec.image_size
-    images, index = load_cache(args.run / "data" / "processed")
-    test = index[(index["split"] == "test") & (index["label"].astype(str) == "1")]
     start = time.perf_counter()
     rows = []
-    for _, r in test.iterrows():
-        boxes = row_boxes(r, size)
-        if not boxes:
-            continue
-        x = torch.from_numpy(np.asarray(images[int(r["cache_row"])], dtype=np.float32))[None]
+    for x, boxes in boxed_fractures(args.run, "test", size):
         with torch.no_grad():
             cam = compute_cam(net, x)[0]
         d = peak_distance(cam, boxes)

@@ -68,3 +68,26 @@ def test_variant_maps_use_the_displayed_rule_and_the_preset_map_is_the_users():
     assert np.array_equal(maps["cells16"], plain)
     assert not np.allclose(maps["stitch4"], shown)
     assert all(m.shape == (64, 64) for m in maps.values())
+
+
+def test_boxed_fractures_yields_the_splits_boxed_fractures_from_their_cache_rows(tmp_path):
+    """The map benchmarks' reader: only fractured images of the split that have boxes, each from its own
+    cache row, boxes mapped onto the input square (a 200 x 100 image's box scaled by 64 / 200, padded 16 px)."""
+    import numpy as np
+    import pandas as pd
+    from benchmarks._runs import boxed_fractures
+
+    processed = tmp_path / "data" / "processed"
+    processed.mkdir(parents=True)
+    images = np.arange(4, dtype=np.float32)[:, None, None, None] * np.ones((4, 1, 64, 64), dtype=np.float32)
+    np.save(processed / "images.npy", images)
+    box = "[[100.0, 50.0, 20.0, 10.0]]"
+    pd.DataFrame({
+        "split": ["val", "val", "test", "val"], "label": [1, 1, 1, 0], "boxes": [box, "[]", box, box],
+        "height": [100] * 4, "width": [200] * 4, "cache_row": [3, 0, 1, 2],
+    }).to_csv(processed / "index.csv", index=False)  # fmt: skip
+    got = list(boxed_fractures(tmp_path, "val", 64))
+    assert len(got) == 1
+    x, boxes = got[0]
+    assert x.shape == (1, 1, 64, 64) and float(x.mean()) == 3.0  # cache row 3, not the index position
+    assert boxes == [[32.0, 50.0 * 0.32 + 16, 6.4, 3.2]]
