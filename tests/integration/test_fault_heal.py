@@ -19,10 +19,10 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import psutil
 import pytest
 from tests.integration._pipeline import make_project, prefect_server
+from tests.integration._prefect_http import prefect_http
 
 from bonefrac.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -39,6 +39,8 @@ SMALL = {
     "promotion": {"min_sensitivity": 0.0, "min_auroc_lower": 0.0, "bootstrap_samples": 50},
 }
 
+HTTP = prefect_http()  # retries what Prefect's client retries (a 503 from a busy server)
+
 
 def _procs(project: Path, needle: str) -> list[psutil.Process]:
     out = []
@@ -50,7 +52,7 @@ def _procs(project: Path, needle: str) -> list[psutil.Process]:
 
 
 def _state(api: str, run_id: str) -> dict:
-    return httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+    return HTTP.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
 
 
 def _wait(cond, timeout: float, what: str, log: Path) -> None:
@@ -83,16 +85,16 @@ def test_kill_worker_and_training_then_next_run_resumes_and_promotes(tmp_path: P
             PREFECT_WORKER_QUERY_SECONDS="2",
             OMP_NUM_THREADS="1",
         )
-        httpx.post(f"{api}/work_pools/", json={"name": "bonefrac-process", "type": "process"}, timeout=30)
+        HTTP.post(f"{api}/work_pools/", json={"name": "bonefrac-process", "type": "process"}, timeout=30)
         subprocess.run(
             [str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "retrain-nightly"],
             cwd=project, env={**env, "PATH": f"{BIN}:/usr/bin:/bin"}, check=True, capture_output=True,
         )  # fmt: skip
-        dep = httpx.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30).json()
+        dep = HTTP.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30).json()
 
         def start_run() -> str:
             body = {"parameters": {"build": False}}  # the Bento build is not what this test is about
-            return httpx.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body, timeout=30).json()["id"]
+            return HTTP.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body, timeout=30).json()["id"]
 
         worker = _worker(project, env, log)
         first = start_run()
@@ -132,7 +134,7 @@ def test_kill_worker_and_training_then_next_run_resumes_and_promotes(tmp_path: P
             assert final["state"]["type"] == "COMPLETED", final["state"].get("message")
             history = load_checkpoint(ckpt)["history"]
             assert len(history) == SMALL["train"]["epochs"] and history[0]["train/loss"] == 123.0
-            logs = httpx.post(
+            logs = HTTP.post(
                 f"{api}/logs/filter", json={"logs": {"flow_run_id": {"any_": [second]}}}, timeout=30
             ).json()
             assert any(e["message"].startswith("promoted") for e in logs), [e["message"] for e in logs][-5:]

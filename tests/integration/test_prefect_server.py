@@ -29,11 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from tests.integration._prefect_http import prefect_http
 
 from bonefrac.ops.prefect_api import local_prefect_api
 from bonefrac.ops.processes import stop_group
@@ -42,6 +42,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.long]
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFECT = [sys.executable, "-m", "prefect"]
+
+HTTP = prefect_http()  # retries what Prefect's client retries (a 503 from a busy server)
 
 
 @contextlib.contextmanager
@@ -144,7 +146,7 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Server
 def _wait_final(api: str, run_id: str, log: Path, timeout: float = 300) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        fr = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+        fr = HTTP.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
         if fr["state"]["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
             return fr
         time.sleep(1)
@@ -152,12 +154,21 @@ def _wait_final(api: str, run_id: str, log: Path, timeout: float = 300) -> dict[
 
 
 def _set_state(api: str, run_id: str, state: str) -> None:
-    r = httpx.post(f"{api}/flow_runs/{run_id}/set_state", timeout=30, json={"state": {"type": state}})
+    r = HTTP.post(f"{api}/flow_runs/{run_id}/set_state", timeout=30, json={"state": {"type": state}})
     assert r.status_code in (200, 201) and r.json()["status"] == "ACCEPT", r.text
 
 
+def _create_run(api: str, deployment_id: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    """POST a flow run of a deployment; a refused create fails here with the server's answer."""
+    r = HTTP.post(
+        f"{api}/deployments/{deployment_id}/create_flow_run", timeout=30, json={"parameters": parameters}
+    )
+    assert r.status_code == 201, f"{r.status_code}: {r.text[:2000]}"
+    return r.json()
+
+
 def _slots(api: str, deployment_id: str) -> int:
-    dep = httpx.get(f"{api}/deployments/{deployment_id}", timeout=30).json()
+    dep = HTTP.get(f"{api}/deployments/{deployment_id}", timeout=30).json()
     return dep["global_concurrency_limit"]["active_slots"]
 
 
@@ -200,17 +211,17 @@ def test_documented_worker_heals_a_dead_run_then_runs_drift_and_retrain_to_a_pro
         body: dict[str, Any] = {"name": name, "type": kind}
         if template:
             body["base_job_template"] = json.loads((ROOT / template).read_text())
-        r = httpx.post(f"{api}/work_pools/", json=body, timeout=30)
+        r = HTTP.post(f"{api}/work_pools/", json=body, timeout=30)
         assert r.status_code == 201, r.text  # the server validates the template's defaults too
     _run([*PREFECT, "--no-prompt", "deploy", "--all"], env)  # the server validates every job_variables
-    dep = httpx.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30).json()
-    drift_dep = httpx.get(f"{api}/deployments/name/drift-check/drift-hourly", timeout=30).json()
+    dep = HTTP.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30).json()
+    drift_dep = HTTP.get(f"{api}/deployments/name/drift-check/drift-hourly", timeout=30).json()
     assert dep["work_pool_name"] == pool and drift_dep["schedules"][0]["schedule"]["cron"] == "15 * * * *"
     assert dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]["directory"] == str(ROOT)
-    k8s = httpx.get(f"{api}/deployments/name/retrain/retrain-k8s", timeout=30).json()
+    k8s = HTTP.get(f"{api}/deployments/name/retrain/retrain-k8s", timeout=30).json()
     assert k8s["job_variables"]["gpu_limit"] == 1 and k8s["work_pool_name"] == "bonefrac-k8s"
     assert "dvc pull" in json.dumps(k8s["pull_steps"])
-    bad = httpx.post(  # the validation is real: a wrong type for the GPU count is refused
+    bad = HTTP.post(  # the validation is real: a wrong type for the GPU count is refused
         f"{api}/deployments/",
         timeout=30,
         json={**{k: k8s[k] for k in ("flow_id", "entrypoint")}, "name": "bad-gpu",
@@ -224,12 +235,10 @@ def test_documented_worker_heals_a_dead_run_then_runs_drift_and_retrain_to_a_pro
     params = _tiny_project(tmp)
     good = _bundle(tmp / "good.pt", 1, high_sensitivity=0.0)
     retrain_params = {"params_path": str(params), "run_dvc": False, "bundle_path": good, "build": False}
-    zombie = httpx.post(
-        f"{api}/deployments/{dep['id']}/create_flow_run", timeout=30, json={"parameters": retrain_params}
-    ).json()
+    zombie = _create_run(api, dep["id"], retrain_params)
     _set_state(api, zombie["id"], "PENDING")  # takes the deployment's concurrency slot
     _set_state(api, zombie["id"], "RUNNING")
-    httpx.patch(f"{api}/flow_runs/{zombie['id']}", timeout=30, json={"infrastructure_pid": str(dead.pid)})
+    HTTP.patch(f"{api}/flow_runs/{zombie['id']}", timeout=30, json={"infrastructure_pid": str(dead.pid)})
     assert _slots(api, dep["id"]) == 1
 
     # -- docs: the worker, as `.venv/bin/bonefrac ops worker` (= make worker), no venv on PATH
@@ -241,60 +250,47 @@ def test_documented_worker_heals_a_dead_run_then_runs_drift_and_retrain_to_a_pro
     worker_cmd = [bonefrac, "ops", "worker", "--pool", pool, "--stop-timeout", "2"]
     with _process(worker_cmd, _documented_worker_env(prefect_server), worker_log) as worker:
         deadline = time.monotonic() + 120
-        while (state := httpx.get(f"{api}/flow_runs/{zombie['id']}", timeout=30).json()["state"])["type"] != "CRASHED":
+        while (state := HTTP.get(f"{api}/flow_runs/{zombie['id']}", timeout=30).json()["state"])["type"] != "CRASHED":
             assert time.monotonic() < deadline and worker.poll() is None, f"not swept:\n{_tail(worker_log)}"
             time.sleep(1)
         assert "gone" in state["message"]
         assert _slots(api, dep["id"]) == 0  # the slot is free for the next run
 
-        drift = httpx.post(
-            f"{api}/deployments/{drift_dep['id']}/create_flow_run",
-            timeout=30,
-            json={
-                "parameters": {
-                    "params_path": str(ROOT / "params.yaml"),
-                    "current": str(log_dir),
-                    "reference_dir": str(ref_dir),
-                    "since_hours": None,
-                    "out_dir": str(out_dir),
-                    "trigger_retrain": False,
-                },
-            },
-        ).json()
-        retrain = httpx.post(
-            f"{api}/deployments/{dep['id']}/create_flow_run", timeout=30, json={"parameters": retrain_params}
-        ).json()
+        drift_params = {
+            "params_path": str(ROOT / "params.yaml"),
+            "current": str(log_dir),
+            "reference_dir": str(ref_dir),
+            "since_hours": None,
+            "out_dir": str(out_dir),
+            "trigger_retrain": False,
+        }
+        drift = _create_run(api, drift_dep["id"], drift_params)
+        retrain = _create_run(api, dep["id"], retrain_params)
         for run in (drift, retrain):
             fr = _wait_final(api, run["id"], worker_log)
             assert fr["state"]["type"] == "COMPLETED", f"{fr['state'].get('message')}\n{_tail(worker_log)}"
 
         # the gate's decision is in the run's logs (UI) although PREFECT_LOGGING_LEVEL=WARNING
-        logs = httpx.post(
+        logs = HTTP.post(
             f"{api}/logs/filter", timeout=30, json={"logs": {"flow_run_id": {"any_": [retrain["id"]]}}}
         ).json()
         decision = [entry["message"] for entry in logs if entry["message"].startswith("promoted")]
         assert decision and entry_level(logs, decision[0]) == 20, [e["message"] for e in logs][-10:]
-        automations = httpx.post(f"{api}/automations/filter", timeout=30, json={}).json()
+        automations = HTTP.post(f"{api}/automations/filter", timeout=30, json={}).json()
         assert any(a["name"].startswith("bonefrac: crash flow runs") for a in automations)
 
         # Ctrl-C while a run is in flight: the worker is gone within seconds, and so is the run,
         # which is marked Crashed (not left Running, holding a slot)
-        busy = httpx.post(
-            f"{api}/deployments/{drift_dep['id']}/create_flow_run",
-            timeout=30,
-            json={"parameters": {"params_path": str(ROOT / "params.yaml"), "current": str(log_dir),
-                                 "reference_dir": str(ref_dir), "since_hours": None,
-                                 "out_dir": str(tmp / "drift_busy"), "trigger_retrain": False}},
-        ).json()  # fmt: skip
+        busy = _create_run(api, drift_dep["id"], {**drift_params, "out_dir": str(tmp / "drift_busy")})
         deadline = time.monotonic() + 180
-        while httpx.get(f"{api}/flow_runs/{busy['id']}", timeout=30).json()["state"]["type"] != "RUNNING":
+        while HTTP.get(f"{api}/flow_runs/{busy['id']}", timeout=30).json()["state"]["type"] != "RUNNING":
             assert time.monotonic() < deadline, f"run never started:\n{_tail(worker_log)}"
             time.sleep(0.5)
         t0 = time.monotonic()
         os.killpg(worker.pid, signal.SIGINT)  # Ctrl-C on the worker's terminal
         worker.wait(timeout=90)
         stop_s = time.monotonic() - t0
-    busy_state = httpx.get(f"{api}/flow_runs/{busy['id']}", timeout=30).json()["state"]
+    busy_state = HTTP.get(f"{api}/flow_runs/{busy['id']}", timeout=30).json()["state"]
     assert stop_s < 30, f"the worker took {stop_s:.1f} s to stop"
     assert busy_state["type"] in {"CRASHED", "COMPLETED"}, busy_state  # Completed if it won the race
     print(f"worker stopped {stop_s:.1f} s after SIGINT with a run in flight; the run: {busy_state['type']}")
@@ -303,7 +299,7 @@ def test_documented_worker_heals_a_dead_run_then_runs_drift_and_retrain_to_a_pro
     assert summary["dataset_drift"] is True  # the log's exposure is clearly brighter
     assert "intensity_mean" in summary["drifted_columns"]
     assert (out_dir / "drift_report.html").stat().st_size > 10_000
-    arts = httpx.post(
+    arts = HTTP.post(
         f"{api}/artifacts/filter", timeout=30, json={"artifacts": {"flow_run_id": {"any_": [drift["id"]]}}}
     ).json()
     md = [a for a in arts if a["key"] == "drift-report"]
@@ -388,6 +384,8 @@ def test_retrain_flow_promotes_rejects_and_skips_known_models(
 ) -> None:
     import torch
     from prefect.client.orchestration import get_client
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     sys.path.insert(0, str(ROOT))
@@ -427,23 +425,27 @@ def test_retrain_flow_promotes_rejects_and_skips_known_models(
         mine = {str(a.flow_run_id) for a in decisions} - _worker_runs(prefect_server.api)
         assert len(mine) == 3
         assert any("REJECTED" in str(a.data) and "below the minimum" in str(a.data) for a in decisions)
+        # Send this process's queued logs and events while the server is up: at interpreter
+        # exit Prefect would retry them against the stopped server for over a minute.
+        APILogWorker.drain_all(timeout=30)
+        EventsWorker.drain_all(timeout=30)
 
 
 def _worker_runs(api: str) -> set[str]:
     """Flow runs that went through a deployment (the other test's), not this test's in-process ones."""
-    runs = httpx.post(f"{api}/flow_runs/filter", timeout=30, json={}).json()
+    runs = HTTP.post(f"{api}/flow_runs/filter", timeout=30, json={}).json()
     return {r["id"] for r in runs if r.get("deployment_id")}
 
 
 # ------------------------------------------------------------- drift -> retrain
 def _retrain_deployment(api: str) -> dict[str, Any]:
     """`retrain/retrain-nightly` as the first test deployed it, or registered here (no worker needed)."""
-    r = httpx.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30)
+    r = HTTP.get(f"{api}/deployments/name/retrain/retrain-nightly", timeout=30)
     if r.status_code == 200:
         return r.json()
-    flow_id = httpx.post(f"{api}/flows/", json={"name": "retrain"}, timeout=30).json()["id"]
+    flow_id = HTTP.post(f"{api}/flows/", json={"name": "retrain"}, timeout=30).json()["id"]
     body = {"name": "retrain-nightly", "flow_id": flow_id, "entrypoint": "flows/retrain.py:retrain_flow"}
-    return httpx.post(f"{api}/deployments/", json=body, timeout=30).json()
+    return HTTP.post(f"{api}/deployments/", json=body, timeout=30).json()
 
 
 def test_drift_flow_starts_a_retrain_run_only_with_new_labelled_data(
@@ -490,7 +492,7 @@ def test_drift_flow_starts_a_retrain_run_only_with_new_labelled_data(
 
     def retrain_runs() -> list[dict[str, Any]]:
         body = {"flow_runs": {"deployment_id": {"any_": [dep["id"]]}}}
-        return httpx.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
+        return HTTP.post(f"{api}/flow_runs/filter", json=body, timeout=30).json()
 
     before = {r["id"] for r in retrain_runs()}
     with temporary_settings(updates={PREFECT_API_URL: api}):
@@ -512,4 +514,4 @@ def test_drift_flow_starts_a_retrain_run_only_with_new_labelled_data(
         assert new[0]["state"]["type"] == "SCHEDULED"  # for the retrain deployment's worker to run
     finally:
         for run in new:  # no worker of the other test may ever pick it up
-            httpx.delete(f"{api}/flow_runs/{run['id']}", timeout=30)
+            HTTP.delete(f"{api}/flow_runs/{run['id']}", timeout=30)

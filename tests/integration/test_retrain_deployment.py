@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 import yaml
 from tests.integration._pipeline import make_project, prefect_server
+from tests.integration._prefect_http import prefect_http
 from tests.integration._server import running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -56,13 +57,15 @@ SMALL = {
 }
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
+HTTP = prefect_http()  # retries what Prefect's client retries (a 503 from a busy server)
+
 
 def _get(api: str, path: str) -> Any:
-    return httpx.get(f"{api}{path}", timeout=30).json()
+    return HTTP.get(f"{api}{path}", timeout=30).json()
 
 
 def _post(api: str, path: str, body: dict[str, Any]) -> Any:
-    r = httpx.post(f"{api}{path}", json=body, timeout=30)
+    r = HTTP.post(f"{api}{path}", json=body, timeout=30)
     assert r.status_code in (200, 201), r.text
     return r.json()
 
