@@ -285,6 +285,11 @@ VARIANTS.update({
 })
 # The round-9 preset keeping its last epoch instead of the best-validation-AUROC one (train.dense.keep_epoch).
 VARIANTS["dense_lse_box_b6_bw3_grow0_last"] = {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "keep": "last"}
+# The same head trained on mirrored cached feature maps instead of exact mirrored views
+# (train.dense.flip: features): the trunk cache then needs one pass per training image, not two.
+VARIANTS["dense_lse_box_b6_bw3_grow0_last_mapflip"] = {
+    **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "exact_flips": False,
+}
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 

@@ -256,3 +256,22 @@ def test_readme_and_benchmarks_quote_the_map_variants_screen():
     assert (f"gained at most {gain} of {b['n']} validation images (the unstitched map: {b['wins']} wins, "
             f"{b['losses']} losses, sign test p = {b['sign_test_p']:.2f}) and lost up to {loss}") in readme
     assert best == "cells16" and b["sign_test_p"] > 0.05  # "no lever there": the best is within noise
+
+
+def test_benchmarks_quote_the_640px_mapflip_cv_and_its_verdict():
+    """Round 14: the mirrored-feature-map CV at 640 px, per fold as in its file, and the verdict that it
+    gives back the 640-px gain (mean pointing and AUROC below exact views, lower on four folds of five)."""
+    def tta_row(name: str) -> dict:
+        rows = json.loads((RESULTS / name).read_text())["rows"]
+        return next(r for r in rows if r["variant"].endswith("+tta"))
+
+    exact, mapflip = tta_row("fracatlas_dense_640_cv.json"), tta_row("fracatlas_dense_640_mapflip_cv.json")
+    assert mapflip["variant"] == "dense_lse_box_b6_bw3_grow0_last_mapflip+tta" and len(mapflip["folds"]) == 5
+    benchmarks = (ROOT / "BENCHMARKS.md").read_text()
+    for key, label in (("pointing", "pointing"), ("auroc", "AUROC")):
+        cells = " | ".join(f"{f[key]:.3f}" for f in mapflip["folds"])
+        mean, sd = mapflip["mean_std"][key]
+        assert f"| {label}, mirrored feature maps | {cells} | **{mean:.3f} ± {sd:.3f}** |" in benchmarks
+        assert mean < exact["mean_std"][key][0]
+        lower = sum(m[key] < e[key] for m, e in zip(mapflip["folds"], exact["folds"], strict=True))
+        assert lower == 4, key
