@@ -20,8 +20,9 @@ from bonefrac.monitoring.features import EmbeddingReducer
 from bonefrac.monitoring.ood import build_ood_detector
 from bonefrac.monitoring.reference import load_reference
 from bonefrac.monitoring.split_drift import REFERENCE_SUBDIR, split_drift, verdict_line
-from bonefrac.preprocess.cache import load_cache
+from bonefrac.preprocess.cache import IMAGES_FILE, load_cache
 from bonefrac.provenance import data_version
+from bonefrac.training.feature_cache import trained_trunk_features
 from flows._stage import guarded, run_stage
 
 
@@ -32,8 +33,15 @@ def _evaluate(params_path: str) -> str:
     cache_dir = resolve(p.paths.processed)
     trained = resolve(p.paths.models) / "train" / "best_model.pt"
     # One forward pass per cached image for the whole stage: the evaluation, the drift reference
-    # and the OOD detector share the network's outputs (the calibrated model.pt has the same weights).
-    outputs = CacheOutputs(Predictor(ModelBundle.load(trained)), load_cache(cache_dir)[0])
+    # and the OOD detector share the network's outputs (the calibrated model.pt has the same weights);
+    # a dense network's training sample comes from the train stage's trunk features (the head alone).
+    predictor = Predictor(ModelBundle.load(trained))
+    images, index = load_cache(cache_dir)
+    trunk = trained_trunk_features(
+        predictor.model, predictor.bundle.metadata.get("trunk_cache"), images, cache_dir / IMAGES_FILE, index,
+        resolve(p.paths.features),
+    )  # fmt: skip
+    outputs = CacheOutputs(predictor, images, trunk=trunk)
     summary = run_evaluation(
         model_path=trained,
         cache_dir=cache_dir,
@@ -58,7 +66,8 @@ def _evaluate(params_path: str) -> str:
     test = summary["test"]  # the report nests the AUROC as {value, ci_low, ci_high}
     a = test["auroc"]
     shown = "n/a" if a.get("value") is None else f"{a['value']:.3f} ({a['ci_low']:.3f}-{a['ci_high']:.3f})"
-    return f"evaluate: test AUROC {shown}, n={test['n']} -> {report}\n{drift}"
+    shared = f"; {outputs.n_from_trunk} of {outputs.n_computed} images from the trunk cache" if trunk else ""
+    return f"evaluate: test AUROC {shown}, n={test['n']}{shared} -> {report}\n{drift}"
 
 
 def _drift_report(p: Params, model_path: Path, cache_dir: Path, out: Path, outputs: CacheOutputs) -> str:

@@ -142,6 +142,32 @@ def test_flip_tta_arch_averages_the_image_and_its_mirror():
         assert torch.allclose(tta.features(x), plain.features(x), atol=1e-5)  # the embedding: the image's own
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0_dense_tta", "efficientnet_lite0_dense_s8_tta",
+                                  "efficientnet_lite0_dense"])
+def test_outputs_from_the_trunks_maps_equal_the_pass_from_pixels(arch):
+    """The evaluate stage scores its training sample from the train stage's cached trunk maps
+    (`outputs_from_trunk`): logits, map and embedding must be the pixel pass's. A TTA that drops the
+    mirror view, a mirror map not flipped back, or a stride-8 tap left out fails here."""
+    from bonefrac.model.networks import build_model
+
+    torch.manual_seed(0)
+    net = build_model(arch, 0, "efficientnet_lite_offline").eval()
+    with torch.no_grad():  # a head that is not at its initialisation (the logit layer starts flat)
+        for p in net.head.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        z, m, emb = net._outputs(x)
+        feats, mirror = net.trunk(x), net.trunk(x.flip(-1))
+        z2, m2, emb2 = net.outputs_from_trunk(feats, mirror if net.flip_tta else None)
+        assert torch.allclose(z, z2, atol=1e-5) and torch.allclose(m, m2, atol=1e-5)
+        assert torch.allclose(emb, emb2, atol=1e-5)
+        if net.flip_tta:
+            assert not torch.allclose(net.outputs_from_trunk(feats, feats)[0], z, atol=1e-4)
+            with pytest.raises(ValueError, match="mirrored"):
+                net.outputs_from_trunk(feats)
+
+
 def test_stride8_level_refines_the_map_from_the_blocks2_tap():
     """A head with ``s8_channels`` maps per stride-8 cell, needs the stride-8 input (and a head
     without the level refuses one); the trunk with ``tap8`` returns blocks.2's output as that input."""

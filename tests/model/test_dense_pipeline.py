@@ -253,3 +253,47 @@ def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeyp
     half = len(targets) // 2
     assert targets and set(targets[:half]) == {("centre", 0.0)} and set(targets[half:]) == {("area", 0.5)}
     assert weights == [(3.0, "last"), (1.0, "best_val_auroc")]
+
+
+def test_evaluate_reads_the_training_sample_from_the_train_stages_trunk_cache(trained):
+    """The evaluate stage's training sample (drift reference, OOD detector) costs the head alone:
+    `trained_trunk_features` finds the folder the train stage wrote (the key the bundle records),
+    rebuilds it byte for byte when it was deleted, and `CacheOutputs` scores from it only rows with
+    every view the network needs (a TTA net: the mirror too, so validation rows take the full pass).
+    Its numbers are the pixel pass's (this cache is float32). A plan that differs from training's
+    (other rows, other mirrors) gives another key and no shared folder, and fails here."""
+    from bonefrac.inference.cache_outputs import CacheOutputs
+    from bonefrac.preprocess.cache import IMAGES_FILE
+    from bonefrac.training.feature_cache import trained_trunk_features
+
+    tmp, cache, result = trained
+    bundle = ModelBundle.load(result.best_model_path)
+    record = bundle.metadata["trunk_cache"]
+    assert record["flip"] == "exact" and record["dtype"] == "float32"
+    images, index = load_cache(cache)
+    features = tmp / "features"
+    messages: list[str] = []
+    for arch, n_trunk in (("efficientnet_lite0_dense", 20), ("efficientnet_lite0_dense_tta", 16)):
+        bundle.arch = arch  # one module layout: the TTA arch scores the same weights on both views
+        predictor = Predictor(bundle)
+        trunk = trained_trunk_features(
+            predictor.model, record, images, cache / IMAGES_FILE, index, features, progress=messages.append
+        )
+        assert trunk is not None and trunk.root == features / record["key"] and not messages  # found, not rebuilt
+        outputs = CacheOutputs(predictor, images, trunk=trunk)
+        every = np.arange(len(index))
+        logits, emb = outputs.logits(every), outputs.embeddings(every)
+        assert outputs.n_computed == 24 and outputs.n_from_trunk == n_trunk  # train (+ val without TTA)
+        direct = CacheOutputs(predictor, images)
+        np.testing.assert_allclose(logits, direct.logits(every), atol=1e-4)
+        np.testing.assert_allclose(emb, direct.embeddings(every), atol=1e-4)
+    kept = np.load(trunk.root / "s16.npy").copy()
+    import shutil
+
+    shutil.rmtree(trunk.root)
+    again = trained_trunk_features(predictor.model, record, images, cache / IMAGES_FILE, index, features,
+                                   progress=messages.append)  # fmt: skip
+    assert again is not None and messages and np.array_equal(np.load(again.root / "s16.npy"), kept)
+    assert trained_trunk_features(predictor.model, {**record, "flip": "none"}, images, cache / IMAGES_FILE, index,
+                                  features) is None  # another plan: not the train stage's maps  # fmt: skip
+    assert trained_trunk_features(predictor.model, None, images, cache / IMAGES_FILE, index, features) is None

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -341,6 +342,13 @@ class HeadEnsemble(nn.Module):
         return torch.stack([o[0] for o in outs]).mean(0), torch.stack([o[1] for o in outs]).mean(0)
 
 
+def _cat_views(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """One batch from the views' tensors of one trunk output (``None`` where the trunk has no such output)."""
+    if any(t is None for t in parts):
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # type: ignore[arg-type]
+
+
 class DenseFractureNet(nn.Module):
     """Trunk + head, end to end from pixels: ``(N, 1, H, W)`` on [0, 1] → ``(N, 1)`` fracture logits.
 
@@ -368,16 +376,34 @@ class DenseFractureNet(nn.Module):
         averaged, as the cross-validation benchmark's "+ TTA" scores the cached mirror view.
         The embedding is the unmirrored image's (drift and OOD statistics do not change with TTA)."""
         n = x.shape[0]
-        xs = torch.cat([x, x.flip(-1)]) if self.flip_tta else x
-        feats = self.trunk(xs)
-        s16, s32, s8 = feats[0], feats[1], (feats[2] if len(feats) > 2 else None)
+        feats = self.trunk(torch.cat([x, x.flip(-1)]) if self.flip_tta else x)
+        if not self.flip_tta:
+            return self.outputs_from_trunk(feats)
+        return self.outputs_from_trunk(tuple(f[:n] for f in feats), tuple(f[n:] for f in feats))
+
+    def outputs_from_trunk(
+        self, feats: Sequence[torch.Tensor | None], mirror_feats: Sequence[torch.Tensor | None] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What :meth:`_outputs` returns, from the frozen trunk's outputs instead of pixels.
+
+        ``feats``: the trunk's ``(s16, s32[, s8])`` on the images; ``mirror_feats``: on their
+        left-right mirrors, required with ``flip_tta``. Why: the train stage already ran the
+        trunk over every training image and its mirror (the feature cache), and the evaluate
+        stage needs the same network's outputs on a sample of them (the drift reference and
+        the OOD detector); from the cached maps that costs the head alone.
+        """
+        if self.flip_tta and mirror_feats is None:
+            raise ValueError("a flip-TTA network needs the trunk's outputs on the mirrored images too")
+        views = [feats, mirror_feats] if self.flip_tta else [feats]
+        n = feats[0].shape[0]
+        s16, s32, s8 = (_cat_views([v[i] if len(v) > i else None for v in views]) for i in range(3))
         head = self.head
         if hasattr(head, "late") and hasattr(head, "forward_after_late"):
             late = head.late(s16, s32)
             z, m = head.forward_after_late(s16, late, s8)
             emb = late.mean(dim=(2, 3))
         else:
-            z, m = head(*feats)
+            z, m = head(s16, s32, *([s8] if s8 is not None else []))
             emb = s32.mean(dim=(2, 3))
         if self.flip_tta:
             z, m, emb = (z[:n] + z[n:]) / 2, (m[:n] + m[n:].flip(-1)) / 2, emb[:n]

@@ -36,7 +36,7 @@ from torch import nn
 from bonefrac.atomic import atomic_write_json
 from bonefrac.config import ModelParams, TrainParams
 from bonefrac.model.bundle import ModelBundle
-from bonefrac.model.dense import S8_CHANNELS, S16_CHANNELS, S32_CHANNELS, HeadEnsemble, dense_loss
+from bonefrac.model.dense import HeadEnsemble, dense_loss
 from bonefrac.training.loop import BEST_MODEL, SUMMARY, TrainResult, _Curves, seed_everything
 
 log = logging.getLogger(__name__)
@@ -243,18 +243,6 @@ def _apply_late(head: nn.Module, s16: np.ndarray, s32: np.ndarray, batch: int = 
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _trunk_fn(net: nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
-    """Pixels → (blocks.4, blocks.5[, blocks.2]) maps with the pretrained weights, whatever the arch's split."""
-
-    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        s16, s32, *s8 = net.trunk(x)
-        if s32 is None:  # the head holds blocks.5: the cache stores its pretrained output
-            s32 = net.head.blocks5(s16)
-        return (s16, s32, *s8)
-
-    return run
-
-
 def train_dense_model(
     cache_dir: Path,
     out_dir: Path,
@@ -278,7 +266,15 @@ def train_dense_model(
     from bonefrac.model.networks import build_model
     from bonefrac.preprocess.cache import IMAGES_FILE, cache_spec, load_cache
     from bonefrac.training.data import DataError, split_rows
-    from bonefrac.training.feature_cache import TRUNK_OUTPUTS, build_trunk_cache, trunk_cache_key
+    from bonefrac.training.feature_cache import (
+        TRUNK_OUTPUTS,
+        build_trunk_cache,
+        frozen_modules,
+        trunk_cache_key,
+        trunk_cache_plan,
+        trunk_fn,
+        trunk_output_shapes,
+    )
 
     tp, mp, dp = train_params, model_params, train_params.dense
     cache_dir, out_dir = Path(cache_dir), Path(out_dir)
@@ -296,19 +292,14 @@ def train_dense_model(
     rows_df = pd.concat([tr_rows, va_rows])
     n_tr = len(tr_rows)
     net = build_model(mp.arch, 0, mp.pretrained).eval()
-    tap8 = bool(getattr(net.trunk, "tap8", False))
     size = spec.image_size
-    grid = size // (8 if tap8 else 16)  # the logit map's grid: the dense targets'
-    shapes = [(S16_CHANNELS, size // 16, size // 16), (S32_CHANNELS, size // 32, size // 32)]
-    if tap8:
-        shapes.append((S8_CHANNELS, size // 8, size // 8))
-    mirror = np.array([dp.flip == "exact"] * n_tr + [False] * len(va_rows))
-    rows = rows_df["cache_row"].to_numpy(dtype=np.int64)
-    frozen = nn.ModuleList([net.trunk] + ([net.head.blocks5] if net.head.blocks5 is not None else []))
-    key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen, dp.feature_dtype, shapes)
+    grid = size // (8 if getattr(net.trunk, "tap8", False) else 16)  # the logit map's grid: the dense targets'
+    shapes = trunk_output_shapes(net, size)
+    rows, mirror = trunk_cache_plan(index, dp.flip)
+    key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen_modules(net), dp.feature_dtype, shapes)
     t_cache = time.perf_counter()
     feats = build_trunk_cache(
-        images, rows, mirror, Path(features_dir) / key, _trunk_fn(net), shapes, dp.feature_dtype, progress=log.info,
+        images, rows, mirror, Path(features_dir) / key, trunk_fn(net), shapes, dp.feature_dtype, progress=log.info,
     )  # fmt: skip
     cache_minutes = (time.perf_counter() - t_cache) / 60
     del images  # unmap the preprocessed pixels: their pages count in the stage's peak memory
@@ -391,6 +382,9 @@ def train_dense_model(
             **({"member_best_epochs": [e - 1 for e in info["member_best_epochs"]],
                 "member_val_auroc": info["member_val_auroc"]} if "member_best_epochs" in info else {}),
             "arch": mp.arch,
+            # Where the trunk's outputs on the train and validation images are (the evaluate stage
+            # reads its drift/OOD training sample from them: feature_cache.trained_trunk_features).
+            "trunk_cache": {"key": key, "flip": dp.flip, "dtype": dp.feature_dtype},
             "epochs_completed": len(history),
             "stopped_early": False,
             "params": {"model": mp.model_dump(mode="json"), "train": tp.model_dump(mode="json")},

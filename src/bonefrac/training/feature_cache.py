@@ -341,3 +341,74 @@ def build_trunk_cache(
     np.save(done_path, done)
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return TrunkFeatures(root, rows, mirrored, **loaded)
+
+
+def trunk_fn(net: torch.nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """Pixels → (blocks.4, blocks.5[, blocks.2]) maps of a dense network, whatever the arch's split."""
+
+    def run(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        s16, s32, *s8 = net.trunk(x)
+        if s32 is None:  # the head holds blocks.5: the cache stores its (pretrained) output
+            s32 = net.head.blocks5(s16)
+        return (s16, s32, *s8)
+
+    return run
+
+
+def trunk_output_shapes(net: torch.nn.Module, image_size: int) -> list[tuple[int, int, int]]:
+    """Per-image shapes of what :func:`trunk_fn` returns at ``image_size`` (stride 16, 32[, 8])."""
+    from bonefrac.model.dense import S8_CHANNELS, S16_CHANNELS, S32_CHANNELS
+
+    shapes = [(S16_CHANNELS, image_size // 16, image_size // 16), (S32_CHANNELS, image_size // 32, image_size // 32)]
+    if getattr(net.trunk, "tap8", False):
+        shapes.append((S8_CHANNELS, image_size // 8, image_size // 8))
+    return shapes
+
+
+def trunk_cache_plan(index: pd.DataFrame, flip: str) -> tuple[np.ndarray, np.ndarray]:
+    """The cache rows whose trunk features the train stage stores, and which of them also get the
+    mirror view: the training split (mirrored when ``train.dense.flip`` is ``exact``), then the
+    validation split (never mirrored). One definition, so the evaluate stage finds the same folder."""
+    from bonefrac.preprocess.cache import CACHE_ROW
+    from bonefrac.training.data import split_rows
+
+    tr, va = split_rows(index, "train"), split_rows(index, "val")
+    rows = np.concatenate([tr[CACHE_ROW].to_numpy(dtype=np.int64), va[CACHE_ROW].to_numpy(dtype=np.int64)])
+    return rows, np.array([flip == "exact"] * len(tr) + [False] * len(va), dtype=bool)
+
+
+def frozen_modules(net: torch.nn.Module) -> torch.nn.Module:
+    """The modules whose weights the cached features depend on (the key's): the trunk, and a
+    head's ``blocks.5`` where the arch moves it out of the trunk."""
+    blocks5 = getattr(net.head, "blocks5", None)
+    return torch.nn.ModuleList([net.trunk] + ([blocks5] if blocks5 is not None else []))
+
+
+def trained_trunk_features(
+    net: torch.nn.Module,
+    record: dict | None,
+    images: np.ndarray,
+    images_path: Path,
+    index: pd.DataFrame,
+    features_dir: Path,
+    progress: Callable[[str], None] = log.info,
+) -> TrunkFeatures | None:
+    """The train stage's trunk features for a trained dense ``net``, or ``None`` where there are none to share.
+
+    ``record``: the bundle's ``trunk_cache`` metadata (key, flip, dtype), written by the train
+    stage. ``None`` is returned for a bundle trained without a trunk cache, and for one whose
+    frozen weights no longer give the recorded key (an arch that trains its ``blocks.5``: the
+    cached maps are not its own). A deleted or partial folder is rebuilt by the same
+    deterministic function, so the evaluate stage's numbers do not depend on what the machine
+    kept.
+    """
+    if not record:
+        return None
+    rows, mirror = trunk_cache_plan(index, str(record["flip"]))
+    shapes = trunk_output_shapes(net, int(images.shape[-1]))
+    dtype = str(record["dtype"])
+    key = trunk_cache_key(images_path, rows, mirror, frozen_modules(net), dtype, shapes)
+    if key != record["key"]:
+        return None
+    root = Path(features_dir) / key
+    return build_trunk_cache(images, rows, mirror, root, trunk_fn(net), shapes, dtype, progress=progress)
