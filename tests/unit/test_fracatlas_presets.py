@@ -12,7 +12,7 @@ from bonefrac.presets import load_preset, set_args
 @pytest.mark.parametrize(
     ("preset", "excluded", "arch", "size", "profile", "box_weight", "grow", "keep"),
     [
-        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta_stitch", 512, "area", 3.0, 0.0, "last"),
+        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 640, "area", 3.0, 0.0, "last"),
         (
             "params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384, "area", 1.0, 0.5,
             "best_val_auroc",
