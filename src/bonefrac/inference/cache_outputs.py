@@ -21,8 +21,9 @@ evaluation's calibration, operating points and test scores are the served networ
 The cached maps are float16: the head's outputs on them differ from the float32 pass by
 rounding (~1e-3 in a logit), which the drift and OOD statistics do not notice.
 
-Memory: rows are read from the (memory-mapped) array a small batch at a time, never all at
-once. The batch is small because of activations, not inputs: a batch of 32 at 512 px with the
+Memory: rows are read a small batch at a time, never all at once, by positional reads
+(:mod:`bonefrac.npy_rows`: pages touched through the memory map would stay in the stage's RSS).
+The batch is small because of activations, not inputs: a batch of 32 at 512 px with the
 mirror view peaked at 6.3 GiB, a batch of 8 at 2.4 GiB, at the same speed per image.
 """
 
@@ -37,6 +38,7 @@ import torch
 from bonefrac.inference.predictor import PredictionError, Predictor
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.networks import forward_with_embedding
+from bonefrac.npy_rows import read_rows
 
 #: Images per forward pass (see the module docstring for why small).
 BATCH_SIZE = 8
@@ -121,7 +123,7 @@ class CacheOutputs:
 
     def _forward(self, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """The network's full forward pass on the preprocessed pixels of ``chunk``."""
-        x = torch.from_numpy(np.asarray(self.images[chunk], dtype=np.float32))
+        x = torch.from_numpy(read_rows(self.images, chunk).astype(np.float32))
         return forward_with_embedding(self.predictor.model, self.predictor.check_input(x).to(self.predictor.device))
 
     def _from_trunk(self, chunk: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,7 +134,8 @@ class CacheOutputs:
         device = self.predictor.device
 
         def view(v: int) -> tuple[torch.Tensor, ...]:
-            return tuple(torch.from_numpy(np.asarray(m[v, pos], dtype=np.float32)).to(device) for m in maps)
+            picked = [(v, k) for k in pos]
+            return tuple(torch.from_numpy(read_rows(m, picked, lead=2).astype(np.float32)).to(device) for m in maps)
 
         model = self.predictor.model
         z, _, emb = model.outputs_from_trunk(view(0), view(1) if getattr(model, "flip_tta", False) else None)

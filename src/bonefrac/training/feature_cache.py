@@ -37,6 +37,7 @@ from bonefrac.data.imageio import ImageDecodeError, read_image
 from bonefrac.data.metadata import perceptual_hash
 from bonefrac.model.dense import S16_CHANNELS, S32_CHANNELS, FrozenTrunk
 from bonefrac.model.transforms import PreprocessSpec
+from bonefrac.npy_rows import NpyRows, read_rows
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +310,8 @@ def build_trunk_cache(
         np.save(root / "rows.npy", rows)
         np.save(root / "mirrored.npy", mirrored)
         np.save(done_path, np.zeros((2, n), dtype=bool))
-    maps = {name: np.load(p, mmap_mode="r+") for name, p in paths.items()}
+    # Positional writes and reads, not memory maps: mapped pages would count in the stage's peak RSS (npy_rows).
+    outs_rows = {name: NpyRows(p, lead=2, writable=True) for name, p in paths.items()}
     done = np.load(done_path)
     todo = [(0, k) for k in range(n) if not done[0, k]] + [(1, k) for k in range(n) if mirrored[k] and not done[1, k]]
     if todo:
@@ -317,18 +319,18 @@ def build_trunk_cache(
     t0 = time.perf_counter()
     for b0 in range(0, len(todo), batch_size):
         chunk = todo[b0 : b0 + batch_size]
-        x = torch.from_numpy(np.stack([np.asarray(images[rows[k]], dtype=np.float32) for _, k in chunk]))
+        x = torch.from_numpy(read_rows(images, [int(rows[k]) for _, k in chunk]).astype(np.float32))
         flip = torch.tensor([v == 1 for v, _ in chunk])
         x[flip] = x[flip].flip(-1)
         with torch.inference_mode():
             outs = trunk_fn(x.contiguous(memory_format=torch.channels_last))
         for j, (v, k) in enumerate(chunk):
-            for m, out in zip(maps.values(), outs, strict=True):
-                m[v, k] = out[j].numpy()
+            for file_rows, out in zip(outs_rows.values(), outs, strict=True):
+                file_rows.write((v, k), out[j].numpy())
             done[v, k] = True
         if (b0 // batch_size) % 20 == 19 or b0 + batch_size >= len(todo):
-            for m in maps.values():
-                m.flush()
+            for file_rows in outs_rows.values():
+                file_rows.sync()
             np.save(done_path, done)
             el = time.perf_counter() - t0
             nd = min(b0 + batch_size, len(todo))
@@ -336,8 +338,9 @@ def build_trunk_cache(
                 f"  trunk features {nd}/{len(todo)}: {el / 60:.1f} min, {el / nd * 1000:.0f} ms/pass, "
                 f"eta {(len(todo) - nd) * el / nd / 60:.1f} min"
             )
-    for m in maps.values():
-        m.flush()
+    for file_rows in outs_rows.values():
+        file_rows.sync()
+        file_rows.close()
     np.save(done_path, done)
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return TrunkFeatures(root, rows, mirrored, **loaded)
