@@ -3,7 +3,7 @@
 Bottom to top (a module may import its own area, any area of a lower layer, or
 an area listed before it in its own layer):
 
-    errors, atomic, provenance, proc < config < presets < model       the contract
+    errors, atomic, provenance, proc, npy_rows < config < presets < model    the contract
     data < validation < preprocess < training < inference
     evaluation, explain, monitoring                 measure the model
     registry < ops                                  store, gate, resolve the champion; run the schedules
@@ -26,6 +26,7 @@ ORDER: dict[str, tuple[int, int]] = {
     "atomic": (0, 0),
     "provenance": (0, 0),
     "proc": (0, 0),
+    "npy_rows": (0, 0),
     "config": (0, 1),
     "presets": (0, 2),
     "model": (0, 3),
