@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
@@ -270,6 +269,7 @@ def train_dense_model(
         TRUNK_OUTPUTS,
         build_trunk_cache,
         frozen_modules,
+        plan_rows,
         trunk_cache_key,
         trunk_cache_plan,
         trunk_fn,
@@ -289,13 +289,13 @@ def train_dense_model(
     tr_rows, va_rows = split_rows(index, "train"), split_rows(index, "val")
     if len(tr_rows) == 0 or len(va_rows) == 0 or va_rows["label"].astype(int).nunique() < 2:
         raise DataError("the dense head needs train rows and a validation split with both classes")
-    rows_df = pd.concat([tr_rows, va_rows])
+    rows_df, mirror = trunk_cache_plan(index, dp.flip)  # the cache's rows: train, then val (labels, boxes beside)
+    rows = plan_rows(rows_df)
     n_tr = len(tr_rows)
     net = build_model(mp.arch, 0, mp.pretrained).eval()
     size = spec.image_size
     grid = size // (8 if getattr(net.trunk, "tap8", False) else 16)  # the logit map's grid: the dense targets'
     shapes = trunk_output_shapes(net, size)
-    rows, mirror = trunk_cache_plan(index, dp.flip)
     key = trunk_cache_key(cache_dir / IMAGES_FILE, rows, mirror, frozen_modules(net), dp.feature_dtype, shapes)
     t_cache = time.perf_counter()
     feats = build_trunk_cache(

@@ -35,7 +35,7 @@ import torch
 
 from bonefrac.data.imageio import ImageDecodeError, read_image
 from bonefrac.data.metadata import perceptual_hash
-from bonefrac.model.dense import S16_CHANNELS, S32_CHANNELS, FrozenTrunk
+from bonefrac.model.dense import S8_CHANNELS, S16_CHANNELS, S32_CHANNELS, FrozenTrunk
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.npy_rows import NpyRows, read_rows
 
@@ -310,12 +310,13 @@ def build_trunk_cache(
         np.save(root / "rows.npy", rows)
         np.save(root / "mirrored.npy", mirrored)
         np.save(done_path, np.zeros((2, n), dtype=bool))
-    # Positional writes and reads, not memory maps: mapped pages would count in the stage's peak RSS (npy_rows).
-    outs_rows = {name: NpyRows(p, lead=2, writable=True) for name, p in paths.items()}
     done = np.load(done_path)
     todo = [(0, k) for k in range(n) if not done[0, k]] + [(1, k) for k in range(n) if mirrored[k] and not done[1, k]]
     if todo:
         progress(f"trunk feature cache: {len(todo)} passes to run ({int(done.sum())} cached) -> {root}")
+    # Positional writes and reads, not memory maps: mapped pages would count in the stage's peak RSS
+    # (npy_rows). Opened only with work to do: a finished cache is only read (it may be read-only).
+    outs_rows = {name: NpyRows(p, lead=2, writable=True) for name, p in paths.items()} if todo else {}
     t0 = time.perf_counter()
     for b0 in range(0, len(todo), batch_size):
         chunk = todo[b0 : b0 + batch_size]
@@ -341,7 +342,8 @@ def build_trunk_cache(
     for file_rows in outs_rows.values():
         file_rows.sync()
         file_rows.close()
-    np.save(done_path, done)
+    if todo:
+        np.save(done_path, done)
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return TrunkFeatures(root, rows, mirrored, **loaded)
 
@@ -360,24 +362,28 @@ def trunk_fn(net: torch.nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tenso
 
 def trunk_output_shapes(net: torch.nn.Module, image_size: int) -> list[tuple[int, int, int]]:
     """Per-image shapes of what :func:`trunk_fn` returns at ``image_size`` (stride 16, 32[, 8])."""
-    from bonefrac.model.dense import S8_CHANNELS, S16_CHANNELS, S32_CHANNELS
-
     shapes = [(S16_CHANNELS, image_size // 16, image_size // 16), (S32_CHANNELS, image_size // 32, image_size // 32)]
     if getattr(net.trunk, "tap8", False):
         shapes.append((S8_CHANNELS, image_size // 8, image_size // 8))
     return shapes
 
 
-def trunk_cache_plan(index: pd.DataFrame, flip: str) -> tuple[np.ndarray, np.ndarray]:
-    """The cache rows whose trunk features the train stage stores, and which of them also get the
-    mirror view: the training split (mirrored when ``train.dense.flip`` is ``exact``), then the
-    validation split (never mirrored). One definition, so the evaluate stage finds the same folder."""
-    from bonefrac.preprocess.cache import CACHE_ROW
+def trunk_cache_plan(index: pd.DataFrame, flip: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """The index rows whose trunk features the train stage stores, in cache order, and which of them
+    also get the mirror view: the training split (mirrored when ``train.dense.flip`` is ``exact``), then
+    the validation split (never mirrored). One definition for the cache's rows and for the labels and
+    boxes the head trains on beside them, and for the evaluate stage finding the same folder."""
     from bonefrac.training.data import split_rows
 
     tr, va = split_rows(index, "train"), split_rows(index, "val")
-    rows = np.concatenate([tr[CACHE_ROW].to_numpy(dtype=np.int64), va[CACHE_ROW].to_numpy(dtype=np.int64)])
-    return rows, np.array([flip == "exact"] * len(tr) + [False] * len(va), dtype=bool)
+    return pd.concat([tr, va]), np.array([flip == "exact"] * len(tr) + [False] * len(va), dtype=bool)
+
+
+def plan_rows(plan: pd.DataFrame) -> np.ndarray:
+    """The preprocessed-cache rows of a :func:`trunk_cache_plan` frame."""
+    from bonefrac.preprocess.cache import CACHE_ROW
+
+    return plan[CACHE_ROW].to_numpy(dtype=np.int64)
 
 
 def frozen_modules(net: torch.nn.Module) -> torch.nn.Module:
@@ -407,7 +413,8 @@ def trained_trunk_features(
     """
     if not record:
         return None
-    rows, mirror = trunk_cache_plan(index, str(record["flip"]))
+    plan, mirror = trunk_cache_plan(index, str(record["flip"]))
+    rows = plan_rows(plan)
     shapes = trunk_output_shapes(net, int(images.shape[-1]))
     dtype = str(record["dtype"])
     key = trunk_cache_key(images_path, rows, mirror, frozen_modules(net), dtype, shapes)
