@@ -22,6 +22,7 @@ class NpyRows:
     """Row ``i`` of a C-ordered ``.npy`` array: the block at the leading indices ``i`` (``lead`` of them)."""
 
     def __init__(self, path: Path | str, lead: int = 1, writable: bool = False) -> None:
+        self._fd = -1  # set before anything can fail: __del__ closes it
         self.path = Path(path)
         with open(self.path, "rb") as f:
             major, _ = np.lib.format.read_magic(f)

@@ -75,3 +75,41 @@ def test_a_build_killed_after_a_checkpoint_keeps_what_it_marked(tmp_path, images
     assert sum(more) == 20
     whole = build_trunk_cache(images, rows, mirror, tmp_path / "w", _fake_trunk([]), SHAPES, batch_size=1)
     np.testing.assert_array_equal(resumed.s16, whole.s16)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "reshape"])
+def test_a_damaged_finished_cache_is_rebuilt_not_read(tmp_path, images, damage):
+    """A disk that filled up or a copy cut short leaves a features file `done.npy` still vouches for:
+    the build notices it and rebuilds, instead of the evaluate stage failing on a short read (or reading
+    zeros as features)."""
+    rows, mirror = np.arange(6), np.ones(6, dtype=bool)
+    whole = build_trunk_cache(images, rows, mirror, tmp_path / "c", _fake_trunk([]), SHAPES, batch_size=4)
+    kept = np.array(whole.s16)
+    del whole
+    path = tmp_path / "c" / "s16.npy"
+    if damage == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size - 7)
+    elif damage == "delete":
+        path.unlink()
+    else:
+        np.save(path, np.zeros((2, 6, 2, 1, 1), dtype=np.float16))
+    messages: list[str] = []
+    calls: list[int] = []
+    again = build_trunk_cache(images, rows, mirror, tmp_path / "c", _fake_trunk(calls), SHAPES, batch_size=4,
+                              progress=messages.append)  # fmt: skip
+    assert sum(calls) == 12 and any("damaged" in m for m in messages)
+    np.testing.assert_array_equal(again.s16, kept)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
+def test_a_file_that_is_not_an_npy_array_is_refused_cleanly(tmp_path):
+    import gc
+
+    from bonefrac.npy_rows import NpyRows
+
+    (tmp_path / "bad.npy").write_bytes(b"\x93NUMPY garbage")
+    with pytest.raises(ValueError) as refused:
+        NpyRows(tmp_path / "bad.npy")
+    del refused  # the traceback held the half-built object: its __del__ must not raise
+    gc.collect()

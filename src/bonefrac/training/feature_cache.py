@@ -304,6 +304,9 @@ def build_trunk_cache(
     names = TRUNK_OUTPUTS[: len(shapes)]
     paths = {name: root / f"{name}.npy" for name in names}
     done_path = root / "done.npy"
+    if done_path.exists() and not _intact(paths, [(2, n, *sh) for sh in shapes], np.dtype(dtype)):
+        progress(f"trunk feature cache: {root.name} is damaged (a file missing, short or reshaped): rebuilding")
+        done_path.unlink()
     if not done_path.exists():
         for p, sh in zip(paths.values(), shapes, strict=True):
             np.lib.format.open_memmap(p, mode="w+", dtype=np.dtype(dtype), shape=(2, n, *sh)).flush()
@@ -346,6 +349,22 @@ def build_trunk_cache(
         np.save(done_path, done)
     loaded = {name: np.load(p, mmap_mode="r") for name, p in paths.items()}
     return TrunkFeatures(root, rows, mirrored, **loaded)
+
+
+def _intact(paths: dict[str, Path], shapes: list[tuple[int, ...]], dtype: np.dtype) -> bool:
+    """Every output file exists with the header and the length its shape promises (a disk that filled
+    up or a copy cut short leaves a file whose rows ``done.npy`` would still vouch for)."""
+    for path, shape in zip(paths.values(), shapes, strict=True):
+        try:
+            file_rows = NpyRows(path)
+        except (OSError, ValueError):
+            return False
+        full = file_rows.offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        ok = file_rows.shape == shape and file_rows.dtype == dtype and path.stat().st_size == full
+        file_rows.close()
+        if not ok:
+            return False
+    return True
 
 
 def trunk_fn(net: torch.nn.Module) -> Callable[[torch.Tensor], tuple[torch.Tensor, ...]]:
