@@ -33,6 +33,7 @@ import torch
 
 from bonefrac.data.sources import load_records
 from bonefrac.explain.localisation import map_boxes_to_cache, parse_boxes
+from bonefrac.model.boxes import map_outlines_to_cache, parse_outlines
 from bonefrac.preprocess.splits import assign_splits
 from bonefrac.training.feature_cache import UNDECODABLE, build_feature_cache, open_feature_cache
 
@@ -287,6 +288,10 @@ VARIANTS.update({
 VARIANTS["dense_lse_box_b6_bw3_grow0_last"] = {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "keep": "last"}
 # The same head trained on mirrored cached feature maps instead of exact mirrored views
 # (train.dense.flip: features): the trunk cache then needs one pass per training image, not two.
+# Round 16: the fracture's outline (COCO polygon) as the dense target instead of its box.
+VARIANTS["dense_lse_box_b6_bw3_grow0_last_outline"] = {
+    **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "profile": "outline",
+}
 VARIANTS["dense_lse_box_b6_bw3_grow0_last_mapflip"] = {
     **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "exact_flips": False,
 }
@@ -323,17 +328,20 @@ def load_cached_set(cache, df: pd.DataFrame, use_exact_flips: bool = True):
         s32f = run_b6(np.ascontiguousarray(cache.s32[1]))
     labels = torch.tensor(df["label"].to_numpy(), dtype=torch.float32)
     targets = torch.zeros(len(df), grid, grid)
-    boxes_cache = []
+    boxes_cache, outlines_cache = [], []
     for i, row in enumerate(df.itertuples()):
         bx = parse_boxes(row.boxes)
         r = cache.records.iloc[i]
-        mapped = map_boxes_to_cache(bx, (int(r.orig_h), int(r.orig_w)), size) if bx and r.orig_h > 0 else []
+        hw = (int(r.orig_h), int(r.orig_w))
+        mapped = map_boxes_to_cache(bx, hw, size) if bx and r.orig_h > 0 else []
         boxes_cache.append(mapped)
+        outlines_cache.append(map_outlines_to_cache(parse_outlines(row.boxes), hw, size) if mapped else [])
         targets[i] = box_target_map(mapped, size, grid)
     has_boxes = torch.tensor([len(b) > 0 for b in boxes_cache])
     has_map = (labels == 0) | has_boxes
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
     data.boxes_cache = boxes_cache  # type: ignore[attr-defined]
+    data.outlines_cache = outlines_cache  # type: ignore[attr-defined]
     data.image_size = size  # type: ignore[attr-defined]
     # The raw blocks.5 maps, for heads that train blocks.6 themselves (variant "s32": "raw").
     data.s32_raw = torch.from_numpy(s32_raw)  # type: ignore[attr-defined]
@@ -365,7 +373,8 @@ def variant_data(data, v: dict):
 
         grid = data.targets.shape[-1]
         d = dataclasses.replace(d, targets=torch.stack(
-            [box_target_map(b, data.image_size, grid, grow=grow, profile=profile) for b in data.boxes_cache]))
+            [box_target_map(b, data.image_size, grid, grow=grow, profile=profile, outlines=o)
+             for b, o in zip(data.boxes_cache, data.outlines_cache, strict=True)]))
     if v.get("exact_flips", True) is False:
         d = dataclasses.replace(d, flip_ok=torch.zeros(len(data.labels), dtype=torch.bool))
     return d

@@ -203,8 +203,10 @@ class DenseTrainParams(Strict):
 
     box_weight: float = Field(1.0, ge=0.0, description="weight of the dense box loss beside the image loss")
     box_grow_cells: float = Field(0.5, ge=0.0, le=4.0, description="boxes grown by this many map cells per side")
-    box_profile: Literal["area", "centre"] = Field(
-        "area", description="dense target inside a box: flat (area share) or peaked at the box centre (Gaussian)"
+    box_profile: Literal["area", "centre", "outline"] = Field(
+        "area",
+        description="dense target inside a box: flat (area share), peaked at the box centre (Gaussian), or the "
+        "share of each cell the fracture's outline covers where the box carries one (area elsewhere)",
     )
     focal_gamma: float = Field(0.0, ge=0.0, description="focal modulation of the dense loss (0: plain BCE)")
     # exact: the mirrored image through the trunk (cached; costs a second trunk pass per training image);

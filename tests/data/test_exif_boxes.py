@@ -39,3 +39,24 @@ def test_coco_boxes_of_a_turned_jpeg_are_turned_back_and_scaled(tmp_path):
     assert _scaled_boxes(path, {"size": (120, 80), "bboxes": [[14.0, 10.0, 22.0, 12.0]]}) == [[7.0, 5.0, 11.0, 6.0]]
     # No recorded size: nothing to go on, the boxes are kept as they are.
     assert _scaled_boxes(path, {"size": (None, None), "bboxes": [box]}) == [box]
+
+
+def test_an_outline_is_scaled_and_turned_back_with_its_box(tmp_path):
+    """The fracture's polygon takes the box's path to stored pixels (a fifth element of the box): traced
+    along the box's corners, its stored corners span the stored box PIL finds."""
+    path = make_oriented_jpeg(tmp_path / "turned.jpg", STORED, 8)
+    box = [7.0, 5.0, 11.0, 6.0]
+    x, y, w, h = (v * 2 for v in box)
+    corners = [x, y, x + w, y, x + w, y + h, x, y + h]
+    (got,) = _scaled_boxes(path, {"size": (80, 120), "bboxes": [[x, y, w, h]], "outlines": [[corners]]})
+    want = displayed_box_to_stored_by_pil(box, STORED, 8)
+    assert got[:4] == pytest.approx(want, abs=0.01)
+    (outline,) = got[4]
+    xs, ys = outline[0::2], outline[1::2]
+    assert [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)] == pytest.approx(want, abs=0.01)
+    # Only scaled when the tool ignored EXIF; kept as recorded without a size; no polygon, no fifth element.
+    (scaled,) = _scaled_boxes(path, {"size": (120, 80), "bboxes": [[x, y, w, h]], "outlines": [[corners]]})
+    assert scaled[4] == [[v / 2 for v in corners]]
+    kept = _scaled_boxes(path, {"size": (None, None), "bboxes": [[x, y, w, h]], "outlines": [[corners]]})
+    assert kept == [[x, y, w, h, [corners]]]
+    assert _scaled_boxes(path, {"size": (80, 120), "bboxes": [[x, y, w, h]], "outlines": [[]]})[0] == got[:4]

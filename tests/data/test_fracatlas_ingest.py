@@ -66,6 +66,35 @@ def _expected_boxes(root: Path, coco: dict) -> dict[str, list[list[float]]]:
     return out
 
 
+def _expected_outlines(root: Path, coco: dict) -> dict[str, list[list[float] | None]]:
+    """Each annotation's polygon scaled to the stored file size; ``None`` for a file EXIF turned
+    (checked against its box instead: PIL's transpose works on whole pixels, not points)."""
+    by_id = {im["id"]: im for im in coco["images"]}
+    out: dict[str, list[list[float] | None]] = {}
+    for ann in coco["annotations"]:
+        im = by_id[ann["image_id"]]
+        path = next(p for p in (root / "images" / d / im["file_name"] for d in ("Fractured", "Non_fractured"))
+                    if p.exists())  # fmt: skip
+        with Image.open(path) as f:
+            w, h = f.size
+        (poly,) = ann["segmentation"]
+        scaled = [v * (w / im["width"] if k % 2 == 0 else h / im["height"]) for k, v in enumerate(poly)]
+        out.setdefault(Path(im["file_name"]).stem, []).append(None if _orientation(path) not in (None, 1) else scaled)
+    return out
+
+
+def _assert_outline(box: list, want_box: list[float], want_outline: list[float] | None, tol: float) -> None:
+    """A manifest box carries its fracture's outline (fifth element): the COCO polygon in the box's
+    pixels, inside the box."""
+    assert len(box) == 5, "every FracAtlas annotation has a polygon"
+    (outline,) = box[4]
+    if want_outline is not None:
+        assert outline == pytest.approx(want_outline, abs=0.01)
+    xs, ys = outline[0::2], outline[1::2]
+    x, y, bw, bh = want_box
+    assert x - tol <= min(xs) and max(xs) <= x + bw + tol and y - tol <= min(ys) and max(ys) <= y + bh + tol
+
+
 @pytest.fixture(scope="module")
 def small_copy(tmp_path_factory) -> Path:
     """~20 images in the release layout (symlinks, filtered CSV and COCO) plus one listed-but-missing."""
@@ -123,14 +152,16 @@ def test_small_fracatlas_layout(small_copy, tmp_path, caplog):
         assert row["patient_id"] == "" and row["study_id"] == ""  # FracAtlas has none
     # boxes come from the COCO file, in stored pixels
     expected = _expected_boxes(small_copy, _coco(small_copy))
+    outlines = _expected_outlines(small_copy, _coco(small_copy))
     assert expected, "the small copy must contain annotated images"
     for iid, row in t.iterrows():
         got = json.loads(row["boxes"])
         want = expected.get(iid, [])
         assert len(got) == len(want)
         tol = 1.0 if got and _orientation(Path(row["path"])) not in (None, 1) else 0.01  # PIL: whole pixels
-        for g, w in zip(got, want, strict=True):
-            assert g == pytest.approx(w, abs=tol)
+        for g, w, o in zip(got, want, outlines.get(iid, []), strict=True):
+            assert g[:4] == pytest.approx(w, abs=tol)
+            _assert_outline(g, w, o, tol + 0.01)
             assert g[0] >= 0 and g[0] + g[2] <= row["width"] + 1 and g[1] + g[3] <= row["height"] + 1
     ok = t[t["decodes_ok"]]
     assert (ok["format"] == "jpeg").all() and (ok["bit_depth"] == 8).all()
@@ -154,11 +185,13 @@ def test_full_fracatlas_ingest(tmp_path, caplog):
         if any(a["image_id"] == im["id"] for a in coco["annotations"])
     }
     expected = _expected_boxes(FRACATLAS, coco)  # where: scaled, and turned back where EXIF turned them
+    outlines = _expected_outlines(FRACATLAS, coco)
     for iid, boxes in t.set_index("image_id")["boxes"].items():
         got = json.loads(boxes)
         assert len(got) == len(expected.get(iid, []))
-        for g, w in zip(got, expected.get(iid, []), strict=True):
-            assert g == pytest.approx(w, abs=1.0), iid
+        for g, w, o in zip(got, expected.get(iid, []), outlines.get(iid, []), strict=True):
+            assert g[:4] == pytest.approx(w, abs=1.0), iid
+            _assert_outline(g, w, o, 1.01)
     # every verdict of "truncated" is confirmed independently: no end marker after the last scan
     bad = t[~t["decodes_ok"]]
     for _, row in bad.iterrows():

@@ -211,6 +211,30 @@ def test_centre_profile_peaks_inside_the_box_where_the_area_profile_is_a_plateau
         box_target_map(box, 512, 32, profile="gauss")  # type: ignore[arg-type]
 
 
+def test_outline_profile_covers_the_traced_fracture_not_the_boxs_corners():
+    """A triangle traced inside a 64 × 64 px box at 512 px: the outline target is each cell's share of
+    the triangle (zero on the box's empty corner cells, where the area target is 1); a box without an
+    outline keeps the area target; mirrored, it is the unmirrored target's mirror."""
+    box = [96.0, 96.0, 64.0, 64.0]  # exactly cells 6..9 in x and y
+    triangle = [96.0, 96.0, 160.0, 96.0, 96.0, 160.0]  # the box's upper-left half
+    area = box_target_map([box], 512, 32, grow=0.0)
+    traced = box_target_map([box], 512, 32, grow=0.0, profile="outline", outlines=[[triangle]])
+    assert float(area[6:10, 6:10].min()) == 1.0
+    assert float(traced[6, 6]) == 1.0 and float(traced[9, 9]) == 0.0  # a covered corner, an empty one
+    assert float(traced[6, 9]) == pytest.approx(0.5, abs=0.1)  # the diagonal halves a cell
+    assert float(traced.sum()) == pytest.approx(8.0, abs=0.5)  # half of the 16 cells
+    assert float(traced[area == 0].sum()) == 0.0
+    mirrored = box_target_map([box], 512, 32, grow=0.0, flip=True, profile="outline", outlines=[[triangle]])
+    assert torch.allclose(mirrored, traced.flip(-1))
+    # A second box without an outline: its area target, beside the first box's outline.
+    other = [304.0, 304.0, 32.0, 32.0]  # cells 19..20
+    both = box_target_map([box, other], 512, 32, grow=0.0, profile="outline", outlines=[[triangle], []])
+    assert torch.equal(both[:15], traced[:15]) and float(both[19:21, 19:21].min()) == 1.0
+    assert torch.equal(box_target_map([box], 512, 32, grow=0.0, profile="outline"), area)  # no outlines given
+    with pytest.raises(ValueError, match="outlines"):
+        box_target_map([box, other], 512, 32, profile="outline", outlines=[[triangle]])
+
+
 def test_shift_image_moves_the_content_and_keeps_the_size():
     from bonefrac.model.dense import shift_image
 

@@ -19,13 +19,14 @@ from bonefrac.explain.display import compute_cam
 from bonefrac.explain.gallery import select_cases
 from bonefrac.explain.heatmaps import map_methods
 from bonefrac.inference.predictor import Predictor
-from bonefrac.model.boxes import row_boxes
+from bonefrac.model.boxes import BoxError, parse_outlines, row_boxes, row_outlines
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import sigmoid
 from bonefrac.model.dense import DenseFractureNet, box_target_map
 from bonefrac.model.networks import build_model
 from bonefrac.model.transforms import PreprocessSpec
 from bonefrac.preprocess.cache import build_cache, load_cache
+from bonefrac.training.dense import dense_targets
 from bonefrac.training.loop import SUMMARY
 from bonefrac.training.stage import run_training
 
@@ -119,6 +120,38 @@ def test_box_targets_land_where_the_manifest_boxes_are():
     t = box_target_map([box], SIZE, SIZE // 16, grow=0.0)
     assert float(t[3, 2]) == 1.0 and float(t.sum()) == 1.0  # the box is inside cell (row 3, col 2)
     assert row_boxes({"boxes": "[]", "height": 80, "width": 60}, SIZE) == []
+
+
+def test_outlines_are_read_from_the_boxes_and_mapped_like_them():
+    """A box's fifth element is its outline: mapped onto the input square vertex by vertex with the
+    box's own scale and padding; a 3D box's fifth number is not an outline."""
+    # Stored 80×60 (h×w) → 64 px: scale 0.8, 8 px of padding left and right (as the box test above).
+    row = {"boxes": "[[40.0, 60.0, 10.0, 10.0, [[40.0, 60.0, 50.0, 60.0, 40.0, 70.0]]], [0, 0, 5, 5]]",
+           "height": 80, "width": 60}  # fmt: skip
+    assert row_outlines(row, SIZE) == [[pytest.approx([40.0, 48.0, 48.0, 48.0, 40.0, 56.0])], []]
+    assert parse_outlines("[[1, 2, 3, 4, 5, 6]]") == [[]]  # [x, y, z, w, h, d]
+    assert parse_outlines("[[1, 2, 3, 4, [[0, 0, 1, 1]]]]") == [[]]  # two points are not a polygon
+    assert row_outlines({"boxes": "[]", "height": 80, "width": 60}, SIZE) == []
+    # Hostile cells: the row keeps its boxes and trains on them; nothing raises past row_outlines.
+    for cell in ('[[1, 2, 3, 4, [5]]]', '[[1, 2, 3, 4, [[1, 2, 3]]]]', '[[1, 2, 3, 4, "x"]]'):
+        assert row_outlines({"boxes": cell, "height": 80, "width": 60}, SIZE) == [[]]
+    for cell in ('[[1, 2, 3, 4, [["a", 0, 1, 1, 2, 2]]]]', '[[1, 2, 3, 4, [[NaN, 0, 1, 1, 2, 2]]]]', "[[1, 2"):
+        with pytest.raises(BoxError):
+            parse_outlines(cell)
+        assert row_outlines({"boxes": cell, "height": 80, "width": 60}, SIZE) == []
+
+
+def test_the_train_stage_builds_outline_targets_only_when_asked():
+    """``train.dense.box_profile: outline`` reads the outlines (a dropped setting would train the box)."""
+    rows = pd.DataFrame([
+        {"boxes": "[[0.0, 0.0, 48.0, 48.0, [[0.0, 0.0, 48.0, 0.0, 0.0, 48.0]]]]", "height": 64, "width": 64},
+        {"boxes": "[]", "height": 64, "width": 64},
+    ])  # fmt: skip
+    area, has = dense_targets(rows, SIZE, 4, DenseTrainParams(box_grow_cells=0.0))
+    traced, _ = dense_targets(rows, SIZE, 4, DenseTrainParams(box_grow_cells=0.0, box_profile="outline"))
+    assert has.tolist() == [True, False] and float(area[1].sum()) == 0.0 == float(traced[1].sum())
+    assert float(area[0, 2, 2]) == 1.0 and float(traced[0, 2, 2]) == 0.0  # the corner the triangle leaves out
+    assert float(traced[0, 0, 0]) == 1.0
 
 
 def test_the_map_shown_is_the_models_own(trained):

@@ -17,7 +17,9 @@ RECORD_COLUMNS: list[str] = [
     "view",           # frontal | lateral | oblique | "" when not known
     "patient_id",     # pseudonymised
     "study_id",       # pseudonymised
-    "boxes",          # JSON list of [x, y, w, h] in pixels of the stored image; "[]" when none
+    "boxes",          # JSON list of [x, y, w, h] in pixels of the stored image; "[]" when none. A 2D box
+    #                   may carry its fracture's outline as a fifth element: a list of polygons
+    #                   [x1, y1, x2, y2, ...] in the same pixels (FracAtlas's COCO masks)
     "hardware",       # 1 if orthopaedic hardware visible, 0 if not, -1 unknown
 ]
 

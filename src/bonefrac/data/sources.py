@@ -629,7 +629,8 @@ def _fracatlas(root: Path) -> list[dict[str, Any]]:
 
 
 def _coco_boxes(coco_path: Path) -> dict[str, dict[str, Any]]:
-    """file name → {"size": (w, h) recorded by COCO, "bboxes": [[x, y, w, h], ...]}."""
+    """file name → {"size": (w, h) recorded by COCO, "bboxes": [[x, y, w, h], ...],
+    "outlines": one list of polygons ``[x1, y1, x2, y2, ...]`` per box (``[]``: none, or RLE)}."""
     if not coco_path.is_file():
         log.warning("%s missing: no fracture boxes", coco_path)
         return {}
@@ -639,17 +640,36 @@ def _coco_boxes(coco_path: Path) -> dict[str, dict[str, Any]]:
         raise SourceError(f"{coco_path}: not valid JSON ({err})") from None
     by_id = {im["id"]: im for im in coco.get("images", [])}
     out: dict[str, dict[str, Any]] = {
-        im["file_name"]: {"size": (im.get("width"), im.get("height")), "bboxes": []} for im in by_id.values()
+        im["file_name"]: {"size": (im.get("width"), im.get("height")), "bboxes": [], "outlines": []}
+        for im in by_id.values()
     }
     for ann in coco.get("annotations", []):
         im = by_id.get(ann.get("image_id"))
         if im is not None and ann.get("bbox"):
             out[im["file_name"]]["bboxes"].append([float(v) for v in ann["bbox"]])
+            out[im["file_name"]]["outlines"].append(_coco_polygons(ann.get("segmentation")))
     return out
 
 
+def _coco_polygons(segmentation: Any) -> list[list[float]]:
+    """A COCO ``segmentation`` → its polygons (``[x1, y1, x2, y2, ...]``, at least three points each);
+    ``[]`` for run-length masks (``iscrowd``) and anything malformed."""
+    if not isinstance(segmentation, list):
+        return []
+    polygons = []
+    for poly in segmentation:
+        if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0:
+            try:
+                polygons.append([float(v) for v in poly])
+            except (TypeError, ValueError):
+                continue
+    return polygons
+
+
 def _scaled_boxes(path: Path, entry: dict[str, Any] | None) -> list[list[float]]:
-    """COCO boxes in pixels of the stored file (header read only, no decoding).
+    """COCO boxes in pixels of the stored file (header read only, no decoding), each followed by its
+    outline (a list of polygons) where COCO has one: ``[x, y, w, h, [[x1, y1, ...], ...]]``
+    (:mod:`bonefrac.data.schema`, column ``boxes``).
 
     Scaled from the size COCO records to the stored size; a box drawn on the EXIF-turned
     image (COCO's size is the displayed one) is first turned back (:mod:`bonefrac.data.exif_boxes`).
@@ -657,7 +677,11 @@ def _scaled_boxes(path: Path, entry: dict[str, Any] | None) -> list[list[float]]
     if not entry or not entry["bboxes"]:
         return []
     cw, ch = entry["size"]
-    as_recorded = [[round(float(v), 2) for v in b[:4]] for b in entry["bboxes"]]
+    outlines = entry.get("outlines") or [[]] * len(entry["bboxes"])
+    as_recorded = [
+        [*(round(float(v), 2) for v in b[:4]), *([[[round(c, 2) for c in p] for p in o]] if o else [])]
+        for b, o in zip(entry["bboxes"], outlines, strict=True)
+    ]
     if not (cw and ch):  # no recorded size: nothing says which frame or scale the boxes are in
         return as_recorded
     try:
@@ -669,12 +693,17 @@ def _scaled_boxes(path: Path, entry: dict[str, Any] | None) -> list[list[float]]
     turned = annotated_on_display((cw, ch), stored, orientation)
     frame = displayed_size(stored, orientation) if turned else stored
     sx, sy = frame[0] / float(cw), frame[1] / float(ch)
+
+    def to_stored(box: list[float]) -> list[float]:
+        box = [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+        return [round(v, 2) for v in (box_to_stored(box, orientation, stored) if turned else box)]
+
     out = []
-    for x, y, bw, bh in entry["bboxes"]:
-        box = [x * sx, y * sy, bw * sx, bh * sy]
-        if turned:
-            box = box_to_stored(box, orientation, stored)
-        out.append([round(v, 2) for v in box])
+    for box, polygons in zip(entry["bboxes"], outlines, strict=True):
+        # An outline's vertices move as zero-size boxes: one scaling and EXIF turn for both.
+        outline = [[c for px, py in zip(p[0::2], p[1::2], strict=True) for c in to_stored([px, py, 0.0, 0.0])[:2]]
+                   for p in polygons]  # fmt: skip
+        out.append([*to_stored(list(box)), *([outline] if outline else [])])
     return out
 
 

@@ -1,7 +1,8 @@
 """Expert fracture boxes in the coordinates the network sees.
 
 The manifest stores boxes as JSON ``[[x, y, w, h], ...]`` in pixels of the stored image
-(``bonefrac.data.schema``: column ``boxes``, beside ``width``/``height``). Training (box
+(``bonefrac.data.schema``: column ``boxes``, beside ``width``/``height``); a 2D box may carry
+its fracture's outline (a list of polygons ``[x1, y1, x2, y2, ...]``) as a fifth element. Training (box
 targets for the dense head) and evaluation (localisation scores) both need them on the
 preprocessed square, so the mapping lives here, next to the preprocessing it mirrors
 (:class:`~bonefrac.model.transforms.PreprocessSpec`), at the bottom of the layers.
@@ -18,6 +19,7 @@ import numpy as np
 from bonefrac.errors import BonefracError
 
 Box = Sequence[float]  # [x, y, w, h] in pixels, x to the right, y down
+Outline = list[list[float]]  # one box's polygons, each [x1, y1, x2, y2, ...] in the box's pixels
 
 
 class BoxError(BonefracError, ValueError):
@@ -72,3 +74,60 @@ def row_boxes(row: Mapping[str, Any], image_size: int) -> list[list[float]]:
     if not boxes or h <= 0 or w <= 0:
         return []
     return map_boxes_to_cache(boxes, (h, w), image_size)
+
+
+def parse_outlines(value: Any) -> list[Outline]:
+    """The ``boxes`` cell → each box's outline (its polygons; ``[]`` where the box has none), in the
+    order of :func:`parse_boxes`. Only a list in a box's fifth place is an outline (a 3D box's fifth
+    number is its height); polygons with fewer than three points are dropped. An outline that is
+    not finite numbers raises :class:`BoxError` (the row then trains on its boxes)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else []
+        except json.JSONDecodeError as err:
+            raise BoxError(f"boxes is not valid JSON: {value[:60]!r}") from err
+    if not isinstance(value, list):
+        return []
+    outlines: list[Outline] = []
+    for b in value:
+        polygons = b[4] if isinstance(b, list) and len(b) > 4 and isinstance(b[4], list) else []
+        outline = []
+        for p in polygons:
+            if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
+                continue
+            try:
+                xy = [float(v) for v in p]
+            except (TypeError, ValueError) as err:
+                raise BoxError(f"an outline needs [x1, y1, x2, y2, ...] numbers: {err}") from err
+            if not all(np.isfinite(xy)):
+                raise BoxError("an outline has a coordinate that is not finite")
+            outline.append(xy)
+        outlines.append(outline)
+    return outlines
+
+
+def map_outlines_to_cache(outlines: Sequence[Outline], orig_hw: tuple[int, int], image_size: int) -> list[Outline]:
+    """Outlines in original pixels → the preprocessed image's pixels: each vertex moves as a
+    zero-size box through :func:`map_boxes_to_cache`, so boxes and outlines share one mapping."""
+    out = []
+    for polygons in outlines:
+        mapped = []
+        for p in polygons:
+            points = map_boxes_to_cache([[x, y, 0.0, 0.0] for x, y in zip(p[0::2], p[1::2], strict=True)],
+                                        orig_hw, image_size)  # fmt: skip
+            mapped.append([c for q in points for c in q[:2]])
+        out.append(mapped)
+    return out
+
+
+def row_outlines(row: Mapping[str, Any], image_size: int) -> list[Outline]:
+    """A row's outlines on the ``image_size`` input square, one per box of :func:`row_boxes`
+    (``[]`` for a box without one); ``[]`` when :func:`row_boxes` has no boxes."""
+    try:
+        outlines = parse_outlines(row.get("boxes"))
+        h, w = int(float(row.get("height"))), int(float(row.get("width")))
+    except (BoxError, TypeError, ValueError):
+        return []
+    if not outlines or h <= 0 or w <= 0:
+        return []
+    return map_outlines_to_cache(outlines, (h, w), image_size)

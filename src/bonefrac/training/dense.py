@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -33,10 +33,13 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from bonefrac.atomic import atomic_write_json
-from bonefrac.config import ModelParams, TrainParams
+from bonefrac.config import DenseTrainParams, ModelParams, TrainParams
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.dense import HeadEnsemble, dense_loss
 from bonefrac.training.loop import BEST_MODEL, SUMMARY, TrainResult, _Curves, seed_everything
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +245,25 @@ def _apply_late(head: nn.Module, s16: np.ndarray, s32: np.ndarray, batch: int = 
     return torch.cat(out) if out else torch.zeros(0)
 
 
+def dense_targets(
+    rows: pd.DataFrame, image_size: int, grid: int, dp: DenseTrainParams
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's ``(grid, grid)`` dense target (:func:`bonefrac.model.dense.box_target_map` with the
+    preset's grow and profile; outlines read only for ``box_profile: outline``) and whether it has boxes."""
+    from bonefrac.model.boxes import row_boxes, row_outlines
+    from bonefrac.model.dense import box_target_map
+
+    targets, has_boxes = [], []
+    for _, r in rows.iterrows():
+        boxes = row_boxes(r, image_size)
+        outlines = row_outlines(r, image_size) if dp.box_profile == "outline" and boxes else []
+        targets.append(box_target_map(
+            boxes, image_size, grid, grow=dp.box_grow_cells, profile=dp.box_profile, outlines=outlines or None
+        ))  # fmt: skip
+        has_boxes.append(bool(boxes))
+    return torch.stack(targets), torch.tensor(has_boxes, dtype=torch.bool)
+
+
 def train_dense_model(
     cache_dir: Path,
     out_dir: Path,
@@ -260,8 +282,6 @@ def train_dense_model(
     (all-zero target). ``train.augment`` does not apply: the left-right mirror
     (``train.dense.flip``) is the only augmentation. Epochs always run to ``train.epochs``.
     """
-    from bonefrac.model.boxes import row_boxes
-    from bonefrac.model.dense import box_target_map
     from bonefrac.model.networks import build_model
     from bonefrac.preprocess.cache import IMAGES_FILE, cache_spec, load_cache
     from bonefrac.training.data import DataError, split_rows
@@ -325,11 +345,7 @@ def train_dense_model(
         late_block = bool({"blocks5", "blocks6"} & set(name.split(".")))
         p.requires_grad_(dp.train_late_blocks or not late_block)
     labels = torch.tensor(rows_df["label"].astype(int).to_numpy(), dtype=torch.float32)
-    boxes = [row_boxes(r, size) for _, r in rows_df.iterrows()]
-    targets = torch.stack(
-        [box_target_map(b, size, grid, grow=dp.box_grow_cells, profile=dp.box_profile) for b in boxes]
-    )
-    has_boxes = torch.tensor([len(b) > 0 for b in boxes])
+    targets, has_boxes = dense_targets(rows_df, size, grid, dp)
     has_map = (labels == 0) | has_boxes
     flip_ok = torch.from_numpy(mirror.copy()) if dp.flip == "exact" else torch.zeros(len(rows), dtype=torch.bool)
     data = CachedSet(s16, s32, labels, targets, has_map, s16f, s32f, flip_ok)
