@@ -12,7 +12,7 @@ from bonefrac.presets import load_preset, set_args
 @pytest.mark.parametrize(
     ("preset", "excluded", "arch", "size", "profile", "box_weight", "grow", "keep"),
     [
-        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 640, "area", 3.0, 0.0, "last"),
+        ("params/fracatlas.yaml", None, "efficientnet_lite0_dense_tta", 640, "outline", 3.0, 0.0, "last"),
         (
             "params/fracatlas_legs_out.yaml", ["leg"], "efficientnet_lite0_dense", 384, "area", 1.0, 0.5,
             "best_val_auroc",
@@ -29,6 +29,8 @@ def test_fracatlas_presets_validate(
         assert f"train.dense.box_weight={box_weight}" in args and f"train.dense.box_grow_cells={grow}" in args
     if keep != "best_val_auroc":
         assert f"train.dense.keep_epoch={keep}" in args
+    if profile != "area":
+        assert f"train.dense.box_profile={profile}" in args
     p = load_params("params.yaml", overrides=load_preset(preset))
     assert p.data.source == "fracatlas" and p.data.exclude_body_parts == excluded
     assert p.model.arch in DENSE_ARCHS and not p.model.multitask
