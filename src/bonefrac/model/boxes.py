@@ -11,7 +11,7 @@ preprocessed square, so the mapping lives here, next to the preprocessing it mir
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -66,14 +66,20 @@ def map_boxes_to_cache(boxes: Sequence[Box], orig_hw: tuple[int, int], image_siz
 def row_boxes(row: Mapping[str, Any], image_size: int) -> list[list[float]]:
     """A manifest/cache-index row's boxes on the ``image_size`` input square; ``[]`` when it has
     none, or when they or the stored size (``height``, ``width``) cannot be read."""
+    return _on_input(row, parse_boxes, map_boxes_to_cache, image_size)
+
+
+def _on_input(row: Mapping[str, Any], parse: Callable[[Any], list], to_input: Callable, image_size: int) -> list:
+    """``parse`` the row's ``boxes`` cell and map the result onto the input square with the row's stored
+    size; ``[]`` when there is nothing, or the cell or the size cannot be read."""
     try:
-        boxes = parse_boxes(row.get("boxes"))
+        parsed = parse(row.get("boxes"))
         h, w = int(float(row.get("height"))), int(float(row.get("width")))
     except (BoxError, TypeError, ValueError):
         return []
-    if not boxes or h <= 0 or w <= 0:
+    if not parsed or h <= 0 or w <= 0:
         return []
-    return map_boxes_to_cache(boxes, (h, w), image_size)
+    return to_input(parsed, (h, w), image_size)
 
 
 def parse_outlines(value: Any) -> list[Outline]:
@@ -123,11 +129,4 @@ def map_outlines_to_cache(outlines: Sequence[Outline], orig_hw: tuple[int, int],
 def row_outlines(row: Mapping[str, Any], image_size: int) -> list[Outline]:
     """A row's outlines on the ``image_size`` input square, one per box of :func:`row_boxes`
     (``[]`` for a box without one); ``[]`` when :func:`row_boxes` has no boxes."""
-    try:
-        outlines = parse_outlines(row.get("boxes"))
-        h, w = int(float(row.get("height"))), int(float(row.get("width")))
-    except (BoxError, TypeError, ValueError):
-        return []
-    if not outlines or h <= 0 or w <= 0:
-        return []
-    return map_outlines_to_cache(outlines, (h, w), image_size)
+    return _on_input(row, parse_outlines, map_outlines_to_cache, image_size)
