@@ -164,6 +164,25 @@ def test_csv_relative_paths_ids_pseudonymised_missing_kept(tmp_path):
         load_records("csv", d / "bad.csv", deid_dir=tmp_path / "deid")
 
 
+def test_csv_boxes_keep_their_outlines_and_broken_boxes_are_dropped(tmp_path):
+    """A hospital's CSV may give boxes, each optionally with its outline (the README's `csv` row): they reach
+    the records as written, where the model reads them; a cell that is not JSON becomes "no boxes"."""
+    from bonefrac.model.boxes import parse_boxes, parse_outlines
+
+    d = tmp_path / "site"
+    (d / "imgs").mkdir(parents=True)
+    make_png(d / "imgs" / "a.png")
+    make_png(d / "imgs" / "b.png")
+    cell = "[[10, 20, 30, 40, [[10, 20, 40, 20, 10, 60]]]]"
+    pd.DataFrame({"path": ["imgs/a.png", "imgs/b.png"], "label": [1, 1], "boxes": [cell, "[[1, 2"]}).to_csv(
+        d / "labels.csv", index=False
+    )
+    df = load_records("csv", tmp_path, manifest_csv=d / "labels.csv", deid_dir=tmp_path / "deid")
+    assert parse_boxes(df["boxes"][0]) == [[10.0, 20.0, 30.0, 40.0]]
+    assert parse_outlines(df["boxes"][0]) == [[[10.0, 20.0, 40.0, 20.0, 10.0, 60.0]]]
+    assert df["boxes"][1] == "[]"
+
+
 @pytest.mark.parametrize(
     "value, label", [(1, 1), ("0", 0), ("1.0", 1), ("True", 1), ("Non_fractured", 0), ("x", -1)]
 )
