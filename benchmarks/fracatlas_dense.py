@@ -286,12 +286,12 @@ VARIANTS.update({
 })
 # The round-9 preset keeping its last epoch instead of the best-validation-AUROC one (train.dense.keep_epoch).
 VARIANTS["dense_lse_box_b6_bw3_grow0_last"] = {**VARIANTS["dense_lse_box_b6_bw3_grow0"], "keep": "last"}
-# The same head trained on mirrored cached feature maps instead of exact mirrored views
-# (train.dense.flip: features): the trunk cache then needs one pass per training image, not two.
 # Round 16: the fracture's outline (COCO polygon) as the dense target instead of its box.
 VARIANTS["dense_lse_box_b6_bw3_grow0_last_outline"] = {
     **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "profile": "outline",
 }
+# The same head trained on mirrored cached feature maps instead of exact mirrored views
+# (train.dense.flip: features): the trunk cache then needs one pass per training image, not two.
 VARIANTS["dense_lse_box_b6_bw3_grow0_last_mapflip"] = {
     **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "exact_flips": False,
 }
