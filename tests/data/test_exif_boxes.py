@@ -60,3 +60,15 @@ def test_an_outline_is_scaled_and_turned_back_with_its_box(tmp_path):
     kept = _scaled_boxes(path, {"size": (None, None), "bboxes": [[x, y, w, h]], "outlines": [[corners]]})
     assert kept == [[x, y, w, h, [corners]]]
     assert _scaled_boxes(path, {"size": (80, 120), "bboxes": [[x, y, w, h]], "outlines": [[]]})[0] == got[:4]
+
+
+def test_coco_segmentations_that_are_not_finite_polygons_give_no_outline():
+    """Run-length masks, short or odd lists, non-numbers and non-finite coordinates never reach the manifest."""
+    from bonefrac.data.sources import _coco_polygons
+
+    good = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    hostile = (None, "x", {"counts": "abc", "size": [1, 2]}, [[1, 2, 3]], [[1, 2, 3, 4, 5]], [["a", 1, 2, 3, 4, 5]],
+               [[1, 2, 3, 4, 5, float("nan")]], [[1, 2, 3, 4, 5, float("inf")]], [[[1, 2], [3, 4], [5, 6]]])
+    for seg in hostile:
+        assert _coco_polygons(seg) == [], seg
+    assert _coco_polygons([good, [1, 2, 3, 4, 5, float("nan")]]) == [good]

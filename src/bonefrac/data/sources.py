@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -653,16 +654,18 @@ def _coco_boxes(coco_path: Path) -> dict[str, dict[str, Any]]:
 
 def _coco_polygons(segmentation: Any) -> list[list[float]]:
     """A COCO ``segmentation`` → its polygons (``[x1, y1, x2, y2, ...]``, at least three points each);
-    ``[]`` for run-length masks (``iscrowd``) and anything malformed."""
+    ``[]`` for run-length masks (``iscrowd``) and anything malformed (non-numbers, NaN, infinities)."""
     if not isinstance(segmentation, list):
         return []
     polygons = []
     for poly in segmentation:
         if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0:
             try:
-                polygons.append([float(v) for v in poly])
+                xy = [float(v) for v in poly]
             except (TypeError, ValueError):
                 continue
+            if all(math.isfinite(v) for v in xy):
+                polygons.append(xy)
     return polygons
 
 
