@@ -295,6 +295,12 @@ VARIANTS["dense_lse_box_b6_bw3_grow0_last_outline"] = {
 VARIANTS["dense_lse_box_b6_bw3_grow0_last_mapflip"] = {
     **VARIANTS["dense_lse_box_b6_bw3_grow0_last"], "exact_flips": False,
 }
+# Round 17: the peak loss (model.dense.peak_loss; train.dense.peak_weight) on top of the outline preset.
+VARIANTS.update({
+    f"dense_lse_box_b6_bw3_grow0_last_outline_peak{w}": {
+        **VARIANTS["dense_lse_box_b6_bw3_grow0_last_outline"], "peak_weight": float(w) / 10
+    } for w in (3, 10)
+})
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
 
@@ -695,6 +701,7 @@ def stage_cv(
             head = build_head(v["kind"], **v["kw"])
             info = train_head(
                 head, vdata, tr, va, HeadTrainConfig(epochs=ep, box_weight=v["box_weight"], seed=seed,
+                                                 peak_weight=v.get("peak_weight", 0.0),
                                                  keep=v.get("keep", "best_val_auroc")),
                 progress=lambda _m: None,
                 on_epoch=(lambda _e, h, d=vdata, va=va, te=te: epoch_scores(h, d, va, te)) if per_epoch else None,
@@ -733,7 +740,7 @@ def stage_cv(
         extra = {"epochs": ep, "box_weight": v["box_weight"], "grow": float(v.get("grow", 0.5)),
                  "s32": v.get("s32", "b6"), "exact_flips": v.get("exact_flips", True),
                  "seed": int(v.get("seed", 0)), "s8": bool(v.get("s8")), "profile": v.get("profile", "area"),
-                 "keep": v.get("keep", "best_val_auroc")}
+                 "keep": v.get("keep", "best_val_auroc"), "peak_weight": v.get("peak_weight", 0.0)}
         summarise(name, per_fold, pz, py, extra)
         result.pop("in_progress", None)
         summarise(name + "+tta", per_fold_tta, pz_tta, py, extra)

@@ -209,6 +209,10 @@ class DenseTrainParams(Strict):
         "share of each cell the fracture's outline covers where the box carries one (area elsewhere)",
     )
     focal_gamma: float = Field(0.0, ge=0.0, description="focal modulation of the dense loss (0: plain BCE)")
+    peak_weight: float = Field(
+        0.0, ge=0.0,
+        description="weight of the peak loss (the map's softmax over cells against the target) inside the dense loss",
+    )
     # exact: the mirrored image through the trunk (cached; costs a second trunk pass per training image);
     # features: mirror the cached feature maps (approximate, free); none: no flip augmentation.
     flip: Literal["exact", "features", "none"] = "exact"

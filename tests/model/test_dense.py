@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bonefrac.model.dense import DenseFractureHead, box_target_map, dense_loss, pool_logit_map
+from bonefrac.model.dense import DenseFractureHead, box_target_map, dense_loss, peak_loss, pool_logit_map
 
 GRID, SIZE = 12, 192  # a 192 px input at stride 16
 
@@ -29,6 +29,61 @@ def test_pooling_orders_between_mean_and_max():
         assert torch.all(p <= mx + 1e-5) and torch.all(p >= mean - 1e-5)
     with pytest.raises(ValueError):
         pool_logit_map(z, "median")  # type: ignore[arg-type]
+
+
+def test_peak_loss_scores_which_cell_is_highest_not_how_high():
+    """Chance is 1 at any grid; a shift of every logit changes nothing; the target's cell on top
+    beats another cell on top by the same margin; an all-zero target (a normal image) costs 0."""
+    t = torch.zeros(2, GRID, GRID)
+    t[:, 3, 4] = 1.0
+    t[1, 3, 5] = 0.5  # a target spread over two cells, weighted by their share
+    flat = torch.zeros(2, GRID, GRID)
+    assert torch.allclose(peak_loss(flat, t), torch.ones(2))
+    t40 = torch.zeros(1, 40, 40)
+    t40[0, 20, 20] = 1.0  # a 640 px map: chance is 1 there too
+    assert torch.allclose(peak_loss(torch.zeros(1, 40, 40), t40), torch.ones(1))
+    z = torch.randn(2, GRID, GRID)
+    assert torch.allclose(peak_loss(z + 7.0, t), peak_loss(z, t), atol=1e-5)
+    right, wrong = flat.clone(), flat.clone()
+    right[:, 3, 4] = 4.0
+    wrong[:, 9, 1] = 4.0
+    assert torch.all(peak_loss(right, t) < 1.0) and torch.all(peak_loss(wrong, t) > 1.0)
+    assert float(peak_loss(z[:1], torch.zeros(1, GRID, GRID))) == 0.0
+
+
+def test_dense_loss_adds_the_weighted_peak_loss_on_fractured_maps_only():
+    """``peak_weight`` adds w × peak loss averaged over the images with a map target, normals
+    (all-zero targets) counting 0 — and 0 leaves the per-cell BCE as it was."""
+    z = torch.randn(3, 1, GRID, GRID)
+    t = torch.zeros(3, GRID, GRID)
+    t[0, 2:4, 2:4] = 1.0  # a fractured image; image 1 is a normal; image 2 has no map target
+    has_map = torch.tensor([True, True, False])
+    base = dense_loss(z, t, has_map)
+    with_peak = dense_loss(z, t, has_map, peak_weight=0.7)
+    expected = base + 0.7 * peak_loss(z[:1, 0], t[:1]).sum() / 2
+    assert torch.allclose(with_peak, expected, atol=1e-6)
+    assert torch.allclose(dense_loss(z, t, torch.tensor([False, True, False]), peak_weight=5.0),
+                          dense_loss(z, t, torch.tensor([False, True, False])))
+
+
+def test_peak_loss_moves_the_peak_where_per_cell_bce_barely_does():
+    """A fracture cell at p = 0.6 under a distractor at p = 0.7: the peak loss's gradient lifts the
+    fracture cell and lowers the distractor more than the per-cell BCE's does (in ratio to its push
+    on the fracture cell) — the comparison the pointing game makes."""
+    z = torch.full((1, 1, GRID, GRID), -4.0)
+    z[0, 0, 3, 4], z[0, 0, 9, 1] = float(np.log(0.6 / 0.4)), float(np.log(0.7 / 0.3))
+    t = torch.zeros(1, GRID, GRID)
+    t[0, 3, 4] = 1.0
+    has_map = torch.ones(1, dtype=torch.bool)
+    grads = []
+    for w in (0.0, 1.0):
+        zz = z.clone().requires_grad_(True)
+        dense_loss(zz, t, has_map, peak_weight=w).backward()
+        grads.append(zz.grad[0, 0])
+    bce, both = grads
+    peak = both - bce
+    assert peak[3, 4] < 0 < peak[9, 1]  # descent raises the fracture cell, lowers the distractor
+    assert float(peak[9, 1] / -peak[3, 4]) > 10 * float(bce[9, 1] / -bce[3, 4])
 
 
 def _synthetic(n: int, rng: np.random.Generator):

@@ -250,16 +250,16 @@ def test_stride8_arch_trains_on_a_cached_blocks2_tap_and_maps_per_8px_cell(train
 
 
 def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeypatch):
-    """`train.dense.box_profile`, `box_grow_cells`, `box_weight` and `keep_epoch` are what the train
-    stage builds its dense targets and trains its head with (a dropped setting would train the
-    defaults — flat targets grown half a cell, the box loss weighted 1, the best-AUROC epoch kept —
-    whatever the params say)."""
+    """`train.dense.box_profile`, `box_grow_cells`, `box_weight`, `peak_weight` and `keep_epoch` are
+    what the train stage builds its dense targets and trains its head with (a dropped setting would
+    train the defaults — flat targets grown half a cell, the box loss weighted 1, no peak loss, the
+    best-AUROC epoch kept — whatever the params say)."""
     import bonefrac.model.dense as dense
     import bonefrac.training.dense as training_dense
 
     tmp, cache, _ = trained
     targets: list[tuple[str, float]] = []
-    weights: list[tuple[float, str]] = []
+    weights: list[tuple[float, float, str]] = []
     real_targets, real_train = dense.box_target_map, training_dense.train_head
 
     def spy_targets(*args, **kwargs):
@@ -267,17 +267,18 @@ def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeyp
         return real_targets(*args, **kwargs)
 
     def spy_train(head, data, idx_tr, idx_va, cfg, **kwargs):
-        weights.append((cfg.box_weight, cfg.keep))
+        weights.append((cfg.box_weight, cfg.peak_weight, cfg.keep))
         return real_train(head, data, idx_tr, idx_va, cfg, **kwargs)
 
     monkeypatch.setattr(dense, "box_target_map", spy_targets)
     monkeypatch.setattr(training_dense, "train_head", spy_train)
     mp = ModelParams(arch="efficientnet_lite0_dense", pretrained="efficientnet_lite_offline", multitask=False)
-    settings = [("centre", 0.0, 3.0, "last"), ("area", 0.5, 1.0, "best_val_auroc")]
+    settings = [("centre", 0.0, 3.0, 0.5, "last"), ("area", 0.5, 1.0, 0.0, "best_val_auroc")]
     monitors = []
-    for profile, grow, weight, keep in settings:
+    for profile, grow, weight, peak, keep in settings:
         tp = TrainParams(epochs=1, batch_size=8, lr=2e-3, threads=1, dense=DenseTrainParams(
-            feature_dtype="float32", box_profile=profile, box_grow_cells=grow, box_weight=weight, keep_epoch=keep))
+            feature_dtype="float32", box_profile=profile, box_grow_cells=grow, box_weight=weight, peak_weight=peak,
+            keep_epoch=keep))
         res = run_training(cache, tmp / f"train_{profile}", mp, tp, spatial_dims=2, type_names=[], seed=0,
                            features_dir=tmp / "features")  # fmt: skip
         monitors.append((res.monitor, ModelBundle.load(res.best_model_path).metadata["monitor"]))
@@ -285,7 +286,7 @@ def test_dense_target_and_loss_settings_reach_the_head_training(trained, monkeyp
     assert monitors == [("last epoch", "last epoch"), ("val/auroc", "val/auroc")]
     half = len(targets) // 2
     assert targets and set(targets[:half]) == {("centre", 0.0)} and set(targets[half:]) == {("area", 0.5)}
-    assert weights == [(3.0, "last"), (1.0, "best_val_auroc")]
+    assert weights == [(3.0, 0.5, "last"), (1.0, 0.0, "best_val_auroc")]
 
 
 def test_evaluate_reads_the_training_sample_from_the_train_stages_trunk_cache(trained):

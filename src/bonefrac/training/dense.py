@@ -68,6 +68,7 @@ class HeadTrainConfig:
     weight_decay: float = 1e-2
     box_weight: float = 1.0
     focal_gamma: float = 0.0
+    peak_weight: float = 0.0  # model.dense.peak_loss inside the dense loss
     flip_aug: bool = True
     seed: int = 0
     class_weighted: bool = True  # image BCE weighted by n_neg / n_pos (the logit shift Platt scaling undoes)
@@ -160,7 +161,7 @@ def train_head(
             li = F.binary_cross_entropy_with_logits(z[:, 0], y[bi], pos_weight=pos_weight)
             loss = li
             if cfg.box_weight > 0:
-                ld = dense_loss(m, tgt, data.has_map[bi], gamma=cfg.focal_gamma)
+                ld = dense_loss(m, tgt, data.has_map[bi], gamma=cfg.focal_gamma, peak_weight=cfg.peak_weight)
                 loss = loss + cfg.box_weight * ld
                 tot["dense"] += float(ld.detach()) * len(bi)
             tot["img"] += float(li.detach()) * len(bi)
@@ -361,7 +362,8 @@ def train_dense_model(
     for i, trainee in enumerate(trainees):  # a HeadEnsemble's members: seeds seed, seed + 1, ...
         cfg = HeadTrainConfig(
             epochs=tp.epochs, batch_size=tp.batch_size, lr=tp.lr, weight_decay=tp.weight_decay,
-            box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, flip_aug=dp.flip != "none", seed=seed + i,
+            box_weight=dp.box_weight, focal_gamma=dp.focal_gamma, peak_weight=dp.peak_weight,
+            flip_aug=dp.flip != "none", seed=seed + i,
             class_weighted=tp.imbalance.loss != "bce", keep=dp.keep_epoch,
         )  # fmt: skip
         if len(trainees) > 1:
