@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -55,6 +54,7 @@ from bonefrac.data.schema import (
     UNKNOWN_BODY_PART,
 )
 from bonefrac.errors import BonefracError
+from bonefrac.model.boxes import BoxError, polygon_coordinates
 
 log = logging.getLogger(__name__)
 
@@ -659,13 +659,12 @@ def _coco_polygons(segmentation: Any) -> list[list[float]]:
         return []
     polygons = []
     for poly in segmentation:
-        if isinstance(poly, list) and len(poly) >= 6 and len(poly) % 2 == 0:
-            try:
-                xy = [float(v) for v in poly]
-            except (TypeError, ValueError):
-                continue
-            if all(math.isfinite(v) for v in xy):
-                polygons.append(xy)
+        try:
+            xy = polygon_coordinates(poly)
+        except BoxError:
+            continue  # one broken polygon costs its box the outline, not the image its record
+        if xy is not None:
+            polygons.append(xy)
     return polygons
 
 

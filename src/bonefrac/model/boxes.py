@@ -97,19 +97,23 @@ def parse_outlines(value: Any) -> list[Outline]:
     outlines: list[Outline] = []
     for b in value:
         polygons = b[4] if isinstance(b, list) and len(b) > 4 and isinstance(b[4], list) else []
-        outline = []
-        for p in polygons:
-            if not isinstance(p, list) or len(p) < 6 or len(p) % 2:
-                continue
-            try:
-                xy = [float(v) for v in p]
-            except (TypeError, ValueError) as err:
-                raise BoxError(f"an outline needs [x1, y1, x2, y2, ...] numbers: {err}") from err
-            if not all(np.isfinite(xy)):
-                raise BoxError("an outline has a coordinate that is not finite")
-            outline.append(xy)
-        outlines.append(outline)
+        outlines.append([xy for p in polygons if (xy := polygon_coordinates(p)) is not None])
     return outlines
+
+
+def polygon_coordinates(polygon: Any) -> list[float] | None:
+    """One polygon ``[x1, y1, x2, y2, ...]`` as floats; ``None`` when it is not a list of at least
+    three (x, y) points (a shape to skip); :class:`BoxError` when its coordinates are not finite
+    numbers (a broken value). The one rule for outlines, at intake (COCO) and in the model."""
+    if not isinstance(polygon, list) or len(polygon) < 6 or len(polygon) % 2:
+        return None
+    try:
+        xy = [float(v) for v in polygon]
+    except (TypeError, ValueError) as err:
+        raise BoxError(f"an outline needs [x1, y1, x2, y2, ...] numbers: {err}") from err
+    if not all(np.isfinite(xy)):
+        raise BoxError("an outline has a coordinate that is not finite")
+    return xy
 
 
 def map_outlines_to_cache(outlines: Sequence[Outline], orig_hw: tuple[int, int], image_size: int) -> list[Outline]:
