@@ -286,6 +286,11 @@ def test_outline_profile_covers_the_traced_fracture_not_the_boxs_corners():
     both = box_target_map([box, other], 512, 32, grow=0.0, profile="outline", outlines=[[triangle], []])
     assert torch.equal(both[:15], traced[:15]) and float(both[19:21, 19:21].min()) == 1.0
     assert torch.equal(box_target_map([box], 512, 32, grow=0.0, profile="outline"), area)  # no outlines given
+    # An outline thinner than a pixel (a traced line) covers no pixel centre: that box alone falls back to
+    # its area target, while the other box keeps its outline (a per-image fallback would drop both).
+    sliver = [304.0, 304.2, 336.0, 304.2, 320.0, 304.4]
+    fallback = box_target_map([box, other], 512, 32, grow=0.0, profile="outline", outlines=[[triangle], [sliver]])
+    assert torch.equal(fallback, both)
     with pytest.raises(ValueError, match="outlines"):
         box_target_map([box, other], 512, 32, profile="outline", outlines=[[triangle]])
 

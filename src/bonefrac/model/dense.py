@@ -539,8 +539,8 @@ def box_target_map(
     radiologist's box on about one fracture in five (the box's hottest value 98 % of the peak,
     median over the misses); a target that peaks at the centre teaches the map to peak there.
     ``outline``: where a box carries the fracture's outline (``outlines``, one list of polygons per
-    box, :func:`bonefrac.model.boxes.row_outlines`), the share of each cell the outline covers
-    instead of the box; boxes without one keep ``area``. Why: a FracAtlas outline covers a median
+    box, :func:`bonefrac.model.boxes.row_outlines`), the share of each cell the outlines' union covers
+    instead of the box; boxes without one, or whose outline covers no pixel, keep ``area``. Why: a FracAtlas outline covers a median
     61 % of its box, so a box target also teaches the box's corners — bone or soft tissue beside
     the fracture line — as evidence.
     ``flip`` mirrors the boxes horizontally. Empty ``boxes`` → all zeros.
@@ -554,12 +554,12 @@ def box_target_map(
         outlines = list(outlines or [])
         if len(outlines) not in (0, len(boxes)):
             raise ValueError(f"{len(outlines)} outlines for {len(boxes)} boxes")
-        traced = [bool(o) for o in outlines] if outlines else [False] * len(boxes)
+        # a box whose outline covers no pixel centre (thinner than a pixel) trains on its box instead
+        traced = [bool(o) and bool(outline_coverage(o, image_size, grid).any()) for o in outlines]
         if any(traced):
-            t = outline_coverage([p for o in outlines for p in o], image_size, grid, flip)
-        if not bool(t.any()):  # outlines thinner than a pixel: their boxes instead
-            traced = [False] * len(boxes)
-        boxes = [b for b, has in zip(boxes, traced, strict=True) if not has]
+            t = outline_coverage([p for o, has in zip(outlines, traced, strict=True) if has for p in o],
+                                 image_size, grid, flip)  # fmt: skip
+        boxes = [b for b, has in zip(boxes, traced or [False] * len(boxes), strict=True) if not has]
         profile = "area"
     cell = image_size / grid
     edges = torch.arange(grid + 1, dtype=torch.float32) * cell
