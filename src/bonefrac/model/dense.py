@@ -539,10 +539,10 @@ def box_target_map(
     radiologist's box on about one fracture in five (the box's hottest value 98 % of the peak,
     median over the misses); a target that peaks at the centre teaches the map to peak there.
     ``outline``: where a box carries the fracture's outline (``outlines``, one list of polygons per
-    box, :func:`bonefrac.model.boxes.row_outlines`), the share of each cell the outlines' union covers
-    instead of the box; boxes without one, or whose outline covers no pixel, keep ``area``. Why: a FracAtlas outline covers a median
-    61 % of its box, so a box target also teaches the box's corners — bone or soft tissue beside
-    the fracture line — as evidence.
+    box, :func:`bonefrac.model.boxes.row_outlines`), the share of each cell the outlines' union
+    covers instead of the box; boxes without one, or whose outline covers no pixel, keep ``area``.
+    Why: a FracAtlas outline covers a median 61 % of its box, so a box target also teaches the
+    box's corners — bone or soft tissue beside the fracture line — as evidence.
     ``flip`` mirrors the boxes horizontally. Empty ``boxes`` → all zeros.
     """
     t = torch.zeros(grid, grid)
