@@ -181,6 +181,23 @@ def test_the_map_shown_is_the_models_own(trained):
     shown = {int(i) for idx in picks.values() for i in idx}
     assert len(gallery) == len(shown) and shown & boxed  # the gallery repeats some boxed images
     assert sum(mapped) == len(boxed | shown)
+    # The gallery draws a boxed fracture's outline where its row carries one (gold), and no other.
+    traced = next(i for i in sorted(shown & boxed))
+    x, y, w, h = json.loads(test["boxes"].iat[traced])[0][:4]
+    with_outline = test.copy()
+    with_outline.loc[with_outline.index[traced], "boxes"] = json.dumps(
+        [[x, y, w, h, [[x, y, x + w, y, x, y + h]]]])
+    gallery2, _ = explain(net, images, with_outline, decisions, 2, None, SIZE, 2, "high_sensitivity")
+    import io
+
+    from PIL import Image
+
+    def has_gold(item) -> bool:
+        return bool(np.any(np.all(np.asarray(Image.open(io.BytesIO(item.png)).convert("RGB")) == [255, 215, 0], -1)))
+
+    golden = {item.image_id for item in gallery2 if has_gold(item)}
+    assert golden == {str(test["image_id"].iat[traced])}
+    assert not any(has_gold(item) for item in gallery)
     # Other networks keep Grad-CAM.
     assert map_methods(build_model("efficientnet_lite0", 0)) == ["gradcam", "gradcam++"]
 

@@ -20,7 +20,7 @@ from bonefrac.explain.localisation import (
     map_boxes_to_cache,
     pointing_game,
 )
-from bonefrac.explain.overlay import draw_boxes, overlay
+from bonefrac.explain.overlay import draw_boxes, draw_outlines, overlay
 from bonefrac.model.transforms import PreprocessSpec
 
 S = 32
@@ -181,3 +181,37 @@ def test_overlay_and_boxes_render() -> None:
     assert boxed[2, 3].tolist() == [0, 255, 0] and rgb[2, 3].tolist() != [0, 255, 0]
     with pytest.raises(ValueError, match="shape"):
         overlay(img, np.zeros((8, 8)))
+
+
+GOLD = [255, 215, 0]
+
+
+def test_outlines_trace_the_polygon_not_its_box() -> None:
+    """A right triangle traced in a 16 × 16 image: its three edges are gold, its inside and the box's
+    empty corner are not (a polygon drawn as its bounding box, or filled, fails)."""
+    rgb = np.zeros((16, 16, 3), dtype=np.uint8)
+    out = draw_outlines(rgb, [[2.0, 2.0, 12.0, 2.0, 2.0, 12.0]])  # corners at (1.5, 1.5), (11.5, 1.5), (1.5, 11.5)
+    gold = np.all(out == GOLD, axis=-1)
+    assert gold[1, 6] and gold[6, 1] and gold[6, 6]  # top edge, left edge, hypotenuse
+    assert not gold[3, 3] and not gold[10, 10] and not gold[14, 14]  # inside, the box's empty corner, outside
+    assert not np.any(rgb)  # the input is left as it was
+
+
+def test_gallery_tile_draws_each_boxs_outline_inside_it() -> None:
+    """`tile` scales the expert's outlines with the image, in every panel, inside their boxes; no outline, no gold."""
+    from bonefrac.explain.gallery import tile
+
+    img = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    cam = np.zeros((64, 64))
+    box = [16.0, 16.0, 32.0, 32.0]
+    triangle = [16.0, 16.0, 48.0, 16.0, 16.0, 48.0]
+    plain = tile(img, cam, None, [box], panel_px=128)
+    traced = tile(img, cam, None, [box], panel_px=128, outlines=[[triangle]])
+    assert not np.any(np.all(plain == GOLD, axis=-1))
+    gold = np.all(traced == GOLD, axis=-1)
+    panel = 128
+    for left in (0, panel + 4):  # the image panel and the map panel
+        ys, xs = np.nonzero(gold[:, left : left + panel])
+        assert ys.size > 0
+        assert xs.min() >= 30 and xs.max() <= 98 and ys.min() >= 30 and ys.max() <= 98  # inside the 2x box
+        assert not gold[90, left + 90]  # the box's empty corner (outline is its upper-left half)

@@ -51,7 +51,7 @@ from bonefrac.explain.heatmaps import EVIDENCE, LABELS, heatmaps, map_methods
 from bonefrac.explain.localisation import localisation_summary, pointing_game
 from bonefrac.inference.cache_outputs import CacheOutputs
 from bonefrac.inference.predictor import Predictor
-from bonefrac.model.boxes import row_boxes
+from bonefrac.model.boxes import row_boxes, row_outlines
 from bonefrac.model.bundle import ModelBundle
 from bonefrac.model.calibrate import (
     IDENTITY,
@@ -300,7 +300,8 @@ def explain(
                     category=category,
                     image_id=str(row.get("image_id", i)),
                     prob=float(row["prob"]),
-                    png=png_bytes(tile(x[j, 0].numpy(), shown[0][j], shown[1][j] if len(shown) > 1 else None, bx)),
+                    png=png_bytes(tile(x[j, 0].numpy(), shown[0][j], shown[1][j] if len(shown) > 1 else None, bx,
+                                       outlines=row_outlines(row, image_size) if bx else ())),
                     caption={"where": where},
                     pointing_hit=pointing_game(shown[0][j], bx) if bx else None,
                 )
