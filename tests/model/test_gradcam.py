@@ -215,3 +215,20 @@ def test_gallery_tile_draws_each_boxs_outline_inside_it() -> None:
         assert ys.size > 0
         assert xs.min() >= 30 and xs.max() <= 98 and ys.min() >= 30 and ys.max() <= 98  # inside the 2x box
         assert not gold[90, left + 90]  # the box's empty corner (outline is its upper-left half)
+
+
+def test_gallery_tile_survives_a_hostile_outline_from_the_manifest() -> None:
+    """A manifest outline with finite but absurd coordinates (1e300, far outside the image) reaches the
+    gallery through `row_outlines` unchanged; the tile must still be drawn at its size (no overflow from
+    the drawing library), with the image's pixels where the line cannot reach."""
+    from bonefrac.explain.gallery import tile
+    from bonefrac.model.boxes import row_outlines
+
+    row = {"boxes": "[[10, 10, 20, 20, [[1e300, 1, 2e300, 3, 4, -1e300]]]]", "height": 100, "width": 100}
+    outlines = row_outlines(row, 64)
+    assert outlines and outlines[0] and abs(outlines[0][0][0]) > 1e299  # it does reach the tile
+    img = np.linspace(0, 1, 64 * 64).reshape(64, 64)
+    plain = tile(img, np.zeros((64, 64)), None, [[6.4, 6.4, 12.8, 12.8]], panel_px=128)
+    traced = tile(img, np.zeros((64, 64)), None, [[6.4, 6.4, 12.8, 12.8]], panel_px=128, outlines=outlines)
+    assert traced.shape == plain.shape and traced.dtype == np.uint8
+    assert np.array_equal(traced[100:, 100:128], plain[100:, 100:128])  # far from the line's one visible edge
