@@ -293,6 +293,12 @@ def test_outline_profile_covers_the_traced_fracture_not_the_boxs_corners():
     assert torch.equal(fallback, both)
     with pytest.raises(ValueError, match="outlines"):
         box_target_map([box, other], 512, 32, profile="outline", outlines=[[triangle]])
+    # Two boxes whose outlines overlap: the target is their union's coverage (each pixel counted once), as
+    # if both were one outline; a sum would count the triangle twice and leave the other half at 0.5
+    square = [96.0, 96.0, 160.0, 96.0, 160.0, 160.0, 96.0, 160.0]
+    union = box_target_map([box, box], 512, 32, grow=0.0, profile="outline", outlines=[[triangle], [square]])
+    assert torch.equal(union, box_target_map([box], 512, 32, grow=0.0, profile="outline", outlines=[[square]]))
+    assert float(union[6:10, 6:10].min()) == 1.0
 
 
 def test_shift_image_moves_the_content_and_keeps_the_size():

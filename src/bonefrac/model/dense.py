@@ -499,11 +499,11 @@ def build_dense_net(arch: str, pretrained: str = "efficientnet_lite_offline") ->
 BoxProfile = Literal["area", "centre", "outline"]
 
 
-def outline_coverage(polygons: list[list[float]], image_size: int, grid: int, flip: bool = False) -> torch.Tensor:
-    """``(grid, grid)`` share of each cell that the union of ``polygons`` (``[x1, y1, x2, y2, ...]`` in
-    the square input's pixels, pixel ``i`` spanning ``[i, i + 1)``) covers: the input's pixels whose
-    centres lie inside (matplotlib's point-in-polygon), averaged per cell. A polygon thinner than a
-    pixel may cover none."""
+def outline_mask(polygons: list[list[float]], image_size: int) -> np.ndarray:
+    """``(image_size, image_size)`` float32 mask, 1 at the input's pixels whose centres lie inside any of
+    ``polygons`` (``[x1, y1, x2, y2, ...]`` in the square input's pixels, pixel ``i`` spanning
+    ``[i, i + 1)``; matplotlib's point-in-polygon), 0 elsewhere. A polygon thinner than a pixel may
+    cover none."""
     from matplotlib.path import Path as Polygon
 
     mask = np.zeros((image_size, image_size), dtype=np.float32)
@@ -514,9 +514,21 @@ def outline_coverage(polygons: list[list[float]], image_size: int, grid: int, fl
         if xs.size:
             inside = Polygon(xy).contains_points(np.column_stack([xs.ravel() + 0.5, ys.ravel() + 0.5]))
             mask[ys.ravel()[inside], xs.ravel()[inside]] = 1.0
+    return mask
+
+
+def mask_coverage(mask: np.ndarray, grid: int, flip: bool = False) -> torch.Tensor:
+    """``(grid, grid)`` share of each cell that a pixel ``mask`` covers (its mean per cell); ``flip``
+    mirrors it first, so the flipped target is the unflipped one's mirror, cell for cell."""
     t = torch.from_numpy(mask)
-    t = t.flip(-1) if flip else t  # the mirror of the unflipped target, cell for cell
+    t = t.flip(-1) if flip else t
     return F.adaptive_avg_pool2d(t[None, None], grid)[0, 0]
+
+
+def outline_coverage(polygons: list[list[float]], image_size: int, grid: int, flip: bool = False) -> torch.Tensor:
+    """``(grid, grid)`` share of each cell that the union of ``polygons`` covers
+    (:func:`outline_mask` averaged per cell by :func:`mask_coverage`)."""
+    return mask_coverage(outline_mask(polygons, image_size), grid, flip)
 
 
 def box_target_map(
@@ -554,11 +566,12 @@ def box_target_map(
         outlines = list(outlines or [])
         if len(outlines) not in (0, len(boxes)):
             raise ValueError(f"{len(outlines)} outlines for {len(boxes)} boxes")
-        # a box whose outline covers no pixel centre (thinner than a pixel) trains on its box instead
-        traced = [bool(o) and bool(outline_coverage(o, image_size, grid).any()) for o in outlines]
+        # a box whose outline covers no pixel centre (thinner than a pixel) trains on its box instead;
+        # each outline is rasterised once, and the traced ones' union is the target
+        masks = [outline_mask(o, image_size) if o else None for o in outlines]
+        traced = [m is not None and bool(m.any()) for m in masks]
         if any(traced):
-            t = outline_coverage([p for o, has in zip(outlines, traced, strict=True) if has for p in o],
-                                 image_size, grid, flip)  # fmt: skip
+            t = mask_coverage(np.maximum.reduce([m for m, has in zip(masks, traced, strict=True) if has]), grid, flip)
         boxes = [b for b, has in zip(boxes, traced or [False] * len(boxes), strict=True) if not has]
         profile = "area"
     cell = image_size / grid
