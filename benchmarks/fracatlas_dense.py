@@ -299,7 +299,7 @@ VARIANTS["dense_lse_box_b6_bw3_grow0_last_mapflip"] = {
 VARIANTS.update({
     f"dense_lse_box_b6_bw3_grow0_last_outline_peak{w}": {
         **VARIANTS["dense_lse_box_b6_bw3_grow0_last_outline"], "peak_weight": float(w) / 10
-    } for w in (3, 10)
+    } for w in (3, 10, 20, 30)
 })
 VARIANTS.update({f"dense_lse_box_b6_s8_s{k}": {**VARIANTS["dense_lse_box_b6_s8"], "seed": k} for k in (1, 2)})
 
