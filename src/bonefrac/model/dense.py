@@ -525,12 +525,6 @@ def mask_coverage(mask: np.ndarray, grid: int, flip: bool = False) -> torch.Tens
     return F.adaptive_avg_pool2d(t[None, None], grid)[0, 0]
 
 
-def outline_coverage(polygons: list[list[float]], image_size: int, grid: int, flip: bool = False) -> torch.Tensor:
-    """``(grid, grid)`` share of each cell that the union of ``polygons`` covers
-    (:func:`outline_mask` averaged per cell by :func:`mask_coverage`)."""
-    return mask_coverage(outline_mask(polygons, image_size), grid, flip)
-
-
 def box_target_map(
     boxes: list[list[float]],
     image_size: int,
